@@ -1,0 +1,94 @@
+"""Convert a GGUF checkpoint (e.g. SmolLM2 shipped as ``.gguf``) into a plain Hugging Face folder.
+
+The toolkit works on HF folders (``config.json`` + safetensors + tokenizer files); GGUF is only how some
+models arrive. Quantised GGUF tensors are dequantised by transformers' GGUF loader.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from colossal_llama.utils.errors import UserInputError, cli_entry
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path:
+    """Write model (safetensors) and tokenizer from ``gguf_path`` into ``out_dir``; returns ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise UserInputError(f"{gguf_path}: GGUF file does not exist")
+    if dtype not in _DTYPES:
+        raise UserInputError(f"--dtype {dtype}: expected one of {', '.join(_DTYPES)}")
+    gguf_tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=_DTYPES[dtype]
+    )
+    tokenizer = normalise_gguf_tokenizer(gguf_tokenizer, model.config)
+    # Write to a temporary sibling and rename, so an interrupted export never looks complete.
+    tmp = out_dir.with_name(out_dir.name + ".tmp-export")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def normalise_gguf_tokenizer(gguf_tokenizer, config):
+    """A plain ``PreTrainedTokenizerFast`` equivalent to the model's original tokenizer.
+
+    transformers' GGUF reader wraps every vocabulary in ``LlamaTokenizerFast``: for byte-level BPE models
+    (SmolLM2, LLaMA-3) that adds a BOS on every call, sets ``eos`` to the BOS piece and stacks a
+    SentencePiece decoder on a byte-level one. We rebuild the special tokens from the model config's ids
+    and give byte-level vocabularies a byte-level decoder, so encode/decode match the upstream tokenizer.
+    """
+    from tokenizers import decoders, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = gguf_tokenizer.backend_tokenizer
+    pre = backend.pre_tokenizer
+    if pre is not None and type(pre).__name__ == "ByteLevel":
+        backend.decoder = decoders.ByteLevel()
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    token = gguf_tokenizer.convert_ids_to_tokens
+    eos_id = config.eos_token_id if config.eos_token_id is not None else gguf_tokenizer.eos_token_id
+    bos_id = config.bos_token_id if config.bos_token_id is not None else gguf_tokenizer.bos_token_id
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=token(bos_id) if bos_id is not None else None,
+        eos_token=token(eos_id),
+        unk_token=gguf_tokenizer.unk_token,
+        pad_token=token(config.pad_token_id if config.pad_token_id is not None else eos_id),
+        chat_template=gguf_tokenizer.chat_template,
+        model_max_length=getattr(config, "max_position_embeddings", None) or 2048,
+    )
+
+
+@cli_entry
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf_file", required=True, type=Path)
+    parser.add_argument("--output_dir", required=True, type=Path)
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if args.output_dir.exists():
+        if not args.overwrite:
+            raise UserInputError(f"{args.output_dir}: already exists (pass --overwrite to replace it)")
+        import shutil
+
+        shutil.rmtree(args.output_dir)
+    export_gguf_to_hf(args.gguf_file, args.output_dir, args.dtype)
+    print(f"wrote {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
