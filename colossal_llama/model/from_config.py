@@ -1,0 +1,84 @@
+"""Build a randomly initialised LLaMA from a named size and a tokenizer, saved as a HF folder.
+
+Used when no real checkpoint is at hand (a user's clone without the bundled GGUF, tests, benchmarks):
+the rest of the pipeline then runs unchanged on a real tokenizer and real text.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from colossal_llama.tokenizer.loading import load_tokenizer
+from colossal_llama.utils.errors import UserInputError, cli_entry
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 2048
+
+
+SHAPES = {
+    "tiny": LlamaShape(64, 2, 4, 2, 176, 1024),  # tests: trains at hundreds of steps/s on CPU
+    "small": LlamaShape(256, 4, 8, 4, 688, 2048),  # quickstart fallback: ~10 M params + embeddings
+    "1b": LlamaShape(2048, 22, 32, 4, 5632, 4096),  # TinyLlama-1.1B shape (GPU benchmarks)
+    "7b": LlamaShape(4096, 32, 32, 32, 11008, 4096),
+}
+
+
+def build_llama(tokenizer, shape: LlamaShape, seed: int = 0, torch_dtype: str = "float32"):
+    """A ``LlamaForCausalLM`` with ``vocab_size == len(tokenizer)`` and the tokenizer's special ids."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype=torch_dtype,
+        **asdict(shape),
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(getattr(torch, torch_dtype))
+
+
+def save_llama_from_config(tokenizer_dir: Path, output_dir: Path, shape: str = "small", seed: int = 0) -> Path:
+    """Write model + tokenizer into ``output_dir`` (must not exist); returns it."""
+    if shape not in SHAPES:
+        raise UserInputError(f"--shape {shape}: expected one of {', '.join(SHAPES)}")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_llama(tokenizer, SHAPES[shape], seed=seed)
+    model.save_pretrained(str(output_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(output_dir))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {output_dir}: LLaMA '{shape}' with {n_params / 1e6:.1f} M parameters, vocab {len(tokenizer)}")
+    return Path(output_dir)
+
+
+@cli_entry
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer_dir", required=True, type=Path)
+    parser.add_argument("--output_dir", required=True, type=Path)
+    parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if args.output_dir.exists():
+        if not args.overwrite:
+            raise UserInputError(f"{args.output_dir}: already exists (pass --overwrite to replace it)")
+        shutil.rmtree(args.output_dir)
+    save_llama_from_config(args.tokenizer_dir, args.output_dir, args.shape, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# README pipeline command: set up .venv, then run the whole recipe end to end on real data:
+#   tokenizer expansion -> model init -> data preparation -> pre-training -> SFT -> generation + evaluation.
+# Uses ../shared/data when present, else the bundled slice in examples/data. Output: outputs/quickstart/.
+# Knobs (env): STEPS (optimizer steps per stage, default 8), NPROC (ranks, default 2), MAX_LENGTH (256).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup_env.sh
+export PATH="$ROOT/.venv/bin:$PATH"   # `colossalai run` calls a bare torchrun
+export TOKENIZERS_PARALLELISM=false
+PY=python
+
+STEPS="${STEPS:-8}"
+NPROC="${NPROC:-2}"
+MAX_LENGTH="${MAX_LENGTH:-256}"
+OUT="$ROOT/outputs/quickstart"
+DATA="$($PY -c 'from colossal_llama.utils.paths import data_root; print(data_root())')"
+GGUF="$DATA/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+rm -rf "$OUT"
+mkdir -p "$OUT"
+step() { printf '\n=== %s ===\n' "$*"; }
+
+step "0. base model"
+if [[ -f "$GGUF" ]]; then
+  echo "real SmolLM2-135M-Instruct found: $GGUF"
+  $PY -m colossal_llama.model.gguf_export --gguf_file "$GGUF" --output_dir "$OUT/base"
+else
+  echo "no GGUF model under $DATA/models: initialising a small LLaMA from a config with the real Mistral tokenizer"
+  $PY -m colossal_llama.model.from_config --tokenizer_dir "$DATA/tokenizers/mistral-7b-v0.1" \
+      --output_dir "$OUT/base" --shape small
+fi
+
+# Hold out the last 64 rows of each pre-training file for the before/after bits-per-character evaluation.
+mkdir -p "$OUT/corpus/pretrain"
+for f in "$DATA"/pretrain/*.jsonl; do
+  head -n -64 "$f" > "$OUT/corpus/pretrain/$(basename "$f")"
+  tail -n 64 "$f" >> "$OUT/corpus/heldout.jsonl"
+done
+
+step "1. tokenizer expansion (new pieces: frequent jieba words absent from the base vocabulary)"
+$PY colossal_llama/tokenizer/mine_pieces.py --base_tokenizer_dir "$OUT/base" \
+    --from_wordlist "$DATA/vocab/jieba_dict.txt" --top_k 2000 --output "$OUT/new_pieces.jsonl"
+$PY colossal_llama/tokenizer/init_tokenizer.py --source_tokenizer_dir "$OUT/base" \
+    --target_tokenizer_dir "$OUT/tokenizer" --expand_tokens_file "$OUT/new_pieces.jsonl"
+
+step "2. model init (new rows = mean of old sub-pieces)"
+$PY colossal_llama/model/init_model.py --source_model_and_tokenizer_path "$OUT/base" \
+    --target_tokenizer_path "$OUT/tokenizer" --target_model_path "$OUT/model_init"
+
+step "3. data preparation"
+$PY prepare_pretrain_dataset.py --data_input_dirs "$OUT/corpus/pretrain" --tokenizer_dir "$OUT/model_init" \
+    --data_output_dirs "$OUT/data/pretrain" --max_length "$MAX_LENGTH" --num_spliced_dataset_bins 2 --num_proc 2
+$PY prepare_sft_dataset.py --data_input_dirs "$DATA/sft" --tokenizer_dir "$OUT/model_init" \
+    --data_output_dirs "$OUT/data/sft" --max_length "$MAX_LENGTH" --chat_template tokenizer --num_spliced_dataset_bins 1
+
+step "4a. stage 1: continual pre-training ($STEPS steps, $NPROC ranks, plugin ddp)"
+colossalai run --nproc_per_node "$NPROC" train.py --pretrained "$OUT/model_init" \
+    --dataset "$OUT/data/pretrain/arrow" --plugin ddp --max_steps "$STEPS" --micro_batch_size 2 \
+    --max_length "$MAX_LENGTH" --lr 1e-4 --warmup_steps 2 --save_interval 4 \
+    --save_dir "$OUT/ckpt_pretrain" --tensorboard_dir "$OUT/tb_pretrain" --config_file "$OUT/ckpt_pretrain/config.json"
+
+step "4b. stage 2: SFT from stage 1's final weights"
+colossalai run --nproc_per_node "$NPROC" train.py --pretrained "$OUT/ckpt_pretrain/modeling" \
+    --dataset "$OUT/data/sft/arrow" --plugin ddp --max_steps "$STEPS" --micro_batch_size 2 \
+    --max_length "$MAX_LENGTH" --lr 5e-5 --warmup_steps 2 --save_interval "$STEPS" \
+    --save_dir "$OUT/ckpt_sft" --tensorboard_dir "$OUT/tb_sft" --config_file "$OUT/ckpt_sft/config.json"
+$PY -m colossal_llama.utils.plot_losses --log_dir "$OUT/tb_pretrain" --output "$OUT/losses_pretrain.png"
+
+step "5. generation and evaluation: before (base) vs after (trained)"
+PROMPT="请介绍一下北京。"
+for model in "$OUT/base" "$OUT/ckpt_sft/modeling"; do
+  echo "--- $model"
+  $PY inference_example.py --model_path "$model" --prompt_style sft --input_txt "$PROMPT" \
+      --do_sample False --max_new_tokens 32
+  $PY evaluate.py bpc --model_path "$model" --data "$OUT/corpus/heldout.jsonl" --max_samples 96
+  $PY evaluate.py mc --model_path "$model" --data "$DATA/eval/mmlu_test.jsonl" \
+      --subjects "high school geography" --max_per_subject 40 --k_shot 2
+done
+echo
+echo "quickstart finished: everything is under $OUT"
