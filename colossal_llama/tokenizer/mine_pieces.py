@@ -1,0 +1,262 @@
+"""Mine candidate vocabulary pieces for tokenizer expansion, from a domain corpus or a word list.
+
+Corpus mode trains a SentencePiece model (the ``sentencepiece`` trainer) on the text fields of jsonl files and
+keeps its pieces, in model order (most useful first), that the base tokenizer does not already have. Word-list
+mode reads ``word freq [pos]`` lines (e.g. jieba's dictionary) and keeps the most frequent absent words. Both
+write ``{"piece": ...}`` jsonl for ``init_tokenizer.py`` and are deterministic: the first ``--max_sentences``
+lines in file order, a single training thread, frequency ties broken by file order.
+
+The ``'▁'`` word-start marker is stripped sensibly: for pieces holding CJK characters (scripts written without
+spaces, where a marker would only match after a space) the marker is dropped; for other pieces a leading
+marker becomes a leading space (``'▁the'`` -> ``' the'``), which ``init_tokenizer`` spells back as ``'▁the'`` for
+SentencePiece bases and which matches the decoded ``'Ġthe'`` entry of byte-level BPE bases.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from tqdm import tqdm
+
+from colossal_llama.tokenizer.base_vocab import SP_SPACE, base_vocab_texts
+from colossal_llama.tokenizer.pieces import write_pieces_file
+from colossal_llama.utils.errors import DataError, UserInputError, cli_entry
+from colossal_llama.utils.jsonl import find_jsonl_files, iter_jsonl
+
+MAX_SENTENCE_BYTES = 8192  # longer lines are cut into chunks (counted), never silently dropped by the trainer
+TEXT_FIELDS = ("text", "source", "target", "content")
+
+
+@dataclass
+class MiningReport:
+    """Counts of a mining run: candidates in, each drop reason, pieces written."""
+
+    mode: str  # "corpus" or "wordlist"
+    candidates: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    written: int = 0
+    sentences: int = 0  # corpus mode: lines given to the trainer
+    sentences_unused: int = 0  # corpus mode: lines beyond --max_sentences
+    chunked_lines: int = 0  # corpus mode: lines longer than MAX_SENTENCE_BYTES, cut into chunks
+    records_without_text: int = 0
+
+    def format(self) -> str:
+        lines = [f"mining ({self.mode}): {self.candidates} candidates -> {self.written} pieces written"]
+        if self.mode == "corpus":
+            lines.append(
+                f"trainer input: {self.sentences} lines ({self.sentences_unused} beyond --max_sentences not used, "
+                f"{self.chunked_lines} long lines cut into chunks, {self.records_without_text} records without text)"
+            )
+        for reason, n in sorted(self.dropped.items()):
+            lines.append(f"dropped {n}: {reason}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- candidates from a corpus
+
+
+def _record_texts(record) -> Iterator[str]:
+    """String text fields of a jsonl record, including ``messages[].content``."""
+    if not isinstance(record, dict):
+        return
+    for key in TEXT_FIELDS:
+        if isinstance(record.get(key), str):
+            yield record[key]
+    for message in record.get("messages") or []:
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            yield message["content"]
+
+
+def corpus_lines(files: list[Path], max_sentences: int, report: MiningReport) -> list[str]:
+    """The first ``max_sentences`` non-blank lines of the corpus' text fields (long lines chunked)."""
+    lines: list[str] = []
+    for path in tqdm(files, desc="reading corpus", unit="file"):
+        for _, record in iter_jsonl(path):
+            texts = [t for t in _record_texts(record) if t.strip()]
+            if not texts:
+                report.records_without_text += 1
+            for text in texts:
+                for line in text.splitlines():
+                    if not line.strip():
+                        continue
+                    chunks = _chunks(line)
+                    report.chunked_lines += len(chunks) > 1
+                    for chunk in chunks:
+                        if len(lines) < max_sentences:
+                            lines.append(chunk)
+                        else:
+                            report.sentences_unused += 1
+    report.sentences = len(lines)
+    return lines
+
+
+def _chunks(line: str) -> list[str]:
+    """Cut ``line`` into pieces of at most MAX_SENTENCE_BYTES UTF-8 bytes (at character boundaries)."""
+    if len(line.encode("utf-8")) <= MAX_SENTENCE_BYTES:
+        return [line]
+    step = MAX_SENTENCE_BYTES // 4  # a character is at most 4 bytes
+    return [line[i : i + step] for i in range(0, len(line), step)]
+
+
+def train_sp_pieces(lines: list[str], vocab_size: int, model_type: str = "bpe", character_coverage: float = 0.9995) -> list[str]:
+    """Train SentencePiece on ``lines``; its normal pieces in model order (SP spelling, with ``'▁'``)."""
+    import sentencepiece as spm
+
+    if not lines:
+        raise UserInputError("the corpus has no text to train on")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            character_coverage=character_coverage, hard_vocab_limit=False, num_threads=1, bos_id=-1, eos_id=-1,
+            max_sentence_length=MAX_SENTENCE_BYTES, split_digits=True, minloglevel=2,
+        )
+    except RuntimeError as err:
+        raise UserInputError(f"sentencepiece training failed: {str(err).splitlines()[0]}") from None
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return [
+        processor.id_to_piece(i)
+        for i in range(processor.get_piece_size())
+        if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i) or processor.is_unused(i))
+    ]
+
+
+def has_cjk(text: str) -> bool:
+    return any("\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" for c in text)
+
+
+def piece_text(sp_piece: str) -> str:
+    """SP piece -> text for a pieces file (module doc): CJK pieces lose the marker, others get a space."""
+    body = sp_piece.lstrip(SP_SPACE).replace(SP_SPACE, " ")
+    if has_cjk(body) or not sp_piece.startswith(SP_SPACE):
+        return body
+    return " " + body
+
+
+# ---------------------------------------------------------------- candidates from a word list
+
+
+def read_wordlist(path: Path, min_freq: int, report: MiningReport) -> list[str]:
+    """Words of ``word freq [pos]`` lines with ``freq >= min_freq``, most frequent first (ties: file order)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: word list does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < 2:
+                raise DataError(path, line_no, "freq", "missing: expected 'word freq [pos]'")
+            try:
+                freq = int(fields[1])
+            except ValueError:
+                raise DataError(path, line_no, "freq", f"not an integer: {fields[1]!r}") from None
+            if freq < min_freq:
+                report.dropped[f"frequency below --min_freq {min_freq}"] += 1
+                continue
+            rows.append((-freq, line_no, fields[0]))
+    rows.sort()
+    return [word for _, _, word in rows]
+
+
+# ---------------------------------------------------------------- selection
+
+
+def select_pieces(
+    candidates: list[str], base_texts: Optional[set[str]], min_piece_chars: int, top_k: Optional[int], report: MiningReport
+) -> list[str]:
+    """Candidates (text spelling, in priority order) minus short ones, base-vocabulary ones and repeats; top_k kept."""
+    report.candidates += len(candidates)
+    kept: list[str] = []
+    seen: set[str] = set()
+    for text in candidates:
+        if len(text.strip()) < min_piece_chars:
+            report.dropped[f"shorter than --min_piece_chars {min_piece_chars}"] += 1
+        elif base_texts is not None and text in base_texts:
+            report.dropped["already in the base vocabulary"] += 1
+        elif text in seen:
+            report.dropped["duplicate after stripping the '▁' marker"] += 1
+        elif top_k is not None and len(kept) >= top_k:
+            report.dropped[f"beyond --top_k {top_k}"] += 1
+        else:
+            seen.add(text)
+            kept.append(text)
+    report.written = len(kept)
+    return kept
+
+
+# ---------------------------------------------------------------- library entry point + CLI
+
+
+@dataclass
+class MineConfig:
+    output: Path
+    corpus: list[Path] = field(default_factory=list)
+    from_wordlist: Optional[Path] = None
+    base_tokenizer_dir: Optional[Path] = None
+    vocab_size: int = 8000
+    max_sentences: int = 200_000
+    min_piece_chars: int = 2
+    top_k: Optional[int] = None
+    min_freq: int = 1
+    model_type: str = "bpe"
+    character_coverage: float = 0.9995
+
+
+def mine_pieces(cfg: MineConfig) -> tuple[list[str], MiningReport]:
+    """Mine pieces per ``cfg`` (exactly one of ``corpus`` / ``from_wordlist``), write ``cfg.output``."""
+    if bool(cfg.corpus) == (cfg.from_wordlist is not None):
+        raise UserInputError("give exactly one of --corpus or --from_wordlist")
+    for name in ("vocab_size", "max_sentences", "min_piece_chars"):
+        if getattr(cfg, name) < 1:
+            raise UserInputError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    base_texts = None
+    if cfg.base_tokenizer_dir is not None:
+        _, base_texts = base_vocab_texts(cfg.base_tokenizer_dir)
+    if cfg.corpus:
+        report = MiningReport(mode="corpus")
+        lines = corpus_lines(find_jsonl_files(cfg.corpus), cfg.max_sentences, report)
+        candidates = [piece_text(p) for p in train_sp_pieces(lines, cfg.vocab_size, cfg.model_type, cfg.character_coverage)]
+    else:
+        report = MiningReport(mode="wordlist")
+        candidates = read_wordlist(cfg.from_wordlist, cfg.min_freq, report)
+    pieces = select_pieces(candidates, base_texts, cfg.min_piece_chars, cfg.top_k, report)
+    write_pieces_file(cfg.output, pieces)
+    return pieces, report
+
+
+def parse_args(argv=None) -> MineConfig:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", type=Path, nargs="+", default=[], help="jsonl files or dirs (text fields are used)")
+    p.add_argument("--from_wordlist", type=Path, default=None, help="'word freq [pos]' lines, e.g. jieba_dict.txt")
+    p.add_argument("--base_tokenizer_dir", type=Path, default=None, help="drop pieces this tokenizer already has")
+    p.add_argument("--output", type=Path, required=True, help='jsonl of {"piece": ...}')
+    p.add_argument("--vocab_size", type=int, default=8000, help="SentencePiece vocabulary to train (corpus mode)")
+    p.add_argument("--max_sentences", type=int, default=200_000, help="first N corpus lines used for training")
+    p.add_argument("--min_piece_chars", type=int, default=2, help="shortest piece kept (characters, marker excluded)")
+    p.add_argument("--top_k", type=int, default=None, help="keep at most this many pieces")
+    p.add_argument("--min_freq", type=int, default=1, help="word-list mode: lowest frequency kept")
+    p.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--character_coverage", type=float, default=0.9995,
+                   help="share of characters the trained model must cover (vocab_size must exceed the chars kept)")
+    a = p.parse_args(argv)
+    return MineConfig(**vars(a))
+
+
+@cli_entry
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    pieces, report = mine_pieces(cfg)
+    print(report.format())
+    print(f"wrote {len(pieces)} pieces to {cfg.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
