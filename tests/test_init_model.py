@@ -1,0 +1,298 @@
+"""Mean-of-subwords model initialisation for an expanded tokenizer (SPEC section 2).
+
+Real models and tokenizers: SmolLM2-135M-Instruct (byte-level BPE, tied embeddings, float32) expanded with
+real jieba words, and a config-built LLaMA carrying the real Mistral SentencePiece tokenizer (bf16, untied,
+sharded). Expected new rows are recomputed independently of the library: the source tokenizer's own encode
+for byte-level BPE, and the ``sentencepiece`` library (dummy prefix off: a word in mid-sentence) for SP.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
+
+from colossal_llama.model import init_model as init_model_module
+from colossal_llama.model.init_model import init_model_from_expanded_tokenizer, main, mean_init_new_rows
+from colossal_llama.tokenizer.init_tokenizer import expand_tokenizer
+from colossal_llama.utils.errors import UserInputError
+
+
+def jieba_words(data_dir: Path, count: int) -> list[str]:
+    """The ``count`` most frequent multi-character, all-CJK words of the real jieba dictionary."""
+    words = []
+    with open(data_dir / "vocab" / "jieba_dict.txt", encoding="utf-8") as fh:
+        for line in fh:
+            word, freq, _ = line.split()
+            if len(word) >= 2 and all("\u4e00" <= ch <= "\u9fff" for ch in word):
+                words.append((-int(freq), word))
+    return [w for _, w in sorted(words)[:count]]
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+def expected_mean(matrix: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """Independent reference: float32 mean of the pieces' rows, rounded once to the matrix dtype."""
+    return matrix[ids].float().mean(dim=0).to(matrix.dtype)
+
+
+# ---------------------------------------------------------------- SmolLM2 (byte-level BPE, tied, float32)
+
+
+@pytest.fixture(scope="module")
+def smollm2_expanded(smollm2_dir, data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2_init")
+    tokenizer_dir, model_dir = root / "tokenizer", root / "model"
+    expand_tokenizer(smollm2_dir, tokenizer_dir, jieba_words(data_dir, 300), report_max_chars=2000)
+    report = init_model_from_expanded_tokenizer(smollm2_dir, tokenizer_dir, model_dir)
+    return tokenizer_dir, model_dir, report
+
+
+def test_smollm2_new_rows_are_means_of_source_pieces_and_all_else_is_bit_identical(smollm2_dir, smollm2_expanded):
+    tokenizer_dir, model_dir, report = smollm2_expanded
+    source_tok, target_tok = AutoTokenizer.from_pretrained(smollm2_dir), AutoTokenizer.from_pretrained(tokenizer_dir)
+    old_vocab, new_vocab = len(source_tok), len(target_tok)
+    assert old_vocab == 49152 and new_vocab > old_vocab + 250
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["vocab_size"] == new_vocab and config["tie_word_embeddings"] is True
+    assert (report.old_vocab_size, report.new_vocab_size, report.new_rows) == (old_vocab, new_vocab, new_vocab - old_vocab)
+    assert report.tied_embeddings and report.empty_split_rows == 0 and report.padding_rows == 0
+
+    source, target = load_all(smollm2_dir), load_all(model_dir)
+    assert set(target) == set(source) == set(source) - {"lm_head.weight"}, "tied: no separate lm_head is written"
+    for name, tensor in source.items():
+        assert target[name].dtype == tensor.dtype == torch.float32
+        if name != "model.embed_tokens.weight":
+            assert torch.equal(target[name], tensor), name
+    old, new = source["model.embed_tokens.weight"], target["model.embed_tokens.weight"]
+    assert new.shape == (new_vocab, old.shape[1])
+    assert torch.equal(new[:old_vocab], old)
+    counts = []
+    for token_id in range(old_vocab, new_vocab):
+        word = target_tok.convert_ids_to_tokens(token_id)
+        pieces = source_tok.encode(word, add_special_tokens=False)
+        counts.append(len(pieces))
+        assert torch.equal(new[token_id], expected_mean(old, pieces)), word
+    assert report.pieces_per_new_row["max"] == max(counts) and report.pieces_per_new_row["min"] == min(counts)
+
+
+def test_smollm2_target_holds_the_expanded_tokenizer_loads_and_generates_like_the_source(
+        smollm2_dir, smollm2_expanded, data_dir):
+    tokenizer_dir, model_dir, report = smollm2_expanded
+    tokenizer_files = sorted(p.name for p in tokenizer_dir.iterdir())
+    assert sorted(report.tokenizer_files) == tokenizer_files
+    for name in tokenizer_files:
+        assert (model_dir / name).read_bytes() == (tokenizer_dir / name).read_bytes(), name
+    target_tok = AutoTokenizer.from_pretrained(model_dir)
+    assert target_tok.encode("中国", add_special_tokens=False) == [target_tok.convert_tokens_to_ids("中国")]
+    assert target_tok.convert_tokens_to_ids("中国") >= 49152
+
+    line = (data_dir / "pretrain" / "en_novel_botchan.jsonl").read_text(encoding="utf-8").splitlines()[3]
+    prompt_text = json.loads(line)["target"][:200]
+    source_tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompt = source_tok(prompt_text, return_tensors="pt").input_ids
+    assert torch.equal(target_tok(prompt_text, return_tensors="pt").input_ids, prompt)
+    outputs = []
+    for folder in (smollm2_dir, model_dir):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert model.dtype == torch.float32
+        with torch.no_grad():
+            outputs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                          do_sample=False))
+        del model
+    assert outputs[1].tolist() == outputs[0].tolist()
+
+
+# ---------------------------------------------------------------- LLaMA + Mistral SentencePiece (sharded, bf16)
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(mistral_sp_model, tmp_path_factory):
+    """A config-built LLaMA (bf16, untied, ~1 MB shards) saved with the real Mistral tokenizer."""
+    folder = tmp_path_factory.mktemp("llama") / "source"
+    tokenizer = LlamaTokenizerFast.from_pretrained(str(mistral_sp_model.parent))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(str(folder), max_shard_size="1MB", safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mistral_expanded_tokenizer(mistral_sp_model, data_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mistral_expanded") / "tokenizer"
+    expand_tokenizer(mistral_sp_model.parent, folder, jieba_words(data_dir, 200), report_max_chars=2000)
+    return folder
+
+
+def sentencepiece_mid_text_ids(sp_model_path: Path, text: str) -> list[int]:
+    """Ids sentencepiece gives ``text`` in mid-sentence: the source model with its dummy prefix turned off."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp_model_path.read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString()).encode(text)
+
+
+def test_sharded_untied_bf16_llama_keeps_shard_layout_and_pads_vocab(sharded_llama, mistral_expanded_tokenizer,
+                                                                   mistral_sp_model, tmp_path):
+    source_index = json.loads((sharded_llama / "model.safetensors.index.json").read_text())
+    assert len(set(source_index["weight_map"].values())) >= 3, "the fixture must really be sharded"
+    target_tok = AutoTokenizer.from_pretrained(mistral_expanded_tokenizer)
+    tokens = len(target_tok)
+    multiple = 64 if tokens % 64 else 48  # so that padding rows exist
+    padded = -(-tokens // multiple) * multiple
+    out = tmp_path / "model"
+    report = init_model_from_expanded_tokenizer(sharded_llama, mistral_expanded_tokenizer, out,
+                                                pad_vocab_to_multiple_of=multiple)
+    assert (report.new_vocab_size, report.padding_rows, report.tied_embeddings) == (padded, padded - tokens, False)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == padded
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == source_index["weight_map"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(set(source_index["weight_map"].values()))
+    source, target = load_all(sharded_llama), load_all(out)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in target.values())
+
+    for name, tensor in source.items():
+        assert target[name].dtype == torch.bfloat16
+        if name not in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(target[name], tensor), name
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        old, new = source[name], target[name]
+        assert new.shape == (padded, 64) and torch.equal(new[:32000], old)
+        for token_id in range(32000, tokens):
+            piece = target_tok.convert_ids_to_tokens(token_id)
+            ids = sentencepiece_mid_text_ids(mistral_sp_model, piece.replace("\u2581", " "))
+            assert ids and torch.equal(new[token_id], expected_mean(old, ids)), (name, piece, ids)
+        all_rows_mean = old.float().mean(dim=0).to(old.dtype)
+        assert all(torch.equal(new[i], all_rows_mean) for i in range(tokens, padded))
+    model = AutoModelForCausalLM.from_pretrained(out, torch_dtype="auto")
+    assert model.dtype == torch.bfloat16 and model.get_input_embeddings().weight.shape == (padded, 64)
+
+
+def test_pytorch_bin_source_with_tied_alias_is_converted_to_safetensors(mistral_sp_model, mistral_expanded_tokenizer,
+                                                                        tmp_path):
+    source_dir = tmp_path / "bin_source"
+    tokenizer = LlamaTokenizerFast.from_pretrained(str(mistral_sp_model.parent))
+    config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(str(source_dir), safe_serialization=False)
+    tokenizer.save_pretrained(str(source_dir))
+    assert (source_dir / "pytorch_model.bin").is_file()
+    report = init_model_from_expanded_tokenizer(source_dir, mistral_expanded_tokenizer, tmp_path / "out")
+    assert report.tied_embeddings and any(".bin" in note for note in report.notes)
+    source = torch.load(source_dir / "pytorch_model.bin", weights_only=True)
+    target = load_all(tmp_path / "out")
+    assert "lm_head.weight" not in target
+    for name, tensor in target.items():
+        if name != "model.embed_tokens.weight":
+            assert torch.equal(tensor, source[name]), name
+    assert torch.equal(target["model.embed_tokens.weight"][:32000], source["model.embed_tokens.weight"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_single_shard_with_index_keeps_its_index(mistral_sp_model, mistral_expanded_tokenizer, tmp_path):
+    source_dir = tmp_path / "one_shard"
+    config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(str(source_dir))
+    LlamaTokenizerFast.from_pretrained(str(mistral_sp_model.parent)).save_pretrained(str(source_dir))
+    shard = "model-00001-of-00001.safetensors"
+    (source_dir / "model.safetensors").rename(source_dir / shard)
+    with safe_open(str(source_dir / shard), framework="pt") as f:
+        weight_map = {name: shard for name in f.keys()}
+    (source_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    init_model_from_expanded_tokenizer(source_dir, mistral_expanded_tokenizer, tmp_path / "out")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == weight_map
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.vocab_size == len(
+        AutoTokenizer.from_pretrained(mistral_expanded_tokenizer))
+
+
+# ---------------------------------------------------------------- the pure function
+
+
+def test_mean_init_new_rows_is_an_exact_per_token_mean_with_a_counted_fallback(smollm2_dir):
+    with safe_open(str(smollm2_dir / "model.safetensors"), framework="pt") as f:
+        old = f.get_slice("model.embed_tokens.weight")[:4000]
+    piece_ids = [[5], [7, 7], [10, 3999, 20], list(range(100, 140)), [], [0, 1, 2, 3] * 6]
+    rows = mean_init_new_rows(old, piece_ids)
+    assert rows.shape == (6, old.shape[1]) and rows.dtype == old.dtype
+    for row, ids in zip(rows, piece_ids):
+        assert torch.equal(row, old[ids].mean(dim=0) if ids else old.mean(dim=0))
+    half = old.to(torch.bfloat16)
+    for row, ids in zip(mean_init_new_rows(half, piece_ids), piece_ids):
+        assert torch.equal(row, expected_mean(half, ids or list(range(4000))))
+
+
+# ---------------------------------------------------------------- bad input and atomicity
+
+
+def run_cli(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def cli_args(source, tokenizer, target, *extra) -> list[str]:
+    return ["--source_model_and_tokenizer_path", str(source), "--target_tokenizer_path", str(tokenizer),
+            "--target_model_path", str(target), *extra]
+
+
+def test_bad_inputs_give_one_line_errors_naming_the_path(sharded_llama, mistral_expanded_tokenizer, smollm2_dir,
+                                                         tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert f"{missing}: source model directory does not exist" in run_cli(
+        cli_args(missing, mistral_expanded_tokenizer, tmp_path / "m"), capsys)
+    assert f"{missing}: target tokenizer directory does not exist" in run_cli(
+        cli_args(sharded_llama, missing, tmp_path / "m"), capsys)
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((sharded_llama / "config.json").read_text())
+    assert "no model weights" in run_cli(cli_args(no_weights, mistral_expanded_tokenizer, tmp_path / "m"), capsys)
+    err = run_cli(cli_args(sharded_llama, smollm2_dir, tmp_path / "m"), capsys)
+    assert f"{smollm2_dir}: not an expansion of the source tokenizer" in err and "changed id" in err
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert "already exists (pass --overwrite" in run_cli(cli_args(sharded_llama, mistral_expanded_tokenizer, existing),
+                                                         capsys)
+    assert not (tmp_path / "m").exists()
+    assert main(cli_args(sharded_llama, mistral_expanded_tokenizer, existing, "--overwrite")) == 0
+    assert AutoModelForCausalLM.from_pretrained(existing).config.vocab_size == len(
+        AutoTokenizer.from_pretrained(mistral_expanded_tokenizer))
+
+
+def test_a_failure_while_writing_leaves_the_previous_target_untouched(sharded_llama, mistral_expanded_tokenizer,
+                                                                      tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "keep.txt").write_text("previous model")
+
+    def fail(*args, **kwargs):
+        raise UserInputError("simulated failure while writing the embeddings")
+
+    monkeypatch.setattr(init_model_module, "resize_vocab_matrix", fail)
+    with pytest.raises(UserInputError, match="simulated failure"):
+        init_model_from_expanded_tokenizer(sharded_llama, mistral_expanded_tokenizer, target, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no temporary folder is left behind"
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
