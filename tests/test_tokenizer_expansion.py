@@ -128,6 +128,19 @@ def test_sp_and_autotokenizer_agree_on_every_sample_line(mistral_expanded):
     assert "天气" in hf.tokenize(line)
 
 
+def test_sp_source_saved_by_transformers_expands_and_agrees(tmp_path, mistral_src, jieba_words, data_dir):
+    """A model folder's tokenizer (written by save_pretrained: AddedToken dicts, "add_prefix_space": null)."""
+    saved = tmp_path / "saved"
+    load_tokenizer(mistral_src).save_pretrained(saved)
+    assert isinstance(json.loads((saved / "special_tokens_map.json").read_text())["bos_token"], dict)
+    report = expand_tokenizer(
+        saved, tmp_path / "out", jieba_words[:300],
+        report_files=[data_dir / "pretrain" / "zh_news_peoples_daily_199801.jsonl"], report_max_chars=20_000,
+    )
+    assert report.check_identical == report.check_total > 0
+    assert load_tokenizer(tmp_path / "out").bos_token == "<s>"
+
+
 def test_sp_without_component_chars_mismatch_is_detected_and_nothing_written(tmp_path, mistral_src, jieba_words, data_dir):
     target = tmp_path / "out"
     with pytest.raises(TokenizerMismatchError) as err:

@@ -223,13 +223,23 @@ def _sp_source_config(source_dir: Path, sp_size: int) -> tuple[dict, dict]:
             )
     for key in ("tokenizer_file", "name_or_path", "auto_map"):
         config.pop(key, None)
+    if config.get("add_prefix_space", "unset") is None:
+        # save_pretrained writes "add_prefix_space": null; passed back, it makes the converted fast tokenizer
+        # drop SentencePiece's leading "▁" and disagree with sentencepiece on every line.
+        config.pop("add_prefix_space")
     config.setdefault("tokenizer_class", "LlamaTokenizer")
     config.setdefault("legacy", False)
     for key, default in LLAMA_SPECIAL_TOKENS.items():
-        value = special_map.get(key, config.get(key, default))
+        # save_pretrained writes special tokens as AddedToken dicts ({"content": ..., "lstrip": ...}).
+        value = _token_content(special_map.get(key, config.get(key, default)))
         special_map[key] = value
         config[key] = value
     return config, special_map
+
+
+def _token_content(token) -> Optional[str]:
+    """The text of a special token given as a string or as a serialised ``AddedToken`` dict."""
+    return token.get("content") if isinstance(token, dict) else token
 
 
 # ---------------------------------------------------------------- HF fast BPE
