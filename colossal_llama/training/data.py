@@ -1,0 +1,209 @@
+"""Prepared data for training: manifest checks, buckets, and a resumable distributed sampler.
+
+The data contract: ``--dataset`` names ``OUT/arrow/part-XXXXX`` dirs (or ``OUT/arrow``); each part is one bin
+(bucket) and its manifest is ``OUT/manifest.json``. Training walks bucket 0, then 1, ... (shuffled within,
+seeded per epoch), or one global shuffle with ``--shuffle_buckets``.
+
+Sampling is a pure function of (seed, epoch, sample offset), so the data position of a resumed run is just two
+integers and the next sample after a resume is exactly the one the interrupted run would have used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Sequence
+
+import numpy as np
+
+from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.fingerprint import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+MANIFEST_FORMAT_VERSION = 1
+
+
+@dataclass
+class PreparedPart:
+    path: Path
+    bin: int
+    num_sequences: int
+    manifest_path: Path
+
+
+@dataclass
+class PreparedData:
+    """Concatenated parts, ordered by bucket. ``bucket_sizes[k]`` rows of bucket k follow bucket k-1's."""
+
+    dataset: object  # datasets.Dataset with input_ids / labels / position_ids
+    bucket_sizes: List[int]
+    manifest: dict  # manifest of the first dataset dir (all must agree on tokenizer and kind)
+    chat_template: dict | None
+
+
+def expand_dataset_args(paths: Sequence[str]) -> List[Path]:
+    """``OUT/arrow`` -> its ``part-*`` dirs; a part dir stays itself. Missing paths are user errors."""
+    parts: List[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.is_dir():
+            raise UserInputError(f"--dataset {p}: directory does not exist")
+        children = sorted(c for c in p.glob("part-*") if c.is_dir())
+        if children:
+            parts.extend(children)
+        elif (p / "dataset_info.json").is_file() or (p / "state.json").is_file():
+            parts.append(p)
+        else:
+            raise UserInputError(f"--dataset {p}: neither an arrow part (datasets.save_to_disk) nor a dir of part-* dirs")
+    return parts
+
+
+def read_manifest(manifest_path: Path) -> dict:
+    if not manifest_path.is_file():
+        raise UserInputError(
+            f"{manifest_path}: manifest missing (data preparation did not finish, or --dataset is not OUT/arrow/part-*)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserInputError(f"{manifest_path}: invalid JSON ({err.msg}, line {err.lineno})") from None
+    for key in ("format_version", "kind", "tokenizer_fingerprint", "vocab_size", "max_length", "parts"):
+        if key not in manifest:
+            raise UserInputError(f"{manifest_path}: {key}: missing")
+    if manifest["format_version"] != MANIFEST_FORMAT_VERSION:
+        raise UserInputError(
+            f"{manifest_path}: format_version: {manifest['format_version']} (this trainer reads {MANIFEST_FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def check_manifest_against_model(manifest: dict, manifest_path: Path, tokenizer, model_vocab_rows: int,
+                                 max_length: int, pretrained: str) -> None:
+    """Refuse data prepared with another tokenizer, a bigger vocabulary, or longer sequences. One-line errors."""
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if manifest["tokenizer_fingerprint"] != fingerprint:
+        raise UserInputError(
+            f"{manifest_path}: tokenizer_fingerprint: data was prepared with tokenizer {manifest.get('tokenizer_dir')!r} "
+            f"which differs from the tokenizer in --pretrained {pretrained}"
+        )
+    if manifest["vocab_size"] > model_vocab_rows:
+        raise UserInputError(
+            f"{manifest_path}: vocab_size: {manifest['vocab_size']} exceeds the model's {model_vocab_rows} embedding rows "
+            f"(--pretrained {pretrained}; run init_model.py to expand the embeddings)"
+        )
+    if manifest["max_length"] > max_length:
+        raise UserInputError(
+            f"{manifest_path}: max_length: data sequences go up to {manifest['max_length']} tokens "
+            f"but --max_length is {max_length}"
+        )
+
+
+def collect_parts(part_dirs: Sequence[Path]) -> tuple[List[PreparedPart], Dict[Path, dict]]:
+    """Look every part up in its manifest (``part.parent.parent / manifest.json``)."""
+    manifests: Dict[Path, dict] = {}
+    parts: List[PreparedPart] = []
+    for part_dir in part_dirs:
+        manifest_path = part_dir.parent.parent / "manifest.json"
+        if manifest_path not in manifests:
+            manifests[manifest_path] = read_manifest(manifest_path)
+        entry = next((e for e in manifests[manifest_path]["parts"] if e["name"] == part_dir.name), None)
+        if entry is None:
+            raise UserInputError(f"{manifest_path}: parts: no entry named {part_dir.name!r} (--dataset {part_dir})")
+        parts.append(PreparedPart(part_dir, int(entry["bin"]), int(entry["num_sequences"]), manifest_path))
+    return parts, manifests
+
+
+def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, dict]) -> PreparedData:
+    """Load the arrow parts and concatenate them bucket by bucket (stable within a bucket)."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    kinds = {m["kind"] for m in manifests.values()}
+    if len(kinds) > 1:
+        raise UserInputError(f"--dataset mixes {sorted(kinds)} data; train pre-training and SFT in separate stages")
+    ordered = sorted(parts, key=lambda p: p.bin)  # sorted() is stable: --dataset order kept within a bin
+    datasets, bucket_sizes, current_bin = [], [], None
+    for part in ordered:
+        ds = load_from_disk(str(part.path))
+        if len(ds) != part.num_sequences:
+            raise UserInputError(
+                f"{part.manifest_path}: parts: {part.path.name} has {len(ds)} rows, manifest says {part.num_sequences}"
+            )
+        for column in ("input_ids", "labels", "position_ids"):
+            if column not in ds.column_names:
+                raise UserInputError(f"{part.path}: column {column!r} missing (columns: {ds.column_names})")
+        if len(ds) == 0:
+            continue
+        datasets.append(ds.select_columns(["input_ids", "labels", "position_ids"]))
+        if part.bin != current_bin:
+            bucket_sizes.append(0)
+            current_bin = part.bin
+        bucket_sizes[-1] += len(ds)
+    if not datasets:
+        raise UserInputError(f"--dataset: the parts hold no sequences ({', '.join(str(p.path) for p in parts)})")
+    first = manifests[parts[0].manifest_path]
+    templates = {json.dumps(m.get("chat_template"), sort_keys=True) for m in manifests.values()}
+    if len(templates) > 1:
+        raise UserInputError("--dataset: the datasets were prepared with different chat templates")
+    return PreparedData(concatenate_datasets(datasets).with_format("numpy"), bucket_sizes, first,
+                        first.get("chat_template"))
+
+
+def epoch_order(bucket_sizes: Sequence[int], seed: int, epoch: int, shuffle_buckets: bool) -> np.ndarray:
+    """Indices of one epoch: bucket 0 shuffled, then bucket 1 shuffled, ... or one global shuffle.
+
+    Pure function of its arguments (the reason resume is exact); different epochs give different orders.
+    """
+    total = int(sum(bucket_sizes))
+    rng = np.random.default_rng([seed, epoch])
+    if shuffle_buckets:
+        return rng.permutation(total)
+    order, start = [], 0
+    for size in bucket_sizes:
+        order.append(start + rng.permutation(size))
+        start += size
+    return np.concatenate(order)
+
+
+@dataclass
+class StepBatchSampler:
+    """Yields this rank's micro-batches (lists of row indices) from a sample offset to the end of the epoch.
+
+    Step s of an epoch consumes the global slice ``order[s*G:(s+1)*G]`` with ``G = micro * accum * dp``. Within
+    it, micro-batch m of dp-rank r is ``[(m*dp + r)*micro, +micro)``. The tail of an epoch that does not fill a
+    global batch is skipped (counted in :attr:`dropped_per_epoch` and logged).
+    """
+
+    bucket_sizes: Sequence[int]
+    micro_batch: int
+    accumulation_steps: int
+    dp_rank: int
+    dp_size: int
+    seed: int
+    shuffle_buckets: bool
+    epoch: int = 0
+    start_offset: int = 0  # samples of this epoch already consumed (multiple of the global batch)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation_steps * self.dp_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return int(sum(self.bucket_sizes)) // self.global_batch
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        return int(sum(self.bucket_sizes)) - self.steps_per_epoch * self.global_batch
+
+    def __iter__(self) -> Iterator[List[int]]:
+        order = epoch_order(self.bucket_sizes, self.seed, self.epoch, self.shuffle_buckets)
+        g, b = self.global_batch, self.micro_batch
+        for step_start in range(self.start_offset, self.steps_per_epoch * g, g):
+            for m in range(self.accumulation_steps):
+                first = step_start + (m * self.dp_size + self.dp_rank) * b
+                yield order[first:first + b].tolist()
+
+    def __len__(self) -> int:
+        remaining_steps = self.steps_per_epoch - self.start_offset // self.global_batch
+        return max(0, remaining_steps) * self.accumulation_steps

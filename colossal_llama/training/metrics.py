@@ -1,0 +1,123 @@
+"""Run metrics on rank 0: TensorBoard scalars, a tqdm bar, log lines, and ``save_dir/losses.jsonl``.
+
+``losses.jsonl`` holds one record per optimizer step ``{"step", "epoch", "loss", "lr", "grad_norm", "tokens"}``.
+Floats are written with ``repr`` precision, so two runs can be compared bit for bit. On resume from step S
+the records after S (written by the interrupted run after its last checkpoint) are dropped first.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name().
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "H800": 989e12}
+LOSS_LOG = "losses.jsonl"
+
+
+def peak_flops(cuda: bool) -> float:
+    """Peak FLOP/s of this device, 0 when unknown (CPU): MFU is then reported as 0."""
+    if not cuda:
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
+
+
+def trim_loss_log(path: Path, keep_through_step: int) -> int:
+    """Keep records with ``step <= keep_through_step`` (0 clears the file); returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_through_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def read_loss_log(path: Path) -> list:
+    return [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+@dataclass
+class StepStats:
+    step: int  # optimizer steps done, 1-based
+    epoch: int
+    loss: float  # token-weighted mean over the global batch
+    lr: float
+    grad_norm: Optional[float]
+    tokens: int  # input tokens (not padding) in the global batch
+    seconds: float  # wall time of the step
+
+
+class RunMetrics:
+    """Only rank 0 writes; other ranks get a no-op instance (``enabled=False``)."""
+
+    def __init__(self, enabled: bool, save_dir: Path, tensorboard_dir: Optional[str], total_steps: int,
+                 start_step: int, log_interval: int, num_params: int, cuda: bool):
+        self.enabled = enabled
+        self.log_interval = log_interval
+        self.flops_per_token = 6 * num_params
+        self.peak = peak_flops(cuda)
+        self.loss_log = save_dir / LOSS_LOG
+        self._writer = self._bar = None
+        self._window: list[StepStats] = []
+        if not enabled:
+            return
+        save_dir.mkdir(parents=True, exist_ok=True)
+        dropped = trim_loss_log(self.loss_log, start_step)
+        if dropped:
+            log.info("%s: dropped %d records after step %d (steps redone after resume)", self.loss_log, dropped, start_step)
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(tensorboard_dir)
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._fh = open(self.loss_log, "a", encoding="utf-8")
+
+    def record(self, stats: StepStats) -> None:
+        if not self.enabled:
+            return
+        tokens_per_s = stats.tokens / max(stats.seconds, 1e-9)
+        mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else 0.0
+        self._fh.write(json.dumps({"step": stats.step, "epoch": stats.epoch, "loss": stats.loss, "lr": stats.lr,
+                                   "grad_norm": stats.grad_norm, "tokens": stats.tokens}) + "\n")
+        self._fh.flush()
+        if self._writer is not None:
+            for tag, value in (("train/loss", stats.loss), ("train/lr", stats.lr), ("train/tokens_per_s", tokens_per_s),
+                               ("train/mfu", mfu), ("train/grad_norm", stats.grad_norm)):
+                if value is not None:
+                    self._writer.add_scalar(tag, value, stats.step)
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+        self._window.append(stats)
+        if stats.step % self.log_interval == 0:
+            self._log_window()
+
+    def _log_window(self) -> None:
+        w, self._window = self._window, []
+        seconds = sum(s.seconds for s in w)
+        tokens = sum(s.tokens for s in w)
+        norms = [s.grad_norm for s in w if s.grad_norm is not None]
+        log.info("step %d epoch %d | loss %.4f (mean of %d steps) | lr %.3e | grad_norm %s | %.0f tokens/s | %.2f s/step",
+                 w[-1].step, w[-1].epoch, sum(s.loss for s in w) / len(w), len(w), w[-1].lr,
+                 f"{sum(norms) / len(norms):.3f}" if norms else "n/a", tokens / max(seconds, 1e-9), seconds / len(w))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._window:
+            self._log_window()
+        self._fh.close()
+        self._bar.close()
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,64 @@
+"""Building the model for training: attention implementation, grad checkpointing, freezing, NEFTune."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+
+
+def choose_attention(use_flash_attn: bool, cuda: bool) -> str:
+    """``flash_attention_2`` when asked for, importable and on CUDA; otherwise ``sdpa`` (the reason is logged)."""
+    if not use_flash_attn:
+        return "sdpa"
+    if not cuda:
+        log.warning("--use_flash_attn: no CUDA device, using sdpa attention")
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:
+        log.warning("--use_flash_attn: the flash_attn package is not installed, using sdpa attention")
+        return "sdpa"
+    return "flash_attention_2"
+
+
+def load_causal_lm(pretrained: str, attn_implementation: str) -> nn.Module:
+    """The model in float32 on CPU; plugins cast and move it (master weights stay fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        pretrained, torch_dtype=torch.float32, attn_implementation=attn_implementation
+    )
+
+
+def freeze_non_embeddings(model: nn.Module) -> int:
+    """Leave only embed_tokens / lm_head trainable; returns the number of trainable parameters."""
+    trainable = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(part in name for part in EMBEDDING_MODULES))
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable
+
+
+class NEFTune:
+    """Uniform noise on the input embeddings while training (Jain et al. 2023), none in eval mode.
+
+    noise ~ U(-m, m) with m = alpha / sqrt(L * d), L the padded sequence length and d the hidden size. Drawn
+    from torch's global RNG, which checkpoints save per rank, so a resumed run draws the same noise.
+    """
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        magnitude = self.alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.zeros_like(output).uniform_(-magnitude, magnitude)
+
+    def attach(self, model: nn.Module):
+        return model.get_input_embeddings().register_forward_hook(self)

@@ -1,0 +1,97 @@
+"""One optimizer step over ``accumulation_steps`` micro-batches, with a token-weighted loss.
+
+The loss of a step is ``sum of per-token losses / number of loss tokens`` over the whole global batch (all
+micro-batches on all data-parallel ranks), not a mean of per-micro-batch means. That makes the logged loss and
+the gradient independent of how the global batch is split (ddp x2 vs tp2 x1 vs accumulation), which is what
+lets the plugins be compared step for step.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from colossal_llama.training.collate import count_loss_tokens
+from colossal_llama.training.plugin import ParallelLayout
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: Optional[float]
+    lr: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class Stepper:
+    booster: object
+    model: object
+    optimizer: object
+    scheduler: object
+    layout: ParallelLayout
+    device: torch.device
+    grad_clip: float
+    manual_clip: bool  # ddp: clip here; ZeRO / 3d optimizers clip inside step() (plugin max_norm)
+    use_no_sync: bool  # ddp: skip the gradient all-reduce on all but the last micro-batch
+    autocast_dtype: Optional[torch.dtype]  # ddp + bf16
+
+    def _all_reduce(self, values: List[float]) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.layout.dp_group)
+        return t.tolist()
+
+    def _forward_loss_sum(self, batch: dict, n_tokens: int) -> torch.Tensor:
+        """Sum (not mean) of the token losses of one micro-batch; 0 with a graph when it has no loss tokens."""
+        inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            out = self.model(**inputs, use_cache=False)
+        if n_tokens == 0:  # HF's mean over zero tokens is NaN; keep every parameter in the graph for DDP
+            return out.logits.float().sum() * 0.0
+        return out.loss.float() * n_tokens
+
+    def step(self, micro_batches: List[dict]) -> StepResult:
+        start = time.perf_counter()
+        local_tokens = [count_loss_tokens(b["labels"]) for b in micro_batches]
+        input_tokens = sum(int(b["lengths"].sum()) for b in micro_batches)
+        global_loss_tokens, global_input_tokens = self._all_reduce([sum(local_tokens), input_tokens])
+        # DDP / ZeRO average gradients over dp ranks, so scale by dp_size to get sum / global_loss_tokens.
+        scale = self.layout.dp_size / max(global_loss_tokens, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        last = len(micro_batches) - 1
+        for i, (batch, n_tokens) in enumerate(zip(micro_batches, local_tokens)):
+            sync = contextlib.nullcontext()
+            if self.use_no_sync and i < last:
+                sync = self.booster.no_sync(self.model, self.optimizer)
+            with sync:
+                micro_loss = self._forward_loss_sum(batch, n_tokens)
+                self.booster.backward(micro_loss * scale, self.optimizer)
+            loss_sum += micro_loss.detach().double().cpu()
+        grad_norm = self._clip() if self.manual_clip else None
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        if not self.manual_clip:
+            grad_norm = self._plugin_grad_norm()
+        (total_loss,) = self._all_reduce([loss_sum.item()])
+        return StepResult(loss=total_loss / max(global_loss_tokens, 1.0), grad_norm=grad_norm, lr=lr,
+                          tokens=int(global_input_tokens), seconds=time.perf_counter() - start)
+
+    def _clip(self) -> float:
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")  # inf: measure only
+        return float(self.optimizer.clip_grad_by_norm(max_norm))
+
+    def _plugin_grad_norm(self) -> Optional[float]:
+        getter = getattr(self.optimizer, "get_grad_norm", None)
+        norm = getter() if getter is not None else None
+        return None if norm is None else float(norm)

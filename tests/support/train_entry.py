@@ -1,0 +1,44 @@
+"""Test launcher for ``torchrun``: apply the colossalai CPU patches, optionally inject a crash, run train.py.
+
+    torchrun --nproc_per_node 2 tests/support/train_entry.py <train.py flags>
+
+Fault injection (tests of crash safety), read from the environment:
+- ``CL_TEST_KILL_DURING_SAVE_STEP=S``: rank 0 SIGKILLs itself inside the checkpoint save of step S, after every
+  rank wrote its shards into the ``.tmp-`` dir and just before the rename that would publish it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: ``tests.support`` importable
+
+from tests.support import colossalai_cpu  # noqa: E402
+
+
+def _install_kill_during_save(step: int) -> None:
+    from colossal_llama.training import checkpoint
+
+    publish = checkpoint._publish
+
+    def publish_or_die(tmp: Path, final: Path) -> None:
+        if final.name.endswith(f"_step-{step}"):
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-save: shards on disk, not yet renamed into place
+        publish(tmp, final)
+
+    checkpoint._publish = publish_or_die
+
+
+def main() -> None:
+    colossalai_cpu.apply()
+    if os.environ.get("CL_TEST_KILL_DURING_SAVE_STEP"):
+        _install_kill_during_save(int(os.environ["CL_TEST_KILL_DURING_SAVE_STEP"]))
+    from colossal_llama.training.cli import main as train_main
+
+    train_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

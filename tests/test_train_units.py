@@ -1,0 +1,232 @@
+"""Training building blocks, in one process: flags, manifest checks, sampler, collation/masking, schedule, NEFTune."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from colossal_llama.training.checkpoint import latest_checkpoint, resolve_load_target
+from colossal_llama.training.collate import IGNORE_INDEX, PackedCollator, block_causal_mask
+from colossal_llama.training.config import parse_config, resolve_schedule
+from colossal_llama.training.data import (StepBatchSampler, check_manifest_against_model, collect_parts,
+                                          epoch_order, expand_dataset_args, load_prepared, read_manifest)
+from colossal_llama.training.model import NEFTune, freeze_non_embeddings
+from colossal_llama.training.optim import WarmupCosineLR, warmup_cosine_factor
+from colossal_llama.utils.errors import UserInputError
+from tests.support.launch import REPO
+from tests.support.train_fixtures import prepared_pretrain, tiny_llama  # noqa: F401  (fixtures)
+
+
+# ------------------------------------------------------------------------------------------------ flags
+def test_readme_aliases_and_boolean_flags(tiny_llama):  # noqa: F811
+    cfg = parse_config(["--pretrained", str(tiny_llama), "--dataset", "a", "b", "--micro_batch_size", "3",
+                        "--gradient_clipping", "0.5", "-w", "0.01", "-s", "7", "--zero", "2", "--use_neft",
+                        "--use_grad_checkpoint", "False", "--plugin", "zero2"])
+    assert (cfg.batch_size, cfg.grad_clip, cfg.weight_decay, cfg.warmup_steps, cfg.zero_stage) == (3, 0.5, 0.01, 7, 2)
+    assert cfg.dataset == ["a", "b"] and cfg.use_neft is True and cfg.use_grad_checkpoint is False
+
+
+def test_warmup_defaults_to_2_5_percent_of_steps(tiny_llama):  # noqa: F811
+    cfg = parse_config(["--pretrained", str(tiny_llama), "--dataset", "d"])
+    assert resolve_schedule(cfg, total_steps=400).warmup_steps == 10
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+    (["--tp", "2"], "needs --plugin 3d"),
+])
+def test_bad_flags_are_one_line_errors(tiny_llama, flags, message):  # noqa: F811
+    with pytest.raises(UserInputError, match=message):
+        parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", *flags])
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def test_manifest_is_checked_against_the_model(prepared_pretrain, tiny_llama):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    manifest_path = prepared_pretrain / "manifest.json"
+    manifest = read_manifest(manifest_path)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    check_manifest_against_model(manifest, manifest_path, tok, len(tok), 128, str(tiny_llama))  # matches
+    with pytest.raises(UserInputError, match=r"manifest.json: vocab_size: 49152 exceeds the model's 49000"):
+        check_manifest_against_model(manifest, manifest_path, tok, 49000, 128, str(tiny_llama))
+    with pytest.raises(UserInputError, match=r"max_length: data sequences go up to 128 tokens but --max_length is 64"):
+        check_manifest_against_model(manifest, manifest_path, tok, len(tok), 64, str(tiny_llama))
+
+
+def test_data_from_another_tokenizer_is_refused_before_training(tmp_path, prepared_pretrain, tiny_llama,  # noqa: F811
+                                                                 mistral_sp_model):
+    """CLI, single process: data prepared with SmolLM2's tokenizer, model folder carrying Mistral's."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / f).unlink()
+    shutil.copy(mistral_sp_model, model / "tokenizer.model")
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--pretrained", str(model), "--dataset",
+                           str(prepared_pretrain / "arrow"), "--plugin", "ddp", "--save_dir", str(tmp_path / "ck")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {prepared_pretrain / 'manifest.json'}: tokenizer_fingerprint: "), last
+    assert not (tmp_path / "ck" / "modeling").exists()
+
+
+def test_missing_manifest_names_the_file(tmp_path, prepared_pretrain):  # noqa: F811
+    copy = tmp_path / "out"
+    shutil.copytree(prepared_pretrain / "arrow", copy / "arrow")
+    with pytest.raises(UserInputError, match=f"{copy / 'manifest.json'}: manifest missing"):
+        collect_parts(expand_dataset_args([str(copy / "arrow")]))
+
+
+# ------------------------------------------------------------------------------------------------ buckets, sampler
+def test_buckets_are_walked_in_order_and_reshuffled_each_epoch():
+    sizes = [5, 7, 3]
+    e0, e1 = epoch_order(sizes, seed=1, epoch=0, shuffle_buckets=False), epoch_order(sizes, 1, 1, False)
+    for order in (e0, e1):
+        assert sorted(order[:5]) == list(range(5)) and sorted(order[5:12]) == list(range(5, 12))
+        assert sorted(order[12:]) == [12, 13, 14]
+    assert not np.array_equal(e0, e1)
+    assert np.array_equal(e0, epoch_order(sizes, 1, 0, False))  # a pure function of (seed, epoch)
+    mixed = epoch_order(sizes, 1, 0, shuffle_buckets=True)
+    assert sorted(mixed) == list(range(15)) and max(mixed[:5]) >= 5  # buckets no longer contiguous
+
+
+def test_sampler_splits_each_global_batch_across_ranks_and_resumes_exactly():
+    sizes = [11, 10]
+    common = dict(bucket_sizes=sizes, micro_batch=2, accumulation_steps=2, dp_size=2, seed=3, shuffle_buckets=False)
+    ranks = [list(StepBatchSampler(dp_rank=r, **common)) for r in range(2)]
+    sampler = StepBatchSampler(dp_rank=0, **common)
+    assert (sampler.global_batch, sampler.steps_per_epoch, sampler.dropped_per_epoch) == (8, 2, 5)
+    order = epoch_order(sizes, 3, 0, False)
+    for step in range(2):
+        seen = sorted(i for r in range(2) for mb in ranks[r][2 * step:2 * step + 2] for i in mb)
+        assert seen == sorted(order[8 * step:8 * step + 8])
+    resumed = list(StepBatchSampler(dp_rank=1, start_offset=8, **common))
+    assert resumed == ranks[1][2:] and len(StepBatchSampler(dp_rank=1, start_offset=8, **common)) == 2
+
+
+# ------------------------------------------------------------------------------------------------ collation, masks
+def test_attention_comes_from_lengths_so_real_eos_stays_visible():
+    eos = 2  # pad == eos, as in many tokenizers
+    rows = [{"input_ids": np.array([5, 6, eos, 7]), "labels": np.array([-100, 6, eos, 7]),
+             "position_ids": np.array([0, 1, 2, 0])},
+            {"input_ids": np.array([9, eos]), "labels": np.array([9, eos]), "position_ids": np.array([0, 1])}]
+    batch = PackedCollator(pad_token_id=eos, max_length=8)(rows)
+    mask = batch["attention_mask"][:, 0]
+    assert batch["input_ids"].shape == (2, 4) and batch["lengths"].tolist() == [4, 2]
+    assert mask[0, 2, 2] and mask[0, 2, :3].all()  # the EOS at position 2 is seen and sees its document
+    assert not mask[0, 3, :3].any() and mask[0, 3, 3]  # a new document (position 0) does not see the previous one
+    assert mask[1, 1, :2].all() and not mask[1, 2, :2].any()  # real eos visible; padding never attended by real
+    assert not mask[1, :2, 2:].any()
+    assert batch["labels"][1, 2:].tolist() == [IGNORE_INDEX, IGNORE_INDEX]
+    assert mask.diagonal(dim1=-2, dim2=-1).all()  # no empty query rows (sdpa would give NaN)
+
+
+def test_block_mask_is_causal_and_block_diagonal():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    m = block_causal_mask(pos)[0, 0]
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    for a, b in ((0, 3), (3, 5), (5, 6)):
+        expected[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+    assert torch.equal(m, expected)
+
+
+def test_packed_row_logits_equal_its_documents_run_separately(prepared_pretrain, tiny_llama):  # noqa: F811
+    """A real packed row (several real documents) through the tiny LLaMA with sdpa."""
+    from transformers import AutoModelForCausalLM
+
+    parts, manifests = collect_parts(expand_dataset_args([str(prepared_pretrain / "arrow")]))
+    data = load_prepared(parts, manifests)
+    row = next(data.dataset[i] for i in range(len(data.dataset)) if (data.dataset[i]["position_ids"] == 0).sum() >= 2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    batch = PackedCollator(pad_token_id=0, max_length=128)([row])
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits[0]
+        starts = np.flatnonzero(row["position_ids"] == 0).tolist() + [len(row["input_ids"])]
+        for a, b in zip(starts[:-1], starts[1:]):
+            alone = model(input_ids=torch.as_tensor(row["input_ids"][a:b], dtype=torch.long)[None]).logits[0]
+            torch.testing.assert_close(packed[a:b], alone, rtol=1e-5, atol=1e-5)
+        # Without the block mask the later documents would see the earlier ones: the test can fail.
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        assert (leaky[starts[1]:starts[2]] - packed[starts[1]:starts[2]]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ schedule, model
+def test_warmup_then_cosine_to_a_tenth_and_exact_resume():
+    assert warmup_cosine_factor(0, 4, 20) == 0.25 and warmup_cosine_factor(3, 4, 20) == 1.0
+    assert warmup_cosine_factor(19, 4, 20) == pytest.approx(0.1) and warmup_cosine_factor(30, 4, 20) == 0.1
+    factors = [warmup_cosine_factor(s, 4, 20) for s in range(4, 20)]
+    assert all(a > b for a, b in zip(factors, factors[1:]))  # strictly decaying after warm-up
+
+    def lrs(sched, opt, n):
+        out = []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = WarmupCosineLR(opt, 4, 20)
+    first = lrs(sched, opt, 7)
+    state = sched.state_dict()
+    rest = lrs(sched, opt, 13)
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched2 = WarmupCosineLR(opt2, 4, 20)
+    sched2.load_state_dict(state)
+    opt2.param_groups[0]["lr"] = sched2.get_last_lr()[0]
+    assert lrs(sched2, opt2, 13) == rest and first[0] == 1e-3 / 4
+
+
+def test_neftune_adds_bounded_noise_only_in_training(tiny_llama):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    clean = model.get_input_embeddings()(ids)
+    NEFTune(alpha=5.0).attach(model)
+    model.train()
+    noisy = model.get_input_embeddings()(ids)
+    bound = 5.0 / (4 * 64) ** 0.5
+    assert 0 < (noisy - clean).abs().max() <= bound
+    model.eval()
+    assert torch.equal(model.get_input_embeddings()(ids), clean)
+
+
+def test_freeze_non_embeds_keeps_only_embeddings_trainable(tiny_llama):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    trainable = freeze_non_embeddings(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"model.embed_tokens.weight"}  # lm_head is tied to it
+    assert trainable == model.model.embed_tokens.weight.numel()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_latest_ignores_half_written_checkpoints(tmp_path):
+    for name, complete in (("epoch-0_step-10", True), ("epoch-0_step-20", True), (".tmp-epoch-0_step-30", True),
+                           ("epoch-1_step-40", False)):
+        (tmp_path / name / "modeling").mkdir(parents=True)
+        if complete:
+            (tmp_path / name / "running_states.json").write_text(json.dumps({}))
+    assert latest_checkpoint(tmp_path).name == "epoch-0_step-20"
+    assert resolve_load_target("latest", tmp_path).path.name == "epoch-0_step-20"
+    with pytest.raises(UserInputError, match="incomplete checkpoint"):
+        resolve_load_target(str(tmp_path / "epoch-1_step-40"), tmp_path)
+    assert resolve_load_target("latest", tmp_path / "nothing") is None
+
+
+def test_flash_attention_request_falls_back_to_sdpa_without_cuda(caplog):
+    from colossal_llama.training.model import choose_attention
+
+    assert choose_attention(False, cuda=True) == "sdpa"
+    assert choose_attention(True, cuda=False) == "sdpa"
+    assert "no CUDA device, using sdpa" in caplog.text

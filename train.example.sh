@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Continual pre-training with a booster plugin. Every setting is an environment variable with a default that works
+# on a CPU box after quickstart's data preparation; on GPUs set PLUGIN=gemini (or zero2 / 3d) and bigger sizes.
+#
+#   PRETRAINED=ckpt/expanded-model DATASET=data/prepared/arrow NPROC=8 PLUGIN=gemini ./train.example.sh
+#   HOSTFILE=hostfile ./train.example.sh          # multi-node: one host name per line (see hostfile.example)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# colossalai run starts a bare `torchrun`: the environment's bin must be on PATH.
+if [[ -x .venv/bin/torchrun ]]; then export PATH="$PWD/.venv/bin:$PATH"; fi
+
+PRETRAINED=${PRETRAINED:-runs/quickstart/model}          # HF folder from init_model.py
+DATASET=${DATASET:-runs/quickstart/pretrain/arrow}       # prepare_pretrain_dataset.py output (OUT/arrow)
+SAVE_DIR=${SAVE_DIR:-runs/train/pretrain}
+NPROC=${NPROC:-2}
+PLUGIN=${PLUGIN:-ddp}
+BATCH_SIZE=${BATCH_SIZE:-1}
+ACCUMULATION_STEPS=${ACCUMULATION_STEPS:-1}
+MAX_LENGTH=${MAX_LENGTH:-256}
+LR=${LR:-3e-4}
+NUM_EPOCHS=${NUM_EPOCHS:-1}
+MAX_STEPS=${MAX_STEPS:-4}                                 # unset for a full run: MAX_STEPS= ./train.example.sh
+SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
+MIXED_PRECISION=${MIXED_PRECISION:-}                      # default: bf16 on CUDA, fp32 on CPU
+TP=${TP:-1}
+ZERO_STAGE=${ZERO_STAGE:-1}
+EXTRA_ARGS=${EXTRA_ARGS:-}                                # e.g. "--use_flash_attn --use_grad_checkpoint"
+LOAD_CHECKPOINT=${LOAD_CHECKPOINT:-}                      # a checkpoint dir, a modeling/ dir, or "latest"
+
+args=(--pretrained "$PRETRAINED" --dataset "$DATASET" --plugin "$PLUGIN" --save_dir "$SAVE_DIR"
+      --tensorboard_dir "$SAVE_DIR/tensorboard" --config_file "$SAVE_DIR/config.json"
+      --num_epochs "$NUM_EPOCHS" --batch_size "$BATCH_SIZE" --accumulation_steps "$ACCUMULATION_STEPS"
+      --lr "$LR" --max_length "$MAX_LENGTH" --save_interval "$SAVE_INTERVAL" --tp "$TP" --zero_stage "$ZERO_STAGE"
+      --grad_clip 1.0 --weight_decay 0.1)
+[[ -n "$MAX_STEPS" ]] && args+=(--max_steps "$MAX_STEPS")
+[[ -n "$MIXED_PRECISION" ]] && args+=(--mixed_precision "$MIXED_PRECISION")
+[[ -n "$LOAD_CHECKPOINT" ]] && args+=(--load_checkpoint "$LOAD_CHECKPOINT")
+# shellcheck disable=SC2206
+args+=($EXTRA_ARGS)
+
+launcher=(colossalai run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}")
+[[ -n "${HOSTFILE:-}" ]] && launcher+=(--hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$(head -n1 "$HOSTFILE")}")
+exec "${launcher[@]}" train.py "${args[@]}"
