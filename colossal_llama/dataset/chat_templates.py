@@ -1,0 +1,341 @@
+"""Chat templates: turn ``[{"from": "human"|"assistant", "content": str}, ...]`` into token ids and labels.
+
+Three templates share one API (:class:`ChatTemplate`):
+
+* ``llama2``: ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{human} [/INST] {assistant} </s>`` per exchange.
+  ``<s>``/``</s>`` are the tokenizer's real BOS/EOS *ids*; the strings are never tokenised (the original's
+  pitfall: ``"</s>"`` as text is split into ``<``, ``/``, ``s``, ``>`` by SentencePiece).
+* ``llama3``: ``<|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``.
+  When the tokenizer lacks the header/eot tokens (a base LLaMA-2 / Mistral / SmolLM2 vocabulary) the
+  template falls back to spelling the header markers as ordinary text -- the rendered *text* is identical
+  to LLaMA-3's -- and uses the tokenizer's EOS id as end-of-turn, so generation still stops on one id.
+  (The original demanded ``eos == <|eot_id|>`` and failed on base tokenizers.)
+* ``tokenizer``: the tokenizer's own ``chat_template`` via ``apply_chat_template``. Assistant spans are found
+  by rendering the conversation prefix by prefix (``messages[:j]`` with a generation prompt, then
+  ``messages[:j+1]``): the text added by the assistant turn is located in the full render and the tokens
+  covering it (content + end-of-turn marker) are trained.
+
+Labels are unshifted (HF convention) and -100 everywhere except assistant content + its end-of-turn token.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import jinja2
+
+from colossal_llama.utils.errors import UserInputError
+
+HUMAN, ASSISTANT = "human", "assistant"
+IGNORE_INDEX = -100
+TEMPLATE_NAMES = ("llama2", "llama3", "tokenizer")
+
+
+class MessageError(UserInputError):
+    """A malformed conversation; ``field`` names the offending entry, e.g. ``messages[3].from``."""
+
+    def __init__(self, field: str, problem: str, reason: str):
+        self.field, self.problem, self.reason = field, problem, reason
+        super().__init__(f"{field}: {problem}")
+
+
+def validate_messages(messages, *, ends_with: str) -> None:
+    """Check ``messages`` alternate human, assistant, human, ... and end with ``ends_with``.
+
+    Raises :class:`MessageError` whose ``reason`` is a short counter key (``wrong_type``, ``unknown_role``...).
+    """
+    if not isinstance(messages, list):
+        raise MessageError("messages", f"expected a list, got {type(messages).__name__}", "wrong_type")
+    if not messages:
+        raise MessageError("messages", "empty conversation", "empty_messages")
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise MessageError(where, f"expected an object, got {type(msg).__name__}", "wrong_type")
+        for key in ("from", "content"):
+            if key not in msg:
+                raise MessageError(f"{where}.{key}", "missing field", "missing_field")
+        extra = sorted(set(msg) - {"from", "content"})
+        if extra:
+            raise MessageError(f"{where}.{extra[0]}", "unexpected field", "extra_field")
+        role, content = msg["from"], msg["content"]
+        if not isinstance(role, str):
+            raise MessageError(f"{where}.from", f"expected a string, got {type(role).__name__}", "wrong_type")
+        if role not in (HUMAN, ASSISTANT):
+            raise MessageError(f"{where}.from", f"unknown role {role!r} (expected 'human' or 'assistant')",
+                               "unknown_role")
+        expected = HUMAN if i % 2 == 0 else ASSISTANT
+        if role != expected:
+            raise MessageError(f"{where}.from", f"expected {expected!r} (turns alternate human, assistant, ...)",
+                               "wrong_alternation")
+        if not isinstance(content, str):
+            raise MessageError(f"{where}.content", f"expected a string, got {type(content).__name__}",
+                               "wrong_type")
+        if not content.strip():
+            raise MessageError(f"{where}.content", "empty content", "empty_content")
+    if messages[-1]["from"] != ends_with:
+        raise MessageError(f"messages[{len(messages) - 1}].from",
+                           f"conversation must end with a {ends_with!r} turn", "wrong_alternation")
+
+
+@dataclass
+class Segment:
+    """A run of token ids that is either trained on (assistant content + end-of-turn) or masked."""
+
+    ids: list[int]
+    trained: bool
+
+
+class ChatTemplate(ABC):
+    """Encode conversations for SFT (``encode_conversation``) and prompts for generation (``encode_prompt``)."""
+
+    name: str
+
+    def __init__(self, tokenizer, system_message: str | None = None):
+        self.tokenizer = tokenizer
+        self.system_message = system_message or None
+        self.stop_token_ids: list[int] = []
+
+    @abstractmethod
+    def encode_conversation(self, messages) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of a whole conversation (must end with an assistant turn); same length."""
+
+    @abstractmethod
+    def encode_prompt(self, messages) -> list[int]:
+        """Ids of a conversation ending with a human turn, followed by the assistant header."""
+
+    @abstractmethod
+    def exchange_ends(self, messages) -> list[int]:
+        """Token count of the conversation after each whole human+assistant exchange (len = #exchanges)."""
+
+    def to_manifest(self) -> dict:
+        """The block written to ``manifest.json["chat_template"]`` (and copied next to trained models)."""
+        return {"name": self.name, "system_message": self.system_message}
+
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+class SegmentTemplate(ChatTemplate):
+    """A template built from independently tokenised pieces: encodings of a prefix of exchanges are
+    exact prefixes of the full encoding, so truncation at an exchange boundary is a slice."""
+
+    def _preamble(self) -> list[Segment]:
+        return []
+
+    @abstractmethod
+    def _exchange(self, index: int, human: str, assistant: str | None) -> list[Segment]:
+        """Segments of exchange ``index``; ``assistant=None`` renders the prompt up to the assistant header."""
+
+    def _segments(self, messages) -> list[list[Segment]]:
+        groups = [self._preamble()]
+        for k in range(0, len(messages), 2):
+            reply = messages[k + 1]["content"] if k + 1 < len(messages) else None
+            groups.append(self._exchange(k // 2, messages[k]["content"], reply))
+        return groups
+
+    def encode_conversation(self, messages):
+        validate_messages(messages, ends_with=ASSISTANT)
+        ids, labels = [], []
+        for seg in (s for group in self._segments(messages) for s in group):
+            ids += seg.ids
+            labels += seg.ids if seg.trained else [IGNORE_INDEX] * len(seg.ids)
+        return ids, labels
+
+    def encode_prompt(self, messages):
+        validate_messages(messages, ends_with=HUMAN)
+        return [i for group in self._segments(messages) for seg in group for i in seg.ids]
+
+    def exchange_ends(self, messages):
+        validate_messages(messages, ends_with=ASSISTANT)
+        groups = self._segments(messages)
+        total, ends = sum(len(s.ids) for s in groups[0]), []
+        for group in groups[1:]:
+            total += sum(len(s.ids) for s in group)
+            ends.append(total)
+        return ends
+
+    def _adds_word_prefix(self) -> bool:
+        """True when the tokenizer starts every independent encoding with a word boundary (SentencePiece's
+        dummy prefix ``▁``): then a separate "{assistant}" piece already reads as " {assistant}"."""
+        ids = self._text("a")
+        return bool(ids) and self.tokenizer.convert_ids_to_tokens(ids[0]).startswith("\u2581")
+
+
+class Llama2Template(SegmentTemplate):
+    name = "llama2"
+
+    def __init__(self, tokenizer, system_message=None):
+        super().__init__(tokenizer, system_message)
+        if tokenizer.eos_token_id is None:
+            raise UserInputError("llama2 chat template: the tokenizer has no EOS token")
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.eos = tokenizer.eos_token_id
+        self.stop_token_ids = [self.eos]
+        self.reply_prefix = "" if self._adds_word_prefix() else " "
+
+    def _exchange(self, index, human, assistant):
+        system = f"<<SYS>>\n{self.system_message}\n<</SYS>>\n\n" if index == 0 and self.system_message else ""
+        segs = [Segment(self.bos + self._text(f"[INST] {system}{human} [/INST]"), False)]
+        if assistant is not None:
+            segs.append(Segment(self._text(self.reply_prefix + assistant) + [self.eos], True))
+        return segs
+
+
+class Llama3Template(SegmentTemplate):
+    name = "llama3"
+    SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+    def __init__(self, tokenizer, system_message=None):
+        super().__init__(tokenizer, system_message)
+        self.native = all(self._single_id(t) is not None for t in self.SPECIALS)
+        begin = self._single_id("<|begin_of_text|>")
+        if begin is None:
+            begin = tokenizer.bos_token_id
+        self.begin = [begin] if begin is not None else []
+        if self.native:
+            self.eot = self._single_id("<|eot_id|>")
+        elif tokenizer.eos_token_id is not None:
+            self.eot = tokenizer.eos_token_id  # base tokenizer: EOS ends a turn (documented fallback)
+        else:
+            raise UserInputError("llama3 chat template: the tokenizer has neither <|eot_id|> nor an EOS token")
+        self.stop_token_ids = sorted({self.eot} | ({tokenizer.eos_token_id} - {None}))
+
+    def _single_id(self, token: str) -> int | None:
+        """The id of ``token`` if the vocabulary holds it as one piece, else None."""
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tokenizer.unk_token_id or self.tokenizer.convert_ids_to_tokens(tid) != token:
+            return None
+        return tid
+
+    def _header(self, role: str) -> list[int]:
+        if self.native:
+            start, end = self._single_id("<|start_header_id|>"), self._single_id("<|end_header_id|>")
+            return [start] + self._text(role) + [end] + self._text("\n\n")
+        return self._text(f"<|start_header_id|>{role}<|end_header_id|>\n\n")
+
+    def _preamble(self):
+        segs = [Segment(list(self.begin), False)]
+        if self.system_message:
+            segs.append(Segment(self._header("system") + self._text(self.system_message) + [self.eot], False))
+        return segs
+
+    def _exchange(self, index, human, assistant):
+        prompt = self._header("user") + self._text(human) + [self.eot] + self._header("assistant")
+        segs = [Segment(prompt, False)]
+        if assistant is not None:
+            segs.append(Segment(self._text(assistant) + [self.eot], True))
+        return segs
+
+
+class TokenizerTemplate(ChatTemplate):
+    """The tokenizer's own Jinja ``chat_template`` (e.g. ChatML for SmolLM2)."""
+
+    name = "tokenizer"
+
+    def __init__(self, tokenizer, system_message=None):
+        super().__init__(tokenizer, system_message)
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserInputError("--chat_template tokenizer: the tokenizer has no chat_template")
+        self.stop_strings = self._end_of_turn_tokens()
+        ids = {tokenizer.convert_tokens_to_ids(t) for t in self.stop_strings}
+        self.stop_token_ids = sorted(ids | ({tokenizer.eos_token_id} - {None}))
+
+    def _render(self, messages, generation_prompt: bool) -> str:
+        chat = [{"role": "system", "content": self.system_message}] if self.system_message else []
+        chat += [{"role": "user" if m["from"] == HUMAN else "assistant", "content": m["content"]} for m in messages]
+        try:
+            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+        except jinja2.TemplateError as err:  # e.g. a template that refuses a system turn
+            raise UserInputError(f"the tokenizer's chat_template failed: {err}") from None
+
+    def _end_of_turn_tokens(self) -> list[str]:
+        """Special tokens the template writes right after an assistant reply (ChatML: ``<|im_end|>``)."""
+        probe = [{"from": HUMAN, "content": "x"}, {"from": ASSISTANT, "content": "yes"}]
+        prompt, full = self._render(probe[:1], True), self._render(probe, False)
+        suffix = full[len(prompt):].split("yes", 1)[-1]
+        specials = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
+        found = [t for t in specials if t and t in suffix]
+        return sorted(found, key=suffix.index)[:1]
+
+    def _assistant_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
+        """Full render and the character spans ``[start, end)`` of each assistant content + end-of-turn."""
+        full = self._render(messages, False)
+        spans = []
+        for j in range(1, len(messages), 2):
+            prompt = self._render(messages[:j], True)
+            upto = self._render(messages[: j + 1], False)
+            if not (upto.startswith(prompt) and full.startswith(upto)):
+                raise UserInputError("the tokenizer's chat_template is not prefix-stable (rendering a longer "
+                                     "conversation changes earlier turns); use --llama_version 2 or 3")
+            content = messages[j]["content"]
+            offset = upto.find(content, len(prompt))
+            if offset < 0:
+                raise UserInputError("the tokenizer's chat_template does not render assistant content verbatim")
+            end = offset + len(content)
+            tail = upto[end:]
+            hits = [tail.index(s) + len(s) for s in self.stop_strings if s in tail]
+            end += min(hits) if hits else len(tail.rstrip())
+            spans.append((offset, end))
+        return full, spans
+
+    def encode_conversation(self, messages):
+        validate_messages(messages, ends_with=ASSISTANT)
+        full, spans = self._assistant_spans(messages)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        labels = [IGNORE_INDEX] * len(enc["input_ids"])
+        k = 0
+        for i, (tok_start, tok_end) in enumerate(enc["offset_mapping"]):
+            # A token is trained when it overlaps an assistant span (content or end-of-turn marker).
+            while k < len(spans) and spans[k][1] <= tok_start:
+                k += 1
+            if k < len(spans) and tok_end > spans[k][0] and tok_start < spans[k][1]:
+                labels[i] = enc["input_ids"][i]
+        return list(enc["input_ids"]), labels
+
+    def encode_prompt(self, messages):
+        validate_messages(messages, ends_with=HUMAN)
+        return self._text(self._render(messages, True))
+
+    def exchange_ends(self, messages):
+        validate_messages(messages, ends_with=ASSISTANT)
+        full = self._render(messages, False)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [s for s, _ in enc["offset_mapping"]]
+        ends = []
+        for j in range(1, len(messages), 2):
+            boundary = len(self._render(messages[: j + 1], False))
+            ends.append(sum(1 for s in starts if s < boundary))
+        return ends
+
+
+_TEMPLATES = {"llama2": Llama2Template, "llama3": Llama3Template, "tokenizer": TokenizerTemplate}
+
+
+def get_chat_template(name: str, tokenizer, system_message: str | None = None) -> ChatTemplate:
+    """Template ``name`` (``llama2``, ``llama3`` or ``tokenizer``) bound to ``tokenizer``."""
+    if name not in _TEMPLATES:
+        raise UserInputError(f"unknown chat template {name!r} (expected one of {', '.join(TEMPLATE_NAMES)})")
+    return _TEMPLATES[name](tokenizer, system_message)
+
+
+def chat_template_from_manifest(block: dict | None, tokenizer) -> ChatTemplate | None:
+    """Rebuild the template recorded in a manifest's (or ``colossal_llama_chat.json``'s) ``chat_template``."""
+    if block is None:
+        return None
+    return get_chat_template(block["name"], tokenizer, block.get("system_message"))
+
+
+def labelled_spans(labels: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, end)`` where ``labels != -100`` (the trained spans, in order)."""
+    spans, start = [], None
+    for i, lab in enumerate(labels):
+        if lab != IGNORE_INDEX and start is None:
+            start = i
+        elif lab == IGNORE_INDEX and start is not None:
+            spans.append((start, i))
+            start = None
+    if start is not None:
+        spans.append((start, len(labels)))
+    return spans

@@ -1,0 +1,235 @@
+"""Pre-training data preparation on the real corpora (a bounded slice of every file) and real tokenizers.
+
+What must hold: every input token is an output token, in order per document (checked against an
+independent SentencePiece tokenisation); masks cover exactly BOS+source; bins are per category; the
+output is byte-identical for the same seed (also across num_proc 1 and 2) and reordered for another seed.
+"""
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import zstandard
+
+from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
+from colossal_llama.dataset.prepare import prepare_pretrain, pretrain_main
+from colossal_llama.dataset.prepared import document_spans, load_manifest, load_part, part_dirs
+from colossal_llama.dataset.tokenizer_dirs import sentencepiece_to_hf_dir
+from colossal_llama.utils.fingerprint import tokenizer_fingerprint
+from colossal_llama.tokenizer.loading import load_tokenizer
+
+MAX_LENGTH = 256
+NUM_BINS = 4
+SLICE = 1200  # rows per corpus file
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory, mistral_sp_model) -> Path:
+    return sentencepiece_to_hf_dir(mistral_sp_model, tmp_path_factory.mktemp("mistral"))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, data_dir) -> list[Path]:
+    """Two input dirs holding the first rows of each real corpus, as plain, .gz and .zst jsonl."""
+    root = tmp_path_factory.mktemp("pretrain_in")
+    a, b = root / "a", root / "b"
+    a.mkdir(), b.mkdir()
+
+    def head(name):
+        with open(data_dir / "pretrain" / name, "rb") as fh:
+            return b"".join(itertools.islice(fh, SLICE))
+
+    with gzip.open(a / "news.jsonl.gz", "wb") as fh:
+        fh.write(head("zh_news_peoples_daily_199801.jsonl"))
+    (b / "reviews.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(head("zh_reviews.jsonl")))
+    (b / "novel.jsonl").write_bytes(head("en_novel_botchan.jsonl"))  # whole file: 292 rows, last is empty
+    return [a, b]
+
+
+def _prepare(inputs, tokenizer_dir, out, **kw) -> dict:
+    config = PretrainPrepConfig(input_dirs=inputs, tokenizer_dir=tokenizer_dir, output=OutputLayout.under(out),
+                                max_length=kw.pop("max_length", MAX_LENGTH), num_bins=NUM_BINS, strict=False, **kw)
+    return prepare_pretrain(config).manifest
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, inputs, mistral_dir) -> Path:
+    out = tmp_path_factory.mktemp("out") / "seed1_np1"
+    _prepare(inputs, mistral_dir, out, seed=1, num_proc=1)
+    return out
+
+
+def _source_rows(inputs) -> dict[str, dict]:
+    """doc id ("file:line") -> original row, read independently of the library's reader."""
+    rows = {}
+    for path in sorted(p for d in inputs for p in d.iterdir()):
+        if path.suffix == ".gz":
+            text = gzip.decompress(path.read_bytes())
+        elif path.suffix == ".zst":
+            text = zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes())
+        else:
+            text = path.read_bytes()
+        for line_no, line in enumerate(text.decode("utf-8").split("\n"), start=1):
+            if line.strip():
+                rows[f"{path}:{line_no}"] = json.loads(line)
+    return rows
+
+
+def _reassemble(out: Path) -> tuple[dict, dict]:
+    """Per document: its (input_ids, labels) concatenated from the pieces found in the output, in output
+    order, and the chunk numbers in the order they were met. Pieces are located by position_ids restarts;
+    the jsonl mirror names the document each piece comes from."""
+    docs, chunk_order = defaultdict(lambda: ([], [])), defaultdict(list)
+    for part in part_dirs(out / "arrow"):
+        ds = load_part(part)
+        mirror = [json.loads(line) for line in (out / "jsonl" / f"{part.name}.jsonl").read_text().splitlines()]
+        assert len(mirror) == len(ds)
+        for row, meta in zip(ds, mirror):
+            spans = document_spans(row["position_ids"])
+            assert len(spans) == len(meta["pieces"])
+            for (start, end), piece in zip(spans, meta["pieces"]):
+                assert row["position_ids"][start:end] == list(range(end - start))
+                assert piece["tokens"] == end - start
+                ids, labels = docs[piece["doc"]]
+                ids += row["input_ids"][start:end]
+                labels += row["labels"][start:end]
+                chunk_order[piece["doc"]].append(piece["chunk"])
+    return docs, chunk_order
+
+
+def test_every_token_in_is_a_token_out_in_order(prepared, inputs, mistral_sp_model):
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_sp_model))  # independent of HF tokenizers
+    rows = _source_rows(inputs)
+    docs, chunk_order = _reassemble(prepared)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    counts = manifest["counts"]
+
+    skipped = [doc for doc, row in rows.items() if not row["target"].strip()]
+    assert skipped == [f"{inputs[1] / 'novel.jsonl'}:292"]  # the real corpus's one empty row
+    assert set(docs) == set(rows) - set(skipped)
+    expected_tokens = 0
+    for doc, (ids, labels) in docs.items():
+        src, tgt = sp.encode(rows[doc]["source"]) if rows[doc]["source"] else [], sp.encode(rows[doc]["target"])
+        assert ids == [sp.bos_id()] + src + tgt + [sp.eos_id()], doc
+        assert labels == [-100] * (1 + len(src)) + tgt + [sp.eos_id()], doc
+        assert chunk_order[doc] == list(range(len(chunk_order[doc]))), doc  # continuation stays in order
+        expected_tokens += len(ids)
+
+    assert counts["tokens_in"] == counts["tokens_out"] == expected_tokens
+    assert counts["documents_in"] == len(docs) == 3 * SLICE - 1200 + 291
+    assert counts["skipped"] == {"empty_target": 1}
+    assert counts["split_documents"] == sum(1 for ids, _ in docs.values() if len(ids) > MAX_LENGTH) > 0
+    # At max_length 256 most reviews/passages (median ~200 tokens) cannot share a sequence; at 4096 the
+    # same corpora fill > 0.98 (benchmarks/prepare_throughput.py).
+    assert counts["fill_ratio"] > 0.8
+    print(f"\ntokens in {counts['tokens_in']} out {counts['tokens_out']} sequences {counts['sequences']} "
+          f"fill {counts['fill_ratio']:.4f} split docs {counts['split_documents']}")
+
+
+def test_output_follows_the_data_contract(prepared, mistral_dir):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    tok = load_tokenizer(mistral_dir)
+    assert manifest["format_version"] == 1 and manifest["kind"] == "pretrain"
+    assert manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
+    assert manifest["vocab_size"] == len(tok) == 32000
+    assert (manifest["max_length"], manifest["num_bins"], manifest["seed"]) == (MAX_LENGTH, NUM_BINS, 1)
+    assert manifest["chat_template"] is None
+    parts = part_dirs(prepared / "arrow")
+    assert [p.name for p in parts] == [e["name"] for e in manifest["parts"]] == [f"part-{k:05d}" for k in range(4)]
+    for part, entry in zip(parts, manifest["parts"]):
+        assert load_manifest(part) == manifest
+        ds = load_part(part)
+        assert {k: str(v) for k, v in ds.features.items()} == {
+            "input_ids": "List(Value('int32'))", "labels": "List(Value('int32'))",
+            "position_ids": "List(Value('int32'))", "category": "Value('string')"}
+        lengths = [len(x) for x in ds["input_ids"]]
+        assert all(1 <= n <= MAX_LENGTH for n in lengths)
+        assert [len(x) for x in ds["labels"]] == lengths == [len(x) for x in ds["position_ids"]]
+        per_cat = Counter(ds["category"])
+        assert entry["num_sequences"] == len(ds) and entry["num_tokens"] == sum(lengths)
+        assert {c: e["sequences"] for c, e in entry["per_category"].items()} == dict(per_cat)
+
+
+def test_bins_are_per_category_and_even(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    per_category = defaultdict(list)
+    for entry in manifest["parts"]:
+        for cat in ("news", "review", "novel"):
+            per_category[cat].append(entry["per_category"].get(cat, {"sequences": 0})["sequences"])
+    for cat, sizes in per_category.items():
+        assert max(sizes) - min(sizes) <= 1, (cat, sizes)
+        assert min(sizes) > 0
+    assert sum(sum(s) for s in per_category.values()) == manifest["counts"]["sequences"]
+    assert manifest["counts"]["empty_bins"] == {} and manifest["counts"]["empty_parts"] == []
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    files = [p for sub in ("arrow", "jsonl") for p in sorted((out / sub).rglob("*")) if p.is_file()]
+    return {str(p.relative_to(out)): p.read_bytes() for p in files + [out / "manifest.json"]}
+
+
+def test_same_seed_is_byte_identical_also_with_two_processes(prepared, inputs, mistral_dir, tmp_path):
+    _prepare(inputs, mistral_dir, tmp_path / "seed1_np2", seed=1, num_proc=2)
+    first, second = _files(prepared), _files(tmp_path / "seed1_np2")
+    assert first.keys() == second.keys() and len(first) > 10
+    assert [k for k in first if first[k] != second[k]] == []
+
+
+def test_other_seed_reorders_but_keeps_every_token(prepared, inputs, mistral_dir, tmp_path):
+    other = _prepare(inputs, mistral_dir, tmp_path / "seed2", seed=2)
+    base = json.loads((prepared / "manifest.json").read_text())
+    assert other["counts"]["tokens_out"] == base["counts"]["tokens_out"]
+    a, b = load_part(part_dirs(prepared / "arrow")[0]), load_part(part_dirs(tmp_path / "seed2" / "arrow")[0])
+    assert a["input_ids"] != b["input_ids"]
+    docs_a, _ = _reassemble(prepared)
+    docs_b, _ = _reassemble(tmp_path / "seed2")
+    assert docs_a == docs_b
+
+
+def test_smollm2_tokenizer_and_fully_masked_pieces(tmp_path, smollm2_dir, data_dir):
+    """Byte-level BPE tokenizer (BOS <|im_start|>, EOS <|im_end|>); long sources split into chunks whose
+    labels are all masked are counted and still packed."""
+    lines = (data_dir / "pretrain" / "en_novel_botchan.jsonl").read_text().splitlines()[:60]
+    passages = [json.loads(line)["target"] for line in lines]
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "qa.jsonl", "w") as fh:
+        for src, tgt in zip(passages[0::2], passages[1::2]):
+            fh.write(json.dumps({"source": src, "target": tgt, "category": "novel"}) + "\n")
+    manifest = _prepare([tmp_path / "in"], smollm2_dir, tmp_path / "out", seed=3, max_length=64, num_proc=2)
+    tok = load_tokenizer(smollm2_dir)
+    docs, _ = _reassemble(tmp_path / "out")
+    masked_pieces = 0
+    for line_no, (src, tgt) in enumerate(zip(passages[0::2], passages[1::2]), start=1):
+        ids, labels = docs[f"{tmp_path / 'in' / 'qa.jsonl'}:{line_no}"]
+        s, t = tok.encode(src, add_special_tokens=False), tok.encode(tgt, add_special_tokens=False)
+        assert ids == [tok.bos_token_id] + s + t + [tok.eos_token_id]
+        assert labels == [-100] * (1 + len(s)) + t + [tok.eos_token_id]
+        masked_pieces += (1 + len(s)) // 64  # whole 64-token chunks inside BOS+source
+    counts = manifest["counts"]
+    assert counts["fully_masked_samples"] == masked_pieces > 0
+    assert counts["tokens_in"] == counts["tokens_out"]
+    assert manifest["vocab_size"] == 49152
+
+
+def test_cli_with_older_output_flags(tmp_path, inputs, mistral_dir, capsys):
+    c, j, a = tmp_path / "c", tmp_path / "prep" / "jsonl", tmp_path / "prep" / "arrow"
+    argv = ["--data_input_dirs", f"{inputs[1]}", "--tokenizer_dir", str(mistral_dir), "--data_cache_dir", str(c),
+            "--data_jsonl_output_dir", str(j), "--data_arrow_output_dir", str(a), "--max_length", "512",
+            "--num_spliced_dataset_bins", "2", "--skip_invalid"]
+    assert pretrain_main(argv) == 0
+    manifest = load_manifest(part_dirs(a)[0])
+    assert (tmp_path / "prep" / "manifest.json").is_file() and any(c.iterdir())
+    assert len(manifest["parts"]) == 2 and manifest["counts"]["skipped"] == {"empty_target": 1}
+    with pytest.raises(SystemExit) as exc:  # a second run must not silently mix with the first
+        pretrain_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    manifest_path = tmp_path / "prep" / "manifest.json"
+    assert err[-1] == f"error: {manifest_path}: output already exists (pass --overwrite to replace it)"
+    assert pretrain_main(argv + ["--overwrite", "--seed", "5"]) == 0
+    assert load_manifest(part_dirs(a)[0])["seed"] == 5

@@ -1,0 +1,198 @@
+"""SFT preparation and chat templates on the real chatterbot conversations with real tokenizers.
+
+The central check: decoding every trained (label != -100) span gives back EXACTLY the assistant texts of
+the conversation, in order, each followed by its end-of-turn marker -- and nothing else is trained.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from colossal_llama.dataset.chat_templates import get_chat_template, labelled_spans
+from colossal_llama.dataset.config import OutputLayout, SFTPrepConfig
+from colossal_llama.dataset.prepare import prepare_sft, sft_main
+from colossal_llama.dataset.prepared import load_part, part_dirs
+from colossal_llama.dataset.tokenizer_dirs import sentencepiece_to_hf_dir
+from colossal_llama.tokenizer.loading import load_tokenizer
+from colossal_llama.utils.errors import DataError, UserInputError
+
+BROKEN_ROW = "chatterbot_en.jsonl:1779"  # the real corpus's one conversation with whitespace-only turns
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory, mistral_sp_model) -> Path:
+    return sentencepiece_to_hf_dir(mistral_sp_model, tmp_path_factory.mktemp("mistral"))
+
+
+@pytest.fixture(scope="module")
+def conversations(data_dir) -> dict[str, list]:
+    """doc id -> messages, for every row of the real SFT corpus."""
+    out = {}
+    for path in sorted((data_dir / "sft").glob("*.jsonl")):
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            out[f"{path}:{line_no}"] = json.loads(line)["messages"]
+    return out
+
+
+def _prepare(data_dir, tokenizer_dir, out, template, max_length=4096, **kw) -> dict:
+    config = SFTPrepConfig(input_dirs=[data_dir / "sft"], tokenizer_dir=tokenizer_dir, output=OutputLayout.under(out),
+                           max_length=max_length, num_bins=3, strict=False, chat_template=template, **kw)
+    return prepare_sft(config).manifest
+
+
+def _rows(out: Path):
+    """(arrow row, mirror row) pairs of every part."""
+    for part in part_dirs(out / "arrow"):
+        mirror = (out / "jsonl" / f"{part.name}.jsonl").read_text(encoding="utf-8").splitlines()
+        yield from zip(load_part(part), (json.loads(m) for m in mirror))
+
+
+def _check_label_spans(out, tok, conversations, end_of_turn: str) -> int:
+    """Every row trains exactly its assistant replies + end-of-turn, in order; returns the rows checked."""
+    checked = 0
+    for row, meta in _rows(out):
+        (piece,) = meta["pieces"]
+        messages = conversations[piece["doc"]]
+        assert row["position_ids"] == list(range(len(row["input_ids"])))
+        spans = labelled_spans(row["labels"])
+        decoded = [tok.decode(row["input_ids"][a:b]) for a, b in spans]
+        assert decoded == [m["content"] + end_of_turn for m in messages[1::2]]
+        for a, b in spans:
+            assert row["labels"][a:b] == row["input_ids"][a:b]
+        checked += 1
+    return checked
+
+
+def test_llama2_template_on_mistral_trains_exactly_the_replies(tmp_path, data_dir, mistral_dir, conversations):
+    manifest = _prepare(data_dir, mistral_dir, tmp_path / "out", "llama2", system_message="You are concise.")
+    tok = load_tokenizer(mistral_dir)
+    checked = _check_label_spans(tmp_path / "out", tok, conversations, "</s>")
+    assert checked == len(conversations) - 1 == manifest["counts"]["documents_in"]
+    assert manifest["counts"]["skipped"] == {"empty_content": 1}
+    assert manifest["counts"]["skipped_examples"] == [
+        f"{data_dir / 'sft' / BROKEN_ROW}: messages[2].content: empty content"]
+    assert manifest["chat_template"] == {"name": "llama2", "system_message": "You are concise."}
+    assert manifest["counts"]["tokens_in"] == manifest["counts"]["tokens_out"]
+    row, _ = next(_rows(tmp_path / "out"))
+    assert row["input_ids"][0] == tok.bos_token_id == 1
+    assert tok.decode(row["input_ids"]).startswith("<s> [INST] <<SYS>>\nYou are concise.\n<</SYS>>\n\n")
+    # EOS is the real id 2 at the end of every reply, never the string "</s>" split into pieces
+    ends = [row["labels"][b - 1] for row, _ in _rows(tmp_path / "out") for _, b in labelled_spans(row["labels"])]
+    assert set(ends) == {2}
+
+
+def test_tokenizer_chat_template_on_smollm2(tmp_path, data_dir, smollm2_dir, conversations):
+    manifest = _prepare(data_dir, smollm2_dir, tmp_path / "out", "tokenizer", num_proc=2)
+    tok = load_tokenizer(smollm2_dir)
+    assert _check_label_spans(tmp_path / "out", tok, conversations, "<|im_end|>") == len(conversations) - 1
+    row, _ = next(_rows(tmp_path / "out"))
+    assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert manifest["chat_template"] == {"name": "tokenizer", "system_message": None}
+    assert get_chat_template("tokenizer", tok).stop_token_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_llama3_on_a_base_tokenizer_falls_back_to_text_headers_and_eos(tmp_path, data_dir, mistral_dir, conversations):
+    _prepare(data_dir, mistral_dir, tmp_path / "out", "llama3")
+    tok = load_tokenizer(mistral_dir)
+    assert _check_label_spans(tmp_path / "out", tok, conversations, "</s>") == len(conversations) - 1
+    template = get_chat_template("llama3", tok)
+    assert not template.native and template.stop_token_ids == [tok.eos_token_id]
+
+
+def test_llama3_with_native_header_tokens(smollm2_dir, conversations):
+    """A tokenizer that has LLaMA-3's header/eot tokens gets them as single ids; eot ends every reply."""
+    tok = load_tokenizer(smollm2_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    template = get_chat_template("llama3", tok, system_message="Be kind.")
+    assert template.native and eot in template.stop_token_ids
+    messages = next(m for m in conversations.values() if len(m) >= 6)
+    ids, labels = template.encode_conversation(messages)
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|><|start_header_id|>system<|end_header_id|>\n\nBe kind.<|eot_id|>")
+    decoded = [tok.decode(ids[a:b]) for a, b in labelled_spans(labels)]
+    assert decoded == [m["content"] + "<|eot_id|>" for m in messages[1::2]]
+    assert ids.count(tok.convert_tokens_to_ids("<|start_header_id|>")) == 1 + len(messages)
+
+
+@pytest.mark.parametrize("name", ["llama2", "llama3", "tokenizer"])
+def test_encode_prompt_is_the_conversation_up_to_the_assistant_reply(name, smollm2_dir, mistral_dir, conversations):
+    """What inference feeds the model is exactly what SFT trained it to continue."""
+    tok = load_tokenizer(smollm2_dir if name == "tokenizer" else mistral_dir)
+    template = get_chat_template(name, tok, system_message="Answer briefly.")
+    messages = next(m for m in conversations.values() if len(m) >= 4)
+    for k in range(1, len(messages), 2):
+        prompt = template.encode_prompt(messages[:k])
+        ids, labels = template.encode_conversation(messages[: k + 1])
+        assert ids[: len(prompt)] == prompt
+        assert labels[len(prompt) - 1] == -100 and labels[len(prompt)] != -100  # reply starts right after
+
+
+@pytest.mark.parametrize("name,max_length", [("llama2", 40), ("tokenizer", 64)])
+def test_whole_exchange_truncation_and_counted_drops(name, max_length, tmp_path, data_dir, mistral_dir, smollm2_dir,
+                                                     conversations):
+    tokenizer_dir = smollm2_dir if name == "tokenizer" else mistral_dir
+    manifest = _prepare(data_dir, tokenizer_dir, tmp_path / "out", name, max_length=max_length)
+    template = get_chat_template(name, load_tokenizer(tokenizer_dir))
+    counts = manifest["counts"]
+    kept = 0
+    for row, meta in _rows(tmp_path / "out"):
+        messages = conversations[meta["pieces"][0]["doc"]]
+        assert len(row["input_ids"]) <= max_length
+        exchanges = len(labelled_spans(row["labels"]))
+        # the row is exactly the encoding of its first `exchanges` exchanges, and one more would not fit
+        assert (row["input_ids"], row["labels"]) == template.encode_conversation(messages[: 2 * exchanges])
+        if 2 * exchanges < len(messages):
+            assert len(template.encode_conversation(messages[: 2 * exchanges + 2])[0]) > max_length
+        kept += 1
+    dropped = [d for d, m in conversations.items()
+               if not d.endswith(BROKEN_ROW) and len(template.encode_conversation(m[:2])[0]) > max_length]
+    assert counts["skipped"] == {"empty_content": 1, "first_exchange_exceeds_max_length": len(dropped)}
+    assert len(dropped) > 0 and counts["truncated_conversations"] > 0
+    assert kept == len(conversations) - 1 - len(dropped)
+    assert counts["tokens_in"] == counts["tokens_out"] + counts["tokens_truncated"] + counts["tokens_dropped"]
+
+
+def test_same_seed_same_bytes_with_one_or_two_processes(tmp_path, data_dir, smollm2_dir):
+    for num_proc in (1, 2):
+        _prepare(data_dir, smollm2_dir, tmp_path / f"np{num_proc}", "tokenizer", num_proc=num_proc, seed=9)
+    files = [sorted((p.relative_to(tmp_path / f"np{n}"), p.read_bytes()) for p in (tmp_path / f"np{n}").rglob("*")
+                    if p.is_file() and "cache" not in p.parts) for n in (1, 2)]
+    assert len(files[0]) > 5 and files[0] == files[1]
+
+
+def test_a_template_that_rewrites_history_is_refused(smollm2_dir, conversations):
+    """Prefix-by-prefix span finding needs earlier turns to render the same in longer conversations."""
+    tok = load_tokenizer(smollm2_dir)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = get_chat_template("tokenizer", tok)
+    messages = next(m for m in conversations.values() if len(m) >= 4)
+    with pytest.raises(UserInputError, match="not prefix-stable"):
+        template.encode_conversation(messages)
+
+
+def test_strict_mode_names_the_broken_real_row(tmp_path, data_dir, mistral_dir, capsys):
+    config = SFTPrepConfig(input_dirs=[data_dir / "sft"], tokenizer_dir=mistral_dir,
+                           output=OutputLayout.under(tmp_path / "out"), chat_template="llama2")
+    with pytest.raises(DataError) as exc:
+        prepare_sft(config)
+    assert str(exc.value) == f"{data_dir / 'sft' / BROKEN_ROW}: messages[2].content: empty content"
+    assert not (tmp_path / "out").exists()  # validation happens before anything is written
+    with pytest.raises(SystemExit) as exit_:
+        sft_main(["--data_input_dirs", str(data_dir / "sft"), "--tokenizer_dir", str(mistral_dir),
+                  "--data_output_dirs", str(tmp_path / "out"), "--llama_version", "3", "--chat_template", "llama2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --llama_version 3 contradicts --chat_template llama2")
+
+
+def test_a_template_error_is_one_line(smollm2_dir):
+    tok = load_tokenizer(smollm2_dir)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                         "supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(UserInputError, match="^the tokenizer's chat_template failed: System role not supported$"):
+        get_chat_template("tokenizer", tok, system_message="Be brief.")
