@@ -16,7 +16,7 @@ from pathlib import Path
 
 from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
 from colossal_llama.dataset.prepare import prepare_pretrain
-from colossal_llama.dataset.tokenizer_dirs import sentencepiece_to_hf_dir
+from colossal_llama.tokenizer.loading import sentencepiece_to_hf_dir
 from colossal_llama.utils.paths import data_root, mistral_tokenizer_model, smollm2_gguf
 
 

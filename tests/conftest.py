@@ -46,3 +46,11 @@ def smollm2_dir() -> Path:
         if not (out / "model.safetensors").is_file():
             export_gguf_to_hf(gguf, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory, mistral_sp_model) -> Path:
+    """HF tokenizer folder (LlamaTokenizerFast) converted from the real Mistral ``tokenizer.model``."""
+    from colossal_llama.tokenizer.loading import sentencepiece_to_hf_dir
+
+    return sentencepiece_to_hf_dir(mistral_sp_model, tmp_path_factory.mktemp("mistral"))

@@ -9,12 +9,6 @@ from pathlib import Path
 import pytest
 
 from colossal_llama.dataset.prepare import pretrain_main, sft_main
-from colossal_llama.dataset.tokenizer_dirs import sentencepiece_to_hf_dir
-
-
-@pytest.fixture(scope="module")
-def mistral_dir(tmp_path_factory, mistral_sp_model) -> Path:
-    return sentencepiece_to_hf_dir(mistral_sp_model, tmp_path_factory.mktemp("mistral"))
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,12 @@ import zstandard
 from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
 from colossal_llama.dataset.prepare import prepare_pretrain, pretrain_main
 from colossal_llama.dataset.prepared import document_spans, load_manifest, load_part, part_dirs
-from colossal_llama.dataset.tokenizer_dirs import sentencepiece_to_hf_dir
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
 from colossal_llama.tokenizer.loading import load_tokenizer
 
 MAX_LENGTH = 256
 NUM_BINS = 4
 SLICE = 1200  # rows per corpus file
-
-
-@pytest.fixture(scope="module")
-def mistral_dir(tmp_path_factory, mistral_sp_model) -> Path:
-    return sentencepiece_to_hf_dir(mistral_sp_model, tmp_path_factory.mktemp("mistral"))
 
 
 @pytest.fixture(scope="module")

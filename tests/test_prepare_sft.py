@@ -14,16 +14,10 @@ from colossal_llama.dataset.chat_templates import get_chat_template, labelled_sp
 from colossal_llama.dataset.config import OutputLayout, SFTPrepConfig
 from colossal_llama.dataset.prepare import prepare_sft, sft_main
 from colossal_llama.dataset.prepared import load_part, part_dirs
-from colossal_llama.dataset.tokenizer_dirs import sentencepiece_to_hf_dir
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import DataError, UserInputError
 
 BROKEN_ROW = "chatterbot_en.jsonl:1779"  # the real corpus's one conversation with whitespace-only turns
-
-
-@pytest.fixture(scope="module")
-def mistral_dir(tmp_path_factory, mistral_sp_model) -> Path:
-    return sentencepiece_to_hf_dir(mistral_sp_model, tmp_path_factory.mktemp("mistral"))
 
 
 @pytest.fixture(scope="module")

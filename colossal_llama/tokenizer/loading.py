@@ -26,3 +26,17 @@ def load_tokenizer(path):
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise UserInputError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+
+
+def sentencepiece_to_hf_dir(model_file, out_dir) -> Path:
+    """Make ``out_dir`` a HF tokenizer folder (``tokenizer.model`` + ``tokenizer.json`` + configs) from a bare
+    SentencePiece model, converted once with :func:`load_tokenizer`'s rules; returns ``out_dir``."""
+    import shutil
+
+    model_file, out_dir = Path(model_file), Path(out_dir)
+    if not model_file.is_file():
+        raise UserInputError(f"{model_file}: SentencePiece model does not exist")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_file, out_dir / "tokenizer.model")
+    load_tokenizer(out_dir).save_pretrained(str(out_dir))
+    return out_dir
