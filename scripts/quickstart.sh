@@ -50,9 +50,9 @@ $PY colossal_llama/model/init_model.py --source_model_and_tokenizer_path "$OUT/b
 
 step "3. data preparation"
 $PY prepare_pretrain_dataset.py --data_input_dirs "$OUT/corpus/pretrain" --tokenizer_dir "$OUT/model_init" \
-    --data_output_dirs "$OUT/data/pretrain" --max_length "$MAX_LENGTH" --num_spliced_dataset_bins 2 --num_proc 2
+    --data_output_dirs "$OUT/data/pretrain" --max_length "$MAX_LENGTH" --num_spliced_dataset_bins 2 --num_proc 2 --skip_invalid
 $PY prepare_sft_dataset.py --data_input_dirs "$DATA/sft" --tokenizer_dir "$OUT/model_init" \
-    --data_output_dirs "$OUT/data/sft" --max_length "$MAX_LENGTH" --chat_template tokenizer --num_spliced_dataset_bins 1
+    --data_output_dirs "$OUT/data/sft" --max_length "$MAX_LENGTH" --chat_template tokenizer --num_spliced_dataset_bins 1 --skip_invalid
 
 step "4a. stage 1: continual pre-training ($STEPS steps, $NPROC ranks, plugin ddp)"
 colossalai run --nproc_per_node "$NPROC" train.py --pretrained "$OUT/model_init" \

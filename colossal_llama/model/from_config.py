@@ -6,12 +6,12 @@ the rest of the pipeline then runs unchanged on a real tokenizer and real text.
 from __future__ import annotations
 
 import argparse
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import UserInputError, cli_entry
+from colossal_llama.utils.output import clear_output_dir
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    if args.output_dir.exists():
-        if not args.overwrite:
-            raise UserInputError(f"{args.output_dir}: already exists (pass --overwrite to replace it)")
-        shutil.rmtree(args.output_dir)
+    clear_output_dir(args.output_dir, args.overwrite)
     save_llama_from_config(args.tokenizer_dir, args.output_dir, args.shape, args.seed)
     return 0
 

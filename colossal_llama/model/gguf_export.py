@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from colossal_llama.utils.errors import UserInputError, cli_entry
+from colossal_llama.utils.output import clear_output_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,12 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    if args.output_dir.exists():
-        if not args.overwrite:
-            raise UserInputError(f"{args.output_dir}: already exists (pass --overwrite to replace it)")
-        import shutil
-
-        shutil.rmtree(args.output_dir)
+    clear_output_dir(args.output_dir, args.overwrite)
     export_gguf_to_hf(args.gguf_file, args.output_dir, args.dtype)
     print(f"wrote {args.output_dir}")
     return 0

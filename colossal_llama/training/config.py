@@ -59,6 +59,7 @@ class TrainConfig:
     max_steps: Optional[int] = None
     log_interval: int = 10
     padding_mode: str = "longest"  # "longest" in the batch, or "max_length"
+    liger: str = "auto"  # Liger fused kernels: auto = on when CUDA and liger_kernel are present
     extra: dict = field(default_factory=dict)  # resolved facts recorded for the run (attention impl, steps, ...)
 
     def to_json(self) -> str:
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--log_interval", type=int, default=10, help="log a line every N optimizer steps")
     p.add_argument("--padding_mode", default="longest", choices=("longest", "max_length"))
+    p.add_argument("--liger", default="auto", choices=("auto", "on", "off"),
+                   help="Liger fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA; "
+                        "auto = when liger_kernel is installed")
     return p
 
 

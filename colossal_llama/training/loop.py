@@ -18,7 +18,8 @@ from colossal_llama.training.data import (PreparedData, StepBatchSampler, check_
                                           collect_parts, expand_dataset_args, load_prepared)
 from colossal_llama.training.distributed import init_distributed, setup_logging
 from colossal_llama.training.metrics import RunMetrics, StepStats
-from colossal_llama.training.model import NEFTune, choose_attention, freeze_non_embeddings, load_causal_lm
+from colossal_llama.training.model import (NEFTune, apply_liger_kernels, choose_attention, freeze_non_embeddings,
+                                           load_causal_lm)
 from colossal_llama.training.optim import WarmupCosineLR, build_optimizer
 from colossal_llama.training.plugin import ParallelLayout, build_plugin, ddp_mixed_precision, parallel_layout
 from colossal_llama.training.step import Stepper
@@ -79,6 +80,7 @@ def build_run(cfg: TrainConfig) -> Run:
     attn = choose_attention(cfg.use_flash_attn, cuda)
     cfg = resolve_schedule(cfg, total_steps)
     cfg = dataclasses.replace(cfg, extra={**cfg.extra, "attn_implementation": attn, "dp_size": layout.dp_size,
+                                          "liger": apply_liger_kernels(cfg.liger, cuda),
                                           "global_batch": probe.global_batch,
                                           "steps_per_epoch": probe.steps_per_epoch,
                                           "dropped_per_epoch": probe.dropped_per_epoch})

@@ -56,6 +56,8 @@ class Stepper:
         with autocast:
             out = self.model(**inputs, use_cache=False)
         if n_tokens == 0:  # HF's mean over zero tokens is NaN; keep every parameter in the graph for DDP
+            if out.logits is None:  # Liger's fused loss returns no logits
+                return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
             return out.logits.float().sum() * 0.0
         return out.loss.float() * n_tokens
 
@@ -66,7 +68,7 @@ class Stepper:
         global_loss_tokens, global_input_tokens = self._all_reduce([sum(local_tokens), input_tokens])
         # DDP / ZeRO average gradients over dp ranks, so scale by dp_size to get sum / global_loss_tokens.
         scale = self.layout.dp_size / max(global_loss_tokens, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on device: no sync per micro-batch
         last = len(micro_batches) - 1
         for i, (batch, n_tokens) in enumerate(zip(micro_batches, local_tokens)):
             sync = contextlib.nullcontext()
@@ -75,7 +77,7 @@ class Stepper:
             with sync:
                 micro_loss = self._forward_loss_sum(batch, n_tokens)
                 self.booster.backward(micro_loss * scale, self.optimizer)
-            loss_sum += micro_loss.detach().double().cpu()
+            loss_sum += micro_loss.detach().double()
         grad_norm = self._clip() if self.manual_clip else None
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
