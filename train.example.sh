@@ -10,9 +10,9 @@ cd "$(dirname "$0")"
 # colossalai run starts a bare `torchrun`: the environment's bin must be on PATH.
 if [[ -x .venv/bin/torchrun ]]; then export PATH="$PWD/.venv/bin:$PATH"; fi
 
-PRETRAINED=${PRETRAINED:-runs/quickstart/model}          # HF folder from init_model.py
-DATASET=${DATASET:-runs/quickstart/pretrain/arrow}       # prepare_pretrain_dataset.py output (OUT/arrow)
-SAVE_DIR=${SAVE_DIR:-runs/train/pretrain}
+PRETRAINED=${PRETRAINED:-outputs/quickstart/model_init}          # HF folder from init_model.py
+DATASET=${DATASET:-outputs/quickstart/data/pretrain/arrow}       # prepare_pretrain_dataset.py output (OUT/arrow)
+SAVE_DIR=${SAVE_DIR:-outputs/train/pretrain}
 NPROC=${NPROC:-2}
 PLUGIN=${PLUGIN:-ddp}
 BATCH_SIZE=${BATCH_SIZE:-1}

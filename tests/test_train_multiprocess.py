@@ -28,6 +28,7 @@ SAVE_INTERVAL = 3
 DP2_BATCH = ["--batch_size", "1", "--accumulation_steps", "2"]
 DP1_BATCH = ["--batch_size", "1", "--accumulation_steps", "4"]
 NEFT_AND_RECOMPUTE = ["--use_neft", "--use_grad_checkpoint"]
+TP2 = ["--plugin", "3d", "--tp", "2", "--zero_stage", "0", *DP1_BATCH]
 # fp32 on CPU: layouts differ only in summation order (all-reduce vs local sums, tp partial matmuls), which moves
 # a ~10.8 loss by a few float32 ulps per step (measured: < 1e-7 relative over 8 steps). 1e-5 leaves room for
 # that drift to grow through 8 optimizer steps, yet is 100x below the change one step of training makes.
@@ -54,6 +55,7 @@ def runs(tmp_path_factory, tiny_llama, prepared_pretrain):  # noqa: F811
     out = {}
     for name, plugin_args in (("ddp", ["--plugin", "ddp", *DP2_BATCH, "--tensorboard_dir", str(root / "tb")]),
                               ("zero2", ["--plugin", "zero2", *DP2_BATCH]),
+                              ("3d_tp2", TP2),
                               ("ddp_neft", ["--plugin", "ddp", *NEFT_AND_RECOMPUTE, *DP2_BATCH])):
         config_file = root / f"{name}.config.json"
         train_ok(root, name, train_args(tiny_llama, prepared_pretrain, root / name, *plugin_args,
@@ -82,11 +84,9 @@ def test_loss_goes_down_and_final_model_loads(runs):
     assert list((runs["ddp"].parent / "tb").glob("events.out.tfevents.*"))
 
 
-def test_zero2_and_3d_tp2_match_ddp(runs, tmp_path, tiny_llama, prepared_pretrain):  # noqa: F811
-    train_ok(tmp_path, "3d", train_args(tiny_llama, prepared_pretrain, tmp_path / "3d", "--plugin", "3d", "--tp", "2",
-                                        "--zero_stage", "0", *DP1_BATCH))
+def test_zero2_and_3d_tp2_match_ddp(runs):
     ddp = losses(runs["ddp"])
-    for name, curve in (("zero2", losses(runs["zero2"])), ("3d tp2", losses(tmp_path / "3d"))):
+    for name, curve in (("zero2", losses(runs["zero2"])), ("3d tp2", losses(runs["3d_tp2"]))):
         assert len(curve) == len(ddp), name
         for step, (a, b) in enumerate(zip(ddp, curve), start=1):
             assert abs(a - b) <= LAYOUT_RTOL * abs(a), f"{name} step {step}: ddp {a!r} vs {b!r}"
@@ -98,12 +98,17 @@ def _assert_bitwise_equal(reference, resumed):
     assert got == ref  # every float compared exactly (json keeps repr precision)
 
 
-def test_kill9_at_random_step_resumes_bitwise(runs, tmp_path, tiny_llama, prepared_pretrain):  # noqa: F811
-    """NEFTune is on, so the resumed run must also restore each rank's torch RNG to match (and activation
-    recomputation is on, so --use_grad_checkpoint is exercised under ddp)."""
+@pytest.mark.parametrize("reference, layout", [
+    ("ddp_neft", ["--plugin", "ddp", *NEFT_AND_RECOMPUTE, *DP2_BATCH]),
+    ("3d_tp2", TP2),
+], ids=["ddp-neftune-recompute", "3d-tp2"])
+def test_kill9_at_random_step_resumes_bitwise(runs, tmp_path, tiny_llama, prepared_pretrain,  # noqa: F811
+                                              reference, layout):
+    """ddp: NEFTune is on, so the resumed run must also restore each rank's torch RNG to match (and activation
+    recomputation is on, so --use_grad_checkpoint is exercised). 3d tp2: model and optimizer shards per tp rank."""
     kill_after = random.Random().randint(SAVE_INTERVAL + 1, MAX_STEPS - 1)
     save_dir = tmp_path / "ckpt"
-    args = train_args(tiny_llama, prepared_pretrain, save_dir, "--plugin", "ddp", *NEFT_AND_RECOMPUTE, *DP2_BATCH)
+    args = train_args(tiny_llama, prepared_pretrain, save_dir, *layout)
     proc = start_training(args, tmp_path / "killed.log")
     seen = wait_for_lines(save_dir / "losses.jsonl", kill_after, proc)
     assert proc.poll() is None, f"finished before the kill at step {kill_after}:\n{tail(tmp_path / 'killed.log')}"
@@ -111,7 +116,7 @@ def test_kill9_at_random_step_resumes_bitwise(runs, tmp_path, tiny_llama, prepar
     assert seen < MAX_STEPS and not (save_dir / "modeling").exists()
     train_ok(tmp_path, "resumed", args + ["--load_checkpoint", "latest"])
     assert "resumed from" in (tmp_path / "resumed.log").read_text()
-    _assert_bitwise_equal(runs["ddp_neft"], save_dir)
+    _assert_bitwise_equal(runs[reference], save_dir)
 
 
 def test_kill9_during_checkpoint_save_leaves_no_complete_checkpoint(runs, tmp_path, tiny_llama,  # noqa: F811
