@@ -43,6 +43,7 @@ class BenchConfig:
     use_flash_attn: bool
     workdir: Optional[Path]
     corpus: Optional[Path]
+    zero_stage: Optional[int]  # 3d plugin; None: 1 on CUDA, 0 on CPU (colossalai's ZeRO under 3d needs bf16/fp16)
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,15 @@ def train_command(cfg: BenchConfig, plugin: str, model_dir: Path, arrow_dir: Pat
         "--save_dir", str(run_dir / "save"), "--tensorboard_dir", str(run_dir / "tb"),
         "--mixed_precision", "bf16" if cuda else "fp32", "--lr", "1e-4", "--warmup_steps", "1",
         "--use_grad_checkpoint", str(cfg.use_grad_checkpoint), "--use_flash_attn", str(cfg.use_flash_attn),
+        "--zero_stage", str(cfg.zero_stage if cfg.zero_stage is not None else int(cuda)),
     ]
 
 
 def read_scalars(tb_dir: Path, tag: str) -> list:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not tb_dir.is_dir():  # the run failed before its first step
+        return []
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     acc.Reload()
     if tag not in acc.Tags().get("scalars", []):
@@ -140,11 +144,13 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--use_flash_attn", type=_str2bool, default=True)
     p.add_argument("--workdir", type=Path, default=None, help="keep inputs and runs here (default: a temp dir)")
     p.add_argument("--corpus", type=Path, default=None, help="pre-training jsonl dir (default: the bundled real corpora)")
+    p.add_argument("--zero_stage", type=int, default=None, choices=(0, 1, 2),
+                   help="ZeRO stage of the 3d plugin (default 1 on CUDA, 0 on CPU)")
     a = p.parse_args(argv)
     if a.steps <= a.skip_steps:
         raise UserInputError(f"--steps {a.steps}: must exceed --skip_steps {a.skip_steps}")
     return BenchConfig(a.shape, a.seq_len, a.micro_batch_size, a.plugins, a.steps, a.skip_steps, a.nproc or 0,
-                       a.use_grad_checkpoint, a.use_flash_attn, a.workdir, a.corpus)
+                       a.use_grad_checkpoint, a.use_flash_attn, a.workdir, a.corpus, a.zero_stage)
 
 
 @cli_entry
