@@ -1,0 +1,112 @@
+"""``evaluate.py`` / ``colossal-llama-evaluate``: ``mc`` (multiple-choice accuracy) and ``bpc`` (bits per character).
+
+Each subcommand prints a table, a one-line summary (``mc: ...`` / ``bpc: ...``) and, with ``--output``, a JSON report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+from colossal_llama.utils.errors import UserInputError, cli_entry
+from colossal_llama.utils.paths import data_root
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from colossal_llama.inference.loading import DEVICES
+
+    p.add_argument("--model_path", required=True, help="HF model folder")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: --model_path)")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--output", default=None, help="write the full report as JSON here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    mc = sub.add_parser("mc", help="multiple-choice accuracy (MMLU format): answer-letter logits or cloze")
+    _common(mc)
+    mc.add_argument("--data", default=str(data_root() / "eval" / "mmlu_test.jsonl"),
+                    help="jsonl with question, answer_a..answer_d, correct_answer, topic (default: MMLU test)")
+    mc.add_argument("--subjects", default=None, help="comma-separated subjects (spaces or underscores); default all")
+    mc.add_argument("--max_per_subject", type=int, default=None, help="first N questions of each subject")
+    mc.add_argument("--k_shot", type=int, default=5, help="solved examples of the same subject before each question")
+    mc.add_argument("--seed", type=int, default=42, help="picks the examples")
+    mc.add_argument("--max_length", type=int, default=None, help="prompt token budget (default: model context)")
+    mc.add_argument("--method", default="letter", choices=("letter", "cloze"),
+                    help="letter = answer-letter logits (MMLU); cloze = answer-text likelihood per character")
+    bpc = sub.add_parser("bpc", help="bits per character of held-out jsonl text")
+    _common(bpc)
+    bpc.add_argument("--data", required=True, help="jsonl file of held-out text")
+    bpc.add_argument("--text_field", default="target")
+    bpc.add_argument("--max_samples", type=int, default=None, help="first N non-empty texts")
+    bpc.add_argument("--window", type=int, default=1024, help="tokens per forward pass")
+    bpc.add_argument("--stride", type=int, default=512, help="new tokens scored per window after the first")
+    return p
+
+
+def _positive(name: str, value: Optional[int], minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise UserInputError(f"--{name}: must be >= {minimum}, got {value}")
+
+
+def run_mc(args, model, tokenizer) -> dict:
+    from colossal_llama.eval.multiple_choice import MCConfig, evaluate_multiple_choice, load_mc_items
+
+    _positive("max_per_subject", args.max_per_subject)
+    _positive("k_shot", args.k_shot, 0)
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    config = MCConfig(args.k_shot, args.batch_size, args.seed, args.max_per_subject, subjects, args.max_length,
+                      args.method)
+    result = evaluate_multiple_choice(model, tokenizer, load_mc_items(args.data), config)
+    report = result.to_dict()
+    width = max(len(s) for s in report["subjects"])
+    print(f"{'subject':<{width}}  correct  total  accuracy")
+    for name, row in report["subjects"].items():
+        print(f"{name:<{width}}  {row['correct']:>7}  {row['total']:>5}  {row['accuracy']:>8.1%}")
+    print(f"mc: {args.model_path} accuracy {result.accuracy:.1%} ({result.correct}/{result.total}) "
+          f"over {len(report['subjects'])} subject(s), {args.k_shot}-shot {args.method}, chance 25.0%")
+    return report
+
+
+def run_bpc(args, model, tokenizer) -> dict:
+    from colossal_llama.eval.bits_per_char import BpcConfig, bits_per_char, load_texts
+
+    _positive("max_samples", args.max_samples)
+    _positive("window", args.window, 2)
+    config = BpcConfig(args.text_field, args.max_samples, args.window, args.stride, args.batch_size)
+    texts, skipped = load_texts(args.data, config.text_field, config.max_samples)
+    result = bits_per_char(model, tokenizer, texts, config)
+    result.skipped = skipped
+    skipped_note = f", skipped {skipped}" if skipped else ""
+    print(f"bpc: {args.model_path} on {args.data}: {result.bpc:.4f} bits/char over {result.texts} texts, "
+          f"{result.characters} chars, {result.tokens} tokens ({result.characters / result.tokens:.2f} chars/token)"
+          f"{skipped_note}")
+    return result.to_dict()
+
+
+@cli_entry
+def main(argv: Optional[List[str]] = None) -> int:
+    from colossal_llama.inference.loading import load_model_and_tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    _positive("batch_size", args.batch_size)
+    if not Path(args.data).is_file():
+        raise UserInputError(f"--data {args.data}: no such file")
+    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, args.device)
+    report = (run_mc if args.command == "mc" else run_bpc)(args, model, tokenizer)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": args.command, "model_path": args.model_path, **report}, indent=2,
+                                  ensure_ascii=False), encoding="utf-8")
+        print(f"report written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

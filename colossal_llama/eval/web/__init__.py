@@ -1,0 +1,1 @@
+"""Local chat web page for a trained model: ``python -m colossal_llama.eval.web --model_path M [--port 0]``."""

@@ -1,0 +1,178 @@
+"""A small local chat server (stdlib ``ThreadingHTTPServer``) streaming replies as Server-Sent Events.
+
+    python -m colossal_llama.eval.web --model_path M [--port 8000 | --port 0 for a free port]
+
+Routes:
+  GET  /            the chat page (``chat.html``)
+  GET  /api/info    ``{"model", "template", "max_new_tokens"}``
+  POST /api/chat    body ``{"messages": [{"from": "human"|"assistant", "content"}, ...]}`` ending with a human
+                    turn; answers ``text/event-stream`` events ``{"delta": str}`` ... then
+                    ``{"done": true, "dropped_exchanges": n}`` (or ``{"error": str}``).
+The server is stateless: the page sends the whole conversation each turn. The history is trimmed by whole
+exchanges to fit the context, exactly as :class:`ChatSession` does in the terminal. One generation runs at a
+time (a lock), so concurrent users queue instead of fighting over the CPU/GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+from dataclasses import dataclass, replace
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+from colossal_llama.inference.chat import drop_empty_exchanges, fit_history
+from colossal_llama.inference.generation import SamplingConfig, generate_stream
+from colossal_llama.inference.loading import context_length
+from colossal_llama.utils.errors import UserInputError, cli_entry
+
+log = logging.getLogger(__name__)
+PAGE = Path(__file__).with_name("chat.html")
+MAX_BODY_BYTES = 4 << 20
+
+
+@dataclass
+class ChatBackend:
+    """Everything a request needs to answer: model, tokenizer, chat template and sampling settings."""
+
+    model: object
+    tokenizer: object
+    template: object
+    sampling: SamplingConfig
+    model_name: str = "model"
+    max_context: Optional[int] = None
+
+    def __post_init__(self):
+        stops = list(dict.fromkeys([*self.sampling.stop_token_ids, *self.template.stop_token_ids]))
+        self.sampling = replace(self.sampling, stop_token_ids=stops)
+        self.max_context = self.max_context or context_length(self.model)
+        self.lock = threading.Lock()
+
+    def prompt_ids(self, messages: List[dict]) -> tuple:
+        """Prompt ids for a conversation ending with a human turn, and how many exchanges were dropped."""
+        messages, empty = drop_empty_exchanges(messages)
+        ids, _, trimmed = fit_history(self.template, messages, self.max_context - self.sampling.max_new_tokens)
+        return ids, empty + trimmed
+
+    def stream(self, prompt_ids: List[int]) -> Iterator[str]:
+        with self.lock:
+            yield from generate_stream(self.model, self.tokenizer, prompt_ids, self.sampling)
+
+
+def _sse(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode("utf-8")
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    backend: ChatBackend  # set on the subclass made by make_server
+    protocol_version = "HTTP/1.0"  # each response ends by closing the connection: simple streaming
+
+    def log_message(self, fmt, *args):  # route the access log through logging instead of stderr
+        log.info("%s %s", self.address_string(), fmt % args)
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, payload: dict) -> None:
+        self._send(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"), "application/json")
+
+    def do_GET(self):
+        if self.path in ("/", "/index.html"):
+            self._send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
+        elif self.path == "/api/info":
+            b = self.backend
+            self._json(HTTPStatus.OK, {"model": b.model_name, "template": b.template.name,
+                                       "max_new_tokens": b.sampling.max_new_tokens})
+        else:
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
+
+    def _read_messages(self) -> list:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 < length <= MAX_BODY_BYTES:
+            raise UserInputError(f"request body must be 1..{MAX_BODY_BYTES} bytes, got {length}")
+        try:
+            body = json.loads(self.rfile.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserInputError(f"request body is not JSON ({err})") from None
+        if not isinstance(body, dict) or "messages" not in body:
+            raise UserInputError('request body: expected {"messages": [...]}')
+        return body["messages"]
+
+    def do_POST(self):
+        if self.path != "/api/chat":
+            return self._json(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
+        try:
+            ids, dropped = self.backend.prompt_ids(self._read_messages())
+        except UserInputError as err:
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": str(err)})
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        try:
+            for piece in self.backend.stream(ids):
+                self.wfile.write(_sse({"delta": piece}))
+                self.wfile.flush()
+            self.wfile.write(_sse({"done": True, "dropped_exchanges": dropped, "prompt_tokens": len(ids)}))
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("client went away during generation")
+        except Exception as err:  # noqa: BLE001 - reported to the page, and logged with its traceback
+            log.exception("generation failed")
+            self.wfile.write(_sse({"error": f"generation failed: {err}"}))
+
+
+def make_server(backend: ChatBackend, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """A bound (not yet serving) server; ``port=0`` picks a free port (see ``server.server_address``)."""
+    handler = type("BoundChatHandler", (ChatHandler,), {"backend": backend})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+@cli_entry
+def main(argv: Optional[List[str]] = None) -> int:
+    from colossal_llama.inference.cli import str2bool
+    from colossal_llama.inference.loading import DEVICES, load_model_and_tokenizer
+    from colossal_llama.inference.prompting import TEMPLATE_NAMES, resolve_chat_template
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--tokenizer_path", default=None)
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--host", default="127.0.0.1", help="keep the default unless you mean to expose the model")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--do_sample", type=str2bool, nargs="?", const=True, default=True)
+    p.add_argument("--temperature", type=float, default=0.3)
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--chat_template", default=None, choices=TEMPLATE_NAMES)
+    p.add_argument("--system_message", default=None)
+    p.add_argument("--max_context", type=int, default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    sampling = SamplingConfig(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p).validate()
+    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, args.device)
+    template = resolve_chat_template(args.model_path, tokenizer, args.chat_template, args.system_message)
+    backend = ChatBackend(model, tokenizer, template, sampling, Path(args.model_path).name, args.max_context)
+    server = make_server(backend, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {args.model_path} (template {template.name}) on http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

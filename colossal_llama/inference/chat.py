@@ -1,0 +1,98 @@
+"""A multi-turn chat with a model: history of whole turns, trimmed from the oldest when it outgrows the context."""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Iterator, List, Optional
+
+from colossal_llama.inference.generation import SamplingConfig, generate_stream
+from colossal_llama.inference.loading import context_length
+from colossal_llama.utils.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+Message = dict  # {"from": "human" | "assistant", "content": str}
+
+
+def drop_empty_exchanges(messages: List[Message]) -> tuple:
+    """Remove human+assistant exchanges whose reply is blank (a model can end a turn at once; templates
+    reject empty turns). Returns ``(messages, dropped)``."""
+    kept, dropped = [], 0
+    for k in range(0, len(messages), 2):
+        pair = messages[k: k + 2]
+        if len(pair) == 2 and not str(pair[1].get("content", "")).strip():
+            dropped += 1
+            continue
+        kept.extend(pair)
+    return kept, dropped
+
+
+def fit_history(template, messages: List[Message], budget: int) -> tuple:
+    """Drop the oldest human+assistant exchanges until the prompt for ``messages`` has at most ``budget`` tokens.
+
+    ``messages`` ends with a human turn. Returns ``(prompt_ids, kept_messages, dropped_exchanges)``. Raises
+    :class:`UserInputError` when even the last human turn alone does not fit.
+    """
+    dropped = 0
+    while True:
+        ids = template.encode_prompt(messages)
+        if len(ids) <= budget:
+            return ids, messages, dropped
+        if len(messages) <= 1:
+            raise UserInputError(
+                f"the message needs {len(ids)} prompt tokens but only {budget} fit in the context "
+                "(shorten it or lower --max_new_tokens)"
+            )
+        messages, dropped = messages[2:], dropped + 1
+
+
+class ChatSession:
+    """Conversation state for one user: ``add_user(text)`` then ``stream_reply()``; ``history`` is the transcript.
+
+    Generation stops at the template's ``stop_token_ids``. Before each reply the history is trimmed by whole
+    exchanges so that prompt + ``max_new_tokens`` fits in ``max_context`` (default: the model's positions).
+    """
+
+    def __init__(self, model, tokenizer, template, sampling: SamplingConfig, max_context: Optional[int] = None):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        stops = list(dict.fromkeys([*sampling.stop_token_ids, *template.stop_token_ids]))
+        self.sampling = replace(sampling, stop_token_ids=stops)
+        self.max_context = max_context or context_length(model)
+        self.history: List[Message] = []
+        self.dropped_exchanges = 0  # exchanges trimmed to fit the context
+        self.empty_replies = 0  # exchanges forgotten because the reply was empty
+
+    def add_user(self, text: str) -> None:
+        if self.history and self.history[-1]["from"] == "human":
+            raise UserInputError("add_user: the previous message has no reply yet")
+        self.history.append({"from": "human", "content": text})
+
+    def prompt_ids(self) -> List[int]:
+        """Prompt for the pending human turn, trimming ``history`` in place when it is too long."""
+        if not self.history or self.history[-1]["from"] != "human":
+            raise UserInputError("stream_reply: call add_user first")
+        budget = self.max_context - self.sampling.max_new_tokens
+        ids, self.history, dropped = fit_history(self.template, self.history, budget)
+        if dropped:
+            self.dropped_exchanges += dropped
+            log.info("context full: dropped the %d oldest exchange(s), %d prompt tokens now", dropped, len(ids))
+        return ids
+
+    def stream_reply(self) -> Iterator[str]:
+        """Yield the assistant's reply piece by piece; when it ends, the reply is appended to ``history``."""
+        pieces = []
+        for piece in generate_stream(self.model, self.tokenizer, self.prompt_ids(), self.sampling):
+            pieces.append(piece)
+            yield piece
+        reply = "".join(pieces)
+        if reply.strip():
+            self.history.append({"from": "assistant", "content": reply})
+        else:  # an empty turn cannot be re-encoded by the template: forget the whole exchange, and say so
+            self.history.pop()
+            self.empty_replies += 1
+            log.warning("the model gave an empty reply; that exchange is not kept in the history")
+
+    def reply(self, text: str) -> str:
+        """Convenience: ``add_user(text)`` and return the whole reply."""
+        self.add_user(text)
+        return "".join(self.stream_reply())

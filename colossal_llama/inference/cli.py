@@ -1,0 +1,156 @@
+"""``inference_example.py`` / ``colossal-llama-generate``: generate from a prompt, or chat in a terminal REPL.
+
+``--input_txt`` is a path or a literal prompt: when it names an existing file, every non-blank line of that
+file is one prompt (generated one after another); otherwise the value itself is the prompt.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from colossal_llama.utils.errors import UserInputError, cli_entry
+
+TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
+FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
+
+
+def str2bool(value: str) -> bool:
+    """argparse type for booleans: ``True/False/1/0/yes/no/on/off`` (any case); anything else is an error."""
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False/1/0/yes/no), got {value!r}")
+
+
+@dataclass
+class InferenceArgs:
+    model_path: str
+    tokenizer_path: Optional[str]
+    device: str
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    input_txt: Optional[str]
+    prompt_style: str
+    chat: bool
+    system_message: Optional[str]
+    chat_template: Optional[str]
+    max_context: Optional[int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from colossal_llama.inference.loading import DEVICES
+    from colossal_llama.inference.prompting import PROMPT_STYLES, TEMPLATE_NAMES
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True, help="HF model folder (e.g. a training save's modeling/)")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: --model_path)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda if available, else cpu")
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--do_sample", type=str2bool, nargs="?", const=True, default=True,
+                   help="True = sample, False = greedy")
+    p.add_argument("--temperature", type=float, default=0.3)
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--input_txt", default=None, help="a prompt, or a file with one prompt per line")
+    p.add_argument("--prompt_style", default="sft", choices=PROMPT_STYLES,
+                   help="sft = wrap in the model's chat template; pretrained = raw text continuation")
+    p.add_argument("--chat", type=str2bool, nargs="?", const=True, default=False,
+                   help="interactive multi-turn chat on stdin (an empty line or EOF ends it)")
+    p.add_argument("--system_message", default=None, help="system message for the chat template")
+    p.add_argument("--chat_template", default=None, choices=TEMPLATE_NAMES,
+                   help="template when the model folder has no colossal_llama_chat.json")
+    p.add_argument("--max_context", type=int, default=None,
+                   help="chat history budget in tokens (default: the model's max_position_embeddings)")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> InferenceArgs:
+    return InferenceArgs(**vars(build_parser().parse_args(argv)))
+
+
+def read_prompts(input_txt: str) -> List[str]:
+    """One prompt per non-blank line of a file, or the literal text itself when it is not a file."""
+    path = Path(input_txt)
+    try:
+        is_file = path.is_file()
+    except OSError:  # e.g. a literal prompt longer than the OS path limit
+        is_file = False
+    if not is_file:
+        return [input_txt]
+    try:
+        prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as err:
+        raise UserInputError(f"{path}: not valid UTF-8 ({err.reason})") from None
+    if not prompts:
+        raise UserInputError(f"{path}: --input_txt file holds no prompt")
+    return prompts
+
+
+def run_prompts(args: InferenceArgs, model, tokenizer, sampling, out=None) -> None:
+    """Generate for every prompt of ``--input_txt``, streaming each answer to ``out`` (default stdout)."""
+    out = out or sys.stdout
+    from colossal_llama.inference.generation import generate_stream
+    from colossal_llama.inference.prompting import pretrained_prompt_ids, resolve_chat_template, sft_prompt_ids
+
+    template = None
+    if args.prompt_style == "sft":
+        template = resolve_chat_template(args.model_path, tokenizer, args.chat_template, args.system_message)
+        sampling.stop_token_ids = list(template.stop_token_ids)
+    for prompt in read_prompts(args.input_txt):
+        ids = sft_prompt_ids(template, prompt) if template else pretrained_prompt_ids(tokenizer, prompt)
+        print(f">>> {prompt}", file=out, flush=True)
+        for piece in generate_stream(model, tokenizer, ids, sampling):
+            print(piece, end="", file=out, flush=True)
+        print(file=out, flush=True)
+
+
+def run_chat(args: InferenceArgs, model, tokenizer, sampling, inp=None, out=None) -> None:
+    """Terminal REPL: one line per user turn; an empty line or EOF ends the chat."""
+    inp, out = inp or sys.stdin, out or sys.stdout
+    from colossal_llama.inference.chat import ChatSession
+    from colossal_llama.inference.prompting import resolve_chat_template
+
+    template = resolve_chat_template(args.model_path, tokenizer, args.chat_template, args.system_message)
+    session = ChatSession(model, tokenizer, template, sampling, max_context=args.max_context)
+    print(f"chat with {args.model_path} (template {template.name}); empty line or Ctrl-D to quit", file=out, flush=True)
+    while True:
+        print("User: ", end="", file=out, flush=True)
+        line = inp.readline()
+        if not line.strip():
+            break
+        session.add_user(line.rstrip("\n"))
+        print("Assistant: ", end="", file=out, flush=True)
+        for piece in session.stream_reply():
+            print(piece, end="", file=out, flush=True)
+        print(file=out, flush=True)
+    print(f"\n{len(session.history) // 2} exchange(s) kept, {session.dropped_exchanges} dropped for context",
+          file=out, flush=True)
+
+
+@cli_entry
+def main(argv: Optional[List[str]] = None) -> int:
+    from colossal_llama.inference.generation import SamplingConfig
+    from colossal_llama.inference.loading import load_model_and_tokenizer
+
+    args = parse_args(argv)
+    if not args.chat and args.input_txt is None:
+        raise UserInputError("nothing to do: pass --input_txt PROMPT_OR_FILE or --chat")
+    sampling = SamplingConfig(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p).validate()
+    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, args.device)
+    if args.chat:
+        run_chat(args, model, tokenizer, sampling)
+    else:
+        run_prompts(args, model, tokenizer, sampling)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

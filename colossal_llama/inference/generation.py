@@ -1,0 +1,102 @@
+"""Sampling settings and (streaming) generation on top of ``model.generate``.
+
+``generate_stream`` yields decoded text pieces as they are produced (a ``TextIteratorStreamer`` fed by a
+background thread); ``generate_text`` is the plain, blocking path. Both stop at ``stop_token_ids`` and the
+tokenizer's EOS, and both drop special tokens from the text.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+from colossal_llama.utils.errors import UserInputError
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick the next token. ``do_sample=False`` is greedy and ignores temperature/top_k/top_p."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = True
+    temperature: float = 0.3
+    top_k: int = 50
+    top_p: float = 0.95
+    stop_token_ids: List[int] = field(default_factory=list)  # extra ids that end generation (besides EOS)
+
+    def validate(self) -> "SamplingConfig":
+        if self.max_new_tokens < 1:
+            raise UserInputError(f"--max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise UserInputError(f"--temperature: must be > 0 when sampling, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserInputError(f"--top_k: must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserInputError(f"--top_p: must be in (0, 1], got {self.top_p}")
+        return self
+
+
+def _generate_kwargs(model, tokenizer, input_ids: Sequence[int], config: SamplingConfig) -> dict:
+    """Arguments for ``model.generate`` for one prompt (batch of 1, no padding)."""
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
+    stop_ids = list(dict.fromkeys([*config.stop_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=config.max_new_tokens,
+        do_sample=config.do_sample,
+        eos_token_id=stop_ids or None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0],
+    )
+    if config.do_sample:
+        kwargs.update(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    else:  # explicit neutral values: silence warnings from a model's own sampling-flavoured generation_config
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    return kwargs
+
+
+def generate_ids(model, tokenizer, input_ids: Sequence[int], config: SamplingConfig) -> List[int]:
+    """Blocking generation: the new token ids (prompt excluded, stop token included when one was hit)."""
+    with torch.inference_mode():
+        out = model.generate(**_generate_kwargs(model, tokenizer, input_ids, config))
+    return out[0, len(input_ids):].tolist()
+
+
+def generate_text(model, tokenizer, input_ids: Sequence[int], config: SamplingConfig) -> str:
+    """Blocking generation decoded to text without special tokens."""
+    return tokenizer.decode(generate_ids(model, tokenizer, input_ids, config), skip_special_tokens=True)
+
+
+def generate_stream(model, tokenizer, input_ids: Sequence[int], config: SamplingConfig,
+                    timeout_s: Optional[float] = None) -> Iterator[str]:
+    """Yield the reply's text piece by piece while the model generates it.
+
+    The concatenated pieces equal ``generate_text`` for the same (greedy) settings. An exception inside
+    ``model.generate`` ends the stream and is re-raised here, so callers never hang on a dead worker.
+    """
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout_s)
+    kwargs = _generate_kwargs(model, tokenizer, input_ids, config)
+    failure: list = []
+
+    def work():
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs, streamer=streamer)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer thread below
+            failure.append(err)
+            streamer.end()
+
+    worker = threading.Thread(target=work, name="generate", daemon=True)
+    worker.start()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+    finally:
+        worker.join()
+    if failure:
+        raise failure[0]

@@ -1,0 +1,93 @@
+"""``colossal-llama-plot-losses``: TensorBoard log dir -> one PNG with loss, learning rate and throughput curves.
+
+    python colossal_llama/utils/plot_losses.py --log_dir runs/exp1 --output loss.png
+
+Plots whichever of ``train/loss``, ``train/lr``, ``train/tokens_per_s`` (and ``train/grad_norm``, ``train/mfu``)
+the run logged, one subplot each, against the training step.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from colossal_llama.utils.errors import UserInputError, cli_entry
+
+TAGS = {  # tag -> y-axis label, in subplot order
+    "train/loss": "loss",
+    "train/lr": "learning rate",
+    "train/tokens_per_s": "tokens / s",
+    "train/grad_norm": "grad norm",
+    "train/mfu": "MFU",
+}
+
+Series = List[Tuple[int, float]]
+
+
+def read_scalars(log_dir) -> Dict[str, Series]:
+    """``{tag: [(step, value), ...]}`` for the known tags present in the event files under ``log_dir``.
+
+    Several event files (e.g. a resumed run) are merged; for a step logged twice the later file wins.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = Path(log_dir)
+    if not log_dir.is_dir():
+        raise UserInputError(f"{log_dir}: log directory does not exist")
+    files = sorted(log_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise UserInputError(f"{log_dir}: no TensorBoard event files (events.out.tfevents.*)")
+    merged: Dict[str, Dict[int, float]] = {}
+    for f in files:
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})  # 0 = keep every point
+        acc.Reload()
+        for tag in set(acc.Tags()["scalars"]) & set(TAGS):
+            merged.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    if not merged:
+        raise UserInputError(f"{log_dir}: event files hold none of the scalars {', '.join(TAGS)}")
+    return {tag: sorted(merged[tag].items()) for tag in TAGS if tag in merged}
+
+
+def plot_scalars(series: Dict[str, Series], output, title: Optional[str] = None) -> Path:
+    """Write one subplot per series to ``output`` (PNG) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(series), 1, figsize=(8, 2.6 * len(series)), sharex=True, squeeze=False)
+    for ax, (tag, points) in zip(axes[:, 0], series.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, linewidth=1.2, marker="." if len(points) < 50 else None)
+        ax.set_ylabel(TAGS[tag])
+        ax.set_title(tag, fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+        if tag == "train/lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    axes[-1, 0].set_xlabel("step")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100, format="png")
+    plt.close(fig)
+    return output
+
+
+@cli_entry
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log_dir", required=True, help="TensorBoard dir written by train.py --tensorboard_dir")
+    p.add_argument("--output", default=None, help="PNG path (default: <log_dir>/losses.png)")
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    series = read_scalars(args.log_dir)
+    out = plot_scalars(series, args.output or Path(args.log_dir) / "losses.png", args.title)
+    summary = ", ".join(f"{tag} {len(pts)} points (steps {pts[0][0]}..{pts[-1][0]})" for tag, pts in series.items())
+    print(f"wrote {out}: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

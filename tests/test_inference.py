@@ -1,0 +1,226 @@
+"""Inference: flag parsing, prompt building with the model's chat template, streaming == blocking generation,
+multi-turn chat with whole-turn history trimming, and the CLI end to end on the real SmolLM2-135M."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from colossal_llama.inference.chat import ChatSession, drop_empty_exchanges
+from colossal_llama.inference.cli import main as cli_main
+from colossal_llama.inference.cli import parse_args, read_prompts, str2bool
+from colossal_llama.inference.generation import SamplingConfig, generate_ids, generate_stream, generate_text
+from colossal_llama.inference.loading import load_model_and_tokenizer, resolve_device
+from colossal_llama.inference.prompting import CHAT_CONFIG_FILE, resolve_chat_template, sft_prompt_ids
+from colossal_llama.utils.errors import UserInputError
+
+REPO = Path(__file__).resolve().parents[1]
+GREEDY = SamplingConfig(max_new_tokens=12, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    return load_model_and_tokenizer(smollm2_dir, device="cpu")
+
+
+def model_copy(src: Path, dst: Path) -> Path:
+    """A model folder with the same files (symlinked), to which a test can add colossal_llama_chat.json."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    return dst
+
+
+# --- flags ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("word,value", [("True", True), ("False", False), ("1", True), ("0", False),
+                                        ("yes", True), ("NO", False), ("false", False)])
+def test_str2bool_parses_words(word, value):
+    assert str2bool(word) is value
+
+
+def test_do_sample_false_means_false_and_bad_boolean_is_an_argparse_error(capsys):
+    base = ["--model_path", "m", "--input_txt", "hi"]
+    assert parse_args(base).do_sample is True  # README default
+    assert parse_args(base + ["--do_sample", "False"]).do_sample is False
+    assert parse_args(base + ["--chat"]).chat is True
+    args = parse_args(base)
+    assert (args.max_new_tokens, args.temperature, args.top_k, args.top_p) == (512, 0.3, 50, 0.95)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(base + ["--do_sample", "maybe"])
+    assert exc.value.code == 2
+    assert "expected a boolean" in capsys.readouterr().err
+    with pytest.raises(argparse.ArgumentTypeError):
+        str2bool("2")
+
+
+def test_sampling_config_rejects_impossible_values():
+    with pytest.raises(UserInputError, match="--temperature"):
+        SamplingConfig(do_sample=True, temperature=0).validate()
+    with pytest.raises(UserInputError, match="--top_p"):
+        SamplingConfig(top_p=1.5).validate()
+    SamplingConfig(do_sample=False, temperature=0).validate()  # greedy ignores temperature
+
+
+def test_device_auto_picks_what_exists():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserInputError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_input_txt_is_a_file_of_prompts_or_a_literal_prompt(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("First question?\n\n  Second one  \n", encoding="utf-8")
+    assert read_prompts(str(f)) == ["First question?", "Second one"]
+    assert read_prompts("Tell me about Paris") == ["Tell me about Paris"]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(UserInputError, match="holds no prompt"):
+        read_prompts(str(tmp_path / "empty.txt"))
+
+
+# --- chat template choice -----------------------------------------------------------------------------
+
+def test_sft_prompt_uses_the_tokenizer_chat_template_when_the_model_has_none(smollm2, smollm2_dir):
+    _, tok = smollm2
+    template = resolve_chat_template(smollm2_dir, tok)
+    assert template.name == "tokenizer"
+    text = tok.decode(sft_prompt_ids(template, "Hello there"))
+    assert text.endswith("<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.convert_tokens_to_ids("<|im_end|>") in template.stop_token_ids
+
+
+def test_saved_chat_config_wins_over_the_flag_and_system_message_flag_overrides_it(smollm2, smollm2_dir, tmp_path):
+    _, tok = smollm2
+    model_dir = model_copy(smollm2_dir, tmp_path / "model")
+    (model_dir / CHAT_CONFIG_FILE).write_text(json.dumps({"name": "llama3", "system_message": "Be brief."}))
+    template = resolve_chat_template(model_dir, tok, chat_template="llama2")
+    assert (template.name, template.system_message) == ("llama3", "Be brief.")
+    assert "Be brief." in tok.decode(sft_prompt_ids(template, "Hi"))
+    assert resolve_chat_template(model_dir, tok, system_message="Be verbose.").system_message == "Be verbose."
+    (model_dir / CHAT_CONFIG_FILE).write_text("{not json")
+    with pytest.raises(UserInputError, match=CHAT_CONFIG_FILE):
+        resolve_chat_template(model_dir, tok)
+
+
+# --- generation ---------------------------------------------------------------------------------------
+
+def test_streamed_pieces_concatenate_to_the_blocking_greedy_text(smollm2, smollm2_dir):
+    model, tok = smollm2
+    ids = tok("The capital of France is")["input_ids"]
+    pieces = list(generate_stream(model, tok, ids, GREEDY))
+    assert len(pieces) > 1, "streaming must deliver the reply in several pieces"
+    assert "".join(pieces) == generate_text(model, tok, ids, GREEDY)
+    assert "Paris" in "".join(pieces)
+
+
+def test_sampling_follows_the_torch_seed(smollm2):
+    model, tok = smollm2
+    ids = tok("Once upon a time")["input_ids"]
+    config = SamplingConfig(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=0, top_p=1.0)
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(generate_text(model, tok, ids, config))
+    assert runs[0] == runs[1] and runs[0] != runs[2], runs
+
+
+def test_generation_stops_at_the_template_end_of_turn(smollm2, smollm2_dir):
+    model, tok = smollm2
+    template = resolve_chat_template(smollm2_dir, tok)
+    config = SamplingConfig(max_new_tokens=64, do_sample=False, stop_token_ids=template.stop_token_ids)
+    new = generate_ids(model, tok, sft_prompt_ids(template, "What is the capital of France?"), config)
+    assert new[-1] in template.stop_token_ids and len(new) < 64
+    assert template.stop_token_ids[0] not in new[:-1]
+
+
+def test_a_failure_inside_generate_is_raised_not_hung(smollm2):
+    model, tok = smollm2
+    bad_ids = [model.config.vocab_size + 10]  # out of the embedding's range
+    with pytest.raises(IndexError):
+        list(generate_stream(model, tok, bad_ids, GREEDY, timeout_s=60))
+
+
+# --- chat session -------------------------------------------------------------------------------------
+
+def test_chat_session_keeps_history_across_turns(smollm2, smollm2_dir):
+    model, tok = smollm2
+    template = resolve_chat_template(smollm2_dir, tok)
+    session = ChatSession(model, tok, template, GREEDY)
+    first = session.reply("What is the capital of France?")
+    session.add_user("And of Italy?")
+    prompt = session.prompt_ids()
+    assert tok.decode(prompt).count("<|im_start|>assistant") == 2, "turn 2's prompt holds turn 1"
+    second = "".join(session.stream_reply())
+    assert [m["from"] for m in session.history] == ["human", "assistant"] * 2
+    assert session.history[1]["content"] == first and session.history[3]["content"] == second
+    assert second == generate_text(model, tok, prompt, session.sampling)
+
+
+def test_history_is_trimmed_by_whole_exchanges_when_the_context_is_full(smollm2, smollm2_dir):
+    model, tok = smollm2
+    template = resolve_chat_template(smollm2_dir, tok)
+    session = ChatSession(model, tok, template, SamplingConfig(max_new_tokens=4, do_sample=False), max_context=0)
+    history = [{"from": "human", "content": f"Question number {i}: name a colour."} if k == 0 else
+               {"from": "assistant", "content": f"Answer number {i}: blue."} for i in range(4) for k in range(2)]
+    one_exchange = len(template.encode_prompt(history[-2:] + [{"from": "human", "content": "Last one?"}]))
+    session.max_context = one_exchange + 4  # room for the last exchange + the new question only
+    session.history = list(history)
+    session.add_user("Last one?")
+    session.prompt_ids()
+    assert session.dropped_exchanges == 3
+    assert session.history[0]["content"].startswith("Question number 3")
+    session.max_context = 10
+    with pytest.raises(UserInputError, match="fit in the context"):
+        session.prompt_ids()
+
+
+def test_empty_replies_are_dropped_with_their_question():
+    msgs = [{"from": "human", "content": "a"}, {"from": "assistant", "content": "  "},
+            {"from": "human", "content": "b"}, {"from": "assistant", "content": "ok"}, {"from": "human", "content": "c"}]
+    kept, dropped = drop_empty_exchanges(msgs)
+    assert dropped == 1 and [m["content"] for m in kept] == ["b", "ok", "c"]
+
+
+# --- CLI ----------------------------------------------------------------------------------------------
+
+def test_cli_chat_repl_answers_each_line(smollm2, smollm2_dir, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\nAnd of Spain?\n\n"))
+    cli_main(["--model_path", str(smollm2_dir), "--chat", "--do_sample", "False", "--max_new_tokens", "16",
+              "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.count("Assistant: ") == 2 and "Paris" in out
+    assert "2 exchange(s) kept, 0 dropped" in out
+
+
+def test_inference_example_script_greedy_matches_the_library(smollm2, smollm2_dir):
+    model, tok = smollm2
+    prompt = "Name three primary colours."
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "inference_example.py"), "--model_path", str(smollm2_dir), "--input_txt", prompt,
+         "--do_sample", "False", "--max_new_tokens", "16", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    template = resolve_chat_template(smollm2_dir, tok)
+    expected = generate_text(model, tok, sft_prompt_ids(template, prompt),
+                             SamplingConfig(16, False, stop_token_ids=template.stop_token_ids))
+    assert proc.stdout == f">>> {prompt}\n{expected}\n"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["--model_path", str(tmp_path / "missing"), "--input_txt", "hi", "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "missing" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        cli_main(["--model_path", str(tmp_path), "--device", "cpu"])
+    assert "nothing to do" in capsys.readouterr().err
