@@ -31,6 +31,9 @@ setup(
             "colossal-llama-generate=colossal_llama.inference.cli:main",
             "colossal-llama-evaluate=colossal_llama.eval.cli:main",
             "colossal-llama-plot-losses=colossal_llama.utils.plot_losses:main",
+            "colossal-llama-chat-web=colossal_llama.eval.web.server:main",
+            "colossal-llama-export-gguf=colossal_llama.model.gguf_export:main",
+            "colossal-llama-model-from-config=colossal_llama.model.from_config:main",
         ]
     },
 )

@@ -75,7 +75,7 @@ for model in "$OUT/base" "$OUT/ckpt_sft/modeling"; do
       --do_sample False --max_new_tokens 32
   $PY evaluate.py bpc --model_path "$model" --data "$OUT/corpus/heldout.jsonl" --max_samples 96
   $PY evaluate.py mc --model_path "$model" --data "$DATA/eval/mmlu_test.jsonl" \
-      --subjects "high school geography" --max_per_subject 40 --k_shot 2
+      --subjects marketing --max_per_subject 60 --k_shot 0 --method cloze
 done
 echo
 echo "quickstart finished: everything is under $OUT"
