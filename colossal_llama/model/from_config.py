@@ -32,8 +32,12 @@ SHAPES = {
 }
 
 
-def build_llama(tokenizer, shape: LlamaShape, seed: int = 0, torch_dtype: str = "float32"):
-    """A ``LlamaForCausalLM`` with ``vocab_size == len(tokenizer)`` and the tokenizer's special ids."""
+def build_llama(tokenizer, shape: LlamaShape, seed: int = 0, torch_dtype: str = "float32",
+                tie_word_embeddings: bool = False, **config_overrides):
+    """A ``LlamaForCausalLM`` with ``vocab_size == len(tokenizer)`` and the tokenizer's special ids.
+
+    ``config_overrides`` go to ``LlamaConfig`` as they are (e.g. ``rms_norm_eps``).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,9 +46,9 @@ def build_llama(tokenizer, shape: LlamaShape, seed: int = 0, torch_dtype: str = 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         torch_dtype=torch_dtype,
-        **asdict(shape),
+        **{**asdict(shape), **config_overrides},
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(getattr(torch, torch_dtype))
