@@ -2,7 +2,8 @@
 # README pipeline command: set up .venv, then run the whole recipe end to end on real data:
 #   tokenizer expansion -> model init -> data preparation -> pre-training -> SFT -> generation + evaluation.
 # Uses ../shared/data when present, else the bundled slice in examples/data. Output: outputs/quickstart/.
-# Knobs (env): STEPS (optimizer steps per stage, default 8), NPROC (ranks, default 2), MAX_LENGTH (256).
+# Knobs (env): STEPS (optimizer steps per stage; default 8 for SmolLM2, 60 for the small fallback LLaMA),
+#              NPROC (ranks, default 2), MAX_LENGTH (256).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -11,7 +12,6 @@ export PATH="$ROOT/.venv/bin:$PATH"   # `colossalai run` calls a bare torchrun
 export TOKENIZERS_PARALLELISM=false
 PY=python
 
-STEPS="${STEPS:-8}"
 NPROC="${NPROC:-2}"
 MAX_LENGTH="${MAX_LENGTH:-256}"
 OUT="$ROOT/outputs/quickstart"
@@ -25,10 +25,16 @@ step "0. base model"
 if [[ -f "$GGUF" ]]; then
   echo "real SmolLM2-135M-Instruct found: $GGUF"
   $PY -m colossal_llama.model.gguf_export --gguf_file "$GGUF" --output_dir "$OUT/base"
+  CHAT_TEMPLATE=(--chat_template tokenizer)   # SmolLM2's own ChatML template
+  GEN_TEMPLATE=()
+  STEPS="${STEPS:-8}" LR=1e-4 SFT_LR=5e-5
 else
   echo "no GGUF model under $DATA/models: initialising a small LLaMA from a config with the real Mistral tokenizer"
   $PY -m colossal_llama.model.from_config --tokenizer_dir "$DATA/tokenizers/mistral-7b-v0.1" \
       --output_dir "$OUT/base" --shape small
+  CHAT_TEMPLATE=(--llama_version 2)           # Mistral's tokenizer has no template of its own
+  GEN_TEMPLATE=(--chat_template llama2)        # for the base model; trained ones record theirs
+  STEPS="${STEPS:-60}" LR=1e-3 SFT_LR=3e-4    # random init: more steps, a larger lr (about 0.5 s/step)
 fi
 
 # Hold out the last 64 rows of each pre-training file for the before/after bits-per-character evaluation.
@@ -52,18 +58,18 @@ step "3. data preparation"
 $PY prepare_pretrain_dataset.py --data_input_dirs "$OUT/corpus/pretrain" --tokenizer_dir "$OUT/model_init" \
     --data_output_dirs "$OUT/data/pretrain" --max_length "$MAX_LENGTH" --num_spliced_dataset_bins 2 --num_proc 2 --skip_invalid
 $PY prepare_sft_dataset.py --data_input_dirs "$DATA/sft" --tokenizer_dir "$OUT/model_init" \
-    --data_output_dirs "$OUT/data/sft" --max_length "$MAX_LENGTH" --chat_template tokenizer --num_spliced_dataset_bins 1 --skip_invalid
+    --data_output_dirs "$OUT/data/sft" --max_length "$MAX_LENGTH" "${CHAT_TEMPLATE[@]}" --num_spliced_dataset_bins 1 --skip_invalid
 
 step "4a. stage 1: continual pre-training ($STEPS steps, $NPROC ranks, plugin ddp)"
 colossalai run --nproc_per_node "$NPROC" train.py --pretrained "$OUT/model_init" \
     --dataset "$OUT/data/pretrain/arrow" --plugin ddp --max_steps "$STEPS" --micro_batch_size 2 \
-    --max_length "$MAX_LENGTH" --lr 1e-4 --warmup_steps 2 --save_interval 4 \
+    --max_length "$MAX_LENGTH" --lr "$LR" --warmup_steps 2 --save_interval "$(( (STEPS + 1) / 2 ))" \
     --save_dir "$OUT/ckpt_pretrain" --tensorboard_dir "$OUT/tb_pretrain" --config_file "$OUT/ckpt_pretrain/config.json"
 
 step "4b. stage 2: SFT from stage 1's final weights"
 colossalai run --nproc_per_node "$NPROC" train.py --pretrained "$OUT/ckpt_pretrain/modeling" \
     --dataset "$OUT/data/sft/arrow" --plugin ddp --max_steps "$STEPS" --micro_batch_size 2 \
-    --max_length "$MAX_LENGTH" --lr 5e-5 --warmup_steps 2 --save_interval "$STEPS" \
+    --max_length "$MAX_LENGTH" --lr "$SFT_LR" --warmup_steps 2 --save_interval "$STEPS" \
     --save_dir "$OUT/ckpt_sft" --tensorboard_dir "$OUT/tb_sft" --config_file "$OUT/ckpt_sft/config.json"
 $PY -m colossal_llama.utils.plot_losses --log_dir "$OUT/tb_pretrain" --output "$OUT/losses_pretrain.png"
 
@@ -71,7 +77,7 @@ step "5. generation and evaluation: before (base) vs after (trained)"
 PROMPT="请介绍一下北京。"
 for model in "$OUT/base" "$OUT/ckpt_sft/modeling"; do
   echo "--- $model"
-  $PY inference_example.py --model_path "$model" --prompt_style sft --input_txt "$PROMPT" \
+  $PY inference_example.py --model_path "$model" --prompt_style sft "${GEN_TEMPLATE[@]}" --input_txt "$PROMPT" \
       --do_sample False --max_new_tokens 32
   $PY evaluate.py bpc --model_path "$model" --data "$OUT/corpus/heldout.jsonl" --max_samples 96
   $PY evaluate.py mc --model_path "$model" --data "$DATA/eval/mmlu_test.jsonl" \
