@@ -27,6 +27,7 @@ from typing import List, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from colossal_llama.utils.cli import str2bool  # noqa: E402
 from colossal_llama.utils.errors import UserInputError, cli_entry  # noqa: E402
 
 
@@ -53,14 +54,6 @@ class PluginResult:
     tokens_per_s: float
     mfu: float
     returncode: int
-
-
-def _str2bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes"):
-        return True
-    if value.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
 def prepare_inputs(cfg: BenchConfig, work: Path) -> tuple[Path, Path]:
@@ -140,8 +133,8 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--skip_steps", type=int, default=2, help="warm-up steps left out of the figures")
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: GPUs, or 2 on CPU)")
-    p.add_argument("--use_grad_checkpoint", type=_str2bool, default=False)
-    p.add_argument("--use_flash_attn", type=_str2bool, default=True)
+    p.add_argument("--use_grad_checkpoint", type=str2bool, default=False)
+    p.add_argument("--use_flash_attn", type=str2bool, default=True)
     p.add_argument("--workdir", type=Path, default=None, help="keep inputs and runs here (default: a temp dir)")
     p.add_argument("--corpus", type=Path, default=None, help="pre-training jsonl dir (default: the bundled real corpora)")
     p.add_argument("--zero_stage", type=int, default=None, choices=(0, 1, 2),

@@ -13,6 +13,9 @@ sys.path.insert(0, str(REPO))  # tests/support and top-level scripts
 
 from colossal_llama.utils.paths import data_root, mistral_tokenizer_model, smollm2_gguf  # noqa: E402
 
+# Session fixtures of the training tests (tiny_llama, prepared_pretrain), shared by several modules.
+pytest_plugins = ["tests.support.train_fixtures"]
+
 CACHE = Path(os.environ.get("COLOSSAL_LLAMA_TEST_CACHE", REPO / ".cache"))
 
 

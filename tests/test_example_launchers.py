@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from tests.support.launch import free_port
-from tests.support.train_fixtures import prepared_pretrain, tiny_llama  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -25,7 +24,7 @@ def launch(script: str, env: dict, log: Path) -> None:
     assert proc.returncode == 0, f"{script} failed:\n{log.read_text()[-3000:]}"
 
 
-def test_pretrain_then_sft_launchers_train_two_stages(tmp_path, tiny_llama, prepared_pretrain):  # noqa: F811
+def test_pretrain_then_sft_launchers_train_two_stages(tmp_path, tiny_llama, prepared_pretrain):
     stage1, stage2 = tmp_path / "pretrain", tmp_path / "sft"
     common = {"NPROC": "2", "MAX_STEPS": "3", "MAX_LENGTH": "128", "DATASET": str(prepared_pretrain / "arrow")}
     launch("train.example.sh", {**common, "PRETRAINED": str(tiny_llama), "SAVE_DIR": str(stage1)},

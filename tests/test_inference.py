@@ -14,7 +14,8 @@ import torch
 
 from colossal_llama.inference.chat import ChatSession, drop_empty_exchanges
 from colossal_llama.inference.cli import main as cli_main
-from colossal_llama.inference.cli import parse_args, read_prompts, str2bool
+from colossal_llama.inference.cli import parse_args, read_prompts
+from colossal_llama.utils.cli import str2bool
 from colossal_llama.inference.generation import SamplingConfig, generate_ids, generate_stream, generate_text
 from colossal_llama.inference.loading import load_model_and_tokenizer, resolve_device
 from colossal_llama.inference.prompting import CHAT_CONFIG_FILE, resolve_chat_template, sft_prompt_ids

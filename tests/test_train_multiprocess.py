@@ -17,7 +17,6 @@ import pytest
 from colossal_llama.training.checkpoint import latest_checkpoint
 from colossal_llama.training.metrics import read_loss_log
 from tests.support.launch import kill_group, run_training, start_training, tail, wait_for_lines
-from tests.support.train_fixtures import prepared_pretrain, tiny_llama  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -49,7 +48,7 @@ def train_ok(tmp_path, name, args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_llama, prepared_pretrain):  # noqa: F811
+def runs(tmp_path_factory, tiny_llama, prepared_pretrain):
     """Uninterrupted reference runs, shared by the tests below."""
     root = tmp_path_factory.mktemp("train-runs")
     out = {}
@@ -102,7 +101,7 @@ def _assert_bitwise_equal(reference, resumed):
     ("ddp_neft", ["--plugin", "ddp", *NEFT_AND_RECOMPUTE, *DP2_BATCH]),
     ("3d_tp2", TP2),
 ], ids=["ddp-neftune-recompute", "3d-tp2"])
-def test_kill9_at_random_step_resumes_bitwise(runs, tmp_path, tiny_llama, prepared_pretrain,  # noqa: F811
+def test_kill9_at_random_step_resumes_bitwise(runs, tmp_path, tiny_llama, prepared_pretrain,
                                               reference, layout):
     """ddp: NEFTune is on, so the resumed run must also restore each rank's torch RNG to match (and activation
     recomputation is on, so --use_grad_checkpoint is exercised). 3d tp2: model and optimizer shards per tp rank."""
@@ -119,8 +118,8 @@ def test_kill9_at_random_step_resumes_bitwise(runs, tmp_path, tiny_llama, prepar
     _assert_bitwise_equal(runs[reference], save_dir)
 
 
-def test_kill9_during_checkpoint_save_leaves_no_complete_checkpoint(runs, tmp_path, tiny_llama,  # noqa: F811
-                                                                     prepared_pretrain):  # noqa: F811
+def test_kill9_during_checkpoint_save_leaves_no_complete_checkpoint(runs, tmp_path, tiny_llama,
+                                                                     prepared_pretrain):
     """zero2 (sharded optimizer states): SIGKILL inside the save of step 6 at its last moment, when every shard and
     running_states.json are written but the dir is not yet renamed into place."""
     crash_step = 2 * SAVE_INTERVAL
@@ -138,8 +137,8 @@ def test_kill9_during_checkpoint_save_leaves_no_complete_checkpoint(runs, tmp_pa
     _assert_bitwise_equal(runs["zero2"], save_dir)
 
 
-def test_modeling_folder_starts_next_stage_from_trained_weights(runs, tmp_path, tiny_llama,  # noqa: F811
-                                                                prepared_pretrain):  # noqa: F811
+def test_modeling_folder_starts_next_stage_from_trained_weights(runs, tmp_path, tiny_llama,
+                                                                prepared_pretrain):
     stage1 = runs["ddp"] / "modeling"
     args = train_args(tiny_llama, prepared_pretrain, tmp_path / "stage2", "--plugin", "ddp", *DP2_BATCH,
                       "--load_checkpoint", str(stage1))

@@ -19,11 +19,10 @@ from colossal_llama.training.model import NEFTune, freeze_non_embeddings
 from colossal_llama.training.optim import WarmupCosineLR, warmup_cosine_factor
 from colossal_llama.utils.errors import UserInputError
 from tests.support.launch import REPO
-from tests.support.train_fixtures import prepared_pretrain, tiny_llama  # noqa: F401  (fixtures)
 
 
 # ------------------------------------------------------------------------------------------------ flags
-def test_readme_aliases_and_boolean_flags(tiny_llama):  # noqa: F811
+def test_readme_aliases_and_boolean_flags(tiny_llama):
     cfg = parse_config(["--pretrained", str(tiny_llama), "--dataset", "a", "b", "--micro_batch_size", "3",
                         "--gradient_clipping", "0.5", "-w", "0.01", "-s", "7", "--zero", "2", "--use_neft",
                         "--use_grad_checkpoint", "False", "--plugin", "zero2"])
@@ -31,7 +30,7 @@ def test_readme_aliases_and_boolean_flags(tiny_llama):  # noqa: F811
     assert cfg.dataset == ["a", "b"] and cfg.use_neft is True and cfg.use_grad_checkpoint is False
 
 
-def test_warmup_defaults_to_2_5_percent_of_steps(tiny_llama):  # noqa: F811
+def test_warmup_defaults_to_2_5_percent_of_steps(tiny_llama):
     cfg = parse_config(["--pretrained", str(tiny_llama), "--dataset", "d"])
     assert resolve_schedule(cfg, total_steps=400).warmup_steps == 10
 
@@ -40,13 +39,13 @@ def test_warmup_defaults_to_2_5_percent_of_steps(tiny_llama):  # noqa: F811
     (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
     (["--tp", "2"], "needs --plugin 3d"),
 ])
-def test_bad_flags_are_one_line_errors(tiny_llama, flags, message):  # noqa: F811
+def test_bad_flags_are_one_line_errors(tiny_llama, flags, message):
     with pytest.raises(UserInputError, match=message):
         parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", *flags])
 
 
 # ------------------------------------------------------------------------------------------------ manifest
-def test_manifest_is_checked_against_the_model(prepared_pretrain, tiny_llama):  # noqa: F811
+def test_manifest_is_checked_against_the_model(prepared_pretrain, tiny_llama):
     from transformers import AutoTokenizer
 
     manifest_path = prepared_pretrain / "manifest.json"
@@ -59,7 +58,7 @@ def test_manifest_is_checked_against_the_model(prepared_pretrain, tiny_llama):  
         check_manifest_against_model(manifest, manifest_path, tok, len(tok), 64, str(tiny_llama))
 
 
-def test_data_from_another_tokenizer_is_refused_before_training(tmp_path, prepared_pretrain, tiny_llama,  # noqa: F811
+def test_data_from_another_tokenizer_is_refused_before_training(tmp_path, prepared_pretrain, tiny_llama,
                                                                  mistral_sp_model):
     """CLI, single process: data prepared with SmolLM2's tokenizer, model folder carrying Mistral's."""
     model = tmp_path / "model"
@@ -76,7 +75,7 @@ def test_data_from_another_tokenizer_is_refused_before_training(tmp_path, prepar
     assert not (tmp_path / "ck" / "modeling").exists()
 
 
-def test_missing_manifest_names_the_file(tmp_path, prepared_pretrain):  # noqa: F811
+def test_missing_manifest_names_the_file(tmp_path, prepared_pretrain):
     copy = tmp_path / "out"
     shutil.copytree(prepared_pretrain / "arrow", copy / "arrow")
     with pytest.raises(UserInputError, match=f"{copy / 'manifest.json'}: manifest missing"):
@@ -136,7 +135,7 @@ def test_block_mask_is_causal_and_block_diagonal():
     assert torch.equal(m, expected)
 
 
-def test_packed_row_logits_equal_its_documents_run_separately(prepared_pretrain, tiny_llama):  # noqa: F811
+def test_packed_row_logits_equal_its_documents_run_separately(prepared_pretrain, tiny_llama):
     """A real packed row (several real documents) through the tiny LLaMA with sdpa."""
     from transformers import AutoModelForCausalLM
 
@@ -185,7 +184,7 @@ def test_warmup_then_cosine_to_a_tenth_and_exact_resume():
     assert lrs(sched2, opt2, 13) == rest and first[0] == 1e-3 / 4
 
 
-def test_neftune_adds_bounded_noise_only_in_training(tiny_llama):  # noqa: F811
+def test_neftune_adds_bounded_noise_only_in_training(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -200,7 +199,7 @@ def test_neftune_adds_bounded_noise_only_in_training(tiny_llama):  # noqa: F811
     assert torch.equal(model.get_input_embeddings()(ids), clean)
 
 
-def test_freeze_non_embeds_keeps_only_embeddings_trainable(tiny_llama):  # noqa: F811
+def test_freeze_non_embeds_keeps_only_embeddings_trainable(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)

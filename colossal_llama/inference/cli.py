@@ -12,19 +12,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from colossal_llama.utils.errors import UserInputError, cli_entry
+from colossal_llama.utils.cli import str2bool
 
-TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
-FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
-
-
-def str2bool(value: str) -> bool:
-    """argparse type for booleans: ``True/False/1/0/yes/no/on/off`` (any case); anything else is an error."""
-    word = str(value).strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False/1/0/yes/no), got {value!r}")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from colossal_llama.model.safetensors_stream import OutputTensor, write_safetens
 from colossal_llama.model.vocab_mapping import check_is_expansion, source_piece_ids
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import UserInputError, cli_entry
+from colossal_llama.utils.json_files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def run_init(cfg: InitModelConfig) -> InitReport:
     started = time.monotonic()
     _check_paths(cfg)
     layout = find_checkpoint(cfg.source_dir)
-    config = _read_json(cfg.source_dir / "config.json")
+    config = read_json(cfg.source_dir / "config.json")
     source_tok = load_tokenizer(cfg.source_dir)
     target_tok = load_tokenizer(cfg.target_tokenizer_dir)
     check_is_expansion(source_tok, target_tok, cfg.source_dir, cfg.target_tokenizer_dir)
@@ -230,13 +231,6 @@ def _check_paths(cfg: InitModelConfig) -> None:
         raise UserInputError(f"{cfg.target_dir}: target model path is one of the inputs; choose a new folder")
     if cfg.target_dir.exists() and not cfg.overwrite:
         raise UserInputError(f"{cfg.target_dir}: already exists (pass --overwrite to replace it)")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserInputError(f"{path}: not valid JSON ({err})") from None
 
 
 def _find_vocab_matrices(shapes: Dict[str, tuple], config: dict, source_dir: Path) -> List[str]:

@@ -21,7 +21,6 @@ counted, never errors. The target is built in a temporary folder and only moved 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from colossal_llama.tokenizer.report_corpus import (
 )
 from colossal_llama.tokenizer.sp_expand import append_pieces
 from colossal_llama.utils.errors import UserInputError, cli_entry
+from colossal_llama.utils.json_files import read_json, write_json
 
 DEFAULT_REPORT_MAX_CHARS = 100_000
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -184,8 +184,8 @@ def _expand_sentencepiece(source_dir, out_dir, pieces, sample: TextSample, add_c
     appended = append_pieces(proto, pieces, add_component_chars=add_component_chars)
     model_bytes = proto.SerializeToString()
     (out_dir / SP_MODEL).write_bytes(model_bytes)
-    _write_json(out_dir / "tokenizer_config.json", config)
-    _write_json(out_dir / "special_tokens_map.json", special_map)
+    write_json(out_dir / "tokenizer_config.json", config)
+    write_json(out_dir / "special_tokens_map.json", special_map)
 
     # transformers converts tokenizer.model -> fast tokenizer (no tokenizer.json yet); save writes tokenizer.json
     AutoTokenizer.from_pretrained(str(out_dir), use_fast=True).save_pretrained(str(out_dir))
@@ -212,8 +212,8 @@ def _sp_source_config(source_dir: Path, sp_size: int) -> tuple[dict, dict]:
 
     Refuses sources whose added tokens sit after the SentencePiece ids: appending pieces would collide with them.
     """
-    config = _read_json(source_dir / "tokenizer_config.json") or {}
-    special_map = _read_json(source_dir / "special_tokens_map.json") or {}
+    config = read_json(source_dir / "tokenizer_config.json", missing_ok=True) or {}
+    special_map = read_json(source_dir / "special_tokens_map.json", missing_ok=True) or {}
     for token_id, token in (config.get("added_tokens_decoder") or {}).items():
         if int(token_id) >= sp_size:
             content = token.get("content") if isinstance(token, dict) else token
@@ -309,19 +309,6 @@ def _compare(texts, encode_a, encode_b, name_a, name_b) -> tuple[int, Optional[s
     return identical, first
 
 
-def _read_json(path: Path):
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserInputError(f"{path}: invalid JSON ({err.msg}, line {err.lineno})") from None
-
-
-def _write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-
-
 # ---------------------------------------------------------------- CLI
 
 
@@ -378,7 +365,7 @@ def main(argv=None) -> int:
         raise
     print(report.format())
     if cfg.report_json:
-        _write_json(cfg.report_json, asdict(report))
+        write_json(cfg.report_json, asdict(report))
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.json_files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _publish(tmp: Path, final: Path) -> None:
     """Rank 0: fsync ``tmp`` and rename it to ``final`` (replacing an older ``final``)."""
     _fsync_tree(tmp)
@@ -126,7 +123,7 @@ class ModelFiles:
         self.config.save_pretrained(str(directory))
         self.tokenizer.save_pretrained(str(directory))
         if self.chat_template is not None:
-            _write_json(directory / CHAT_TEMPLATE_FILE, self.chat_template)
+            write_json(directory / CHAT_TEMPLATE_FILE, self.chat_template)
 
 
 def params_are_replicated(booster) -> bool:
@@ -184,7 +181,7 @@ def save_checkpoint(booster, model, optimizer, scheduler, save_dir: Path, state:
     torch.save(capture_rng(), tmp / "rng" / f"rank-{dist.get_rank():05d}.pt")
     dist.barrier()  # every rank's shards and RNG are on disk
     if dist.get_rank() == 0:
-        _write_json(tmp / RUNNING_STATES, asdict(state))  # written last: its presence marks completeness
+        write_json(tmp / RUNNING_STATES, asdict(state))  # written last: its presence marks completeness
         _publish(tmp, final)
     dist.barrier()
     return final

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from colossal_llama.utils.cli import str2bool
 from colossal_llama.utils.errors import UserInputError
 
 PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "3d", "ddp")
@@ -66,18 +67,9 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
-def _str2bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
-
-
 def _bool_flag(parser: argparse.ArgumentParser, *names: str, help: str) -> None:
     """``--flag`` alone means true; ``--flag False`` / ``--flag true`` are accepted too (older scripts)."""
-    parser.add_argument(*names, nargs="?", const=True, default=False, type=_str2bool, help=help)
+    parser.add_argument(*names, nargs="?", const=True, default=False, type=str2bool, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """pytest fixtures for the training tests: one tiny model and one small real prepared dataset per session.
 
-Import them into a test module (``from tests.support.train_fixtures import tiny_llama, prepared_pretrain``).
-Both are built once under the session's base temp dir and reused by every module that imports them.
+Registered for every test module by ``pytest_plugins`` in ``tests/conftest.py``.
+Both are built once under the session's base temp dir and reused by every module that uses them.
 """
 from __future__ import annotations
 

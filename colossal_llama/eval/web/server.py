@@ -138,7 +138,7 @@ def make_server(backend: ChatBackend, host: str = "127.0.0.1", port: int = 0) ->
 
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
-    from colossal_llama.inference.cli import str2bool
+    from colossal_llama.utils.cli import str2bool
     from colossal_llama.inference.loading import DEVICES, load_model_and_tokenizer
     from colossal_llama.inference.prompting import TEMPLATE_NAMES, resolve_chat_template
 

@@ -1,0 +1,20 @@
+"""Argument-parsing helpers shared by every command line."""
+from __future__ import annotations
+
+import argparse
+
+TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
+FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
+
+
+def str2bool(value: str) -> bool:
+    """argparse type for booleans: ``True/False/1/0/yes/no/on/off`` (any case); anything else is an error.
+
+    ``type=bool`` would turn the string "False" into True, the original scripts' bug.
+    """
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False/1/0/yes/no), got {value!r}")
