@@ -13,8 +13,9 @@ import torch
 from colossal_llama.training.checkpoint import latest_checkpoint, resolve_load_target
 from colossal_llama.training.collate import IGNORE_INDEX, PackedCollator, block_causal_mask
 from colossal_llama.training.config import parse_config, resolve_schedule
+from colossal_llama.dataset.prepared import read_manifest
 from colossal_llama.training.data import (StepBatchSampler, check_manifest_against_model, collect_parts,
-                                          epoch_order, expand_dataset_args, load_prepared, read_manifest)
+                                          epoch_order, expand_dataset_args, load_prepared)
 from colossal_llama.training.model import NEFTune, freeze_non_embeddings
 from colossal_llama.training.optim import WarmupCosineLR, warmup_cosine_factor
 from colossal_llama.utils.errors import UserInputError

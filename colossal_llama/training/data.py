@@ -17,11 +17,11 @@ from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 
+from colossal_llama.dataset.prepared import manifest_path_of, part_dirs, read_manifest
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
-MANIFEST_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -43,39 +43,14 @@ class PreparedData:
 
 
 def expand_dataset_args(paths: Sequence[str]) -> List[Path]:
-    """``OUT/arrow`` -> its ``part-*`` dirs; a part dir stays itself. Missing paths are user errors."""
+    """``--dataset`` values (``OUT/arrow`` or ``OUT/arrow/part-XXXXX``) -> part dirs. Bad paths are user errors."""
     parts: List[Path] = []
     for raw in paths:
-        p = Path(raw)
-        if not p.is_dir():
-            raise UserInputError(f"--dataset {p}: directory does not exist")
-        children = sorted(c for c in p.glob("part-*") if c.is_dir())
-        if children:
-            parts.extend(children)
-        elif (p / "dataset_info.json").is_file() or (p / "state.json").is_file():
-            parts.append(p)
-        else:
-            raise UserInputError(f"--dataset {p}: neither an arrow part (datasets.save_to_disk) nor a dir of part-* dirs")
+        try:
+            parts.extend(part_dirs(raw))
+        except UserInputError as err:
+            raise UserInputError(f"--dataset {err}") from None
     return parts
-
-
-def read_manifest(manifest_path: Path) -> dict:
-    if not manifest_path.is_file():
-        raise UserInputError(
-            f"{manifest_path}: manifest missing (data preparation did not finish, or --dataset is not OUT/arrow/part-*)"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserInputError(f"{manifest_path}: invalid JSON ({err.msg}, line {err.lineno})") from None
-    for key in ("format_version", "kind", "tokenizer_fingerprint", "vocab_size", "max_length", "parts"):
-        if key not in manifest:
-            raise UserInputError(f"{manifest_path}: {key}: missing")
-    if manifest["format_version"] != MANIFEST_FORMAT_VERSION:
-        raise UserInputError(
-            f"{manifest_path}: format_version: {manifest['format_version']} (this trainer reads {MANIFEST_FORMAT_VERSION})"
-        )
-    return manifest
 
 
 def check_manifest_against_model(manifest: dict, manifest_path: Path, tokenizer, model_vocab_rows: int,
@@ -104,7 +79,7 @@ def collect_parts(part_dirs: Sequence[Path]) -> tuple[List[PreparedPart], Dict[P
     manifests: Dict[Path, dict] = {}
     parts: List[PreparedPart] = []
     for part_dir in part_dirs:
-        manifest_path = part_dir.parent.parent / "manifest.json"
+        manifest_path = manifest_path_of(part_dir)
         if manifest_path not in manifests:
             manifests[manifest_path] = read_manifest(manifest_path)
         entry = next((e for e in manifests[manifest_path]["parts"] if e["name"] == part_dir.name), None)
