@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 from colossal_llama.tokenizer.base_vocab import SP_MODEL, bpe_vocab_texts, load_sp_proto, tokenizer_kind
 from colossal_llama.tokenizer.pieces import read_pieces_file
+from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.tokenizer.report_corpus import (
     LANGUAGES,
     TextSample,
@@ -189,7 +190,7 @@ def _expand_sentencepiece(source_dir, out_dir, pieces, sample: TextSample, add_c
 
     # transformers converts tokenizer.model -> fast tokenizer (no tokenizer.json yet); save writes tokenizer.json
     AutoTokenizer.from_pretrained(str(out_dir), use_fast=True).save_pretrained(str(out_dir))
-    hf = AutoTokenizer.from_pretrained(str(out_dir))  # exactly what load_tokenizer gives training
+    hf = load_tokenizer(out_dir)  # exactly what data preparation and training will load
     if len(hf) != len(proto.pieces):
         raise RuntimeError(f"converted tokenizer has {len(hf)} ids, expanded model {len(proto.pieces)}")
     sp_after = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -247,9 +248,7 @@ def _token_content(token) -> Optional[str]:
 
 def _expand_bpe(source_dir, out_dir, pieces, sample: TextSample, add_component_chars) -> ExpansionReport:
     from tokenizers import AddedToken
-    from transformers import AutoTokenizer
 
-    from colossal_llama.tokenizer.loading import load_tokenizer
 
     source = load_tokenizer(source_dir)
     if not source.is_fast:
@@ -260,7 +259,7 @@ def _expand_bpe(source_dir, out_dir, pieces, sample: TextSample, add_component_c
     expanded = load_tokenizer(source_dir)  # a second copy: ``source`` stays the "before" tokenizer
     expanded.add_tokens([AddedToken(p, special=False, normalized=False) for p in new])
     expanded.save_pretrained(str(out_dir))
-    hf = AutoTokenizer.from_pretrained(str(out_dir))
+    hf = load_tokenizer(out_dir)
     ids = hf.convert_tokens_to_ids(new)
     if len(hf) != vocab_before + len(new) or ids != list(range(vocab_before, vocab_before + len(new))):
         raise RuntimeError(f"added tokens did not get ids {vocab_before}.. in order (len {len(hf)})")
