@@ -24,15 +24,39 @@ def launch(script: str, env: dict, log: Path) -> None:
     assert proc.returncode == 0, f"{script} failed:\n{log.read_text()[-3000:]}"
 
 
-def test_pretrain_then_sft_launchers_train_two_stages(tmp_path, tiny_llama, prepared_pretrain):
+SYSTEM = "你是一个乐于助人的助手。"
+
+
+def prepare_sft_slice(data_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
+    """The real Chinese chatterbot conversations, LLaMA-2 template with a system message."""
+    from colossal_llama.dataset.config import OutputLayout, SFTPrepConfig
+    from colossal_llama.dataset.prepare import prepare_sft
+
+    prepare_sft(SFTPrepConfig(input_dirs=[data_dir / "sft" / "chatterbot_zh.jsonl"], tokenizer_dir=tokenizer_dir,
+                              output=OutputLayout.under(out), max_length=128, num_bins=1,
+                              chat_template="llama2", system_message=SYSTEM))
+    return out
+
+
+def test_pretrain_then_sft_launchers_train_two_stages(tmp_path, tiny_llama, prepared_pretrain, data_dir):
+    from colossal_llama.inference.prompting import resolve_chat_template
+    from colossal_llama.tokenizer.loading import load_tokenizer
+
     stage1, stage2 = tmp_path / "pretrain", tmp_path / "sft"
-    common = {"NPROC": "2", "MAX_STEPS": "3", "MAX_LENGTH": "128", "DATASET": str(prepared_pretrain / "arrow")}
-    launch("train.example.sh", {**common, "PRETRAINED": str(tiny_llama), "SAVE_DIR": str(stage1)},
-           tmp_path / "stage1.log")
-    launch("train_sft.example.sh", {**common, "PRETRAINED": str(stage1 / "modeling"), "SAVE_DIR": str(stage2)},
-           tmp_path / "stage2.log")
+    sft_data = prepare_sft_slice(data_dir, tiny_llama, tmp_path / "sft_data")
+    common = {"NPROC": "2", "MAX_STEPS": "3", "MAX_LENGTH": "128"}
+    launch("train.example.sh", {**common, "PRETRAINED": str(tiny_llama), "SAVE_DIR": str(stage1),
+                                "DATASET": str(prepared_pretrain / "arrow")}, tmp_path / "stage1.log")
+    launch("train_sft.example.sh", {**common, "PRETRAINED": str(stage1 / "modeling"), "SAVE_DIR": str(stage2),
+                                    "DATASET": str(sft_data / "arrow")}, tmp_path / "stage2.log")
     for stage in (stage1, stage2):
         assert (stage / "modeling" / "config.json").is_file() and (stage / "modeling" / "tokenizer.json").is_file()
         assert len((stage / "losses.jsonl").read_text().splitlines()) == 3
     resolved = json.loads((stage2 / "config.json").read_text())
     assert resolved["pretrained"] == str(stage1 / "modeling") and resolved["use_neft"] is True
+    # The SFT data's template travels with the model, so inference prompts exactly like the training data.
+    assert not (stage1 / "modeling" / "colossal_llama_chat.json").exists()
+    saved = json.loads((stage2 / "modeling" / "colossal_llama_chat.json").read_text())
+    assert saved == {"name": "llama2", "system_message": SYSTEM}
+    template = resolve_chat_template(stage2 / "modeling", load_tokenizer(stage2 / "modeling"))
+    assert (template.name, template.system_message) == ("llama2", SYSTEM)
