@@ -2,7 +2,8 @@
 
 Specification:
 - the loss goes down; the final model is a HF folder that ``from_pretrained`` loads;
-- ddp, zero2 and 3d (tp=2) give the same per-step losses for the same global batch;
+- ddp, zero2, zero2_cpu (optimizer states offloaded) and 3d (tp=2) give the same per-step losses for the same
+  global batch;
 - a run killed with SIGKILL at a random step, or in the middle of writing a checkpoint, resumes from the newest
   complete checkpoint and its loss curve equals the uninterrupted run's bit for bit;
 - a ``modeling/`` folder given to ``--load_checkpoint`` starts a new stage from those weights.
@@ -54,6 +55,7 @@ def runs(tmp_path_factory, tiny_llama, prepared_pretrain):
     out = {}
     for name, plugin_args in (("ddp", ["--plugin", "ddp", *DP2_BATCH, "--tensorboard_dir", str(root / "tb")]),
                               ("zero2", ["--plugin", "zero2", *DP2_BATCH]),
+                              ("zero2_cpu", ["--plugin", "zero2_cpu", *DP2_BATCH]),
                               ("3d_tp2", TP2),
                               ("ddp_neft", ["--plugin", "ddp", *NEFT_AND_RECOMPUTE, *DP2_BATCH])):
         config_file = root / f"{name}.config.json"
@@ -83,9 +85,10 @@ def test_loss_goes_down_and_final_model_loads(runs):
     assert list((runs["ddp"].parent / "tb").glob("events.out.tfevents.*"))
 
 
-def test_zero2_and_3d_tp2_match_ddp(runs):
+def test_zero2_zero2_cpu_and_3d_tp2_match_ddp(runs):
     ddp = losses(runs["ddp"])
-    for name, curve in (("zero2", losses(runs["zero2"])), ("3d tp2", losses(runs["3d_tp2"]))):
+    for name in ("zero2", "zero2_cpu", "3d_tp2"):
+        curve = losses(runs[name])
         assert len(curve) == len(ddp), name
         for step, (a, b) in enumerate(zip(ddp, curve), start=1):
             assert abs(a - b) <= LAYOUT_RTOL * abs(a), f"{name} step {step}: ddp {a!r} vs {b!r}"
