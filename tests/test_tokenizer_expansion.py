@@ -75,9 +75,11 @@ def test_sp_vocab_grows_by_exactly_the_new_pieces(mistral_expanded, jieba_words)
     assert report["pieces_requested"] == len(jieba_words) + len(ALREADY_PRESENT)
     assert report["pieces_already_present"] >= len(ALREADY_PRESENT)
     assert report["pieces_added"] + report["pieces_already_present"] == report["pieces_requested"]
-    # missing single characters of the new words are added too (counted), so HF can merge like sentencepiece
-    assert report["component_chars_added"] > 0
-    grown = report["pieces_added"] + report["component_chars_added"]
+    # missing single characters of the new words are added too (counted), so HF can merge like sentencepiece,
+    # and bridge sub-words (counted) so that words like 天安门 can be merged at all
+    assert report["component_chars_added"] > 0 and report["bridge_pieces_added"] > 0
+    assert report["unreachable_pieces"] == []
+    grown = report["pieces_added"] + report["component_chars_added"] + report["bridge_pieces_added"]
     assert report["vocab_after"] == 32000 + grown
     assert len(load_sp_proto(target / "tokenizer.model").pieces) == 32000 + grown
     assert len(load_tokenizer(target)) == 32000 + grown
@@ -126,6 +128,19 @@ def test_sp_and_autotokenizer_agree_on_every_sample_line(mistral_expanded):
     line = "今天天气很好，我们去公园散步。Natsume wrote Botchan in 1906."
     assert sp.encode(line) == hf(line, add_special_tokens=False)["input_ids"]
     assert "天气" in hf.tokenize(line)
+
+
+def test_sp_every_requested_word_is_emitted_as_one_token(mistral_expanded, jieba_words):
+    """Each new word, written alone, encodes to its own single piece with both tokenizers (bridges make the
+    words that no two existing pieces could merge into reachable)."""
+    target, report, _ = mistral_expanded
+    sp = spm.SentencePieceProcessor(model_file=str(target / "tokenizer.model"))
+    hf = load_tokenizer(target)
+    new_words = [w for w in jieba_words if sp.piece_to_id(w) >= 32000]
+    single_sp = [w for w in new_words if sp.encode(w, out_type=str)[-1:] == [w]]
+    assert len(single_sp) == len(new_words), sorted(set(new_words) - set(single_sp))[:10]
+    for word in new_words[:300]:
+        assert hf(word, add_special_tokens=False)["input_ids"] == sp.encode(word), word
 
 
 def test_sp_source_saved_by_transformers_expands_and_agrees(tmp_path, mistral_src, jieba_words, data_dir):

@@ -48,7 +48,10 @@ LLAMA_SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "
 
 @dataclass
 class ExpansionReport:
-    """Everything expansion did, in numbers. ``vocab_after == vocab_before + pieces_added + component_chars_added``."""
+    """Everything expansion did, in numbers.
+
+    ``vocab_after == vocab_before + pieces_added + component_chars_added + bridge_pieces_added``.
+    """
 
     kind: str  # "sentencepiece" or "bpe"
     source_dir: str
@@ -60,6 +63,7 @@ class ExpansionReport:
     pieces_already_present: int
     duplicates: int  # repeated pieces in the pieces file (dropped before expansion)
     component_chars_added: int = 0  # SentencePiece only: single characters added so HF agrees (module doc)
+    bridge_pieces_added: int = 0  # SentencePiece only: sub-words added so every requested piece is reachable
     unreachable_pieces: list[str] = field(default_factory=list)  # SentencePiece only: no merge chain builds them
     sample_chars: dict[str, int] = field(default_factory=dict)  # per language
     chars_per_token: dict[str, dict[str, float]] = field(default_factory=dict)  # lang -> {"before", "after"}
@@ -82,6 +86,7 @@ class ExpansionReport:
         ]
         if self.kind == "sentencepiece":
             lines.append(f"component characters added (so HF fast agrees with sentencepiece): {self.component_chars_added}")
+            lines.append(f"bridge pieces added (so every requested piece can be merged): {self.bridge_pieces_added}")
             if self.unreachable_pieces:
                 lines.append(
                     f"warning: {len(self.unreachable_pieces)} added pieces cannot be built by any merge chain and will "
@@ -201,7 +206,8 @@ def _expand_sentencepiece(source_dir, out_dir, pieces, sample: TextSample, add_c
         kind="sentencepiece", source_dir="", target_dir="", vocab_before=vocab_before, vocab_after=len(proto.pieces),
         pieces_requested=len(pieces), pieces_added=len(appended.added),
         pieces_already_present=len(appended.already_present), duplicates=0,
-        component_chars_added=len(appended.component_chars), unreachable_pieces=appended.unreachable,
+        component_chars_added=len(appended.component_chars), bridge_pieces_added=len(appended.bridges),
+        unreachable_pieces=appended.unreachable,
         chars_per_token=_compression(sample, sp_before.encode, sp_after.encode),
         check="agreement sentencepiece vs AutoTokenizer", check_identical=identical, check_total=len(texts),
         first_mismatch=first,
@@ -335,7 +341,8 @@ def parse_args(argv=None) -> InitTokenizerConfig:
     p.add_argument("--report_max_chars", type=int, default=DEFAULT_REPORT_MAX_CHARS, help="characters sampled per language")
     p.add_argument("--allow_mismatch", action="store_true", help="keep the target even if the check finds differences")
     p.add_argument("--no_component_chars", action="store_true",
-                   help="SentencePiece: do not add missing single characters of new pieces (HF may then disagree)")
+                   help="SentencePiece: do not add missing single characters and bridge sub-words of new pieces "
+                        "(HF may then disagree, and some pieces may be unreachable)")
     p.add_argument("--report_json", type=Path, default=None, help="also write the report as JSON here")
     a = p.parse_args(argv)
     return InitTokenizerConfig(

@@ -7,6 +7,12 @@ fast tokenizer converted from the proto instead turns a character that is not a 
 one token for sentencepiece but ``天`` + 3 bytes for HF. Adding every missing single character of a new piece
 (counted and reported) closes that gap: both tokenizers then see the same symbols and the same merges.
 
+Why bridge pieces are added: BPE builds a piece only by merging two pieces. A new word whose every split has a
+half that is not a piece (``天安门`` when neither ``天安`` nor ``安门`` is one) can never be emitted and its
+embedding row would stay untrained. For such words the split needing the fewest new pieces is chosen and the
+missing halves are appended after all requested pieces (recursively, counted and reported as bridges), so
+every requested piece is reachable while requested ids keep the file's order.
+
 Scores: new pieces get scores below every existing piece, decreasing in file order. Existing merges therefore
 keep priority (text without the new pieces tokenises exactly as before) and earlier pieces in the file win
 ties over later ones. Scores are stored as float32 and LLaMA-style models hold sentinel scores of -1e9 (runs of
@@ -31,6 +37,7 @@ class SpAppendResult:
     added: list[str] = field(default_factory=list)
     already_present: list[str] = field(default_factory=list)
     component_chars: list[str] = field(default_factory=list)
+    bridges: list[str] = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
 
 
@@ -38,9 +45,9 @@ def append_pieces(proto, pieces: list[str], add_component_chars: bool = True) ->
     """Append ``pieces`` (text spelling; spaces become ``'▁'``) to ``proto`` in place.
 
     Invariants: ids ``0 .. len(proto.pieces)-1`` before the call keep their piece, score and type; each new
-    piece appears once; the order is deterministic (file order, a word's missing characters right before it).
-    ``unreachable`` lists added multi-character pieces that no chain of two-piece merges can build: neither
-    tokenizer will ever emit them (their embedding rows stay unused).
+    piece appears once; the order is deterministic (file order, a word's missing characters right before it,
+    then the bridges). With ``add_component_chars`` every added piece is reachable by two-piece merges; without it,
+    ``unreachable`` lists those that no merge chain can build (neither tokenizer will ever emit them).
     """
     vocab = {p.piece for p in proto.pieces}
     next_score = _below(min(p.score for p in proto.pieces))
@@ -65,8 +72,41 @@ def append_pieces(proto, pieces: list[str], add_component_chars: bool = True) ->
                     result.component_chars.append(char)
         add(piece)
         result.added.append(text)
+    if add_component_chars:
+        # After every requested piece, so their ids follow the file and bridges rank below all of them: a
+        # bridge only completes a word no existing merge could build, it never outranks a requested piece.
+        for text in result.added:
+            for bridge in _bridges(text_to_sp_piece(text), vocab):
+                add(bridge)
+                result.bridges.append(bridge)
     result.unreachable = [t for t in result.added if not _reachable(text_to_sp_piece(t), vocab, {})]
     return result
+
+
+def _bridges(piece: str, vocab: set[str]) -> list[str]:
+    """Pieces to add (in order) so that ``piece`` becomes reachable; [] when it already is.
+
+    Assumes every single character of ``piece`` is in ``vocab``. Picks the split with the fewest missing halves
+    (ties: the earliest split point), then makes each missing half reachable the same way.
+    """
+    if len(piece) == 1 or _reachable(piece, vocab, {}):
+        return []
+    memo: dict[str, bool] = {}
+    splits = [(piece[:i], piece[i:]) for i in range(1, len(piece))]
+
+    def cost(halves) -> int:
+        return sum(1 for h in halves if h not in vocab or not _reachable(h, vocab, memo))
+
+    best = min(splits, key=cost)
+    added: list[str] = []
+    for half in best:
+        if half in vocab and _reachable(half, vocab, memo):
+            continue
+        extra = _bridges(half, vocab | set(added))
+        added.extend(extra)
+        if half not in vocab and half not in added:
+            added.append(half)
+    return added
 
 
 def _reachable(piece: str, vocab: set[str], memo: dict[str, bool]) -> bool:
