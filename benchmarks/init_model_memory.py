@@ -19,39 +19,35 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import psutil
 import torch
 
+from colossal_llama.model.from_config import SHAPES, LlamaShape
 from colossal_llama.model.safetensors_stream import TORCH_TO_ST, OutputTensor, write_safetensors, write_tensor_bytes
+from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.paths import data_root, mistral_tokenizer_model
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_VOCAB = 69104
 
 
-@dataclass
-class Shape:
-    hidden: int = 4096
-    layers: int = 32
-    intermediate: int = 11008
-    vocab: int = 32000
-    heads: int = 32
+SOURCE_VOCAB = 32000  # LLaMA-2 / Mistral
 
 
-def tensor_shapes(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
-    """HF LLaMA tensor names and shapes in the order ``save_pretrained`` shards them."""
-    h, i = shape.hidden, shape.intermediate
-    names = [("model.embed_tokens.weight", (shape.vocab, h))]
-    for layer in range(shape.layers):
+def tensor_shapes(shape: LlamaShape) -> list[tuple[str, tuple[int, ...]]]:
+    """HF LLaMA tensor names and shapes in the order ``save_pretrained`` shards them (MHA: k/v are h x h)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    names = [("model.embed_tokens.weight", (SOURCE_VOCAB, h))]
+    for layer in range(shape.num_hidden_layers):
         p = f"model.layers.{layer}."
         names += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
         names += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
                   (p + "mlp.down_proj.weight", (h, i))]
         names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
-    return names + [("model.norm.weight", (h,)), ("lm_head.weight", (shape.vocab, h))]
+    return names + [("model.norm.weight", (h,)), ("lm_head.weight", (SOURCE_VOCAB, h))]
 
 
 def random_tensor(name: str, shape: tuple, dtype: torch.dtype, seed: int) -> OutputTensor:
@@ -68,10 +64,10 @@ def random_tensor(name: str, shape: tuple, dtype: torch.dtype, seed: int) -> Out
     return OutputTensor(name, TORCH_TO_ST[dtype], shape, nbytes, write_to)
 
 
-def build_checkpoint(folder: Path, shape: Shape, dtype: torch.dtype, shard_bytes: int) -> int:
+def build_checkpoint(folder: Path, shape: LlamaShape, dtype: torch.dtype, shard_bytes: int) -> int:
     """Write config, tokenizer and sharded safetensors into ``folder``; returns the weight bytes."""
     from tqdm import tqdm
-    from transformers import LlamaConfig, LlamaTokenizerFast
+    from transformers import LlamaConfig
 
     folder.mkdir(parents=True)
     tensors = [random_tensor(n, s, dtype, seed) for seed, (n, s) in enumerate(tensor_shapes(shape))]
@@ -90,26 +86,20 @@ def build_checkpoint(folder: Path, shape: Shape, dtype: torch.dtype, shard_bytes
             weight_map.update({t.name: name for t in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, torch_dtype=dtype)
+    config = LlamaConfig(vocab_size=SOURCE_VOCAB, torch_dtype=dtype, **asdict(shape))
     config.save_pretrained(str(folder))
-    LlamaTokenizerFast.from_pretrained(str(mistral_tokenizer_model().parent)).save_pretrained(str(folder))
+    load_tokenizer(mistral_tokenizer_model().parent).save_pretrained(str(folder))
     return total
 
 
 def build_expanded_tokenizer(folder: Path, target_size: int) -> int:
     """The real Mistral tokenizer expanded with the most frequent jieba words to ``target_size`` tokens."""
     from colossal_llama.tokenizer.init_tokenizer import expand_tokenizer
+    from colossal_llama.tokenizer.mine_pieces import top_cjk_words
 
-    words = []
-    with open(data_root() / "vocab" / "jieba_dict.txt", encoding="utf-8") as fh:
-        for line in fh:
-            word, freq, _ = line.split()
-            if len(word) >= 2 and all("\u4e00" <= ch <= "\u9fff" for ch in word):
-                words.append((-int(freq), word))
-    words = [w for _, w in sorted(words)]
-    count = target_size - 32000
-    for _ in range(4):  # pieces already present and added component characters shift the size a little
+    words = top_cjk_words(data_root() / "vocab" / "jieba_dict.txt", 2 * target_size)
+    count = target_size - SOURCE_VOCAB
+    for _ in range(8):  # pieces already present, added characters and bridges shift the size a little
         report = expand_tokenizer(mistral_tokenizer_model().parent, folder, words[:count], overwrite=True,
                                   report_max_chars=5000)
         if report.vocab_after == target_size:
@@ -141,16 +131,16 @@ def run_init(source: Path, tokenizer: Path, target: Path) -> dict:
             "sampled_peak": sampled_peak, "report": json.loads(report_json.read_text())}
 
 
-def spot_check(source: Path, target: Path, shape: Shape) -> None:
+def spot_check(source: Path, target: Path, shape: LlamaShape, vocab: int) -> None:
     """A few tensors bit-identical, the embedding resized: the run did what it claims."""
     from safetensors import safe_open
 
     index = json.loads((target / "model.safetensors.index.json").read_text())["weight_map"]
-    for name in ("model.layers.0.mlp.down_proj.weight", f"model.layers.{shape.layers - 1}.self_attn.q_proj.weight"):
+    for name in ("model.layers.0.mlp.down_proj.weight", f"model.layers.{shape.num_hidden_layers - 1}.self_attn.q_proj.weight"):
         with safe_open(str(source / index[name]), "pt") as a, safe_open(str(target / index[name]), "pt") as b:
             assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
     with safe_open(str(target / index["lm_head.weight"]), "pt") as f:
-        assert f.get_slice("lm_head.weight").get_shape() == [TARGET_VOCAB, shape.hidden]
+        assert f.get_slice("lm_head.weight").get_shape() == [vocab, shape.hidden_size]
 
 
 def main() -> None:
@@ -160,7 +150,7 @@ def main() -> None:
     parser.add_argument("--shard_gb", type=float, default=2.0)
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temp dir (default: system tmp)")
     args = parser.parse_args()
-    shape = Shape(layers=args.layers)
+    shape = replace(SHAPES["7b"], num_hidden_layers=args.layers)
     dtype = getattr(torch, args.dtype)
     work = Path(tempfile.mkdtemp(prefix="init_model_bench.", dir=args.workdir))
     try:
@@ -173,12 +163,12 @@ def main() -> None:
         build_s = time.monotonic() - t0
         vocab = build_expanded_tokenizer(work / "tokenizer", TARGET_VOCAB)
         result = run_init(work / "source", work / "tokenizer", work / "target")
-        spot_check(work / "source", work / "target", shape)
+        spot_check(work / "source", work / "target", shape, vocab)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = result["report"]
     rows = [
-        ("shape", f"{shape.layers} layers x {shape.hidden} hidden, {args.dtype}"),
+        ("shape", f"{shape.num_hidden_layers} layers x {shape.hidden_size} hidden, {args.dtype}"),
         ("checkpoint size", f"{weight_bytes / 2**30:.2f} GiB in {report['shards']} shards"),
         ("vocabulary", f"{report['old_vocab_size']} -> {report['new_vocab_size']} (tokenizer {vocab})"),
         ("new rows x matrices", f"{report['new_rows']} x {len(report['vocab_matrices'])}"),

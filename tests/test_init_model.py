@@ -18,18 +18,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from colossal_llama.model import init_model as init_model_module
 from colossal_llama.model.init_model import init_model_from_expanded_tokenizer, main, mean_init_new_rows
 from colossal_llama.tokenizer.init_tokenizer import expand_tokenizer
+from colossal_llama.tokenizer.mine_pieces import top_cjk_words
 from colossal_llama.utils.errors import UserInputError
 
 
 def jieba_words(data_dir: Path, count: int) -> list[str]:
     """The ``count`` most frequent multi-character, all-CJK words of the real jieba dictionary."""
-    words = []
-    with open(data_dir / "vocab" / "jieba_dict.txt", encoding="utf-8") as fh:
-        for line in fh:
-            word, freq, _ = line.split()
-            if len(word) >= 2 and all("\u4e00" <= ch <= "\u9fff" for ch in word):
-                words.append((-int(freq), word))
-    return [w for _, w in sorted(words)[:count]]
+    return top_cjk_words(data_dir / "vocab" / "jieba_dict.txt", count)
 
 
 def load_all(folder: Path) -> dict[str, torch.Tensor]:

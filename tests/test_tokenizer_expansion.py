@@ -16,7 +16,7 @@ import sentencepiece as spm
 
 from colossal_llama.tokenizer.base_vocab import load_sp_proto
 from colossal_llama.tokenizer.init_tokenizer import TokenizerMismatchError, expand_tokenizer, main
-from colossal_llama.tokenizer.mine_pieces import MiningReport, has_cjk, read_wordlist
+from colossal_llama.tokenizer.mine_pieces import top_cjk_words
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.tokenizer.pieces import read_pieces_file
 from colossal_llama.utils.errors import DataError
@@ -24,11 +24,6 @@ from colossal_llama.utils.errors import DataError
 N_WORDS = 3000
 DUPLICATED = 5
 ALREADY_PRESENT = [" the", "的"]  # Mistral has '▁the' and '的'
-
-
-def top_jieba_words(data_dir: Path, n: int) -> list[str]:
-    words = read_wordlist(data_dir / "vocab" / "jieba_dict.txt", min_freq=1, report=MiningReport(mode="wordlist"))
-    return [w for w in words if 2 <= len(w) <= 4 and all(has_cjk(c) for c in w)][:n]
 
 
 def write_pieces(path: Path, pieces: list[str]) -> Path:
@@ -45,7 +40,7 @@ def run_cli(argv: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def jieba_words(data_dir) -> list[str]:
-    return top_jieba_words(data_dir, N_WORDS)
+    return top_cjk_words(data_dir / "vocab" / "jieba_dict.txt", N_WORDS, max_chars=4)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,15 @@ def read_wordlist(path: Path, min_freq: int, report: MiningReport) -> list[str]:
             rows.append((-freq, line_no, fields[0]))
     rows.sort()
     return [word for _, _, word in rows]
+
+
+def top_cjk_words(path: Path, count: int, min_chars: int = 2, max_chars: Optional[int] = None) -> list[str]:
+    """The ``count`` most frequent words of a ``word freq [pos]`` list made only of CJK characters, with
+    ``min_chars``..``max_chars`` characters (demo and test vocabularies, e.g. from jieba_dict.txt)."""
+    words = read_wordlist(path, min_freq=1, report=MiningReport(mode="wordlist"))
+    fits = (w for w in words if len(w) >= min_chars and (max_chars is None or len(w) <= max_chars)
+            and all(has_cjk(c) for c in w))
+    return list(itertools.islice(fits, count))
 
 
 # ---------------------------------------------------------------- selection
