@@ -30,6 +30,8 @@ from colossal_llama.utils.errors import UserInputError
 HUMAN, ASSISTANT = "human", "assistant"
 IGNORE_INDEX = -100
 TEMPLATE_NAMES = ("llama2", "llama3", "tokenizer")
+# Written next to a trained model (training copies the manifest's ``chat_template`` block), read by inference.
+CHAT_CONFIG_FILE = "colossal_llama_chat.json"
 
 
 class MessageError(UserInputError):
@@ -318,13 +320,6 @@ def get_chat_template(name: str, tokenizer, system_message: str | None = None) -
     if name not in _TEMPLATES:
         raise UserInputError(f"unknown chat template {name!r} (expected one of {', '.join(TEMPLATE_NAMES)})")
     return _TEMPLATES[name](tokenizer, system_message)
-
-
-def chat_template_from_manifest(block: dict | None, tokenizer) -> ChatTemplate | None:
-    """Rebuild the template recorded in a manifest's (or ``colossal_llama_chat.json``'s) ``chat_template``."""
-    if block is None:
-        return None
-    return get_chat_template(block["name"], tokenizer, block.get("system_message"))
 
 
 def labelled_spans(labels: Sequence[int]) -> list[tuple[int, int]]:

@@ -8,14 +8,13 @@ The chat template is the one the SFT data was prepared with. Its choice, in orde
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
+from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE, TEMPLATE_NAMES, get_chat_template
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.json_files import read_json
 
-CHAT_CONFIG_FILE = "colossal_llama_chat.json"
-TEMPLATE_NAMES = ("llama2", "llama3", "tokenizer")
 PROMPT_STYLES = ("sft", "pretrained")
 
 
@@ -24,10 +23,7 @@ def read_chat_config(model_path) -> Optional[dict]:
     path = Path(model_path) / CHAT_CONFIG_FILE
     if not path.is_file():
         return None
-    try:
-        block = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserInputError(f"{path}: invalid JSON ({err.msg}, line {err.lineno})") from None
+    block = read_json(path)
     if not isinstance(block, dict) or block.get("name") not in TEMPLATE_NAMES:
         raise UserInputError(f"{path}: name: expected one of {', '.join(TEMPLATE_NAMES)}, got {block!r}")
     return block
@@ -36,8 +32,6 @@ def read_chat_config(model_path) -> Optional[dict]:
 def resolve_chat_template(model_path, tokenizer, chat_template: Optional[str] = None,
                           system_message: Optional[str] = None):
     """The ``ChatTemplate`` to use with this model (see the module docstring for the order of precedence)."""
-    from colossal_llama.dataset.chat_templates import get_chat_template
-
     saved = read_chat_config(model_path) if model_path is not None else None
     if saved is not None:
         name, default_system = saved["name"], saved.get("system_message")

@@ -25,13 +25,13 @@ import torch
 import torch.distributed as dist
 
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE
 from colossal_llama.utils.json_files import write_json
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^epoch-(\d+)_step-(\d+)$")
 RUNNING_STATES = "running_states.json"
-CHAT_TEMPLATE_FILE = "colossal_llama_chat.json"
 TMP_PREFIX = ".tmp-"
 
 
@@ -123,7 +123,7 @@ class ModelFiles:
         self.config.save_pretrained(str(directory))
         self.tokenizer.save_pretrained(str(directory))
         if self.chat_template is not None:
-            write_json(directory / CHAT_TEMPLATE_FILE, self.chat_template)
+            write_json(directory / CHAT_CONFIG_FILE, self.chat_template)
 
 
 def params_are_replicated(booster) -> bool:
