@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from colossal_llama.eval.batching import right_pad
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import iter_jsonl
 
@@ -95,15 +96,9 @@ def sliding_windows(token_ids: Sequence[int], start_id: int, window: int, stride
 @torch.inference_mode()
 def window_nll_bits(model, batch: Sequence[Tuple[list, list]], pad_id: int) -> float:
     """Sum over the batch of -log2 p(label) (right-padded; padded and -100 positions contribute nothing)."""
-    longest = max(len(inp) for inp, _ in batch)
-    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    labels = torch.full_like(input_ids, IGNORE)
-    for row, (inp, lab) in enumerate(batch):
-        input_ids[row, : len(inp)] = torch.tensor(inp)
-        labels[row, : len(lab)] = torch.tensor(lab)
+    input_ids = right_pad([inp for inp, _ in batch], pad_id)  # no attention mask: see eval/batching.py
+    labels = right_pad([lab for _, lab in batch], IGNORE)
     device = model.device
-    # No attention mask needed: right padding + the causal mask already hide the pads from real tokens
-    # (benchmarks/eval_forward_mask.py checks the logits are identical).
     logits = model(input_ids=input_ids.to(device)).logits
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device),
                           ignore_index=IGNORE, reduction="sum")

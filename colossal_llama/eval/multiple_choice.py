@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from colossal_llama.eval.batching import right_pad
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import iter_jsonl
 
@@ -203,13 +204,8 @@ def _fit_prompt(tokenizer, item: MCItem, shots: List[MCItem], budget: int, metho
 @torch.inference_mode()
 def last_token_logits(model, batch: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     """Logits at the last real position of each prompt, shape (batch, vocab). Right padding keeps positions 0.."""
-    longest = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
+    input_ids = right_pad(batch, pad_id)  # no attention mask: see eval/batching.py
     lengths = torch.tensor([len(ids) for ids in batch])
-    # No attention mask needed: with right padding the causal mask already keeps real tokens from seeing the
-    # pads that follow them (benchmarks/eval_forward_mask.py checks the logits are identical).
     # Run the decoder, then the LM head on one position per row: full (batch, seq, vocab) logits would cost GBs.
     hidden = model.get_decoder()(input_ids=input_ids.to(model.device))[0]
     last = hidden[torch.arange(len(batch), device=hidden.device), (lengths - 1).to(hidden.device)]
@@ -220,10 +216,7 @@ def last_token_logits(model, batch: Sequence[Sequence[int]], pad_id: int) -> tor
 def continuation_logprobs(model, rows: Sequence[tuple], pad_id: int) -> List[float]:
     """Sum of log p(continuation | context) per row; ``rows`` are ``(context_ids, continuation_ids)`` pairs."""
     seqs = [list(ctx) + list(cont) for ctx, cont in rows]
-    input_ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
-    for r, ids in enumerate(seqs):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-    # right padding + causal mask: real tokens never see the pads, so no attention mask is needed
+    input_ids = right_pad(seqs, pad_id)  # no attention mask: see eval/batching.py
     hidden = model.get_decoder()(input_ids=input_ids.to(model.device))[0]
     # the LM head only where a continuation token is predicted: full (rows, seq, vocab) logits cost GBs
     row_idx = [r for r, (ctx, cont) in enumerate(rows) for _ in cont]
