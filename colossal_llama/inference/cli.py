@@ -34,11 +34,11 @@ class InferenceArgs:
     max_context: Optional[int]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that chats with a model (terminal and web): model, sampling, template."""
     from colossal_llama.inference.loading import DEVICES
-    from colossal_llama.inference.prompting import PROMPT_STYLES, TEMPLATE_NAMES
+    from colossal_llama.inference.prompting import TEMPLATE_NAMES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True, help="HF model folder (e.g. a training save's modeling/)")
     p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: --model_path)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda if available, else cpu")
@@ -48,16 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--input_txt", default=None, help="a prompt, or a file with one prompt per line")
-    p.add_argument("--prompt_style", default="sft", choices=PROMPT_STYLES,
-                   help="sft = wrap in the model's chat template; pretrained = raw text continuation")
-    p.add_argument("--chat", type=str2bool, nargs="?", const=True, default=False,
-                   help="interactive multi-turn chat on stdin (an empty line or EOF ends it)")
     p.add_argument("--system_message", default=None, help="system message for the chat template")
     p.add_argument("--chat_template", default=None, choices=TEMPLATE_NAMES,
                    help="template when the model folder has no colossal_llama_chat.json")
     p.add_argument("--max_context", type=int, default=None,
                    help="chat history budget in tokens (default: the model's max_position_embeddings)")
+
+
+def sampling_from_args(args):
+    """The validated ``SamplingConfig`` of :func:`add_generation_args`' flags."""
+    from colossal_llama.inference.generation import SamplingConfig
+
+    return SamplingConfig(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p).validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from colossal_llama.inference.prompting import PROMPT_STYLES
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generation_args(p)
+    p.add_argument("--input_txt", default=None, help="a prompt, or a file with one prompt per line")
+    p.add_argument("--prompt_style", default="sft", choices=PROMPT_STYLES,
+                   help="sft = wrap in the model's chat template; pretrained = raw text continuation")
+    p.add_argument("--chat", type=str2bool, nargs="?", const=True, default=False,
+                   help="interactive multi-turn chat on stdin (an empty line or EOF ends it)")
     return p
 
 
@@ -126,13 +140,12 @@ def run_chat(args: InferenceArgs, model, tokenizer, sampling, inp=None, out=None
 
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
-    from colossal_llama.inference.generation import SamplingConfig
     from colossal_llama.inference.loading import load_model_and_tokenizer
 
     args = parse_args(argv)
     if not args.chat and args.input_txt is None:
         raise UserInputError("nothing to do: pass --input_txt PROMPT_OR_FILE or --chat")
-    sampling = SamplingConfig(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p).validate()
+    sampling = sampling_from_args(args)
     model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, args.device)
     if args.chat:
         run_chat(args, model, tokenizer, sampling)

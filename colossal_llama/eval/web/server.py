@@ -138,27 +138,17 @@ def make_server(backend: ChatBackend, host: str = "127.0.0.1", port: int = 0) ->
 
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
-    from colossal_llama.utils.cli import str2bool
-    from colossal_llama.inference.loading import DEVICES, load_model_and_tokenizer
-    from colossal_llama.inference.prompting import TEMPLATE_NAMES, resolve_chat_template
+    from colossal_llama.inference.cli import add_generation_args, sampling_from_args
+    from colossal_llama.inference.loading import load_model_and_tokenizer
+    from colossal_llama.inference.prompting import resolve_chat_template
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", required=True)
-    p.add_argument("--tokenizer_path", default=None)
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    add_generation_args(p)
     p.add_argument("--host", default="127.0.0.1", help="keep the default unless you mean to expose the model")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
-    p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--do_sample", type=str2bool, nargs="?", const=True, default=True)
-    p.add_argument("--temperature", type=float, default=0.3)
-    p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--chat_template", default=None, choices=TEMPLATE_NAMES)
-    p.add_argument("--system_message", default=None)
-    p.add_argument("--max_context", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    sampling = SamplingConfig(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p).validate()
+    sampling = sampling_from_args(args)
     model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, args.device)
     template = resolve_chat_template(args.model_path, tokenizer, args.chat_template, args.system_message)
     backend = ChatBackend(model, tokenizer, template, sampling, Path(args.model_path).name, args.max_context)
