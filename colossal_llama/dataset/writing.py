@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from datasets import Dataset
 from datasets.table import InMemoryTable
 
 from colossal_llama.dataset.packing import Piece
+from colossal_llama.utils.json_files import write_json
 
 
 @dataclass
@@ -132,7 +132,5 @@ def write_jsonl_part(store: TokenStore, part: PartRows, tokenizer, path: Path) -
 
 
 def write_manifest(manifest: dict, path: Path) -> None:
-    """Atomically write ``manifest.json`` (tmp + rename): its presence means the output is complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``manifest.json`` atomically: its presence means the output is complete."""
+    write_json(path, manifest, sort_keys=True)

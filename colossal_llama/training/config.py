@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 from colossal_llama.utils.cli import str2bool
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.json_files import write_json
 
 PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "3d", "ddp")
 # fp32 is not in the README; it is what CPU runs use (fp16 needs CUDA) and what exactness tests compare.
@@ -62,9 +61,6 @@ class TrainConfig:
     padding_mode: str = "longest"  # "longest" in the batch, or "max_length"
     liger: str = "auto"  # Liger fused kernels: auto = on when CUDA and liger_kernel are present
     extra: dict = field(default_factory=dict)  # resolved facts recorded for the run (attention impl, steps, ...)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
 def _bool_flag(parser: argparse.ArgumentParser, *names: str, help: str) -> None:
@@ -162,6 +158,4 @@ def write_config(cfg: TrainConfig, path: Path) -> None:
     """Atomically write the resolved config as JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(cfg.to_json() + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, dataclasses.asdict(cfg), sort_keys=True)

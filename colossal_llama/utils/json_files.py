@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +24,13 @@ def read_json(path: Path, missing_ok: bool = False) -> Optional[Any]:
         raise UserInputError(f"{path}: not valid UTF-8 ({err.reason})") from None
 
 
-def write_json(path: Path, value: Any) -> None:
-    """``value`` as indented UTF-8 JSON (non-ASCII kept readable) with a trailing newline."""
-    Path(path).write_text(json.dumps(value, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+def write_json(path: Path, value: Any, sort_keys: bool = False) -> None:
+    """``value`` as indented UTF-8 JSON (non-ASCII kept readable) with a trailing newline.
+
+    Atomic (tmp file + rename): a reader never sees half a file, and a file whose presence means "complete"
+    (a manifest, a checkpoint's running states) only appears whole.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
