@@ -6,12 +6,13 @@ models arrive. Quantised GGUF tensors are dequantised by transformers' GGUF load
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
 
 from colossal_llama.utils.errors import UserInputError, cli_entry
-from colossal_llama.utils.output import clear_output_dir
+from colossal_llama.utils.output import clear_output_dir, replace_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,14 +33,10 @@ def export_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str = "float32") ->
     tokenizer = normalise_gguf_tokenizer(gguf_tokenizer, model.config)
     # Write to a temporary sibling and rename, so an interrupted export never looks complete.
     tmp = out_dir.with_name(out_dir.name + ".tmp-export")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    tmp.rename(out_dir)
-    return out_dir
+    return replace_dir(tmp, out_dir)
 
 
 def normalise_gguf_tokenizer(gguf_tokenizer, config):

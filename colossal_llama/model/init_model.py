@@ -32,6 +32,7 @@ from colossal_llama.model.vocab_mapping import check_is_expansion, source_piece_
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.json_files import read_json
+from colossal_llama.utils.output import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def run_init(cfg: InitModelConfig) -> InitReport:
         if (cfg.source_dir / "generation_config.json").is_file():
             shutil.copy2(cfg.source_dir / "generation_config.json", tmp / "generation_config.json")
         tokenizer_files = _copy_tokenizer_files(cfg.target_tokenizer_dir, tmp)
-        _replace_dir(tmp, cfg.target_dir)
+        replace_dir(tmp, cfg.target_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -299,17 +300,6 @@ def _copy_tokenizer_files(tokenizer_dir: Path, out_dir: Path) -> List[str]:
             shutil.copy2(path, out_dir / path.name)
             copied.append(path.name)
     return copied
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``; an existing ``target`` is removed only once ``tmp`` is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(target)
 
 
 def _count_summary(counts: List[int]) -> Dict[str, object]:
