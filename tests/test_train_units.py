@@ -12,7 +12,7 @@ import torch
 
 from colossal_llama.training.checkpoint import latest_checkpoint, resolve_load_target
 from colossal_llama.training.collate import IGNORE_INDEX, PackedCollator, block_causal_mask
-from colossal_llama.training.config import parse_config, resolve_schedule
+from colossal_llama.training.config import parse_config, resolve_warmup
 from colossal_llama.dataset.prepared import read_manifest
 from colossal_llama.training.data import (StepBatchSampler, check_manifest_against_model, collect_parts,
                                           epoch_order, expand_dataset_args, load_prepared)
@@ -31,18 +31,40 @@ def test_readme_aliases_and_boolean_flags(tiny_llama):
     assert cfg.dataset == ["a", "b"] and cfg.use_neft is True and cfg.use_grad_checkpoint is False
 
 
+def test_the_parser_is_the_config_dataclass(tiny_llama):
+    """Every TrainConfig field is a flag whose default is the field's own (no second list of defaults)."""
+    import dataclasses
+
+    from colossal_llama.training.config import TrainConfig, build_parser
+
+    parsed = vars(build_parser().parse_args(["--pretrained", "p", "--dataset", "d"]))
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert set(parsed) == set(fields)
+    assert {k: v for k, v in parsed.items() if k not in ("pretrained", "dataset")} == \
+        {k: v for k, v in fields.items() if k not in ("pretrained", "dataset")}
+
+
 def test_warmup_defaults_to_2_5_percent_of_steps(tiny_llama):
     cfg = parse_config(["--pretrained", str(tiny_llama), "--dataset", "d"])
-    assert resolve_schedule(cfg, total_steps=400).warmup_steps == 10
+    assert resolve_warmup(cfg, total_steps=400).warmup_steps == 10
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
     (["--tp", "2"], "needs --plugin 3d"),
+    (["--plugin", "zero3"], r"^train.py: argument --plugin: invalid choice: 'zero3'"),
+    (["--use_neft", "maybe"], r"argument --use_neft/--use_neftune: expected a boolean .*, got 'maybe' \(see --help\)$"),
 ])
 def test_bad_flags_are_one_line_errors(tiny_llama, flags, message):
     with pytest.raises(UserInputError, match=message):
         parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", *flags])
+
+
+def test_save_dir_that_is_a_file_is_a_one_line_error(tiny_llama, tmp_path):
+    regular = tmp_path / "ckpt"
+    regular.write_text("not a directory")
+    with pytest.raises(UserInputError, match=f"--save_dir {regular}: exists and is not a directory"):
+        parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", "--save_dir", str(regular)])
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -191,13 +213,37 @@ def test_neftune_adds_bounded_noise_only_in_training(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     ids = torch.tensor([[1, 2, 3, 4]])
     clean = model.get_input_embeddings()(ids)
-    NEFTune(alpha=5.0).attach(model)
+    NEFTune(alpha=5.0, seed=1, dp_rank=0).attach(model)
     model.train()
     noisy = model.get_input_embeddings()(ids)
     bound = 5.0 / (4 * 64) ** 0.5
     assert 0 < (noisy - clean).abs().max() <= bound
     model.eval()
     assert torch.equal(model.get_input_embeddings()(ids), clean)
+
+
+def test_neftune_noise_is_a_function_of_seed_rank_step_and_micro_batch(tiny_llama):
+    """What makes resume exact: the noise ignores torch's global RNG and depends only on its key."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).train()
+    embed, ids = model.get_input_embeddings(), torch.tensor([[1, 2, 3, 4]])
+    clean = embed(ids).detach()
+    neft = NEFTune(alpha=5.0, seed=1, dp_rank=0)
+    neft.attach(model)
+
+    def noise(step, micro):
+        neft.reseed(step, micro)
+        return (embed(ids) - clean).detach()
+
+    first = noise(3, 1)
+    torch.manual_seed(1234)  # the global stream moves: the noise must not
+    torch.rand(100)
+    assert torch.equal(noise(3, 1), first)
+    assert not torch.equal(noise(3, 0), first) and not torch.equal(noise(4, 1), first)
+    other_rank = NEFTune(alpha=5.0, seed=1, dp_rank=1)
+    other_rank.reseed(3, 1)
+    assert not torch.equal(other_rank(embed, (ids,), clean) - clean, first)
 
 
 def test_freeze_non_embeds_keeps_only_embeddings_trainable(tiny_llama):

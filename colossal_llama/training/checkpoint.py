@@ -3,10 +3,13 @@
 Atomicity: every rank writes into ``save_dir/.tmp-epoch-E_step-S``; after a barrier rank 0 writes
 ``running_states.json`` last, fsyncs the tree and renames it into place. A crash at any point before the rename
 leaves only a ``.tmp-*`` dir, which is never mistaken for a checkpoint (a complete one has
-``running_states.json`` and no ``.tmp-`` prefix) and is removed by the next save of the same step.
+``running_states.json`` and no ``.tmp-`` prefix) and is removed when the next run takes the save dir.
 
 ``modeling/`` is a full Hugging Face folder (config, safetensors, tokenizer), so it doubles as the input of the
 next training stage (``--load_checkpoint .../modeling`` loads weights only) and of inference.
+
+:class:`Checkpointer` owns what it saves (booster, model, optimizer, scheduler); the loop only hands it the
+data position (:class:`RunningState`).
 """
 from __future__ import annotations
 
@@ -24,8 +27,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from colossal_llama.utils.errors import UserInputError
 from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE
+from colossal_llama.training.checkpoint_files import CheckpointDamaged, verify_checkpoint_files
+from colossal_llama.training.plugin import Parallelism
+from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.json_files import write_json
 
 log = logging.getLogger(__name__)
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^epoch-(\d+)_step-(\d+)$")
 RUNNING_STATES = "running_states.json"
 TMP_PREFIX = ".tmp-"
+FINAL_MODEL = "modeling"
 
 
 @dataclass
@@ -91,7 +97,7 @@ def _fsync_dir(path: Path) -> None:
 def _publish(tmp: Path, final: Path) -> None:
     """Rank 0: fsync ``tmp`` and rename it to ``final`` (replacing an older ``final``)."""
     _fsync_tree(tmp)
-    if final.exists():  # e.g. the final modeling/ of an earlier run in the same save_dir
+    if final.exists():  # e.g. a checkpoint of the same step re-done after a resume
         stale = final.with_name(TMP_PREFIX + "old-" + final.name)
         shutil.rmtree(stale, ignore_errors=True)
         final.rename(stale)
@@ -100,17 +106,7 @@ def _publish(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def _prepare_tmp(save_dir: Path, name: str) -> Path:
-    """All ranks: a fresh empty ``save_dir/.tmp-<name>`` (rank 0 clears leftovers of a crashed save)."""
-    tmp = save_dir / (TMP_PREFIX + name)
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    return tmp
-
-
-# ---------------------------------------------------------------------------------------------- saving
+# ---------------------------------------------------------------------------------------------- model files
 @dataclass
 class ModelFiles:
     """What makes ``modeling/`` a self-contained HF folder besides the weights."""
@@ -126,94 +122,27 @@ class ModelFiles:
             write_json(directory / CHAT_CONFIG_FILE, self.chat_template)
 
 
-def params_are_replicated(booster) -> bool:
-    """True when every rank holds the full model (ddp, ZeRO-1/2): rank 0 can write it alone."""
-    from colossalai.booster.plugin import LowLevelZeroPlugin, TorchDDPPlugin
-
-    return isinstance(booster.plugin, (TorchDDPPlugin, LowLevelZeroPlugin))
-
-
-def _save_weights(booster, model, directory: Path, files: ModelFiles) -> None:
-    """Collective. Replicated params: rank 0 writes safetensors with HF's ``save_pretrained`` (which handles tied
-    embeddings; colossalai's safetensors writer refuses shared tensors). Sharded params (tp, gemini): colossalai
-    gathers them into HF-style ``pytorch_model-*.bin`` shards plus an index."""
-    if params_are_replicated(booster):
-        if dist.get_rank() == 0:
-            model.unwrap().save_pretrained(str(directory), safe_serialization=True)
-    else:
-        booster.save_model(model, str(directory), shard=True, use_safetensors=False, size_per_shard=1024)
-    if dist.get_rank() == 0:
-        files.write(directory)
-
-
-def _optimizer_is_replicated(booster) -> bool:
-    from colossalai.booster.plugin import TorchDDPPlugin
-
-    return isinstance(booster.plugin, TorchDDPPlugin)
-
-
-def _save_optimizer(booster, optimizer, directory: Path) -> None:
-    """ddp: one ``optimizer/optimizer.bin`` from rank 0 (its sharded loader needs CUDA synchronize, even on CPU);
-    ZeRO / 3d: colossalai's per-rank shards + index."""
-    if _optimizer_is_replicated(booster):
-        if dist.get_rank() == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-        booster.save_optimizer(optimizer, str(directory / "optimizer.bin"), shard=False)
-    else:
-        booster.save_optimizer(optimizer, str(directory), shard=True)
-
-
-def _load_optimizer(booster, optimizer, directory: Path) -> None:
-    single = directory / "optimizer.bin"
-    booster.load_optimizer(optimizer, str(single if single.is_file() else directory))
-
-
-def save_checkpoint(booster, model, optimizer, scheduler, save_dir: Path, state: RunningState,
-                    files: ModelFiles) -> Path:
-    """Collective: write a complete checkpoint atomically; returns its final path."""
-    name = checkpoint_name(state.epoch, state.step)
-    final = save_dir / name
-    tmp = _prepare_tmp(save_dir, name)
-    _save_weights(booster, model, tmp / "modeling", files)
-    _save_optimizer(booster, optimizer, tmp / "optimizer")
-    booster.save_lr_scheduler(scheduler, str(tmp / "lr_scheduler"))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(capture_rng(), tmp / "rng" / f"rank-{dist.get_rank():05d}.pt")
-    dist.barrier()  # every rank's shards and RNG are on disk
-    if dist.get_rank() == 0:
-        write_json(tmp / RUNNING_STATES, asdict(state))  # written last: its presence marks completeness
-        _publish(tmp, final)
-    dist.barrier()
-    return final
-
-
-def save_final_model(booster, model, save_dir: Path, files: ModelFiles) -> Path:
-    """Collective: ``save_dir/modeling`` as a HF folder loadable by ``AutoModelForCausalLM.from_pretrained``."""
-    final = save_dir / "modeling"
-    tmp = _prepare_tmp(save_dir, "modeling")
-    _save_weights(booster, model, tmp, files)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        _publish(tmp, final)
-    dist.barrier()
-    return final
-
-
-# ---------------------------------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------------------------------- finding checkpoints
 def is_complete_checkpoint(path: Path) -> bool:
     return (path / RUNNING_STATES).is_file() and not path.name.startswith(TMP_PREFIX)
 
 
-def latest_checkpoint(save_dir: Path) -> Optional[Path]:
-    """The complete checkpoint with the highest step in ``save_dir`` (``.tmp-*`` leftovers ignored)."""
+def complete_checkpoints(save_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``save_dir``, oldest (lowest step) first; ``.tmp-*`` leftovers ignored."""
     if not save_dir.is_dir():
-        return None
+        return []
     found = []
     for child in save_dir.iterdir():
         match = CHECKPOINT_RE.match(child.name)
         if match and is_complete_checkpoint(child):
             found.append((int(match.group(2)), child))
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(save_dir: Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step in ``save_dir``, or None."""
+    found = complete_checkpoints(save_dir)
+    return found[-1] if found else None
 
 
 def weights_path(modeling_dir: Path) -> Path:
@@ -253,6 +182,22 @@ def resolve_load_target(load_checkpoint: Optional[str], save_dir: Path) -> Optio
     return LoadTarget("weights", path)
 
 
+def verify_checkpoint(path: Path) -> None:
+    """A one-line error naming the damaged file of checkpoint ``path`` and the newest older complete checkpoint."""
+    try:
+        verify_checkpoint_files(path)
+    except CheckpointDamaged as err:
+        older = [c for c in complete_checkpoints(path.parent) if c != path and _step_of(c) < _step_of(path)]
+        way_on = (f"the newest older complete checkpoint is {older[-1]} (pass --load_checkpoint {older[-1]})"
+                  if older else "no older complete checkpoint exists (start afresh with --overwrite)")
+        raise UserInputError(f"{err}: checkpoint {path} is damaged; {way_on}") from None
+
+
+def _step_of(path: Path) -> int:
+    match = CHECKPOINT_RE.match(path.name)
+    return int(match.group(2)) if match else -1
+
+
 def _saved_keys(modeling_dir: Path) -> set:
     """Parameter names stored in a HF folder (safetensors headers or the shard index), without loading tensors."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -267,35 +212,120 @@ def _saved_keys(modeling_dir: Path) -> set:
     return set(torch.load(weights, map_location="cpu", weights_only=True))
 
 
-def load_weights(booster, model, modeling_dir: Path) -> None:
-    """Collective: load a HF folder into the boosted model.
+# ---------------------------------------------------------------------------------------------- the checkpointer
+class Checkpointer:
+    """Saves and restores the boosted model, optimizer and scheduler (plus each rank's RNG) under ``save_dir``.
 
-    Checked by name first, because HF folders of tied-embedding models (SmolLM2) omit ``lm_head.weight``:
-    the only keys allowed to be missing are parameters that share storage with a stored one.
+    Every method is collective: all ranks call it together.
     """
-    module = model.unwrap()
-    expected = set(module.state_dict().keys())
-    saved = _saved_keys(modeling_dir)
-    tied = {name for name in expected if name.endswith("lm_head.weight")} if module.config.tie_word_embeddings else set()
-    missing, unexpected = expected - saved - tied, saved - expected
-    if missing or unexpected:
-        raise UserInputError(
-            f"--load_checkpoint {modeling_dir}: weights do not match the model of --pretrained "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
-    booster.load_model(model, str(weights_path(modeling_dir)), strict=False)
 
+    def __init__(self, booster, model, optimizer, scheduler, parallel: Parallelism, save_dir: Path,
+                 files: ModelFiles):
+        self.booster, self.model, self.optimizer, self.scheduler = booster, model, optimizer, scheduler
+        self.parallel = parallel
+        self.save_dir = Path(save_dir)
+        self.files = files
 
-def load_checkpoint(booster, model, optimizer, scheduler, path: Path) -> RunningState:
-    """Collective: restore model, optimizer, scheduler and this rank's RNG; returns the data position."""
-    state = RunningState(**json.loads((path / RUNNING_STATES).read_text(encoding="utf-8")))
-    load_weights(booster, model, path / "modeling")
-    _load_optimizer(booster, optimizer, path / "optimizer")
-    booster.load_lr_scheduler(scheduler, str(path / "lr_scheduler"))
-    rng_file = path / "rng" / f"rank-{dist.get_rank():05d}.pt"
-    if state.world_size == dist.get_world_size() and rng_file.is_file():
-        restore_rng(torch.load(rng_file, weights_only=False))
-    else:
-        log.warning("%s: saved with %d ranks, running %d: RNG streams restart from the seed (data position is exact)",
-                    path, state.world_size, dist.get_world_size())
-    return state
+    # ------------------------------------------------------------------ saving
+    def save(self, state: RunningState) -> Path:
+        """Write a complete checkpoint of ``state`` atomically; returns its final path."""
+        name = checkpoint_name(state.epoch, state.step)
+        final = self.save_dir / name
+        tmp = self._fresh_tmp(name)
+        self._save_weights(tmp / FINAL_MODEL)
+        self._save_optimizer(tmp / "optimizer")
+        self.booster.save_lr_scheduler(self.scheduler, str(tmp / "lr_scheduler"))
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(capture_rng(), tmp / "rng" / f"rank-{dist.get_rank():05d}.pt")
+        dist.barrier()  # every rank's shards and RNG are on disk
+        if dist.get_rank() == 0:
+            write_json(tmp / RUNNING_STATES, asdict(state))  # written last: its presence marks completeness
+            _publish(tmp, final)
+        dist.barrier()
+        return final
+
+    def save_final(self) -> Path:
+        """``save_dir/modeling`` as a HF folder loadable by ``AutoModelForCausalLM.from_pretrained``."""
+        final = self.save_dir / FINAL_MODEL
+        tmp = self._fresh_tmp(FINAL_MODEL)
+        self._save_weights(tmp)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            _publish(tmp, final)
+        dist.barrier()
+        return final
+
+    def _fresh_tmp(self, name: str) -> Path:
+        """A fresh empty ``save_dir/.tmp-<name>`` (rank 0 clears leftovers of a crashed save)."""
+        tmp = self.save_dir / (TMP_PREFIX + name)
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        return tmp
+
+    def _save_weights(self, directory: Path) -> None:
+        """Replicated params: rank 0 writes safetensors with HF's ``save_pretrained`` (which handles tied
+        embeddings; colossalai's safetensors writer refuses shared tensors). Sharded params (tp, gemini):
+        colossalai gathers them into HF-style ``pytorch_model-*.bin`` shards plus an index."""
+        if self.parallel.params_replicated:
+            if dist.get_rank() == 0:
+                self.model.unwrap().save_pretrained(str(directory), safe_serialization=True)
+        else:
+            self.booster.save_model(self.model, str(directory), shard=True, use_safetensors=False, size_per_shard=1024)
+        if dist.get_rank() == 0:
+            self.files.write(directory)
+
+    def _save_optimizer(self, directory: Path) -> None:
+        """ddp: one ``optimizer/optimizer.bin`` from rank 0 (its sharded loader needs CUDA synchronize, even on
+        CPU); ZeRO / gemini / 3d: colossalai's per-rank shards + ``pytorch_optim.bin.index.json``."""
+        if self.parallel.optimizer_replicated:
+            if dist.get_rank() == 0:
+                directory.mkdir(parents=True, exist_ok=True)
+            self.booster.save_optimizer(self.optimizer, str(directory / "optimizer.bin"), shard=False)
+        else:
+            self.booster.save_optimizer(self.optimizer, str(directory), shard=True)
+
+    # ------------------------------------------------------------------ loading
+    def restore(self, target: Optional[LoadTarget]) -> Optional[RunningState]:
+        """Apply a load target: weights only (returns None: a new stage starts fresh) or a full resume (returns
+        the saved data position). A resumed checkpoint was checked by :func:`verify_checkpoint` already."""
+        if target is None:
+            return None
+        if target.kind == "weights":
+            self.load_weights(target.path)
+            log.info("loaded weights from %s (new stage: optimizer, schedule and data start fresh)", target.path)
+            return None
+        path = target.path
+        state = RunningState(**json.loads((path / RUNNING_STATES).read_text(encoding="utf-8")))
+        self.load_weights(path / FINAL_MODEL)
+        single = path / "optimizer" / "optimizer.bin"
+        self.booster.load_optimizer(self.optimizer, str(single if single.is_file() else path / "optimizer"))
+        self.booster.load_lr_scheduler(self.scheduler, str(path / "lr_scheduler"))
+        rng_file = path / "rng" / f"rank-{dist.get_rank():05d}.pt"
+        if state.world_size == dist.get_world_size() and rng_file.is_file():
+            restore_rng(torch.load(rng_file, weights_only=False))
+        else:
+            log.warning("%s: saved with %d ranks, running %d: RNG streams restart from the seed "
+                        "(data position is exact)", path, state.world_size, dist.get_world_size())
+        return state
+
+    def load_weights(self, modeling_dir: Path) -> None:
+        """Load a HF folder into the boosted model.
+
+        Checked by name first, because HF folders of tied-embedding models (SmolLM2) omit ``lm_head.weight``:
+        the only keys allowed to be missing are parameters that share storage with a stored one.
+        """
+        verify_checkpoint_files(modeling_dir)
+        module = self.model.unwrap()
+        expected = set(module.state_dict().keys())
+        saved = _saved_keys(modeling_dir)
+        tied = ({name for name in expected if name.endswith("lm_head.weight")}
+                if module.config.tie_word_embeddings else set())
+        missing, unexpected = expected - saved - tied, saved - expected
+        if missing or unexpected:
+            raise UserInputError(
+                f"--load_checkpoint {modeling_dir}: weights do not match the model of --pretrained "
+                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
+        self.booster.load_model(self.model, str(weights_path(modeling_dir)), strict=False)

@@ -2,34 +2,67 @@
 
 Launch with ``torchrun --nproc_per_node N train.py ...`` or ``colossalai run --nproc_per_node N --hostfile H
 train.py ...``; a bare ``python train.py`` trains as a single rank.
+
+Errors: a user error (bad flag, data, checkpoint, busy save dir) is usually met by every rank at once. Rank 0
+prints it as one line ``error: ...`` and every rank exits with code 2; the other ranks wait a moment first and
+are normally stopped by the launcher before they print the same line again. An error met by one rank alone
+(a file missing on one node) is still printed by that rank, prefixed with its number.
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
+import warnings
 from typing import List, Optional
 
-from colossal_llama.utils.errors import cli_entry
+from colossal_llama.utils.errors import UserInputError
+
+USER_ERROR_EXIT = 2
+PEER_ERROR_DELAY_S = 5.0  # a non-zero rank's grace period before printing an error rank 0 probably printed
 
 
-@cli_entry
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def report_user_error(err: UserInputError) -> None:
+    if _rank() == 0:
+        print(f"error: {err}", file=sys.stderr)
+        return
+    time.sleep(PEER_ERROR_DELAY_S)  # the launcher stops this rank here when rank 0 exited with the same error
+    print(f"error (rank {_rank()}): {err}", file=sys.stderr)
+
+
 def run_cli(argv: Optional[List[str]] = None) -> int:
     from colossal_llama.training.config import parse_config
-    from colossal_llama.training.distributed import shutdown
+    from colossal_llama.training.distributed import shutdown, stop_with_launcher
     from colossal_llama.training.loop import train
 
+    stop_with_launcher()
     train(parse_config(argv))
     shutdown()  # only after success: a barrier with a crashed peer would hang (torchrun stops the others)
     return 0
 
 
+def quiet_library_warnings() -> None:
+    """Import-time advice of colossalai about optional CUDA extras (apex, tensornvme) and a deprecation inside its
+    DDP wrapper: printed by every rank, they bury the lines that matter."""
+    warnings.filterwarnings("ignore", message=r"Please install (the latest tensornvme|apex)", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Run, then ``os._exit``: after a clean shutdown, colossalai/gloo threads can still abort at interpreter exit
     ("terminate called without an active exception"), turning a finished run into a failed one."""
+    quiet_library_warnings()
     try:
         code = run_cli(argv) or 0
-    except SystemExit as err:  # cli_entry's one-line user error (2), argparse (2)
+    except UserInputError as err:
+        report_user_error(err)
+        code = USER_ERROR_EXIT
+    except SystemExit as err:  # argparse (2)
         code = err.code if isinstance(err.code, int) else 1
     except BaseException:  # noqa: BLE001 - print it, then exit non-zero so the launcher stops the other ranks
         traceback.print_exc()

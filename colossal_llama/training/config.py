@@ -1,20 +1,21 @@
-"""Training configuration: the ``train.py`` flags (with the README's older spellings) and a typed dataclass.
+"""Training configuration: :class:`TrainConfig` *is* the ``train.py`` command line.
 
-``parse_config(argv)`` is the only place that knows about argparse; everything downstream takes a
-:class:`TrainConfig`. Defaults that depend on the data (warm-up length) or the machine (precision) are filled
-in later by :func:`resolve`, and the resolved config is what gets written to ``--config_file``.
+Every field carries its flag's help text, older spellings (the README's aliases) and choices in its metadata;
+:func:`build_parser` derives argparse from the fields, so a default is written exactly once. Facts that depend
+on the data, the machine or the plugin (steps, warm-up, precision, attention, dp size) are not flags: they live in
+the typed :class:`colossal_llama.training.plan.RunPlan`, and both are written to ``--config_file``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from colossal_llama.utils.cli import str2bool
+from colossal_llama.utils.cli import OneLineErrorParser, str2bool
 from colossal_llama.utils.errors import UserInputError
-from colossal_llama.utils.json_files import write_json
 
 PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "3d", "ddp")
 # fp32 is not in the README; it is what CPU runs use (fp16 needs CUDA) and what exactness tests compare.
@@ -22,92 +23,94 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 WARMUP_FRACTION = 0.025  # README: warm-up defaults to 2.5% of the optimizer steps
 
 
+def flag(default=dataclasses.MISSING, help: str = "", aliases: tuple = (), choices: Optional[tuple] = None,
+         required: bool = False, nargs: Optional[str] = None):
+    """A :class:`TrainConfig` field that is also a command-line flag ``--<name>`` (plus ``aliases``)."""
+    metadata = {"help": help, "aliases": aliases, "choices": choices, "nargs": nargs}
+    if default is dataclasses.MISSING:
+        return field(metadata={**metadata, "required": True})
+    return field(default=default, metadata={**metadata, "required": required})
+
+
 @dataclass
 class TrainConfig:
-    """Everything one training run needs. Batch sizes are per data-parallel rank.
+    """Everything the user asks of one training run. Batch sizes are per data-parallel rank.
 
     One optimizer step consumes ``batch_size * accumulation_steps * dp_size`` sequences (the global batch).
     """
 
-    pretrained: str
-    dataset: List[str]
-    plugin: str = "gemini"
-    load_checkpoint: Optional[str] = None
-    save_interval: int = 1000
-    save_dir: str = "checkpoints"
-    tensorboard_dir: Optional[str] = None
-    config_file: Optional[str] = None
-    num_epochs: int = 1
-    batch_size: int = 4
-    accumulation_steps: int = 1
-    lr: float = 3e-4
-    max_length: int = 4096
-    mixed_precision: Optional[str] = None  # None -> bf16 on CUDA, fp32 on CPU (see resolve)
-    grad_clip: float = 1.0
-    weight_decay: float = 0.1
-    warmup_steps: Optional[int] = None  # None -> 2.5% of the optimizer steps
-    use_grad_checkpoint: bool = False
-    use_flash_attn: bool = False
-    freeze_non_embeds_params: bool = False
-    tp: int = 1
-    pp: int = 1
-    zero_stage: int = 1
-    use_neft: bool = False
-    neft_alpha: float = 5.0
-    seed: int = 42
-    shuffle_buckets: bool = False
-    max_steps: Optional[int] = None
-    log_interval: int = 10
-    padding_mode: str = "longest"  # "longest" in the batch, or "max_length"
-    liger: str = "auto"  # Liger fused kernels: auto = on when CUDA and liger_kernel are present
-    extra: dict = field(default_factory=dict)  # resolved facts recorded for the run (attention impl, steps, ...)
+    pretrained: str = flag(help="HF model folder (config, weights, tokenizer)")
+    dataset: List[str] = flag(nargs="+", help="prepared data: OUT, OUT/arrow or OUT/arrow/part-XXXXX (several allowed)")
+    plugin: str = flag("gemini", choices=PLUGINS, help="booster plugin")
+    load_checkpoint: Optional[str] = flag(
+        None, help="full checkpoint dir (resume), a modeling/ dir (weights only: next stage), or 'latest'")
+    overwrite: bool = flag(False, help="start afresh in a --save_dir that holds an earlier run (its checkpoints, "
+                                       "modeling/ and logs are deleted first)")
+    save_interval: int = flag(1000, help="save a checkpoint every N optimizer steps")
+    save_dir: str = flag("checkpoints", help="checkpoints, losses.jsonl, train_config.json and the final modeling/")
+    tensorboard_dir: Optional[str] = flag(None, help="TensorBoard event files")
+    config_file: Optional[str] = flag(None, help="also write the resolved config (and run plan) here as JSON")
+    num_epochs: int = flag(1, help="passes over the data")
+    batch_size: int = flag(4, aliases=("--micro_batch_size",), help="sequences per micro-batch per data-parallel rank")
+    accumulation_steps: int = flag(1, help="micro-batches per optimizer step")
+    lr: float = flag(3e-4, help="peak learning rate (linear warm-up, cosine to 0.1 x lr)")
+    max_length: int = flag(4096, help="longest sequence in tokens (must cover the prepared data's max_length)")
+    mixed_precision: Optional[str] = flag(None, choices=PRECISIONS, help="default bf16 on CUDA, fp32 on CPU")
+    grad_clip: float = flag(1.0, aliases=("--gradient_clipping",), help="max gradient norm (0 disables clipping)")
+    weight_decay: float = flag(0.1, aliases=("-w",), help="AdamW weight decay (not on norms and biases)")
+    warmup_steps: Optional[int] = flag(None, aliases=("-s",), help="default: 2.5%% of the optimizer steps")
+    use_grad_checkpoint: bool = flag(False, aliases=("-g",), help="activation (gradient) checkpointing")
+    use_flash_attn: bool = flag(False, aliases=("-f",), help="flash-attention 2 when importable on CUDA, else sdpa")
+    freeze_non_embeds_params: bool = flag(False, help="train only embed_tokens and lm_head")
+    tp: int = flag(1, help="tensor-parallel size (3d plugin)")
+    pp: int = flag(1, help="pipeline-parallel size (3d plugin)")
+    zero_stage: int = flag(1, aliases=("--zero",), choices=(0, 1, 2), help="ZeRO stage for the 3d plugin")
+    use_neft: bool = flag(False, aliases=("--use_neftune",),
+                          help="NEFTune: uniform noise on input embeddings while training")
+    neft_alpha: float = flag(5.0, help="NEFTune noise scale alpha")
+    seed: int = flag(42, help="seed of the data order, the model's RNG and NEFTune's noise")
+    shuffle_buckets: bool = flag(False, help="shuffle all sequences globally instead of walking buckets in order")
+    max_steps: Optional[int] = flag(None, help="stop after this many optimizer steps")
+    log_interval: int = flag(10, help="log a line every N optimizer steps")
+    padding_mode: str = flag("longest", choices=("longest", "max_length"), help="pad micro-batches to")
+    liger: str = flag("auto", choices=("auto", "on", "off"),
+                      help="Liger fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA; "
+                           "auto = when liger_kernel is installed")
 
 
-def _bool_flag(parser: argparse.ArgumentParser, *names: str, help: str) -> None:
-    """``--flag`` alone means true; ``--flag False`` / ``--flag true`` are accepted too (older scripts)."""
-    parser.add_argument(*names, nargs="?", const=True, default=False, type=str2bool, help=help)
+def _flag_type(annotation):
+    """(argparse type, is_bool, is_list) of a field annotation such as ``Optional[int]`` or ``List[str]``."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (list, List):
+        return args[0], False, True
+    if origin is typing.Union:
+        annotation = args[0]
+    if annotation is bool:
+        return str2bool, True, False
+    return annotation, False, False
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Continual pre-training / SFT of a LLaMA-family model with a booster plugin.")
-    p.add_argument("--pretrained", required=True, help="HF model folder (config, weights, tokenizer)")
-    p.add_argument("--dataset", nargs="+", required=True, help="prepared OUT/arrow/part-XXXXX dirs, or OUT/arrow")
-    p.add_argument("--plugin", default="gemini", choices=PLUGINS)
-    p.add_argument("--load_checkpoint", default=None,
-                   help="full checkpoint dir (resume), a modeling/ dir (weights only), or 'latest' (newest in save_dir)")
-    p.add_argument("--save_interval", type=int, default=1000, help="save a checkpoint every N optimizer steps")
-    p.add_argument("--save_dir", default="checkpoints")
-    p.add_argument("--tensorboard_dir", default=None)
-    p.add_argument("--config_file", default=None, help="write the resolved config here as JSON")
-    p.add_argument("--num_epochs", type=int, default=1)
-    p.add_argument("--batch_size", "--micro_batch_size", dest="batch_size", type=int, default=4,
-                   help="sequences per micro-batch per data-parallel rank")
-    p.add_argument("--accumulation_steps", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--max_length", type=int, default=4096)
-    p.add_argument("--mixed_precision", default=None, choices=PRECISIONS,
-                   help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--grad_clip", "--gradient_clipping", dest="grad_clip", type=float, default=1.0)
-    p.add_argument("-w", "--weight_decay", type=float, default=0.1)
-    p.add_argument("-s", "--warmup_steps", type=int, default=None, help="default: 2.5%% of the optimizer steps")
-    _bool_flag(p, "--use_grad_checkpoint", "-g", help="activation (gradient) checkpointing")
-    _bool_flag(p, "--use_flash_attn", "-f", help="flash-attention 2 when importable on CUDA, else sdpa")
-    _bool_flag(p, "--freeze_non_embeds_params", help="train only embed_tokens and lm_head")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (3d plugin)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (3d plugin)")
-    p.add_argument("--zero_stage", "--zero", dest="zero_stage", type=int, default=1, choices=(0, 1, 2),
-                   help="ZeRO stage for the 3d plugin")
-    _bool_flag(p, "--use_neft", "--use_neftune", help="NEFTune: uniform noise on input embeddings while training")
-    p.add_argument("--neft_alpha", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=42)
-    _bool_flag(p, "--shuffle_buckets", help="shuffle all sequences globally instead of walking buckets in order")
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--log_interval", type=int, default=10, help="log a line every N optimizer steps")
-    p.add_argument("--padding_mode", default="longest", choices=("longest", "max_length"))
-    p.add_argument("--liger", default="auto", choices=("auto", "on", "off"),
-                   help="Liger fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA; "
-                        "auto = when liger_kernel is installed")
-    return p
+    """argparse derived from :class:`TrainConfig`'s fields (names, defaults, help, aliases, choices)."""
+    parser = OneLineErrorParser(
+        prog="train.py", description="Continual pre-training / SFT of a LLaMA-family model with a booster plugin.")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        names = (f"--{f.name}", *meta["aliases"])
+        kind, is_bool, is_list = _flag_type(hints[f.name])
+        kwargs = {"dest": f.name, "help": meta["help"]}
+        if meta["required"]:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+        if is_bool:  # ``--flag`` alone means true; ``--flag False`` / ``--flag true`` too (older scripts)
+            kwargs.update(nargs="?", const=True, type=str2bool)
+        else:
+            kwargs.update(type=kind, choices=meta["choices"], nargs="+" if is_list else meta["nargs"])
+        parser.add_argument(*names, **kwargs)
+    return parser
 
 
 def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
@@ -138,6 +141,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserInputError("--pp > 1 is not supported by this trainer yet (use --tp with --plugin 3d)")
     if not Path(cfg.pretrained).is_dir():
         raise UserInputError(f"--pretrained {cfg.pretrained}: model directory does not exist")
+    if Path(cfg.save_dir).exists() and not Path(cfg.save_dir).is_dir():
+        raise UserInputError(f"--save_dir {cfg.save_dir}: exists and is not a directory")
 
 
 def resolve_precision(cfg: TrainConfig, cuda: bool) -> TrainConfig:
@@ -148,14 +153,7 @@ def resolve_precision(cfg: TrainConfig, cuda: bool) -> TrainConfig:
     return dataclasses.replace(cfg, mixed_precision=precision)
 
 
-def resolve_schedule(cfg: TrainConfig, total_steps: int) -> TrainConfig:
-    """``--warmup_steps`` default (2.5% of the optimizer steps); records ``total_steps`` in ``extra``."""
+def resolve_warmup(cfg: TrainConfig, total_steps: int) -> TrainConfig:
+    """``--warmup_steps`` default: 2.5% of the optimizer steps."""
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(WARMUP_FRACTION * total_steps)
-    return dataclasses.replace(cfg, warmup_steps=warmup, extra={**cfg.extra, "total_steps": total_steps})
-
-
-def write_config(cfg: TrainConfig, path: Path) -> None:
-    """Atomically write the resolved config as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, dataclasses.asdict(cfg), sort_keys=True)
+    return dataclasses.replace(cfg, warmup_steps=warmup)

@@ -4,11 +4,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from colossal_llama.utils.errors import UserInputError
+
+T = TypeVar("T")
 
 
 def _free_port() -> int:
@@ -37,6 +40,47 @@ def init_distributed(seed: int) -> bool:
     return cuda
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (and ``colossalai run``, which calls it) sets TORCHELASTIC_RUN_ID for every worker."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def stop_with_launcher() -> bool:
+    """Make this rank die with its launcher (torchrun): a rank whose launcher was killed must not keep training
+    and writing checkpoints beside a restarted run. Returns whether the guard is on.
+
+    Linux: the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``). Elsewhere a daemon thread
+    polls the parent pid. A plain ``python train.py`` (no launcher) is left alone: its parent is a shell, and
+    ``nohup python train.py &`` must survive the shell.
+    """
+    if not launched_by_torchrun():
+        return False
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
+    if os.getppid() == 1:  # the launcher died before the guard was set (we were re-parented to init)
+        os._exit(1)
+    return True
+
+
 def setup_logging() -> None:
     """INFO on rank 0, warnings only elsewhere; every line carries the rank."""
     rank = int(os.environ.get("RANK", "0"))
@@ -54,3 +98,20 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank tears down while a peer still talks to it
         dist.destroy_process_group()
+
+
+def on_rank0(fn: Callable[[], T]) -> Optional[T]:
+    """Collective: run ``fn`` on global rank 0 only; a :class:`UserInputError` there is raised on every rank with
+    the same message (so all ranks stop together with one clear line instead of hanging in the next collective).
+    Returns ``fn``'s result on rank 0 and None elsewhere."""
+    result, message = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except UserInputError as err:
+            message = str(err)
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserInputError(box[0])
+    return result

@@ -11,17 +11,20 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from colossal_llama.training import checkpoint as ckpt
+from colossal_llama.training.checkpoint import (Checkpointer, LoadTarget, ModelFiles, RunningState, resolve_load_target,
+                                                verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
-from colossal_llama.training.config import TrainConfig, resolve_precision, resolve_schedule, write_config
+from colossal_llama.training.config import TrainConfig, resolve_precision, resolve_warmup
 from colossal_llama.training.data import (PreparedData, StepBatchSampler, check_manifest_against_model,
                                           collect_parts, expand_dataset_args, load_prepared)
-from colossal_llama.training.distributed import init_distributed, setup_logging
+from colossal_llama.training.distributed import init_distributed, on_rank0, setup_logging
 from colossal_llama.training.metrics import RunMetrics, StepStats
 from colossal_llama.training.model import (NEFTune, apply_liger_kernels, choose_attention, freeze_non_embeddings,
                                            load_causal_lm)
 from colossal_llama.training.optim import WarmupCosineLR, build_optimizer
-from colossal_llama.training.plugin import ParallelLayout, build_plugin, ddp_mixed_precision, parallel_layout
+from colossal_llama.training.plan import RunPlan, write_run_config
+from colossal_llama.training.plugin import Parallelism, build_parallel
+from colossal_llama.training.run_dir import RUN_CONFIG, SaveDirLock, claim_save_dir, release_lock
 from colossal_llama.training.step import Stepper
 from colossal_llama.utils.errors import UserInputError
 
@@ -30,19 +33,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Run:
-    cfg: TrainConfig
+    cfg: TrainConfig  # resolved (precision, warm-up)
+    plan: RunPlan
     data: PreparedData
-    layout: ParallelLayout
+    parallel: Parallelism
     stepper: Stepper
-    model_files: ckpt.ModelFiles
+    checkpointer: Checkpointer
     collator: PackedCollator
-    num_params: int
+    target: Optional[LoadTarget]  # what --load_checkpoint resolved to
+    lock: Optional[SaveDirLock]  # held by global rank 0 for the life of the run
     cuda: bool
 
     def sampler(self, epoch: int, start_offset: int) -> StepBatchSampler:
-        c = self.cfg
-        return StepBatchSampler(self.data.bucket_sizes, c.batch_size, c.accumulation_steps, self.layout.dp_rank,
-                                self.layout.dp_size, c.seed, c.shuffle_buckets, epoch, start_offset)
+        c, layout = self.cfg, self.parallel.layout
+        return StepBatchSampler(self.data.bucket_sizes, c.batch_size, c.accumulation_steps, layout.dp_rank,
+                                layout.dp_size, c.seed, c.shuffle_buckets, epoch, start_offset)
 
 
 def load_data(cfg: TrainConfig, tokenizer, model_config) -> PreparedData:
@@ -54,6 +59,19 @@ def load_data(cfg: TrainConfig, tokenizer, model_config) -> PreparedData:
     return load_prepared(parts, manifests)
 
 
+def claim(cfg: TrainConfig) -> tuple[Optional[LoadTarget], Optional[SaveDirLock]]:
+    """Collective, before anything is built: rank 0 locks --save_dir and refuses to clobber an earlier run; then
+    --load_checkpoint is resolved and a checkpoint to resume is checked for damaged files."""
+    save_dir = Path(cfg.save_dir)
+    target = resolve_load_target(cfg.load_checkpoint, save_dir)
+    resuming = cfg.load_checkpoint == "latest" or (target is not None and target.kind == "resume")
+    lock = on_rank0(lambda: claim_save_dir(save_dir, resuming, cfg.overwrite))
+    target = resolve_load_target(cfg.load_checkpoint, save_dir)  # "latest" must not see what --overwrite removed
+    if target is not None and target.kind == "resume":
+        on_rank0(lambda: verify_checkpoint(target.path))
+    return target, lock
+
+
 def build_run(cfg: TrainConfig) -> Run:
     from colossalai.accelerator import get_accelerator
     from colossalai.booster import Booster
@@ -63,85 +81,91 @@ def build_run(cfg: TrainConfig) -> Run:
 
     cuda = init_distributed(cfg.seed)
     cfg = resolve_precision(cfg, cuda)
+    target, lock = claim(cfg)
     tokenizer = load_tokenizer(cfg.pretrained)
     model_config = AutoConfig.from_pretrained(cfg.pretrained)
     data = load_data(cfg, tokenizer, model_config)
 
-    plugin = build_plugin(cfg, cuda)
-    layout = parallel_layout(plugin)
+    parallel = build_parallel(cfg, cuda)
+    layout = parallel.layout
     probe = StepBatchSampler(data.bucket_sizes, cfg.batch_size, cfg.accumulation_steps, layout.dp_rank,
                              layout.dp_size, cfg.seed, cfg.shuffle_buckets)
     if probe.steps_per_epoch == 0:
         raise UserInputError(f"--dataset holds {sum(data.bucket_sizes)} sequences, fewer than one global batch "
-                                  f"({probe.global_batch} = batch_size x accumulation_steps x {layout.dp_size} dp ranks)")
+                             f"({probe.global_batch} = batch_size x accumulation_steps x {layout.dp_size} dp ranks)")
     total_steps = cfg.num_epochs * probe.steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
+    cfg = resolve_warmup(cfg, total_steps)
     attn = choose_attention(cfg.use_flash_attn, cuda)
-    cfg = resolve_schedule(cfg, total_steps)
-    cfg = dataclasses.replace(cfg, extra={**cfg.extra, "attn_implementation": attn, "dp_size": layout.dp_size,
-                                          "liger": apply_liger_kernels(cfg.liger, cuda),
-                                          "global_batch": probe.global_batch,
-                                          "steps_per_epoch": probe.steps_per_epoch,
-                                          "dropped_per_epoch": probe.dropped_per_epoch})
-    log.info("data: %d sequences in %d buckets, global batch %d -> %d steps/epoch, %d steps total; "
-             "%d sequences/epoch skipped (epoch tail smaller than a global batch)",
-             sum(data.bucket_sizes), len(data.bucket_sizes), probe.global_batch, probe.steps_per_epoch, total_steps,
-             probe.dropped_per_epoch)
-    log.info("plugin %s, precision %s, attention %s, world %d (dp %d)", cfg.plugin, cfg.mixed_precision, attn,
-             dist.get_world_size(), layout.dp_size)
-    if dist.get_rank() == 0:
-        write_config(cfg, Path(cfg.save_dir) / "train_config.json")
-        if cfg.config_file:
-            write_config(cfg, Path(cfg.config_file))
+    liger = apply_liger_kernels(cfg.liger, cuda)
 
     model = load_causal_lm(cfg.pretrained, attn)
     model.config.use_cache = False
     if cfg.use_grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     num_params = sum(p.numel() for p in model.parameters())
-    if cfg.freeze_non_embeds_params:
-        log.info("--freeze_non_embeds_params: %d of %d parameters train", freeze_non_embeddings(model), num_params)
+    trainable = freeze_non_embeddings(model) if cfg.freeze_non_embeds_params else num_params
+    plan = RunPlan(total_steps=total_steps, steps_per_epoch=probe.steps_per_epoch, global_batch=probe.global_batch,
+                   dropped_per_epoch=probe.dropped_per_epoch, world_size=dist.get_world_size(),
+                   dp_size=layout.dp_size, plugin_class=parallel.plugin_class, cpu_offload=parallel.cpu_offload,
+                   attn_implementation=attn, liger=liger, num_parameters=num_params, trainable_parameters=trainable)
+    _log_plan(cfg, plan, data)
+    if dist.get_rank() == 0:
+        write_run_config(cfg, plan, Path(cfg.save_dir) / RUN_CONFIG)
+        if cfg.config_file:
+            write_run_config(cfg, plan, Path(cfg.config_file))
+
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cuda)
     scheduler = WarmupCosineLR(optimizer, cfg.warmup_steps, total_steps)
-    booster = Booster(plugin=plugin, mixed_precision=ddp_mixed_precision(cfg))
+    booster = Booster(plugin=parallel.plugin, mixed_precision=parallel.booster_mixed_precision)
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
 
-    stepper = Stepper(booster, model, optimizer, scheduler, layout, get_accelerator().get_current_device(),
-                      cfg.grad_clip, manual_clip=cfg.plugin == "ddp", use_no_sync=cfg.plugin == "ddp",
-                      autocast_dtype=torch.bfloat16 if cfg.plugin == "ddp" and cfg.mixed_precision == "bf16" else None)
+    neftune = NEFTune(cfg.neft_alpha, cfg.seed, layout.dp_rank) if cfg.use_neft else None
+    if neftune is not None:
+        neftune.attach(model.unwrap())
+    stepper = Stepper(booster, model, optimizer, scheduler, parallel, get_accelerator().get_current_device(),
+                      cfg.grad_clip, neftune)
+    checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir),
+                                ModelFiles(model_config, tokenizer, data.chat_template))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = PackedCollator(pad_id if pad_id is not None else 0, cfg.max_length, cfg.padding_mode,
                               mask_4d=attn != "flash_attention_2")
-    return Run(cfg, data, layout, stepper, ckpt.ModelFiles(model_config, tokenizer, data.chat_template), collator,
-               num_params, cuda)
+    return Run(cfg, plan, data, parallel, stepper, checkpointer, collator, target, lock, cuda)
 
 
-def restore(run: Run) -> ckpt.RunningState:
-    """Apply ``--load_checkpoint``; returns where training starts."""
-    cfg, s = run.cfg, run.stepper
-    start = ckpt.RunningState(epoch=0, step=0, sample_offset=0, global_batch=run.sampler(0, 0).global_batch,
-                              world_size=dist.get_world_size())
-    target = ckpt.resolve_load_target(cfg.load_checkpoint, Path(cfg.save_dir))
-    if target is None:
-        return start
-    if target.kind == "weights":
-        ckpt.load_weights(s.booster, s.model, target.path)
-        log.info("loaded weights from %s (new stage: optimizer, schedule and data start fresh)", target.path)
-        return start
-    state = ckpt.load_checkpoint(s.booster, s.model, s.optimizer, s.scheduler, target.path)
-    if state.global_batch != start.global_batch:
+def _log_plan(cfg: TrainConfig, plan: RunPlan, data: PreparedData) -> None:
+    log.info("data: %d sequences in %d buckets, global batch %d -> %d steps/epoch, %d steps total; "
+             "%d sequences/epoch skipped (epoch tail smaller than a global batch)",
+             sum(data.bucket_sizes), len(data.bucket_sizes), plan.global_batch, plan.steps_per_epoch,
+             plan.total_steps, plan.dropped_per_epoch)
+    log.info("plugin %s (%s%s), precision %s, attention %s, world %d (dp %d), %d of %d parameters train",
+             cfg.plugin, plan.plugin_class, ", optimizer offloaded to CPU" if plan.cpu_offload else "",
+             cfg.mixed_precision, plan.attn_implementation, plan.world_size, plan.dp_size,
+             plan.trainable_parameters, plan.num_parameters)
+
+
+def start_state(run: Run) -> RunningState:
+    """Where training starts: step 0, or the data position of the resumed checkpoint."""
+    fresh = RunningState(epoch=0, step=0, sample_offset=0, global_batch=run.plan.global_batch,
+                         world_size=run.plan.world_size)
+    state = run.checkpointer.restore(run.target)
+    if state is None:
+        return fresh
+    if state.global_batch != fresh.global_batch:
         log.warning("global batch changed from %d to %d: resuming at sample %d of epoch %d",
-                    state.global_batch, start.global_batch, state.sample_offset, state.epoch)
-    log.info("resumed from %s: epoch %d, step %d, sample offset %d", target.path, state.epoch, state.step,
+                    state.global_batch, fresh.global_batch, state.sample_offset, state.epoch)
+    log.info("resumed from %s: epoch %d, step %d, sample offset %d", run.target.path, state.epoch, state.step,
              state.sample_offset)
-    return dataclasses.replace(state, global_batch=start.global_batch, world_size=start.world_size)
+    return dataclasses.replace(state, global_batch=fresh.global_batch, world_size=fresh.world_size)
 
 
 def micro_batch_groups(run: Run, epoch: int, offset: int) -> Iterator[List[dict]]:
     """The rest of ``epoch`` from ``offset``, as lists of ``accumulation_steps`` collated micro-batches."""
+    # A generator of its own: creating the iterator draws a seed from it, not from torch's global RNG (whose
+    # state checkpoints save), so a resumed run's random stream is the uninterrupted run's.
     loader = DataLoader(run.data.dataset, batch_sampler=run.sampler(epoch, offset), collate_fn=run.collator,
-                        num_workers=0)
+                        num_workers=0, generator=torch.Generator().manual_seed(run.cfg.seed))
     group: List[dict] = []
     for batch in loader:
         group.append(batch)
@@ -154,37 +178,38 @@ def train(cfg: TrainConfig) -> Optional[Path]:
     """Train per ``cfg``; returns the final HF model dir (``save_dir/modeling``)."""
     setup_logging()
     run = build_run(cfg)
-    cfg, s = run.cfg, run.stepper
-    state = restore(run)
-    total = cfg.extra["total_steps"]
-    steps_per_epoch = cfg.extra["steps_per_epoch"]
-    if cfg.use_neft:
-        NEFTune(cfg.neft_alpha).attach(s.model.unwrap())
-    s.model.train()
-    save_dir = Path(cfg.save_dir)
-    metrics = RunMetrics(dist.get_rank() == 0, save_dir, cfg.tensorboard_dir, total, state.step, cfg.log_interval,
-                         run.num_params, run.cuda)
     try:
-        while state.step < total and state.epoch < cfg.num_epochs:
+        return _train(run)
+    finally:
+        if run.lock is not None:
+            release_lock(run.lock)
+
+
+def _train(run: Run) -> Path:
+    cfg, plan, s = run.cfg, run.plan, run.stepper
+    state = start_state(run)
+    s.model.train()
+    metrics = RunMetrics(dist.get_rank() == 0, Path(cfg.save_dir), cfg.tensorboard_dir, plan.total_steps,
+                         state.step, cfg.log_interval, plan.num_parameters, run.cuda)
+    try:
+        while state.step < plan.total_steps and state.epoch < cfg.num_epochs:
             epoch = state.epoch
             for group in micro_batch_groups(run, epoch, state.sample_offset):
-                result = s.step(group)
+                result = s.step(group, state.step + 1)
                 state.step += 1
                 state.sample_offset += state.global_batch
                 metrics.record(StepStats(state.step, epoch, result.loss, result.lr, result.grad_norm, result.tokens,
                                          result.seconds))
-                if state.sample_offset >= steps_per_epoch * state.global_batch:  # epoch done: the next starts at 0
+                if state.sample_offset >= plan.steps_per_epoch * state.global_batch:  # epoch done
                     state.epoch, state.sample_offset = epoch + 1, 0
-                if state.step % cfg.save_interval == 0 or state.step == total:
-                    path = ckpt.save_checkpoint(s.booster, s.model, s.optimizer, s.scheduler, save_dir, state,
-                                                run.model_files)
-                    log.info("saved checkpoint %s", path)
-                if state.step >= total:
+                if state.step % cfg.save_interval == 0 or state.step == plan.total_steps:
+                    log.info("saved checkpoint %s", run.checkpointer.save(state))
+                if state.step >= plan.total_steps:
                     break
-            if state.step < total and state.epoch == epoch:  # resumed past the last full global batch
+            if state.step < plan.total_steps and state.epoch == epoch:  # resumed past the last full global batch
                 state.epoch, state.sample_offset = epoch + 1, 0
     finally:
         metrics.close()
-    final = ckpt.save_final_model(s.booster, s.model, save_dir, run.model_files)
+    final = run.checkpointer.save_final()
     log.info("saved the trained model (HF format) to %s", final)
     return final

@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,18 +70,37 @@ def freeze_non_embeddings(model: nn.Module) -> int:
 class NEFTune:
     """Uniform noise on the input embeddings while training (Jain et al. 2023), none in eval mode.
 
-    noise ~ U(-m, m) with m = alpha / sqrt(L * d), L the padded sequence length and d the hidden size. Drawn
-    from torch's global RNG, which checkpoints save per rank, so a resumed run draws the same noise.
+    noise ~ U(-m, m) with m = alpha / sqrt(L * d), L the padded sequence length and d the hidden size.
+    The noise is a pure function of (seed, data-parallel rank, optimizer step, micro-batch): :meth:`reseed` is
+    called before every micro-batch, and the draws come from a generator of its own, never from torch's global
+    RNG. So a resumed run draws exactly the noise the uninterrupted run drew, whatever else consumed random
+    numbers in between, and tensor-parallel peers (same dp rank, same data) add the same noise.
     """
 
-    def __init__(self, alpha: float):
-        self.alpha = alpha
+    def __init__(self, alpha: float, seed: int, dp_rank: int):
+        self.alpha, self.seed, self.dp_rank = alpha, seed, dp_rank
+        self._key = (0, 0)
+        self._generators: dict = {}
+
+    def reseed(self, step: int, micro_batch: int) -> None:
+        self._key = (step, micro_batch)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        # an independent stream for every (seed, dp rank, step, micro-batch)
+        key = np.random.SeedSequence([self.seed, self.dp_rank, *self._key]).generate_state(1, np.uint64)[0]
+        gen.manual_seed(int(key) >> 1)
+        return gen
 
     def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         if not module.training:
             return output
         magnitude = self.alpha / math.sqrt(output.shape[-2] * output.shape[-1])
-        return output + torch.zeros_like(output).uniform_(-magnitude, magnitude)
+        noise = torch.rand(output.shape, generator=self._generator(output.device), device=output.device,
+                           dtype=torch.float32)
+        return output + ((noise * 2 - 1) * magnitude).to(output.dtype)
 
     def attach(self, model: nn.Module):
         return model.get_input_embeddings().register_forward_hook(self)

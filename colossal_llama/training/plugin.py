@@ -1,9 +1,11 @@
-"""Booster plugin selection (``--plugin``) and the data-parallel layout the sampler needs."""
+"""Every per-plugin decision in one place: :func:`build_parallel` turns ``--plugin`` and friends into a
+:class:`Parallelism` that the step loop and the checkpointer read (no ``cfg.plugin == ...`` elsewhere)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from colossal_llama.training.config import TrainConfig
@@ -21,8 +23,26 @@ class ParallelLayout:
     dp_group: Optional[object]  # process group for loss/token all-reduces; None = the default (world) group
 
 
-def build_plugin(cfg: TrainConfig, cuda: bool):
-    """The colossalai plugin for ``cfg.plugin``; ``cfg.mixed_precision`` must be resolved already."""
+@dataclass
+class Parallelism:
+    """The colossalai plugin and what follows from it for the step loop and for checkpoints."""
+
+    plugin: object  # colossalai.booster.plugin.*
+    layout: ParallelLayout
+    booster_mixed_precision: Optional[str]  # what Booster(mixed_precision=...) takes (ddp + fp16 only)
+    clip_in_step_loop: bool  # ddp: clip in the loop; ZeRO / gemini / 3d optimizers clip inside step() (max_norm)
+    no_sync_while_accumulating: bool  # ddp: skip the gradient all-reduce on all but the last micro-batch
+    autocast_dtype: Optional[torch.dtype]  # ddp + bf16 runs under autocast; the other plugins cast the model
+    params_replicated: bool  # every rank holds the full model (ddp, ZeRO-1/2): rank 0 can write it alone
+    optimizer_replicated: bool  # ddp: one optimizer.bin from rank 0; else colossalai's per-rank shards + index
+    cpu_offload: bool  # optimizer states in host memory (zero2_cpu)
+
+    @property
+    def plugin_class(self) -> str:
+        return type(self.plugin).__name__
+
+
+def _plugin(cfg: TrainConfig, cuda: bool):
     from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 
     if cfg.plugin in CUDA_ONLY_PLUGINS and not cuda:
@@ -51,7 +71,7 @@ def build_plugin(cfg: TrainConfig, cuda: bool):
                                 enable_flash_attention=False, enable_fused_normalization=False)
 
 
-def parallel_layout(plugin) -> ParallelLayout:
+def _layout(plugin) -> ParallelLayout:
     """dp rank/size for the sampler: the world for ddp/zero/gemini, the plugin's dp group for 3d."""
     group = getattr(plugin, "dp_group", None)
     if group is not None:
@@ -59,6 +79,19 @@ def parallel_layout(plugin) -> ParallelLayout:
     return ParallelLayout(dist.get_rank(), dist.get_world_size(), None)
 
 
-def ddp_mixed_precision(cfg: TrainConfig) -> Optional[str]:
-    """For ddp the Booster handles fp16 (grad scaler, CUDA); bf16 runs under autocast in the step loop."""
-    return "fp16" if cfg.plugin == "ddp" and cfg.mixed_precision == "fp16" else None
+def build_parallel(cfg: TrainConfig, cuda: bool) -> Parallelism:
+    """The plugin for ``cfg`` and its consequences; ``cfg.mixed_precision`` must be resolved already and the
+    process group initialised."""
+    plugin = _plugin(cfg, cuda)
+    ddp = cfg.plugin == "ddp"
+    return Parallelism(
+        plugin=plugin,
+        layout=_layout(plugin),
+        booster_mixed_precision="fp16" if ddp and cfg.mixed_precision == "fp16" else None,
+        clip_in_step_loop=ddp,
+        no_sync_while_accumulating=ddp,
+        autocast_dtype=torch.bfloat16 if ddp and cfg.mixed_precision == "bf16" else None,
+        params_replicated=cfg.plugin in ("ddp", "zero2", "zero2_cpu"),
+        optimizer_replicated=ddp,
+        cpu_offload=cfg.plugin == "zero2_cpu",
+    )

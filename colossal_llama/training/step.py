@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from colossal_llama.training.collate import count_loss_tokens
-from colossal_llama.training.plugin import ParallelLayout
+from colossal_llama.training.model import NEFTune
+from colossal_llama.training.plugin import Parallelism
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
@@ -36,23 +37,21 @@ class Stepper:
     model: object
     optimizer: object
     scheduler: object
-    layout: ParallelLayout
+    parallel: Parallelism
     device: torch.device
     grad_clip: float
-    manual_clip: bool  # ddp: clip here; ZeRO / 3d optimizers clip inside step() (plugin max_norm)
-    use_no_sync: bool  # ddp: skip the gradient all-reduce on all but the last micro-batch
-    autocast_dtype: Optional[torch.dtype]  # ddp + bf16
+    neftune: Optional[NEFTune] = None  # reseeded per (step, micro-batch): its noise is a function of both
 
     def _all_reduce(self, values: List[float]) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.layout.dp_group)
+        dist.all_reduce(t, group=self.parallel.layout.dp_group)
         return t.tolist()
 
     def _forward_loss_sum(self, batch: dict, n_tokens: int) -> torch.Tensor:
         """Sum (not mean) of the token losses of one micro-batch; 0 with a graph when it has no loss tokens."""
         inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
+        dtype = self.parallel.autocast_dtype
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
             out = self.model(**inputs, use_cache=False)
         if n_tokens == 0:  # HF's mean over zero tokens is NaN; keep every parameter in the graph for DDP
@@ -61,29 +60,32 @@ class Stepper:
             return out.logits.float().sum() * 0.0
         return out.loss.float() * n_tokens
 
-    def step(self, micro_batches: List[dict]) -> StepResult:
+    def step(self, micro_batches: List[dict], step: int) -> StepResult:
+        """Optimizer step number ``step`` (1-based) over this rank's ``micro_batches``."""
         start = time.perf_counter()
         local_tokens = [count_loss_tokens(b["labels"]) for b in micro_batches]
         input_tokens = sum(int(b["lengths"].sum()) for b in micro_batches)
         global_loss_tokens, global_input_tokens = self._all_reduce([sum(local_tokens), input_tokens])
         # DDP / ZeRO average gradients over dp ranks, so scale by dp_size to get sum / global_loss_tokens.
-        scale = self.layout.dp_size / max(global_loss_tokens, 1.0)
+        scale = self.parallel.layout.dp_size / max(global_loss_tokens, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on device: no sync per micro-batch
         last = len(micro_batches) - 1
         for i, (batch, n_tokens) in enumerate(zip(micro_batches, local_tokens)):
             sync = contextlib.nullcontext()
-            if self.use_no_sync and i < last:
+            if self.parallel.no_sync_while_accumulating and i < last:
                 sync = self.booster.no_sync(self.model, self.optimizer)
+            if self.neftune is not None:
+                self.neftune.reseed(step, i)
             with sync:
                 micro_loss = self._forward_loss_sum(batch, n_tokens)
                 self.booster.backward(micro_loss * scale, self.optimizer)
             loss_sum += micro_loss.detach().double()
-        grad_norm = self._clip() if self.manual_clip else None
+        grad_norm = self._clip() if self.parallel.clip_in_step_loop else None
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
-        if not self.manual_clip:
+        if not self.parallel.clip_in_step_loop:
             grad_norm = self._plugin_grad_norm()
         (total_loss,) = self._all_reduce([loss_sum.item()])
         return StepResult(loss=total_loss / max(global_loss_tokens, 1.0), grad_norm=grad_norm, lr=lr,

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_ENTRY = REPO / "tests" / "support" / "train_entry.py"
@@ -46,16 +47,60 @@ def run_training(train_args: List[str], log_path: Path, nproc: int = 2, env: Opt
 
 def start_training(train_args: List[str], log_path: Path, nproc: int = 2,
                    env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-    """Start in its own process group, so :func:`kill_group` can SIGKILL torchrun and every rank at once."""
+    """Start torchrun (in a session of its own) and return at once; see :func:`kill_launcher_and_ranks`."""
     log = open(log_path, "w")
     return subprocess.Popen(torchrun_command(train_args, nproc), stdout=log, stderr=subprocess.STDOUT,
                             env=worker_env(env), cwd=REPO, start_new_session=True)
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """kill -9 the launcher and all ranks (no handler runs, no cleanup: a real crash)."""
-    os.killpg(proc.pid, signal.SIGKILL)
+def rank_processes(proc: subprocess.Popen) -> List[psutil.Process]:
+    """The ranks torchrun started (its child processes running the training entry point)."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    ranks = []
+    for child in children:
+        try:
+            if any(str(TRAIN_ENTRY) in part for part in child.cmdline()):
+                ranks.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return ranks
+
+
+def alive(processes: List[psutil.Process]) -> List[psutil.Process]:
+    """Those still running (a zombie, dead but not yet reaped, is not running)."""
+    running = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def kill_launcher_and_ranks(proc: subprocess.Popen, expected_ranks: int = 2) -> List[int]:
+    """kill -9 torchrun *and* every rank (no handler runs, no cleanup: a real crash), then make sure they are gone.
+
+    torchrun starts each rank in a session of its own, so killing the launcher's process group would leave the
+    ranks training; they are found as the launcher's children and killed by pid. Returns the rank pids.
+    """
+    ranks = rank_processes(proc)
+    if len(ranks) != expected_ranks:
+        raise AssertionError(f"expected {expected_ranks} live ranks under torchrun {proc.pid}, found "
+                             f"{[r.pid for r in ranks]}")
+    for victim in [psutil.Process(proc.pid), *ranks]:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait(timeout=60)
+    _gone, still = psutil.wait_procs(ranks, timeout=30)
+    if alive(still):
+        raise AssertionError(f"ranks {[p.pid for p in alive(still)]} survived kill -9")
+    return [r.pid for r in ranks]
 
 
 def wait_for_lines(path: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> int:

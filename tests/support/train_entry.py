@@ -5,6 +5,8 @@
 Fault injection (tests of crash safety), read from the environment:
 - ``CL_TEST_KILL_DURING_SAVE_STEP=S``: rank 0 SIGKILLs itself inside the checkpoint save of step S, after every
   rank wrote its shards into the ``.tmp-`` dir and just before the rename that would publish it.
+- ``CL_TEST_HOLD_AT_STEP=S``: rank 0 stops for good right after logging step S (before that step's checkpoint,
+  if any); the other ranks wait for it in the next collective. A run that stays alive as long as a test needs.
 """
 from __future__ import annotations
 
@@ -31,11 +33,30 @@ def _install_kill_during_save(step: int) -> None:
     checkpoint._publish = publish_or_die
 
 
+def _install_hold_at_step(step: int) -> None:
+    import time
+
+    from colossal_llama.training import metrics
+
+    record = metrics.RunMetrics.record
+
+    def record_then_maybe_hold(self, stats) -> None:
+        record(self, stats)
+        if stats.step == step:
+            time.sleep(3600)
+
+    metrics.RunMetrics.record = record_then_maybe_hold
+
+
 def main() -> None:
+    from colossal_llama.training.cli import main as train_main, quiet_library_warnings
+
+    quiet_library_warnings()
     colossalai_cpu.apply()
     if os.environ.get("CL_TEST_KILL_DURING_SAVE_STEP"):
         _install_kill_during_save(int(os.environ["CL_TEST_KILL_DURING_SAVE_STEP"]))
-    from colossal_llama.training.cli import main as train_main
+    if os.environ.get("CL_TEST_HOLD_AT_STEP"):
+        _install_hold_at_step(int(os.environ["CL_TEST_HOLD_AT_STEP"]))
 
     train_main(sys.argv[1:])
 

@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.prepared_data import prepare_small_pretrain
 from tests.support.tiny_model import make_tiny_llama
+from tests.support.train_runs import ReferenceRuns
 
 
 def _once(root: Path, name: str, build) -> Path:
@@ -38,3 +39,9 @@ def prepared_pretrain(tmp_path_factory, smollm2_dir, data_dir) -> Path:
     """Real pre-training rows (novel + reviews) prepared with the SmolLM2 tokenizer: max_length 128, 2 bins."""
     root = tmp_path_factory.getbasetemp() / "train-shared"
     return _once(root, "prepared", lambda out: prepare_small_pretrain(data_dir, smollm2_dir, out / "data")) / "data"
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory, tiny_llama, prepared_pretrain) -> ReferenceRuns:
+    """Uninterrupted 2-rank training runs by layout name (``tests.support.train_runs.LAYOUTS``), made on first use."""
+    return ReferenceRuns(tmp_path_factory.getbasetemp() / "train-runs", tiny_llama, prepared_pretrain)

@@ -1,0 +1,86 @@
+"""Reference training runs shared by the multi-process test modules, and the helpers to compare runs.
+
+Every run trains the tiny LLaMA (``tiny_llama``) on real prepared data (``prepared_pretrain``) for ``MAX_STEPS``
+optimizer steps of the same global batch (4 sequences), under ``torchrun`` with 2 gloo ranks on CPU, in fp32.
+A reference run is made the first time a test asks for it and reused by every later test of the session.
+"""
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+from typing import Dict, List
+
+from colossal_llama.training.metrics import read_loss_log
+from tests.support.launch import run_training, tail
+
+MAX_STEPS = 8
+SAVE_INTERVAL = 3
+# Same global batch (4 sequences per step) for every layout: ddp/zero2 = 2 ranks x 1 x 2 micro-batches,
+# 3d tp=2 = 1 dp rank x 1 x 4 micro-batches.
+DP2_BATCH = ["--batch_size", "1", "--accumulation_steps", "2"]
+DP1_BATCH = ["--batch_size", "1", "--accumulation_steps", "4"]
+NEFT = ["--use_neft"]
+RECOMPUTE = ["--use_grad_checkpoint"]
+TP2 = ["--plugin", "3d", "--tp", "2", "--zero_stage", "0", *DP1_BATCH]
+
+# name -> the flags that differ between reference runs
+LAYOUTS: Dict[str, List[str]] = {
+    "ddp": ["--plugin", "ddp", *DP2_BATCH],
+    "zero2": ["--plugin", "zero2", *DP2_BATCH],
+    "zero2_cpu": ["--plugin", "zero2_cpu", *DP2_BATCH],
+    "3d_tp2": TP2,
+    "ddp_neft": ["--plugin", "ddp", *NEFT, *DP2_BATCH],
+    "ddp_neft_recompute": ["--plugin", "ddp", *NEFT, *RECOMPUTE, *DP2_BATCH],
+    "zero2_neft": ["--plugin", "zero2", *NEFT, *DP2_BATCH],
+    "zero2_neft_recompute": ["--plugin", "zero2", *NEFT, *RECOMPUTE, *DP2_BATCH],
+}
+
+
+def train_args(model: Path, data: Path, save_dir: Path, *extra: str) -> List[str]:
+    return ["--pretrained", str(model), "--dataset", str(data / "arrow"), "--save_dir", str(save_dir),
+            "--max_length", "128", "--max_steps", str(MAX_STEPS), "--save_interval", str(SAVE_INTERVAL),
+            "--lr", "2e-3", "--warmup_steps", "2", "--log_interval", "4", "--mixed_precision", "fp32", *extra]
+
+
+def train_ok(log_dir: Path, name: str, args: List[str], **kwargs) -> Path:
+    """Run to completion under torchrun; fails the test with the log's tail when it does not exit 0."""
+    log = Path(log_dir) / f"{name}.log"
+    proc = run_training(args, log, **kwargs)
+    assert proc.returncode == 0, f"{name} failed (rc {proc.returncode}):\n{tail(log)}"
+    return log
+
+
+def losses(save_dir: Path) -> List[float]:
+    return [r["loss"] for r in read_loss_log(Path(save_dir) / "losses.jsonl")]
+
+
+def assert_bitwise_equal(reference: Path, resumed: Path) -> None:
+    """Every record of ``losses.jsonl`` (loss, lr, grad norm, tokens) equal, float for float."""
+    ref, got = read_loss_log(reference / "losses.jsonl"), read_loss_log(resumed / "losses.jsonl")
+    assert [r["step"] for r in got] == list(range(1, MAX_STEPS + 1))
+    assert got == ref  # json keeps repr precision: exact comparison
+
+
+class ReferenceRuns:
+    """``runs[name]`` -> the save dir of the uninterrupted run ``LAYOUTS[name]``, trained on first use."""
+
+    def __init__(self, root: Path, model: Path, data: Path):
+        self.root, self.model, self.data = Path(root), Path(model), Path(data)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def args(self, name: str, save_dir: Path, *extra: str) -> List[str]:
+        return train_args(self.model, self.data, save_dir, *LAYOUTS[name], *extra)
+
+    def config(self, name: str) -> Path:
+        return self.root / f"{name}.config.json"
+
+    def __getitem__(self, name: str) -> Path:
+        save_dir = self.root / name
+        with open(self.root / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (save_dir / "modeling").is_dir():
+                extra = ["--config_file", str(self.config(name))]
+                if name == "ddp":
+                    extra += ["--tensorboard_dir", str(self.root / "tb")]
+                train_ok(self.root, name, self.args(name, save_dir, *extra))
+        return save_dir

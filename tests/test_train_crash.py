@@ -1,0 +1,240 @@
+"""Crash safety of training under torchrun (2 gloo ranks, CPU, tiny LLaMA, real prepared data).
+
+Specification:
+- a run killed with SIGKILL (the launcher *and* every rank, checked gone) at any moment - start-up, a step, the
+  middle of a checkpoint save - resumes with ``--load_checkpoint latest`` to a ``losses.jsonl`` equal to the
+  uninterrupted run's bit for bit; with NEFTune on, under ddp and zero2, with and without recomputation;
+- the ranks of a run whose launcher alone was killed stop at once (they never go on writing checkpoints);
+- one run per ``--save_dir``: a second run is refused with one line naming the holder, printed once, before the
+  launcher's own report; the lock of a dead run is taken over with a warning;
+- a finished run is never restarted over without ``--overwrite``;
+- a damaged checkpoint file is named in a one-line error, with the older complete checkpoint to use instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from colossal_llama.training.checkpoint import TMP_PREFIX, latest_checkpoint, verify_checkpoint
+from colossal_llama.training.metrics import read_loss_log
+from colossal_llama.utils.errors import UserInputError
+from tests.support.launch import (alive, kill_launcher_and_ranks, rank_processes, run_training, start_training, tail,
+                                  wait_for_lines)
+from tests.support.train_runs import MAX_STEPS, SAVE_INTERVAL, assert_bitwise_equal, losses, train_ok
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+LATEST = ["--load_checkpoint", "latest"]
+
+
+def _loss_lines(save_dir: Path) -> int:
+    path = save_dir / "losses.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+@pytest.mark.parametrize("layout", ["ddp_neft_recompute", "3d_tp2"])
+def test_kill9_at_random_step_resumes_bitwise(reference_runs, tmp_path, layout):
+    """ddp: NEFTune and activation recomputation on. 3d tp2: model and optimizer shards per tp rank."""
+    kill_after = random.Random().randint(SAVE_INTERVAL + 1, MAX_STEPS - 1)
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args(layout, save_dir)
+    proc = start_training(args, tmp_path / "killed.log")
+    seen = wait_for_lines(save_dir / "losses.jsonl", kill_after, proc)
+    assert proc.poll() is None, f"finished before the kill at step {kill_after}:\n{tail(tmp_path / 'killed.log')}"
+    kill_launcher_and_ranks(proc)
+    assert seen < MAX_STEPS and not (save_dir / "modeling").exists()
+    log = train_ok(tmp_path, "resumed", args + LATEST).read_text()
+    assert "resumed from" in log
+    assert_bitwise_equal(reference_runs[layout], save_dir)
+
+
+def test_kill9_during_checkpoint_save_leaves_no_complete_checkpoint(reference_runs, tmp_path):
+    """zero2 (sharded optimizer states): SIGKILL inside the save of step 6 at its last moment, when every shard and
+    running_states.json are written but the dir is not yet renamed into place."""
+    crash_step = 2 * SAVE_INTERVAL
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("zero2", save_dir)
+    proc = run_training(args, tmp_path / "killed.log", env={"CL_TEST_KILL_DURING_SAVE_STEP": str(crash_step)})
+    assert proc.returncode != 0
+    assert "Signal 9 (SIGKILL) received" in (tmp_path / "killed.log").read_text()  # the injected kill
+    half_written = save_dir / f".tmp-epoch-0_step-{crash_step}"
+    assert (half_written / "modeling").is_dir() and (half_written / "optimizer").is_dir()
+    assert not (save_dir / f"epoch-0_step-{crash_step}").exists()
+    assert latest_checkpoint(save_dir).name == f"epoch-0_step-{SAVE_INTERVAL}"
+    log = train_ok(tmp_path, "resumed", args + LATEST).read_text()
+    assert f"resumed from {save_dir / f'epoch-0_step-{SAVE_INTERVAL}'}" in log
+    assert f"removed 1 half-written folders of an interrupted run: {half_written.name}" in log
+    assert not half_written.exists()
+    assert_bitwise_equal(reference_runs["zero2"], save_dir)
+
+
+@pytest.mark.parametrize("layout", ["ddp_neft", "ddp_neft_recompute", "zero2_neft", "zero2_neft_recompute"])
+def test_neftune_resume_from_a_copied_checkpoint_is_bitwise(reference_runs, tmp_path, layout):
+    """The issue's deterministic repro: a fresh save dir holding only checkpoint 3 (and the first 3 loss records)
+    of a finished run resumes to the finished run's steps 4..8 exactly."""
+    reference = reference_runs[layout]
+    save_dir = tmp_path / "ckpt"
+    save_dir.mkdir()
+    shutil.copytree(reference / f"epoch-0_step-{SAVE_INTERVAL}", save_dir / f"epoch-0_step-{SAVE_INTERVAL}")
+    head = (reference / "losses.jsonl").read_text().splitlines(keepends=True)[:SAVE_INTERVAL]
+    (save_dir / "losses.jsonl").write_text("".join(head))
+    train_ok(tmp_path, "resumed", reference_runs.args(layout, save_dir, *LATEST))
+    assert_bitwise_equal(reference, save_dir)
+
+
+# ---------------------------------------------------------------------------------------------- random kills
+def _wait_for_moment(proc, save_dir: Path, moment: str, rng: random.Random, started: float,
+                     log_inode: int | None) -> bool:
+    """Block until the chosen moment of this incarnation; False if the run ended first.
+
+    startup: the ranks exist, plus 0-4 s (import, model build, checkpoint restore);
+    step: this incarnation has logged a step beyond its checkpoint, plus 0-0.8 s;
+    save: a checkpoint (or final model) folder is being written by this incarnation.
+    """
+    deadline = time.monotonic() + 600
+    latest = latest_checkpoint(save_dir)
+    resume_step = int(latest.name.rsplit("-", 1)[1]) if latest else 0
+    target = min(resume_step + rng.randint(1, 3), MAX_STEPS - 1)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if moment == "startup" and len(rank_processes(proc)) == 2:
+            time.sleep(rng.uniform(0, 4))
+            return True
+        log = save_dir / "losses.jsonl"
+        if moment == "step" and log.is_file() and log.stat().st_ino != log_inode and _loss_lines(save_dir) >= target:
+            time.sleep(rng.uniform(0, 0.8))
+            return True
+        if moment == "save" and any(p.stat().st_mtime >= started for p in save_dir.glob(TMP_PREFIX + "*")):
+            return True
+        time.sleep(0.01)
+    raise TimeoutError(f"{moment} never came")
+
+
+@pytest.mark.timeout(2400)
+def test_ten_kills_at_random_moments_resume_bitwise(reference_runs, tmp_path):
+    """NEFTune on, ddp, checkpoints every 2 steps; kill -9 of launcher and ranks at start-up, mid-step and
+    mid-save, in turn, at least 10 times; then one last resume to the end."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("ddp_neft", save_dir, *LATEST)
+    args[args.index("--save_interval") + 1] = "2"
+    kills: list[tuple[str, int]] = []
+    for incarnation in range(16):
+        if len(kills) >= 10:
+            break
+        moment = ("startup", "step", "save")[incarnation % 3]
+        log = save_dir / "losses.jsonl"
+        inode = log.stat().st_ino if log.is_file() else None
+        started = time.time()
+        proc = start_training(args, tmp_path / f"run{incarnation}.log")
+        if not _wait_for_moment(proc, save_dir, moment, rng, started, inode):
+            assert proc.returncode == 0, f"seed {seed}: incarnation {incarnation} failed:\n" \
+                                         f"{tail(tmp_path / f'run{incarnation}.log')}"
+            continue
+        kill_launcher_and_ranks(proc)
+        kills.append((moment, _loss_lines(save_dir)))
+    assert len(kills) >= 10, f"seed {seed}: only {len(kills)} kills: {kills}"
+    train_ok(tmp_path, "final", args)
+    assert_bitwise_equal(reference_runs["ddp_neft"], save_dir)
+
+
+# ---------------------------------------------------------------------------------------------- one run per save_dir
+def test_second_run_is_refused_and_a_dead_launchers_ranks_stop(reference_runs, tmp_path):
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("ddp", save_dir)
+    first = start_training(args, tmp_path / "first.log", env={"CL_TEST_HOLD_AT_STEP": str(SAVE_INTERVAL + 1)})
+    wait_for_lines(save_dir / "losses.jsonl", SAVE_INTERVAL + 1, first)
+    ranks = rank_processes(first)
+    holder = json.loads((save_dir / ".lock").read_text())["pid"]
+    assert len(ranks) == 2 and holder in {r.pid for r in ranks}
+
+    second = run_training(args + LATEST, tmp_path / "second.log")
+    text = (tmp_path / "second.log").read_text()
+    assert second.returncode != 0 and first.poll() is None
+    errors = [line for line in text.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, text[-3000:]  # printed once, by rank 0, not once per rank
+    assert errors[0].startswith(f"error: --save_dir {save_dir}: another training run is using it: pid {holder} on host")
+    assert text.splitlines()[0] == errors[0]  # the first line, before the launcher's own report
+
+    os.kill(first.pid, signal.SIGKILL)  # the launcher alone, as when its ssh session drops
+    first.wait(timeout=60)
+    _gone, still = psutil.wait_procs(ranks, timeout=15)
+    assert not alive(still), "ranks went on training after their launcher died"
+    lines = _loss_lines(save_dir)
+    time.sleep(2)
+    assert _loss_lines(save_dir) == lines and latest_checkpoint(save_dir).name == f"epoch-0_step-{SAVE_INTERVAL}"
+
+    log = train_ok(tmp_path, "third", args + LATEST).read_text()
+    assert f"took over the lock left by pid {holder} on host" in log
+    assert_bitwise_equal(reference_runs["ddp"], save_dir)
+
+
+def test_rerun_over_a_finished_run_is_refused_unless_overwrite(reference_runs, tmp_path):
+    save_dir = tmp_path / "ckpt"
+    shutil.copytree(reference_runs["ddp"], save_dir)
+    before = {p: p.stat().st_mtime_ns for p in save_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    args = reference_runs.args("ddp", save_dir)
+    args[args.index("--max_steps") + 1] = "1"
+    refused = run_training(args, tmp_path / "refused.log", nproc=1)
+    assert refused.returncode != 0
+    errors = [line for line in (tmp_path / "refused.log").read_text().splitlines() if line.startswith("error")]
+    assert errors == [f"error: --save_dir {save_dir}: holds an earlier run ({save_dir / 'epoch-0_step-8'}); "
+                      "continue it with --load_checkpoint latest, or pass --overwrite to delete it and start afresh"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing touched
+
+    log = train_ok(tmp_path, "overwrite", args + ["--overwrite"], nproc=1).read_text()
+    assert "--overwrite: removed the earlier run" in log
+    assert [c.name for c in save_dir.glob("epoch-*")] == ["epoch-0_step-1"]
+    assert [r["step"] for r in read_loss_log(save_dir / "losses.jsonl")] == [1]
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+def _truncate(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.truncate(size // 2)
+    assert path.stat().st_size == size // 2 < size  # the damage really happened
+
+
+@pytest.mark.parametrize("layout, relative, kind", [
+    ("ddp", "optimizer/optimizer.bin", "torch.save"),
+    ("ddp", "modeling/model.safetensors", "safetensors"),
+    ("ddp", "running_states.json", "JSON"),
+    ("ddp", "lr_scheduler", "torch.save"),
+    ("zero2", "optimizer/pytorch_optim-00001.bin", "torch.save"),
+])
+def test_damaged_checkpoint_file_is_named_with_the_older_checkpoint_to_use(reference_runs, tmp_path, layout,
+                                                                            relative, kind):
+    save_dir = tmp_path / "ckpt"
+    shutil.copytree(reference_runs[layout], save_dir)
+    newest, older = save_dir / f"epoch-0_step-{MAX_STEPS}", save_dir / f"epoch-0_step-{2 * SAVE_INTERVAL}"
+    verify_checkpoint(newest)  # intact before the damage
+    _truncate(newest / relative)
+    with pytest.raises(UserInputError) as err:
+        verify_checkpoint(newest)
+    assert str(err.value).startswith(f"{newest / relative}: truncated or corrupt {kind} file (")
+    assert str(err.value).endswith(f"checkpoint {newest} is damaged; the newest older complete checkpoint is "
+                                   f"{older} (pass --load_checkpoint {older})")
+
+
+def test_training_from_a_damaged_latest_checkpoint_stops_with_one_line(reference_runs, tmp_path):
+    save_dir = tmp_path / "ckpt"
+    shutil.copytree(reference_runs["ddp"], save_dir)
+    damaged = save_dir / f"epoch-0_step-{MAX_STEPS}" / "optimizer" / "optimizer.bin"
+    _truncate(damaged)
+    proc = run_training(reference_runs.args("ddp", save_dir, *LATEST), tmp_path / "run.log")
+    text = (tmp_path / "run.log").read_text()
+    assert proc.returncode != 0
+    errors = [line for line in text.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {damaged}: truncated or corrupt torch.save file"), text
+    assert text.splitlines()[0] == errors[0]  # checked before anything is built: the very first line
