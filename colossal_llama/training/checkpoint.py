@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE
+from colossal_llama.training import lora
 from colossal_llama.training.checkpoint_files import CheckpointDamaged, verify_checkpoint_files
 from colossal_llama.training.plugin import Parallelism
 from colossal_llama.utils.errors import UserInputError
@@ -114,6 +115,7 @@ class ModelFiles:
     config: object  # transformers PretrainedConfig, captured before the plugin shards the model
     tokenizer: object
     chat_template: Optional[dict]  # the manifest's chat_template block, or None
+    state_keys: frozenset  # the whole model's state-dict names (a pipeline stage holds only some of them)
 
     def write(self, directory: Path) -> None:
         self.config.save_pretrained(str(directory))
@@ -220,11 +222,12 @@ class Checkpointer:
     """
 
     def __init__(self, booster, model, optimizer, scheduler, parallel: Parallelism, save_dir: Path,
-                 files: ModelFiles):
+                 files: ModelFiles, lora: bool = False):
         self.booster, self.model, self.optimizer, self.scheduler = booster, model, optimizer, scheduler
         self.parallel = parallel
         self.save_dir = Path(save_dir)
         self.files = files
+        self.lora = lora  # checkpoints hold the trainable LoRA state; the final model is merged
 
     # ------------------------------------------------------------------ saving
     def save(self, state: RunningState) -> Path:
@@ -248,7 +251,12 @@ class Checkpointer:
         """``save_dir/modeling`` as a HF folder loadable by ``AutoModelForCausalLM.from_pretrained``."""
         final = self.save_dir / FINAL_MODEL
         tmp = self._fresh_tmp(FINAL_MODEL)
-        self._save_weights(tmp)
+        if self.lora:
+            if dist.get_rank() == 0:  # merging rewrites the weights in place: the run is over
+                lora.merged_model(self.model.unwrap(unwrap_peft=False)).save_pretrained(str(tmp), safe_serialization=True)
+                self.files.write(tmp)
+        else:
+            self._save_weights(tmp)
         dist.barrier()
         if dist.get_rank() == 0:
             _publish(tmp, final)
@@ -267,8 +275,12 @@ class Checkpointer:
     def _save_weights(self, directory: Path) -> None:
         """Replicated params: rank 0 writes safetensors with HF's ``save_pretrained`` (which handles tied
         embeddings; colossalai's safetensors writer refuses shared tensors). Sharded params (tp, gemini):
-        colossalai gathers them into HF-style ``pytorch_model-*.bin`` shards plus an index."""
-        if self.parallel.params_replicated:
+        colossalai gathers them into HF-style ``pytorch_model-*.bin`` shards plus an index. LoRA: only the
+        trainable tensors (params are replicated under the plugins LoRA runs with)."""
+        if self.lora:
+            if dist.get_rank() == 0:
+                lora.save_trainable(self.model.unwrap(unwrap_peft=False), directory)
+        elif self.parallel.params_replicated:
             if dist.get_rank() == 0:
                 self.model.unwrap().save_pretrained(str(directory), safe_serialization=True)
         else:
@@ -317,11 +329,16 @@ class Checkpointer:
         the only keys allowed to be missing are parameters that share storage with a stored one.
         """
         verify_checkpoint_files(modeling_dir)
-        module = self.model.unwrap()
-        expected = set(module.state_dict().keys())
+        if self.lora:
+            lora.load_trainable(self.model.unwrap(unwrap_peft=False), modeling_dir)
+            sync_master = getattr(self.model, "update_master_params", None)  # ZeRO keeps fp32 copies of them
+            if sync_master is not None:
+                sync_master()
+            return
+        expected = set(self.files.state_keys)
         saved = _saved_keys(modeling_dir)
         tied = ({name for name in expected if name.endswith("lm_head.weight")}
-                if module.config.tie_word_embeddings else set())
+                if self.files.config.tie_word_embeddings else set())
         missing, unexpected = expected - saved - tied, saved - expected
         if missing or unexpected:
             raise UserInputError(

@@ -11,7 +11,7 @@ leaks into real tokens. Its labels are -100.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -49,12 +49,16 @@ class PackedCollator:
     max_length: int
     pad_to: str = "longest"
     mask_4d: bool = True
+    pad_multiple: int = 1  # sequence parallelism splits the padded length across ranks
+    additive_mask_dtype: Optional[torch.dtype] = None  # the mask as 0 / -inf-like floats of this dtype (for
+    # colossalai's sequence-parallel attention, which adds the mask to the scores: a bool mask would add 1 / 0)
 
     def __call__(self, rows: Sequence[Dict[str, np.ndarray]]) -> Dict[str, torch.Tensor]:
         lengths = [len(r["input_ids"]) for r in rows]
         if max(lengths) > self.max_length:
             raise ValueError(f"a row has {max(lengths)} tokens, more than max_length {self.max_length}")
         width = self.max_length if self.pad_to == "max_length" else max(lengths)
+        width = -(-width // self.pad_multiple) * self.pad_multiple
         batch = len(rows)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
@@ -67,7 +71,11 @@ class PackedCollator:
         out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                "lengths": torch.tensor(lengths, dtype=torch.long)}
         if self.mask_4d:
-            out["attention_mask"] = block_causal_mask(position_ids)
+            mask = block_causal_mask(position_ids)
+            if self.additive_mask_dtype is not None:
+                blocked = torch.finfo(self.additive_mask_dtype).min
+                mask = torch.zeros(mask.shape, dtype=self.additive_mask_dtype).masked_fill_(~mask, blocked)
+            out["attention_mask"] = mask
         return out
 
 

@@ -20,16 +20,21 @@ from colossal_llama.utils.errors import UserInputError
 PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "3d", "ddp")
 # fp32 is not in the README; it is what CPU runs use (fp16 needs CUDA) and what exactness tests compare.
 PRECISIONS = ("fp16", "bf16", "fp32")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_PLUGINS = ("ddp", "zero2", "zero2_cpu")
+SP_MODES = ("split_gather", "ring", "all_to_all", "ring_attn")
 WARMUP_FRACTION = 0.025  # README: warm-up defaults to 2.5% of the optimizer steps
 
 
-def flag(default=dataclasses.MISSING, help: str = "", aliases: tuple = (), choices: Optional[tuple] = None,
-         required: bool = False, nargs: Optional[str] = None):
-    """A :class:`TrainConfig` field that is also a command-line flag ``--<name>`` (plus ``aliases``)."""
-    metadata = {"help": help, "aliases": aliases, "choices": choices, "nargs": nargs}
+def flag(default=dataclasses.MISSING, help: str = "", aliases: tuple = (), choices: Optional[tuple] = None):
+    """A :class:`TrainConfig` field that is also a command-line flag ``--<name>`` (plus ``aliases``); a field
+    without a default is a required flag."""
+    metadata = {"help": help, "aliases": aliases, "choices": choices, "required": default is dataclasses.MISSING}
     if default is dataclasses.MISSING:
-        return field(metadata={**metadata, "required": True})
-    return field(default=default, metadata={**metadata, "required": required})
+        return field(metadata=metadata)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -40,7 +45,8 @@ class TrainConfig:
     """
 
     pretrained: str = flag(help="HF model folder (config, weights, tokenizer)")
-    dataset: List[str] = flag(nargs="+", help="prepared data: OUT, OUT/arrow or OUT/arrow/part-XXXXX (several allowed)")
+    dataset: List[str] = flag([], help="prepared data: OUT, OUT/arrow or OUT/arrow/part-XXXXX (several allowed; "
+                                       "required unless --benchmark)")
     plugin: str = flag("gemini", choices=PLUGINS, help="booster plugin")
     load_checkpoint: Optional[str] = flag(
         None, help="full checkpoint dir (resume), a modeling/ dir (weights only: next stage), or 'latest'")
@@ -63,8 +69,15 @@ class TrainConfig:
     use_flash_attn: bool = flag(False, aliases=("-f",), help="flash-attention 2 when importable on CUDA, else sdpa")
     freeze_non_embeds_params: bool = flag(False, help="train only embed_tokens and lm_head")
     tp: int = flag(1, help="tensor-parallel size (3d plugin)")
-    pp: int = flag(1, help="pipeline-parallel size (3d plugin)")
+    pp: int = flag(1, help="pipeline-parallel size (3d plugin; 1F1B schedule)")
+    microbatch_size: int = flag(1, help="pipeline micro-batch size: each --batch_size batch is cut into "
+                                        "batch_size / microbatch_size pipeline micro-batches (--pp > 1)")
+    sp: int = flag(1, help="sequence-parallel size (3d plugin; all_to_all and ring_attn modes; split_gather and "
+                           "ring use the tensor-parallel group)")
+    sp_mode: str = flag("split_gather", choices=SP_MODES, help="sequence-parallelism mode (3d plugin)")
+    enable_sequence_parallelism: bool = flag(False, help="turn sequence parallelism on (implied by --sp > 1)")
     zero_stage: int = flag(1, aliases=("--zero",), choices=(0, 1, 2), help="ZeRO stage for the 3d plugin")
+    zero_cpu_offload: bool = flag(False, help="3d plugin with --zero_stage > 0: optimizer states in host memory")
     use_neft: bool = flag(False, aliases=("--use_neftune",),
                           help="NEFTune: uniform noise on input embeddings while training")
     neft_alpha: float = flag(5.0, help="NEFTune noise scale alpha")
@@ -73,6 +86,21 @@ class TrainConfig:
     max_steps: Optional[int] = flag(None, help="stop after this many optimizer steps")
     log_interval: int = flag(10, help="log a line every N optimizer steps")
     padding_mode: str = flag("longest", choices=("longest", "max_length"), help="pad micro-batches to")
+    lora_rank: int = flag(0, help="LoRA adapters of this rank on --lora_target_modules (0: train all weights)")
+    lora_alpha: float = flag(32.0, help="LoRA scaling numerator (the update is alpha / rank x B A)")
+    lora_dropout: float = flag(0.05, help="dropout on the LoRA branch while training")
+    lora_target_modules: List[str] = flag(list(LORA_TARGETS), help="module names that get adapters")
+    lora_train_embeddings: str = flag("auto", choices=("auto", "on", "off"),
+                                      help="with --lora_rank: train embed_tokens and lm_head in full; auto = when "
+                                           "init_model.py expanded the vocabulary of --pretrained")
+    pad_token: str = flag("eos", choices=("eos", "unk"), help="token id that pads micro-batches (never attended "
+                                                               "to, never trained on); also the saved tokenizer's "
+                                                               "pad token when it has none")
+    skip_save_each_epoch: bool = flag(False, help="no checkpoint at the end of every epoch (only every "
+                                                  "--save_interval steps and at the end)")
+    benchmark: bool = flag(False, help="measure throughput on --num_samples random sequences of --max_length tokens "
+                                       "(no dataset, no checkpoints): tokens/s, MFU and peak memory every step")
+    num_samples: int = flag(500, help="sequences of the --benchmark dataset")
     liger: str = flag("auto", choices=("auto", "on", "off"),
                       help="Liger fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA; "
                            "auto = when liger_kernel is installed")
@@ -101,14 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         names = (f"--{f.name}", *meta["aliases"])
         kind, is_bool, is_list = _flag_type(hints[f.name])
         kwargs = {"dest": f.name, "help": meta["help"]}
+        if is_list:
+            kwargs["nargs"] = "+"
         if meta["required"]:
             kwargs["required"] = True
         else:
-            kwargs["default"] = f.default
+            kwargs["default"] = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if is_bool:  # ``--flag`` alone means true; ``--flag False`` / ``--flag true`` too (older scripts)
             kwargs.update(nargs="?", const=True, type=str2bool)
         else:
-            kwargs.update(type=kind, choices=meta["choices"], nargs="+" if is_list else meta["nargs"])
+            kwargs.update(type=kind, choices=meta["choices"])
         parser.add_argument(*names, **kwargs)
     return parser
 
@@ -122,8 +152,8 @@ def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Flag-level checks that need no data and no model. Raises :class:`UserInputError`."""
-    positive = ("save_interval", "num_epochs", "batch_size", "accumulation_steps", "max_length", "tp", "pp",
-                "log_interval")
+    positive = ("save_interval", "num_epochs", "batch_size", "accumulation_steps", "max_length", "tp", "pp", "sp",
+                "microbatch_size", "log_interval", "num_samples")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserInputError(f"--{name} {getattr(cfg, name)}: must be >= 1")
@@ -135,14 +165,66 @@ def validate(cfg: TrainConfig) -> None:
         raise UserInputError(f"--warmup_steps {cfg.warmup_steps}: must be >= 0")
     if cfg.grad_clip < 0:
         raise UserInputError(f"--grad_clip {cfg.grad_clip}: must be >= 0 (0 disables clipping)")
-    if (cfg.tp > 1 or cfg.pp > 1) and cfg.plugin != "3d":
-        raise UserInputError(f"--tp {cfg.tp} --pp {cfg.pp}: tensor/pipeline parallelism needs --plugin 3d")
-    if cfg.pp > 1:
-        raise UserInputError("--pp > 1 is not supported by this trainer yet (use --tp with --plugin 3d)")
+    _validate_parallelism(cfg)
+    _validate_lora(cfg)
+    if not cfg.dataset and not cfg.benchmark:
+        raise UserInputError("--dataset is required (prepared data from prepare_pretrain_dataset.py / "
+                             "prepare_sft_dataset.py), unless --benchmark")
     if not Path(cfg.pretrained).is_dir():
         raise UserInputError(f"--pretrained {cfg.pretrained}: model directory does not exist")
     if Path(cfg.save_dir).exists() and not Path(cfg.save_dir).is_dir():
         raise UserInputError(f"--save_dir {cfg.save_dir}: exists and is not a directory")
+
+
+def sequence_parallel(cfg: TrainConfig) -> bool:
+    return cfg.enable_sequence_parallelism or cfg.sp > 1
+
+
+def _validate_parallelism(cfg: TrainConfig) -> None:
+    """Combinations colossalai would reject with an assertion deep inside the plugin, as one-line errors."""
+    if cfg.plugin != "3d":
+        for name, value in (("tp", cfg.tp), ("pp", cfg.pp), ("sp", cfg.sp)):
+            if value > 1:
+                raise UserInputError(f"--{name} {value}: tensor/pipeline/sequence parallelism needs --plugin 3d")
+        if cfg.enable_sequence_parallelism or cfg.zero_cpu_offload:
+            flag_name = "--enable_sequence_parallelism" if cfg.enable_sequence_parallelism else "--zero_cpu_offload"
+            raise UserInputError(f"{flag_name} needs --plugin 3d (for ZeRO-2 with offload use --plugin zero2_cpu)")
+        return
+    if cfg.pp > 1:
+        if cfg.accumulation_steps != 1:
+            raise UserInputError(f"--accumulation_steps {cfg.accumulation_steps} with --pp {cfg.pp}: the pipeline "
+                                 "accumulates over its micro-batches; give the per-step batch with --batch_size and "
+                                 "its pipeline split with --microbatch_size")
+        if cfg.batch_size % cfg.microbatch_size:
+            raise UserInputError(f"--batch_size {cfg.batch_size} is not a multiple of --microbatch_size "
+                                 f"{cfg.microbatch_size}")
+    if sequence_parallel(cfg):
+        if cfg.sp_mode in ("split_gather", "ring") and cfg.tp < 2:
+            raise UserInputError(f"--sp_mode {cfg.sp_mode} splits sequences over the tensor-parallel group: it "
+                                 "needs --tp 2 or more (--sp is ignored); all_to_all uses --sp ranks of its own")
+        if cfg.sp_mode in ("split_gather", "ring") and cfg.zero_stage == 2 and cfg.accumulation_steps > 1:
+            raise UserInputError(f"--sp_mode {cfg.sp_mode} with --zero_stage 2 and --accumulation_steps "
+                                 f"{cfg.accumulation_steps}: colossalai re-reduces the sequence-parallel partial "
+                                 "gradients at every micro-batch (over-counting them); use --zero_stage 1 or "
+                                 "--accumulation_steps 1 with a larger --batch_size")
+        if cfg.sp_mode in ("split_gather", "ring") and cfg.sp > 1:
+            raise UserInputError(f"--sp {cfg.sp} with --sp_mode {cfg.sp_mode}: this mode uses the tensor-parallel "
+                                 "group (--tp); leave --sp at 1 or use --sp_mode all_to_all")
+    if cfg.zero_cpu_offload and cfg.zero_stage == 0:
+        raise UserInputError("--zero_cpu_offload needs --zero_stage 1 or 2")
+
+
+def _validate_lora(cfg: TrainConfig) -> None:
+    if cfg.lora_rank < 0:
+        raise UserInputError(f"--lora_rank {cfg.lora_rank}: must be >= 0 (0 turns LoRA off)")
+    if cfg.lora_rank == 0:
+        return
+    if cfg.plugin not in LORA_PLUGINS:
+        raise UserInputError(f"--lora_rank with --plugin {cfg.plugin}: LoRA runs with {', '.join(LORA_PLUGINS)}")
+    if cfg.freeze_non_embeds_params:
+        raise UserInputError("--lora_rank and --freeze_non_embeds_params both choose what trains: give one of them")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserInputError(f"--lora_dropout {cfg.lora_dropout}: must be in [0, 1)")
 
 
 def resolve_precision(cfg: TrainConfig, cuda: bool) -> TrainConfig:

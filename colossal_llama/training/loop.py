@@ -19,8 +19,10 @@ from colossal_llama.training.data import (PreparedData, StepBatchSampler, check_
                                           collect_parts, expand_dataset_args, load_prepared)
 from colossal_llama.training.distributed import init_distributed, on_rank0, setup_logging
 from colossal_llama.training.metrics import RunMetrics, StepStats
-from colossal_llama.training.model import (NEFTune, apply_liger_kernels, choose_attention, freeze_non_embeddings,
-                                           load_causal_lm)
+from colossal_llama.training.benchmark_data import random_data
+from colossal_llama.training.lora import apply_lora, vocabulary_was_expanded
+from colossal_llama.training.model import (NEFTune, apply_liger_kernels, choose_attention, count_parameters,
+                                           freeze_non_embeddings, load_causal_lm)
 from colossal_llama.training.optim import WarmupCosineLR, build_optimizer
 from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
@@ -81,12 +83,64 @@ def build_run(cfg: TrainConfig) -> Run:
 
     cuda = init_distributed(cfg.seed)
     cfg = resolve_precision(cfg, cuda)
-    target, lock = claim(cfg)
+    target, lock = (None, None) if cfg.benchmark else claim(cfg)
+    if cfg.lora_rank and target is not None and target.kind == "weights":
+        raise UserInputError(f"--load_checkpoint {target.path} with --lora_rank: give that folder as --pretrained "
+                             "(LoRA adapters sit on top of the weights the model is built from)")
     tokenizer = load_tokenizer(cfg.pretrained)
+    pad_id = pad_token_id(tokenizer, cfg.pad_token)
     model_config = AutoConfig.from_pretrained(cfg.pretrained)
-    data = load_data(cfg, tokenizer, model_config)
+    data = (random_data(cfg.num_samples, cfg.max_length, model_config.vocab_size, cfg.seed) if cfg.benchmark
+            else load_data(cfg, tokenizer, model_config))
 
     parallel = build_parallel(cfg, cuda)
+    cfg, steps = _plan_steps(cfg, data, parallel)
+    attn = choose_attention(cfg.use_flash_attn, cuda)
+    liger = apply_liger_kernels(cfg.liger, cuda)
+    model = _build_model(cfg, attn)
+    model_files = ModelFiles(model_config, tokenizer, data.chat_template, frozenset(model.state_dict()))
+    num_params = count_parameters(model)
+    model, trainable = _choose_trainable(cfg, model)
+    plan = RunPlan(**steps, world_size=dist.get_world_size(), dp_size=parallel.layout.dp_size,
+                   plugin_class=parallel.plugin_class, cpu_offload=parallel.cpu_offload, attn_implementation=attn,
+                   liger=liger, num_parameters=num_params, trainable_parameters=trainable)
+    _log_plan(cfg, plan, data)
+    if dist.get_rank() == 0 and not cfg.benchmark:
+        write_run_config(cfg, plan, Path(cfg.save_dir) / RUN_CONFIG)
+    if dist.get_rank() == 0 and cfg.config_file:
+        write_run_config(cfg, plan, Path(cfg.config_file))
+
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cuda)
+    scheduler = WarmupCosineLR(optimizer, cfg.warmup_steps, plan.total_steps)
+    booster = Booster(plugin=parallel.plugin, mixed_precision=parallel.booster_mixed_precision)
+    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
+
+    neftune = NEFTune(cfg.neft_alpha, cfg.seed, parallel.layout.dp_rank) if cfg.use_neft else None
+    if neftune is not None:  # on the peft model itself under LoRA (colossalai's unwrap hides it by default)
+        neftune.attach(model.unwrap(unwrap_peft=False) if cfg.lora_rank else model.unwrap())
+    stepper = Stepper(booster, model, optimizer, scheduler, parallel, get_accelerator().get_current_device(),
+                      cfg.grad_clip, neftune)
+    checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir), model_files,
+                                lora=cfg.lora_rank > 0)
+    collator = PackedCollator(pad_id, cfg.max_length, cfg.padding_mode, mask_4d=attn != "flash_attention_2",
+                              pad_multiple=parallel.sequence_multiple, additive_mask_dtype=parallel.additive_mask_dtype)
+    return Run(cfg, plan, data, parallel, stepper, checkpointer, collator, target, lock, cuda)
+
+
+def pad_token_id(tokenizer, pad_token: str) -> int:
+    """The id ``--pad_token`` names; it also becomes the tokenizer's pad token when it has none (saved with the
+    model, as the original does). Padding is never attended to nor trained on: the choice only matters to
+    tools that read the saved tokenizer."""
+    token = tokenizer.eos_token if pad_token == "eos" else tokenizer.unk_token
+    if token is None:
+        raise UserInputError(f"--pad_token {pad_token}: the tokenizer of this model has no {pad_token} token")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = token
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+def _plan_steps(cfg: TrainConfig, data: PreparedData, parallel: Parallelism) -> tuple[TrainConfig, dict]:
+    """Steps per epoch and in all (``--max_steps`` caps them), and the warm-up they imply."""
     layout = parallel.layout
     probe = StepBatchSampler(data.bucket_sizes, cfg.batch_size, cfg.accumulation_steps, layout.dp_rank,
                              layout.dp_size, cfg.seed, cfg.shuffle_buckets)
@@ -96,42 +150,33 @@ def build_run(cfg: TrainConfig) -> Run:
     total_steps = cfg.num_epochs * probe.steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    cfg = resolve_warmup(cfg, total_steps)
-    attn = choose_attention(cfg.use_flash_attn, cuda)
-    liger = apply_liger_kernels(cfg.liger, cuda)
+    return resolve_warmup(cfg, total_steps), dict(
+        total_steps=total_steps, steps_per_epoch=probe.steps_per_epoch, global_batch=probe.global_batch,
+        dropped_per_epoch=probe.dropped_per_epoch)
 
+
+def _build_model(cfg: TrainConfig, attn: str):
     model = load_causal_lm(cfg.pretrained, attn)
     model.config.use_cache = False
     if cfg.use_grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    num_params = sum(p.numel() for p in model.parameters())
-    trainable = freeze_non_embeddings(model) if cfg.freeze_non_embeds_params else num_params
-    plan = RunPlan(total_steps=total_steps, steps_per_epoch=probe.steps_per_epoch, global_batch=probe.global_batch,
-                   dropped_per_epoch=probe.dropped_per_epoch, world_size=dist.get_world_size(),
-                   dp_size=layout.dp_size, plugin_class=parallel.plugin_class, cpu_offload=parallel.cpu_offload,
-                   attn_implementation=attn, liger=liger, num_parameters=num_params, trainable_parameters=trainable)
-    _log_plan(cfg, plan, data)
-    if dist.get_rank() == 0:
-        write_run_config(cfg, plan, Path(cfg.save_dir) / RUN_CONFIG)
-        if cfg.config_file:
-            write_run_config(cfg, plan, Path(cfg.config_file))
+        if cfg.lora_rank:  # frozen inputs to checkpointed blocks still need a graph for the adapters inside
+            model.enable_input_require_grads()
+    return model
 
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cuda)
-    scheduler = WarmupCosineLR(optimizer, cfg.warmup_steps, total_steps)
-    booster = Booster(plugin=parallel.plugin, mixed_precision=parallel.booster_mixed_precision)
-    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
 
-    neftune = NEFTune(cfg.neft_alpha, cfg.seed, layout.dp_rank) if cfg.use_neft else None
-    if neftune is not None:
-        neftune.attach(model.unwrap())
-    stepper = Stepper(booster, model, optimizer, scheduler, parallel, get_accelerator().get_current_device(),
-                      cfg.grad_clip, neftune)
-    checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir),
-                                ModelFiles(model_config, tokenizer, data.chat_template))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = PackedCollator(pad_id if pad_id is not None else 0, cfg.max_length, cfg.padding_mode,
-                              mask_4d=attn != "flash_attention_2")
-    return Run(cfg, plan, data, parallel, stepper, checkpointer, collator, target, lock, cuda)
+def _choose_trainable(cfg: TrainConfig, model) -> tuple[object, int]:
+    """Freeze per --freeze_non_embeds_params or wrap in LoRA adapters; returns (model, trainable parameters)."""
+    if cfg.freeze_non_embeds_params:
+        return model, freeze_non_embeddings(model)
+    if cfg.lora_rank:
+        embeddings = (cfg.lora_train_embeddings == "on" or
+                      (cfg.lora_train_embeddings == "auto" and vocabulary_was_expanded(Path(cfg.pretrained))))
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                           train_embeddings=embeddings)
+        log.info("LoRA rank %d on %s%s", cfg.lora_rank, ", ".join(cfg.lora_target_modules),
+                 "; embed_tokens and lm_head train in full" if embeddings else "")
+    return model, count_parameters(model, trainable_only=True)
 
 
 def _log_plan(cfg: TrainConfig, plan: RunPlan, data: PreparedData) -> None:
@@ -185,12 +230,14 @@ def train(cfg: TrainConfig) -> Optional[Path]:
             release_lock(run.lock)
 
 
-def _train(run: Run) -> Path:
+def _train(run: Run) -> Optional[Path]:
     cfg, plan, s = run.cfg, run.plan, run.stepper
     state = start_state(run)
     s.model.train()
-    metrics = RunMetrics(dist.get_rank() == 0, Path(cfg.save_dir), cfg.tensorboard_dir, plan.total_steps,
-                         state.step, cfg.log_interval, plan.num_parameters, run.cuda)
+    saving = not cfg.benchmark  # a benchmark writes neither checkpoints nor a model
+    metrics = RunMetrics(dist.get_rank() == 0, Path(cfg.save_dir) if saving else None, cfg.tensorboard_dir,
+                         plan.total_steps, state.step, 1 if cfg.benchmark else cfg.log_interval,
+                         plan.num_parameters, run.cuda)
     try:
         while state.step < plan.total_steps and state.epoch < cfg.num_epochs:
             epoch = state.epoch
@@ -200,9 +247,11 @@ def _train(run: Run) -> Path:
                 state.sample_offset += state.global_batch
                 metrics.record(StepStats(state.step, epoch, result.loss, result.lr, result.grad_norm, result.tokens,
                                          result.seconds))
-                if state.sample_offset >= plan.steps_per_epoch * state.global_batch:  # epoch done
+                epoch_done = state.sample_offset >= plan.steps_per_epoch * state.global_batch
+                if epoch_done:  # the next step starts the next epoch at its first sample
                     state.epoch, state.sample_offset = epoch + 1, 0
-                if state.step % cfg.save_interval == 0 or state.step == plan.total_steps:
+                if saving and (state.step % cfg.save_interval == 0 or state.step == plan.total_steps
+                               or (epoch_done and not cfg.skip_save_each_epoch)):
                     log.info("saved checkpoint %s", run.checkpointer.save(state))
                 if state.step >= plan.total_steps:
                     break
@@ -210,6 +259,8 @@ def _train(run: Run) -> Path:
                 state.epoch, state.sample_offset = epoch + 1, 0
     finally:
         metrics.close()
+    if not saving:
+        return None
     final = run.checkpointer.save_final()
     log.info("saved the trained model (HF format) to %s", final)
     return final

@@ -42,6 +42,15 @@ def trim_loss_log(path: Path, keep_through_step: int) -> int:
     return len(lines) - len(kept)
 
 
+def peak_memory_gib(cuda: bool) -> float:
+    """Peak memory of this rank so far: allocated GPU memory on CUDA, the process's peak RSS on CPU."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def read_loss_log(path: Path) -> list:
     return [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
 
@@ -58,23 +67,28 @@ class StepStats:
 
 
 class RunMetrics:
-    """Only rank 0 writes; other ranks get a no-op instance (``enabled=False``)."""
+    """Only rank 0 writes; other ranks get a no-op instance (``enabled=False``). Without ``save_dir`` (a
+    benchmark) no ``losses.jsonl`` is kept."""
 
-    def __init__(self, enabled: bool, save_dir: Path, tensorboard_dir: Optional[str], total_steps: int,
+    def __init__(self, enabled: bool, save_dir: Optional[Path], tensorboard_dir: Optional[str], total_steps: int,
                  start_step: int, log_interval: int, num_params: int, cuda: bool):
         self.enabled = enabled
         self.log_interval = log_interval
         self.flops_per_token = 6 * num_params
         self.peak = peak_flops(cuda)
-        self.loss_log = save_dir / LOSS_LOG
-        self._writer = self._bar = None
+        self.cuda = cuda
+        self.loss_log = save_dir / LOSS_LOG if save_dir is not None else None
+        self._writer = self._bar = self._fh = None
         self._window: list[StepStats] = []
         if not enabled:
             return
-        save_dir.mkdir(parents=True, exist_ok=True)
-        dropped = trim_loss_log(self.loss_log, start_step)
-        if dropped:
-            log.info("%s: dropped %d records after step %d (steps redone after resume)", self.loss_log, dropped, start_step)
+        if self.loss_log is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            dropped = trim_loss_log(self.loss_log, start_step)
+            if dropped:
+                log.info("%s: dropped %d records after step %d (steps redone after resume)", self.loss_log, dropped,
+                         start_step)
+            self._fh = open(self.loss_log, "a", encoding="utf-8")
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -82,19 +96,20 @@ class RunMetrics:
         from tqdm import tqdm
 
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-        self._fh = open(self.loss_log, "a", encoding="utf-8")
 
     def record(self, stats: StepStats) -> None:
         if not self.enabled:
             return
         tokens_per_s = stats.tokens / max(stats.seconds, 1e-9)
         mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else 0.0
-        self._fh.write(json.dumps({"step": stats.step, "epoch": stats.epoch, "loss": stats.loss, "lr": stats.lr,
-                                   "grad_norm": stats.grad_norm, "tokens": stats.tokens}) + "\n")
-        self._fh.flush()
+        if self._fh is not None:
+            self._fh.write(json.dumps({"step": stats.step, "epoch": stats.epoch, "loss": stats.loss, "lr": stats.lr,
+                                       "grad_norm": stats.grad_norm, "tokens": stats.tokens}) + "\n")
+            self._fh.flush()
         if self._writer is not None:
             for tag, value in (("train/loss", stats.loss), ("train/lr", stats.lr), ("train/tokens_per_s", tokens_per_s),
-                               ("train/mfu", mfu), ("train/grad_norm", stats.grad_norm)):
+                               ("train/mfu", mfu), ("train/grad_norm", stats.grad_norm),
+                               ("train/peak_memory_gib", peak_memory_gib(self.cuda))):
                 if value is not None:
                     self._writer.add_scalar(tag, value, stats.step)
         self._bar.update(1)
@@ -108,16 +123,20 @@ class RunMetrics:
         seconds = sum(s.seconds for s in w)
         tokens = sum(s.tokens for s in w)
         norms = [s.grad_norm for s in w if s.grad_norm is not None]
-        log.info("step %d epoch %d | loss %.4f (mean of %d steps) | lr %.3e | grad_norm %s | %.0f tokens/s | %.2f s/step",
-                 w[-1].step, w[-1].epoch, sum(s.loss for s in w) / len(w), len(w), w[-1].lr,
-                 f"{sum(norms) / len(norms):.3f}" if norms else "n/a", tokens / max(seconds, 1e-9), seconds / len(w))
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        mfu = f" | MFU {self.flops_per_token * tokens_per_s / self.peak:.1%}" if self.peak else ""
+        log.info("step %d epoch %d | loss %.4f (mean of %d steps) | lr %.3e | grad_norm %s | %.0f tokens/s%s | "
+                 "%.2f s/step | peak memory %.2f GiB", w[-1].step, w[-1].epoch, sum(s.loss for s in w) / len(w), len(w),
+                 w[-1].lr, f"{sum(norms) / len(norms):.3f}" if norms else "n/a", tokens_per_s, mfu,
+                 seconds / len(w), peak_memory_gib(self.cuda))
 
     def close(self) -> None:
         if not self.enabled:
             return
         if self._window:
             self._log_window()
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
         self._bar.close()
         if self._writer is not None:
             self._writer.close()

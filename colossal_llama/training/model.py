@@ -58,6 +58,10 @@ def load_causal_lm(pretrained: str, attn_implementation: str) -> nn.Module:
     )
 
 
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def freeze_non_embeddings(model: nn.Module) -> int:
     """Leave only embed_tokens / lm_head trainable; returns the number of trainable parameters."""
     trainable = 0
@@ -71,9 +75,9 @@ class NEFTune:
     """Uniform noise on the input embeddings while training (Jain et al. 2023), none in eval mode.
 
     noise ~ U(-m, m) with m = alpha / sqrt(L * d), L the padded sequence length and d the hidden size.
-    The noise is a pure function of (seed, data-parallel rank, optimizer step, micro-batch): :meth:`reseed` is
-    called before every micro-batch, and the draws come from a generator of its own, never from torch's global
-    RNG. So a resumed run draws exactly the noise the uninterrupted run drew, whatever else consumed random
+    The noise is a pure function of (seed, data-parallel rank, optimizer step, micro-batch): :meth:`start_step`
+    is called at every step, the k-th embedding forward of the step is micro-batch k, and the draws come from a
+    generator of its own, never from torch's global RNG. So a resumed run draws exactly the noise the uninterrupted run drew, whatever else consumed random
     numbers in between, and tensor-parallel peers (same dp rank, same data) add the same noise.
     """
 
@@ -82,8 +86,8 @@ class NEFTune:
         self._key = (0, 0)
         self._generators: dict = {}
 
-    def reseed(self, step: int, micro_batch: int) -> None:
-        self._key = (step, micro_batch)
+    def start_step(self, step: int) -> None:
+        self._key = (step, 0)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -100,6 +104,7 @@ class NEFTune:
         magnitude = self.alpha / math.sqrt(output.shape[-2] * output.shape[-1])
         noise = torch.rand(output.shape, generator=self._generator(output.device), device=output.device,
                            dtype=torch.float32)
+        self._key = (self._key[0], self._key[1] + 1)
         return output + ((noise * 2 - 1) * magnitude).to(output.dtype)
 
     def attach(self, model: nn.Module):

@@ -8,10 +8,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from colossal_llama.training.config import TrainConfig
+from colossal_llama.training.config import TrainConfig, sequence_parallel
 from colossal_llama.utils.errors import UserInputError
 
 CUDA_ONLY_PLUGINS = ("gemini", "gemini_auto")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -31,11 +32,18 @@ class Parallelism:
     layout: ParallelLayout
     booster_mixed_precision: Optional[str]  # what Booster(mixed_precision=...) takes (ddp + fp16 only)
     clip_in_step_loop: bool  # ddp: clip in the loop; ZeRO / gemini / 3d optimizers clip inside step() (max_norm)
-    no_sync_while_accumulating: bool  # ddp: skip the gradient all-reduce on all but the last micro-batch
+    no_sync_while_accumulating: bool  # skip gradient synchronisation on all but the last micro-batch (ddp; 3d
+    # with ZeRO 0/1, where it also keeps colossalai from re-reducing sequence-parallel partial gradients, already
+    # reduced, at every micro-batch)
     autocast_dtype: Optional[torch.dtype]  # ddp + bf16 runs under autocast; the other plugins cast the model
     params_replicated: bool  # every rank holds the full model (ddp, ZeRO-1/2): rank 0 can write it alone
     optimizer_replicated: bool  # ddp: one optimizer.bin from rank 0; else colossalai's per-rank shards + index
-    cpu_offload: bool  # optimizer states in host memory (zero2_cpu)
+    cpu_offload: bool  # optimizer states in host memory (zero2_cpu, 3d --zero_cpu_offload)
+    pipeline_microbatch_size: int  # --pp > 1: batches go through booster.execute_pipeline (1F1B) in micro-batches
+                                   # of this size; 0 without pipeline parallelism
+    reports_loss: bool  # this rank's loss counts in the step loss (last pipeline stage, first tp/sp rank)
+    sequence_multiple: int  # padded sequence lengths must divide by this (sequence parallelism splits them)
+    additive_mask_dtype: Optional[torch.dtype]  # sequence parallelism: colossalai's attention adds the mask
 
     @property
     def plugin_class(self) -> str:
@@ -60,15 +68,23 @@ def _plugin(cfg: TrainConfig, cuda: bool):
         placement = "auto" if cfg.plugin == "gemini_auto" else "static"
         return GeminiPlugin(precision=precision, initial_scale=2**16, max_norm=max_norm, placement_policy=placement,
                             enable_flash_attention=False)
+    if cfg.sp_mode == "ring_attn" and sequence_parallel(cfg) and not cuda:
+        raise UserInputError("--sp_mode ring_attn needs CUDA and flash attention; on CPU use all_to_all (--sp) or "
+                             "split_gather / ring (with --tp)")
     if cfg.zero_stage > 0 and precision == "fp32":
         raise UserInputError(f"--plugin 3d --zero_stage {cfg.zero_stage} needs --mixed_precision bf16/fp16 "
                              "(colossalai's ZeRO keeps fp32 master weights itself); use --zero_stage 0 for fp32")
     world = dist.get_world_size()
-    if world % (cfg.tp * cfg.pp):
-        raise UserInputError(f"--tp {cfg.tp} x --pp {cfg.pp} does not divide the {world} ranks")
+    sp = cfg.sp if sequence_parallel(cfg) and cfg.sp_mode in ("all_to_all", "ring_attn") else 1
+    if world % (cfg.tp * cfg.pp * sp):
+        raise UserInputError(f"--tp {cfg.tp} x --pp {cfg.pp} x --sp {sp} does not divide the {world} ranks")
+    pipeline = {"microbatch_size": cfg.microbatch_size, "pp_style": "1f1b"} if cfg.pp > 1 else {}
+    sequence = ({"enable_sequence_parallelism": True, "sequence_parallelism_mode": cfg.sp_mode, "sp_size": sp}
+                if sequence_parallel(cfg) else {})
     return HybridParallelPlugin(tp_size=cfg.tp, pp_size=cfg.pp, zero_stage=cfg.zero_stage, precision=precision,
                                 initial_scale=2**16, max_norm=max_norm, overlap_communication=overlap,
-                                enable_flash_attention=False, enable_fused_normalization=False)
+                                cpu_offload=cfg.zero_cpu_offload, enable_flash_attention=False,
+                                enable_fused_normalization=False, **pipeline, **sequence)
 
 
 def _layout(plugin) -> ParallelLayout:
@@ -79,19 +95,37 @@ def _layout(plugin) -> ParallelLayout:
     return ParallelLayout(dist.get_rank(), dist.get_world_size(), None)
 
 
+def _reports_loss(plugin) -> bool:
+    """Pipeline: only the last stage has the loss. Tensor/sequence-parallel peers compute the same loss once each:
+    only their first rank reports it, so summing over the world counts every data-parallel replica once."""
+    stage_manager = getattr(plugin, "stage_manager", None)
+    if stage_manager is not None and not stage_manager.is_last_stage():
+        return False
+    for group_name in ("tp_group", "sp_group"):
+        group = getattr(plugin, group_name, None)
+        if group is not None and dist.get_rank(group) != 0:
+            return False
+    return True
+
+
 def build_parallel(cfg: TrainConfig, cuda: bool) -> Parallelism:
     """The plugin for ``cfg`` and its consequences; ``cfg.mixed_precision`` must be resolved already and the
     process group initialised."""
     plugin = _plugin(cfg, cuda)
+    layout = _layout(plugin)
     ddp = cfg.plugin == "ddp"
     return Parallelism(
         plugin=plugin,
-        layout=_layout(plugin),
+        layout=layout,
         booster_mixed_precision="fp16" if ddp and cfg.mixed_precision == "fp16" else None,
         clip_in_step_loop=ddp,
-        no_sync_while_accumulating=ddp,
+        no_sync_while_accumulating=ddp or (cfg.plugin == "3d" and cfg.zero_stage < 2),
         autocast_dtype=torch.bfloat16 if ddp and cfg.mixed_precision == "bf16" else None,
         params_replicated=cfg.plugin in ("ddp", "zero2", "zero2_cpu"),
         optimizer_replicated=ddp,
-        cpu_offload=cfg.plugin == "zero2_cpu",
+        cpu_offload=cfg.plugin == "zero2_cpu" or cfg.zero_cpu_offload,
+        pipeline_microbatch_size=cfg.microbatch_size if cfg.pp > 1 else 0,
+        reports_loss=_reports_loss(plugin),
+        sequence_multiple=max(cfg.tp, cfg.sp) if sequence_parallel(cfg) else 1,
+        additive_mask_dtype=PRECISION_DTYPES[cfg.mixed_precision] if sequence_parallel(cfg) else None,
     )

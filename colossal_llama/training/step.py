@@ -40,46 +40,77 @@ class Stepper:
     parallel: Parallelism
     device: torch.device
     grad_clip: float
-    neftune: Optional[NEFTune] = None  # reseeded per (step, micro-batch): its noise is a function of both
+    neftune: Optional[NEFTune] = None  # its noise is a function of (step, micro-batch): told of every step
 
-    def _all_reduce(self, values: List[float]) -> List[float]:
+    def _all_reduce(self, values: List[float], group=None) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.parallel.layout.dp_group)
+        dist.all_reduce(t, group=group)
         return t.tolist()
 
-    def _forward_loss_sum(self, batch: dict, n_tokens: int) -> torch.Tensor:
+    def _inputs(self, batch: dict) -> dict:
+        return {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
+
+    def _loss_sum(self, out, n_tokens: int) -> torch.Tensor:
         """Sum (not mean) of the token losses of one micro-batch; 0 with a graph when it has no loss tokens."""
-        inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
-        dtype = self.parallel.autocast_dtype
-        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with autocast:
-            out = self.model(**inputs, use_cache=False)
         if n_tokens == 0:  # HF's mean over zero tokens is NaN; keep every parameter in the graph for DDP
             if out.logits is None:  # Liger's fused loss returns no logits
                 return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
             return out.logits.float().sum() * 0.0
         return out.loss.float() * n_tokens
 
-    def step(self, micro_batches: List[dict], step: int) -> StepResult:
-        """Optimizer step number ``step`` (1-based) over this rank's ``micro_batches``."""
-        start = time.perf_counter()
-        local_tokens = [count_loss_tokens(b["labels"]) for b in micro_batches]
-        input_tokens = sum(int(b["lengths"].sum()) for b in micro_batches)
-        global_loss_tokens, global_input_tokens = self._all_reduce([sum(local_tokens), input_tokens])
-        # DDP / ZeRO average gradients over dp ranks, so scale by dp_size to get sum / global_loss_tokens.
-        scale = self.parallel.layout.dp_size / max(global_loss_tokens, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on device: no sync per micro-batch
+    def _forward_loss_sum(self, batch: dict, n_tokens: int) -> torch.Tensor:
+        dtype = self.parallel.autocast_dtype
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with autocast:
+            out = self.model(**self._inputs(batch), use_cache=False)
+        return self._loss_sum(out, n_tokens)
+
+    def _accumulate(self, micro_batches: List[dict], local_tokens: List[int], scale: float) -> torch.Tensor:
+        """Forward and backward of every micro-batch; returns this rank's loss sum (on device: no host sync)."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         last = len(micro_batches) - 1
         for i, (batch, n_tokens) in enumerate(zip(micro_batches, local_tokens)):
             sync = contextlib.nullcontext()
             if self.parallel.no_sync_while_accumulating and i < last:
                 sync = self.booster.no_sync(self.model, self.optimizer)
-            if self.neftune is not None:
-                self.neftune.reseed(step, i)
             with sync:
                 micro_loss = self._forward_loss_sum(batch, n_tokens)
                 self.booster.backward(micro_loss * scale, self.optimizer)
             loss_sum += micro_loss.detach().double()
+        return loss_sum
+
+    def _pipeline(self, batch: dict, scale: float) -> torch.Tensor:
+        """One batch through the 1F1B pipeline; the schedule cuts it into micro-batches and divides each
+        micro-batch's criterion by their number, which the criterion multiplies back in. Returns the loss sum on
+        the last stage (zero elsewhere)."""
+        num_micro = len(batch["input_ids"]) // self.parallel.pipeline_microbatch_size
+
+        def criterion(out, micro_batch: dict) -> torch.Tensor:
+            return self._loss_sum(out, count_loss_tokens(micro_batch["labels"])) * (scale * num_micro)
+
+        result = self.booster.execute_pipeline(iter([self._inputs(batch)]), self.model, criterion, self.optimizer,
+                                               return_loss=True)
+        loss = result.get("loss")
+        if loss is None:  # not the last stage
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        return loss.detach().double() / scale
+
+    def step(self, micro_batches: List[dict], step: int) -> StepResult:
+        """Optimizer step number ``step`` (1-based) over this rank's ``micro_batches``."""
+        start = time.perf_counter()
+        local_tokens = [count_loss_tokens(b["labels"]) for b in micro_batches]
+        input_tokens = sum(int(b["lengths"].sum()) for b in micro_batches)
+        global_loss_tokens, global_input_tokens = self._all_reduce([sum(local_tokens), input_tokens],
+                                                                    self.parallel.layout.dp_group)
+        # DDP / ZeRO average gradients over dp ranks, so scale by dp_size to get sum / global_loss_tokens.
+        scale = self.parallel.layout.dp_size / max(global_loss_tokens, 1.0)
+        if self.neftune is not None:
+            self.neftune.start_step(step)
+        if self.parallel.pipeline_microbatch_size:
+            (batch,) = micro_batches  # validated: --accumulation_steps 1 with --pp
+            loss_sum = self._pipeline(batch, scale)
+        else:
+            loss_sum = self._accumulate(micro_batches, local_tokens, scale)
         grad_norm = self._clip() if self.parallel.clip_in_step_loop else None
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -87,7 +118,8 @@ class Stepper:
         self.optimizer.zero_grad()
         if not self.parallel.clip_in_step_loop:
             grad_norm = self._plugin_grad_norm()
-        (total_loss,) = self._all_reduce([loss_sum.item()])
+        reported = loss_sum.item() if self.parallel.reports_loss else 0.0
+        (total_loss,) = self._all_reduce([reported])  # world: brings the last pipeline stage's loss to rank 0
         return StepResult(loss=total_loss / max(global_loss_tokens, 1.0), grad_norm=grad_norm, lr=lr,
                           tokens=int(global_input_tokens), seconds=time.perf_counter() - start)
 
