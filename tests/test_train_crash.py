@@ -40,9 +40,10 @@ def _loss_lines(save_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-@pytest.mark.parametrize("layout", ["ddp_neft_recompute", "3d_tp2"])
+@pytest.mark.parametrize("layout", ["ddp_neft_recompute", "3d_tp2", "pp2"])
 def test_kill9_at_random_step_resumes_bitwise(reference_runs, tmp_path, layout):
-    """ddp: NEFTune and activation recomputation on. 3d tp2: model and optimizer shards per tp rank."""
+    """ddp: NEFTune and activation recomputation on. 3d tp2: model and optimizer shards per tp rank. pp2: per
+    pipeline stage."""
     kill_after = random.Random().randint(SAVE_INTERVAL + 1, MAX_STEPS - 1)
     save_dir = tmp_path / "ckpt"
     args = reference_runs.args(layout, save_dir)
@@ -76,10 +77,12 @@ def test_kill9_during_checkpoint_save_leaves_no_complete_checkpoint(reference_ru
     assert_bitwise_equal(reference_runs["zero2"], save_dir)
 
 
-@pytest.mark.parametrize("layout", ["ddp_neft", "ddp_neft_recompute", "zero2_neft", "zero2_neft_recompute"])
-def test_neftune_resume_from_a_copied_checkpoint_is_bitwise(reference_runs, tmp_path, layout):
-    """The issue's deterministic repro: a fresh save dir holding only checkpoint 3 (and the first 3 loss records)
-    of a finished run resumes to the finished run's steps 4..8 exactly."""
+@pytest.mark.parametrize("layout", ["ddp_neft", "ddp_neft_recompute", "zero2_neft", "zero2_neft_recompute",
+                                    "lora_ddp"])
+def test_resume_from_a_copied_checkpoint_is_bitwise(reference_runs, tmp_path, layout):
+    """NEFTune's deterministic repro: a fresh save dir holding only checkpoint 3 (and the first 3 loss records)
+    of a finished run resumes to the finished run's steps 4..8 exactly. LoRA: the checkpoint holds only the
+    adapters and embeddings; the frozen base comes from --pretrained."""
     reference = reference_runs[layout]
     save_dir = tmp_path / "ckpt"
     save_dir.mkdir()

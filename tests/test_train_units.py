@@ -38,7 +38,8 @@ def test_the_parser_is_the_config_dataclass(tiny_llama):
     from colossal_llama.training.config import TrainConfig, build_parser
 
     parsed = vars(build_parser().parse_args(["--pretrained", "p", "--dataset", "d"]))
-    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+              for f in dataclasses.fields(TrainConfig)}
     assert set(parsed) == set(fields)
     assert {k: v for k, v in parsed.items() if k not in ("pretrained", "dataset")} == \
         {k: v for k, v in fields.items() if k not in ("pretrained", "dataset")}
@@ -56,6 +57,42 @@ def test_warmup_defaults_to_2_5_percent_of_steps(tiny_llama):
     (["--use_neft", "maybe"], r"argument --use_neft/--use_neftune: expected a boolean .*, got 'maybe' \(see --help\)$"),
 ])
 def test_bad_flags_are_one_line_errors(tiny_llama, flags, message):
+    with pytest.raises(UserInputError, match=message):
+        parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", *flags])
+
+
+def test_checkpoints_at_intervals_at_the_end_and_after_every_epoch():
+    from colossal_llama.training.loop import checkpoint_due
+
+    due = [s for s in range(1, 11) if checkpoint_due(s, 10, save_interval=4, epoch_done=s in (3, 6, 9),
+                                                     skip_save_each_epoch=False)]
+    assert due == [3, 4, 6, 8, 9, 10]
+    skipped = [s for s in range(1, 11) if checkpoint_due(s, 10, 4, s in (3, 6, 9), skip_save_each_epoch=True)]
+    assert skipped == [4, 8, 10]
+
+
+@pytest.mark.parametrize("flag, name", [("eos", "eos_token"), ("unk", "unk_token")])
+def test_pad_token_flag_picks_the_padding_id(mistral_dir, flag, name):
+    from colossal_llama.tokenizer.loading import load_tokenizer
+    from colossal_llama.training.loop import pad_token_id
+
+    tokenizer = load_tokenizer(mistral_dir)
+    assert tokenizer.pad_token is None
+    pad = pad_token_id(tokenizer, flag)
+    assert pad == tokenizer.convert_tokens_to_ids(getattr(tokenizer, name))
+    assert tokenizer.pad_token == getattr(tokenizer, name)  # saved with the model, as the original does
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--plugin", "3d", "--pp", "2", "--accumulation_steps", "2"], "the pipeline accumulates over its micro-batches"),
+    (["--plugin", "3d", "--pp", "2", "--batch_size", "3", "--microbatch_size", "2"], "not a multiple of"),
+    (["--plugin", "3d", "--enable_sequence_parallelism"], "--sp_mode split_gather splits sequences over the tensor"),
+    (["--plugin", "ddp", "--sp", "2"], "--sp 2: tensor/pipeline/sequence parallelism needs --plugin 3d"),
+    (["--plugin", "3d", "--lora_rank", "8"], "--lora_rank with --plugin 3d: LoRA runs with ddp, zero2, zero2_cpu"),
+    (["--plugin", "ddp", "--lora_rank", "8", "--freeze_non_embeds_params"], "both choose what trains"),
+    (["--plugin", "3d", "--zero_cpu_offload", "--zero_stage", "0"], "--zero_cpu_offload needs --zero_stage 1 or 2"),
+])
+def test_parallelism_and_lora_combinations_are_checked_up_front(tiny_llama, flags, message):
     with pytest.raises(UserInputError, match=message):
         parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", *flags])
 

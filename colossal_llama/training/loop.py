@@ -230,6 +230,12 @@ def train(cfg: TrainConfig) -> Optional[Path]:
             release_lock(run.lock)
 
 
+def checkpoint_due(step: int, total_steps: int, save_interval: int, epoch_done: bool, skip_save_each_epoch: bool) -> bool:
+    """After optimizer step ``step``: every ``save_interval`` steps, at the last step, and at the end of every
+    epoch unless ``--skip_save_each_epoch``."""
+    return step % save_interval == 0 or step == total_steps or (epoch_done and not skip_save_each_epoch)
+
+
 def _train(run: Run) -> Optional[Path]:
     cfg, plan, s = run.cfg, run.plan, run.stepper
     state = start_state(run)
@@ -250,8 +256,8 @@ def _train(run: Run) -> Optional[Path]:
                 epoch_done = state.sample_offset >= plan.steps_per_epoch * state.global_batch
                 if epoch_done:  # the next step starts the next epoch at its first sample
                     state.epoch, state.sample_offset = epoch + 1, 0
-                if saving and (state.step % cfg.save_interval == 0 or state.step == plan.total_steps
-                               or (epoch_done and not cfg.skip_save_each_epoch)):
+                if saving and checkpoint_due(state.step, plan.total_steps, cfg.save_interval, epoch_done,
+                                             cfg.skip_save_each_epoch):
                     log.info("saved checkpoint %s", run.checkpointer.save(state))
                 if state.step >= plan.total_steps:
                     break

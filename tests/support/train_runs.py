@@ -22,6 +22,8 @@ DP1_BATCH = ["--batch_size", "1", "--accumulation_steps", "4"]
 NEFT = ["--use_neft"]
 RECOMPUTE = ["--use_grad_checkpoint"]
 TP2 = ["--plugin", "3d", "--tp", "2", "--zero_stage", "0", *DP1_BATCH]
+LORA_RANK = 8
+LORA = ["--lora_rank", str(LORA_RANK), "--lora_alpha", "16", "--lora_train_embeddings", "on"]
 
 # name -> the flags that differ between reference runs
 LAYOUTS: Dict[str, List[str]] = {
@@ -33,6 +35,13 @@ LAYOUTS: Dict[str, List[str]] = {
     "ddp_neft_recompute": ["--plugin", "ddp", *NEFT, *RECOMPUTE, *DP2_BATCH],
     "zero2_neft": ["--plugin", "zero2", *NEFT, *DP2_BATCH],
     "zero2_neft_recompute": ["--plugin", "zero2", *NEFT, *RECOMPUTE, *DP2_BATCH],
+    # pipeline: 2 stages, one dp rank: the whole global batch per step, cut into 4 pipeline micro-batches
+    "pp2": ["--plugin", "3d", "--pp", "2", "--zero_stage", "0", "--batch_size", "4", "--microbatch_size", "1"],
+    "sp_split_gather": [*TP2, "--enable_sequence_parallelism", "--sp_mode", "split_gather"],
+    "sp_ring": [*TP2, "--enable_sequence_parallelism", "--sp_mode", "ring"],
+    "sp_all_to_all": ["--plugin", "3d", "--sp", "2", "--sp_mode", "all_to_all", "--zero_stage", "0", *DP1_BATCH],
+    "lora_ddp": ["--plugin", "ddp", *LORA, *DP2_BATCH],
+    "lora_zero2": ["--plugin", "zero2", *LORA, *DP2_BATCH],
 }
 
 
@@ -72,6 +81,11 @@ class ReferenceRuns:
         return train_args(self.model, self.data, save_dir, *LAYOUTS[name], *extra)
 
     def config(self, name: str) -> Path:
+        """The resolved config (flags + run plan) that run ``name`` wrote (made first if need be)."""
+        self[name]
+        return self._config_path(name)
+
+    def _config_path(self, name: str) -> Path:
         return self.root / f"{name}.config.json"
 
     def __getitem__(self, name: str) -> Path:
@@ -79,7 +93,7 @@ class ReferenceRuns:
         with open(self.root / f".{name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (save_dir / "modeling").is_dir():
-                extra = ["--config_file", str(self.config(name))]
+                extra = ["--config_file", str(self._config_path(name))]
                 if name == "ddp":
                     extra += ["--tensorboard_dir", str(self.root / "tb")]
                 train_ok(self.root, name, self.args(name, save_dir, *extra))

@@ -1,0 +1,130 @@
+"""The original's parallelism and LoRA flags, under torchrun with 2 gloo ranks on CPU (tiny LLaMA, real data).
+
+Specification:
+- pipeline parallelism (``--plugin 3d --pp 2 --microbatch_size 1``, 1F1B) gives ddp's per-step losses for the
+  same global batch (the loss comes from the last stage; the LR schedule steps every step);
+- sequence parallelism: ``split_gather`` (over the tp group) and ``all_to_all`` (``--sp 2``) give ddp's losses;
+  ``ring`` runs but is known to drift (a warning says so); ``ring_attn`` refuses on CPU in one line;
+- LoRA (``--lora_rank``): only adapters and, when asked, the embeddings train; zero2 gives ddp's losses; the
+  final ``modeling/`` is a merged Hugging Face model equal to base + the adapters' delta;
+- ``--benchmark`` measures on random sequences and writes nothing.
+Resume of pp and LoRA runs is specified with the other crash tests (``test_train_crash.py``).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from colossal_llama.training.checkpoint import latest_checkpoint
+from tests.support.train_runs import LORA_RANK, MAX_STEPS, losses, train_ok
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+# Measured on this CPU: pp2, split_gather and all_to_all stay within 1e-6 relative of ddp over 8 steps (fp32;
+# summation order only). 1e-4 is the issue's bound and still 10x below what one wrong micro-batch scale gives.
+PARALLEL_RTOL = 1e-4
+
+
+def _assert_close_curves(reference, curve, rtol, name):
+    assert len(curve) == len(reference) == MAX_STEPS, name
+    for step, (a, b) in enumerate(zip(reference, curve), start=1):
+        assert abs(a - b) <= rtol * abs(a), f"{name} step {step}: ddp {a!r} vs {b!r}"
+
+
+@pytest.mark.parametrize("name", ["pp2", "sp_split_gather", "sp_all_to_all"])
+def test_pipeline_and_sequence_parallel_match_ddp(reference_runs, name):
+    _assert_close_curves(losses(reference_runs["ddp"]), losses(reference_runs[name]), PARALLEL_RTOL, name)
+    plan = json.loads(reference_runs.config(name).read_text())["plan"]
+    assert plan["plugin_class"] == "HybridParallelPlugin" and plan["global_batch"] == 4
+    # sharded weights: each pipeline stage / tensor-parallel rank wrote its part
+    assert (latest_checkpoint(reference_runs[name]) / "modeling" / "pytorch_model.bin.index.json").is_file()
+
+
+def test_pipeline_stages_each_hold_part_of_the_model(reference_runs):
+    modeling = latest_checkpoint(reference_runs["pp2"]) / "modeling"
+    index = json.loads((modeling / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    files = set(index.values())
+    assert files == {"pytorch_model-stage-00001-shard-00001.bin", "pytorch_model-stage-00002-shard-00001.bin"}
+    assert index["model.embed_tokens.weight"].startswith("pytorch_model-stage-00001")
+    assert index["model.norm.weight"].startswith("pytorch_model-stage-00002")
+
+
+def test_ring_sequence_parallelism_runs_with_a_warning(reference_runs):
+    ring = losses(reference_runs["sp_ring"])
+    log = (reference_runs.root / "sp_ring.log").read_text(errors="replace")
+    assert "--sp_mode ring: measured on CPU, its gradients differ from ddp's" in log
+    _assert_close_curves(losses(reference_runs["ddp"]), ring, 1e-2, "sp_ring")
+
+
+def test_ring_attention_refuses_on_cpu_in_one_line(tiny_llama):
+    from colossal_llama.training.config import parse_config
+    from colossal_llama.training.plugin import build_parallel
+    from colossal_llama.utils.errors import UserInputError
+
+    cfg = parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", "--plugin", "3d", "--sp", "2",
+                        "--sp_mode", "ring_attn", "--mixed_precision", "fp32", "--zero_stage", "0"])
+    with pytest.raises(UserInputError, match="--sp_mode ring_attn needs CUDA and flash attention"):
+        build_parallel(cfg, cuda=False)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+def test_lora_trains_adapters_and_embeddings_only_and_zero2_matches_ddp(reference_runs, tiny_llama):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = h // config.num_attention_heads * config.num_key_value_heads
+    # (in, out) of q, k, v, o, gate, up, down; an adapter adds r x in + out x r
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]
+    adapters = layers * sum(LORA_RANK * (i + o) for i, o in shapes)
+    embeddings = config.vocab_size * h  # tied: embed_tokens and lm_head are one parameter
+    for name in ("lora_ddp", "lora_zero2"):
+        plan = json.loads(reference_runs.config(name).read_text())["plan"]
+        assert plan["trainable_parameters"] == adapters + embeddings, name
+    ddp, zero2 = losses(reference_runs["lora_ddp"]), losses(reference_runs["lora_zero2"])
+    _assert_close_curves(ddp, zero2, 1e-5, "lora_zero2")
+    assert sum(ddp[-3:]) < sum(ddp[:3])
+
+
+def test_lora_final_model_is_base_plus_the_adapter_delta(reference_runs, tiny_llama):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run = reference_runs["lora_ddp"]
+    final_checkpoint = run / f"epoch-0_step-{MAX_STEPS}" / "modeling"
+    trained = load_file(str(final_checkpoint / "lora_trainable.safetensors"))
+    adapter = json.loads((final_checkpoint / "adapter_config.json").read_text())
+    scaling = adapter["lora_alpha"] / adapter["r"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(run / "modeling").state_dict()
+    checked = 0
+    for name, a in trained.items():
+        if not name.endswith("lora_A.default.weight"):
+            continue
+        b = trained[name.replace("lora_A", "lora_B")]
+        weight = name.replace("base_model.model.", "").replace(".lora_A.default", "")
+        torch.testing.assert_close(merged[weight], base[weight] + scaling * (b @ a), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(merged[weight], base[weight])
+        checked += 1
+    assert checked == 7 * 2  # 7 projections x 2 layers
+    embed = trained["base_model.model.model.embed_tokens.weight"]
+    assert torch.equal(merged["model.embed_tokens.weight"], embed)
+    assert not torch.equal(embed, base["model.embed_tokens.weight"])
+    untouched = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(merged[untouched], base[untouched])
+
+
+def test_benchmark_measures_random_sequences_and_writes_nothing(tiny_llama, tmp_path):
+    save_dir = tmp_path / "never"
+    log = train_ok(tmp_path, "benchmark", ["--pretrained", str(tiny_llama), "--benchmark", "--num_samples", "8",
+                                           "--max_length", "64", "--plugin", "ddp", "--batch_size", "2",
+                                           "--mixed_precision", "fp32", "--save_dir", str(save_dir)]).read_text()
+    steps = [re.search(r"step (\d) .*\| (\d+) tokens/s .*\| peak memory ([\d.]+) GiB", line)
+             for line in log.splitlines()]
+    steps = [m for m in steps if m]
+    assert [int(m.group(1)) for m in steps] == [1, 2]  # 8 samples / (2 x 2 ranks): one line per step
+    assert all(int(m.group(2)) > 0 and float(m.group(3)) > 0 for m in steps)
+    assert not save_dir.exists()
