@@ -9,7 +9,8 @@ Specification:
 - ``colossalai run --nproc_per_node 1 --hostfile H --master_addr 127.0.0.2 train.py`` with ``H`` listing both
   addresses trains 3 steps whose every ``losses.jsonl`` record (loss, lr, grad norm, tokens) equals, float for
   float, that of a 2-rank single-node ``torchrun`` run with the same flags;
-- sshd logged exactly one public-key login that ran a command on each address (no localhost shortcut).
+- sshd logged exactly one public-key login that ran a command on each address (no localhost shortcut);
+- ``train.example.sh`` with ``HOSTFILE=H SSH_PORT=P`` does the same through its own flags.
 
 Needs ``/usr/sbin/sshd`` (Debian ``openssh-server``; ``scripts/test.sh`` installs it when root): skipped without
 it, except under CI (``CI=true``), where a missing sshd fails.
@@ -143,3 +144,24 @@ def test_hostfile_launch_over_ssh_matches_single_node(tmp_path, sshd, hostfile, 
     assert (plan["dp_size"], plan["global_batch"]) == (2, 4), plan
     assert_same_records(single_node, save_dir)
 
+
+def test_train_example_sh_hostfile_over_ssh(tmp_path, sshd, single_node, tiny_llama, prepared_pretrain):
+    save_dir = tmp_path / "run"
+    hostfile = tmp_path / "hostfile"  # comments and blank lines: train.example.sh strips them for colossalai
+    hostfile.write_text(f"# two loopback nodes, one sshd\n{NODES[0]}\n\n{NODES[1]}  # the second node\n")
+    # train.example.sh's knobs set to the reference's flags (it always adds --grad_clip 1.0 --weight_decay 0.1,
+    # --tp 1 --zero_stage 1, the defaults the reference runs with).
+    env = launcher_env(sshd, {
+        "HOSTFILE": str(hostfile), "SSH_PORT": str(sshd.port), "MASTER_PORT": str(free_port()), "NPROC": "1",
+        "PRETRAINED": str(tiny_llama), "DATASET": str(prepared_pretrain / "arrow"), "SAVE_DIR": str(save_dir),
+        "PLUGIN": "ddp", "BATCH_SIZE": "1", "ACCUMULATION_STEPS": "2", "MAX_LENGTH": "128", "LR": "2e-3",
+        "MAX_STEPS": str(STEPS), "MIXED_PRECISION": "fp32",
+        "EXTRA_ARGS": "--warmup_steps 2 --log_interval 4",
+    })
+    before = len(sshd.sessions())
+    rc = launch(["bash", str(REPO / "train.example.sh")], env, tmp_path / "launch.log", sshd)
+    assert rc == 0, f"train.example.sh failed (rc {rc}):\n{tail(tmp_path / 'launch.log')}\nsshd:\n{sshd.log_tail()}"
+    assert_one_login_per_node(sshd, before)
+    plan = json.loads((save_dir / "config.json").read_text())["plan"]
+    assert (plan["dp_size"], plan["global_batch"]) == (2, 4), plan
+    assert_same_records(single_node, save_dir)
