@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Dict, List
 
@@ -35,6 +36,7 @@ from tests.support.train_runs import DP2_BATCH, train_args, train_ok
 REPO = Path(__file__).resolve().parents[1]
 NODES = ("127.0.0.2", "127.0.0.3")
 STEPS = 3
+RUN_MARK = "CL_TEST_MULTINODE_RUN"  # set for the launcher; colossalai run exports it to every node's command
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
@@ -93,27 +95,39 @@ def launcher_env(server: SshServer, extra: Dict[str, str] = None) -> Dict[str, s
     return env
 
 
-def launch(cmd: List[str], env: Dict[str, str], log: Path, server: SshServer, timeout: float = 300) -> int:
-    """Run the launcher from the repo root; on a timeout kill it and whatever it started over ssh."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+def kill_marked(mark: str) -> List[int]:
+    """SIGKILL every process whose environment carries ``RUN_MARK=mark``: the launcher, and what it started here
+    and over ssh. A killed launcher does not stop the remote side (no terminal: ssh does not hang up the remote
+    command, whose torchrun is then re-parented away from sshd), so processes are found by the inherited mark."""
+    victims = []
+    for proc in psutil.process_iter():
         try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+            if proc.environ().get(RUN_MARK) == mark:
+                victims.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+    return [p.pid for p in victims]
+
+
+def launch(cmd: List[str], env: Dict[str, str], log: Path, server: SshServer, timeout: float = 300) -> int:
+    """Run the launcher from the repo root; when it returns (or times out) nothing it started is left running."""
+    mark = uuid.uuid4().hex
+    try:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, env={**env, RUN_MARK: mark}, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
             try:
-                launcher = psutil.Process(proc.pid)
-                tree = [launcher, *launcher.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                tree = []
-            for p in tree:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            server.kill_sessions()
-            proc.wait(timeout=30)
-            pytest.fail(f"{cmd[0]} still running after {timeout} s:\n{tail(log)}\nsshd:\n{server.log_tail()}")
+                return proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{cmd[0]} still running after {timeout} s:\n{tail(log)}\nsshd:\n{server.log_tail()}")
+    finally:
+        kill_marked(mark)
 
 
 def assert_same_records(reference: Path, got: Path) -> None:
