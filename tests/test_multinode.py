@@ -10,7 +10,8 @@ Specification:
   addresses trains 3 steps whose every ``losses.jsonl`` record (loss, lr, grad norm, tokens) equals, float for
   float, that of a 2-rank single-node ``torchrun`` run with the same flags;
 - sshd logged exactly one public-key login that ran a command on each address (no localhost shortcut);
-- ``train.example.sh`` with ``HOSTFILE=H SSH_PORT=P`` does the same through its own flags.
+- ``train.example.sh`` with ``HOSTFILE=H SSH_PORT=P`` does the same through its own flags (``H`` may carry
+  ``#`` comments and blank lines, which colossalai's own parser would take for host names).
 
 Needs ``/usr/sbin/sshd`` (Debian ``openssh-server``; ``scripts/test.sh`` installs it when root): skipped without
 it, except under CI (``CI=true``), where a missing sshd fails.
