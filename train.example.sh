@@ -4,6 +4,7 @@
 #
 #   PRETRAINED=ckpt/expanded-model DATASET=data/prepared/arrow NPROC=8 PLUGIN=gemini ./train.example.sh
 #   HOSTFILE=hostfile ./train.example.sh          # multi-node: one host name per line (see hostfile.example)
+#   HOSTFILE=hostfile SSH_PORT=2222 NPROC=8 ./train.example.sh   # sshd on a non-standard port on every host
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -40,5 +41,17 @@ args=(--pretrained "$PRETRAINED" --dataset "$DATASET" --plugin "$PLUGIN" --save_
 args+=($EXTRA_ARGS)
 
 launcher=(colossalai run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}")
-[[ -n "${HOSTFILE:-}" ]] && launcher+=(--hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$(head -n1 "$HOSTFILE")}")
+if [[ -n "${HOSTFILE:-}" ]]; then
+  # Multi-node: colossalai run reaches every host but localhost/127.0.0.1 over ssh (key login, port SSH_PORT) and
+  # runs `cd $PWD; export <this environment>; torchrun ...` there. Its hostfile parser takes no comments and a
+  # missing hostfile makes it exit 0 without training, so the hosts are checked and copied without comments here.
+  [[ -f "$HOSTFILE" ]] || { echo "train.example.sh: HOSTFILE=$HOSTFILE: no such file" >&2; exit 2; }
+  hosts=$(mktemp); trap 'rm -f "$hosts"' EXIT
+  sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$HOSTFILE" >"$hosts"
+  [[ -s "$hosts" ]] || { echo "train.example.sh: HOSTFILE=$HOSTFILE lists no host" >&2; exit 2; }
+  launcher+=(--hostfile "$hosts" --master_addr "${MASTER_ADDR:-$(head -n1 "$hosts")}")
+  [[ -n "${SSH_PORT:-}" ]] && launcher+=(--ssh-port "$SSH_PORT")
+  "${launcher[@]}" train.py "${args[@]}"   # not exec: the trap removes the copied hostfile
+  exit
+fi
 exec "${launcher[@]}" train.py "${args[@]}"

@@ -17,6 +17,17 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   fi
 fi
 
+# The multi-node test starts its own sshd on two loopback addresses (Debian openssh-server; not run as a service).
+if [[ ! -x /usr/sbin/sshd ]]; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "[test] installing openssh-server (apt)"
+    { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; } \
+      || echo "[test] WARNING: apt-get could not install openssh-server: the multi-node test will be skipped, or fail under CI=true"
+  else
+    echo "[test] /usr/sbin/sshd missing and cannot apt-get: the multi-node test will be skipped, or fail under CI=true"
+  fi
+fi
+
 # `colossalai run` and the multi-process tests call a bare `torchrun`: the venv's bin must be on PATH.
 export PATH="$ROOT/.venv/bin:$PATH"
 export TOKENIZERS_PARALLELISM=false
