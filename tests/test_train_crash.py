@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from colossal_llama.training.checkpoint import TMP_PREFIX, latest_checkpoint, verify_checkpoint
+from colossal_llama.training.checkpoint import TMP_PREFIX, complete_checkpoints, latest_checkpoint, verify_checkpoint
 from colossal_llama.training.metrics import read_loss_log
 from colossal_llama.utils.errors import UserInputError
 from tests.support.launch import (alive, kill_launcher_and_ranks, rank_processes, run_training, start_training, tail,
@@ -124,12 +124,13 @@ def _wait_for_moment(proc, save_dir: Path, moment: str, rng: random.Random, star
 
 @pytest.mark.timeout(2400)
 def test_ten_kills_at_random_moments_resume_bitwise(reference_runs, tmp_path):
-    """NEFTune on, ddp, checkpoints every 2 steps; kill -9 of launcher and ranks at start-up, mid-step and
-    mid-save, in turn, at least 10 times; then one last resume to the end."""
+    """NEFTune on, ddp, checkpoints every 2 steps of which only the newest 2 are kept (rotation deletes under
+    the kills too); kill -9 of launcher and ranks at start-up, mid-step and mid-save, in turn, at least 10 times;
+    then one last resume to the end."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     save_dir = tmp_path / "ckpt"
-    args = reference_runs.args("ddp_neft", save_dir, *LATEST)
+    args = reference_runs.args("ddp_neft", save_dir, *LATEST, "--keep_last_k", "2")
     args[args.index("--save_interval") + 1] = "2"
     kills: list[tuple[str, int]] = []
     for incarnation in range(16):
@@ -149,6 +150,8 @@ def test_ten_kills_at_random_moments_resume_bitwise(reference_runs, tmp_path):
     assert len(kills) >= 10, f"seed {seed}: only {len(kills)} kills: {kills}"
     train_ok(tmp_path, "final", args)
     assert_bitwise_equal(reference_runs["ddp_neft"], save_dir)
+    assert [c.name for c in complete_checkpoints(save_dir)] == ["epoch-0_step-6", f"epoch-0_step-{MAX_STEPS}"]
+    assert not list(save_dir.glob(TMP_PREFIX + "*"))
 
 
 # ---------------------------------------------------------------------------------------------- one run per save_dir

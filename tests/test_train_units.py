@@ -97,6 +97,14 @@ def test_parallelism_and_lora_combinations_are_checked_up_front(tiny_llama, flag
         parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", *flags])
 
 
+def test_async_save_needs_cuda(tiny_llama):
+    from colossal_llama.training.config import resolve_for_device
+
+    cfg = parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", "--async_save"])
+    with pytest.raises(UserInputError, match="--async_save needs CUDA"):
+        resolve_for_device(cfg, cuda=False)
+
+
 def test_save_dir_that_is_a_file_is_a_one_line_error(tiny_llama, tmp_path):
     regular = tmp_path / "ckpt"
     regular.write_text("not a directory")

@@ -222,16 +222,22 @@ class Checkpointer:
     """
 
     def __init__(self, booster, model, optimizer, scheduler, parallel: Parallelism, save_dir: Path,
-                 files: ModelFiles, lora: bool = False):
+                 files: ModelFiles, lora: bool = False, keep_last_k: Optional[int] = None, async_save: bool = False):
         self.booster, self.model, self.optimizer, self.scheduler = booster, model, optimizer, scheduler
         self.parallel = parallel
         self.save_dir = Path(save_dir)
         self.files = files
         self.lora = lora  # checkpoints hold the trainable LoRA state; the final model is merged
+        self.keep_last_k = keep_last_k  # complete checkpoints kept (older ones deleted once a newer is complete)
+        self.async_save = async_save  # optimizer states written in the background (colossalai, CUDA)
+        self._pending: Optional[tuple[Path, Path, RunningState]] = None  # written, not yet published
 
     # ------------------------------------------------------------------ saving
     def save(self, state: RunningState) -> Path:
-        """Write a complete checkpoint of ``state`` atomically; returns its final path."""
+        """Write a checkpoint of ``state``; returns its final path. It becomes complete (``running_states.json``
+        written last, the folder renamed into place) once every file is on disk: at once, or with
+        ``--async_save`` when the background writes are done (at the next save or the end of training)."""
+        self.complete_pending()
         name = checkpoint_name(state.epoch, state.step)
         final = self.save_dir / name
         tmp = self._fresh_tmp(name)
@@ -240,15 +246,42 @@ class Checkpointer:
         self.booster.save_lr_scheduler(self.scheduler, str(tmp / "lr_scheduler"))
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(capture_rng(), tmp / "rng" / f"rank-{dist.get_rank():05d}.pt")
+        self._pending = (tmp, final, state)
+        if not self.async_save:
+            self.complete_pending()
+        return final
+
+    def complete_pending(self) -> Optional[Path]:
+        """Publish the checkpoint whose files are being written, after waiting for them; rotate old ones."""
+        if self._pending is None:
+            return None
+        tmp, final, state = self._pending
+        self._pending = None
+        self.booster.checkpoint_io._sync_io()  # background writers of --async_save (none otherwise)
         dist.barrier()  # every rank's shards and RNG are on disk
         if dist.get_rank() == 0:
             write_json(tmp / RUNNING_STATES, asdict(state))  # written last: its presence marks completeness
             _publish(tmp, final)
+            self._rotate()
         dist.barrier()
         return final
 
+    def _rotate(self) -> None:
+        """Rank 0, after a checkpoint became complete: keep the newest ``keep_last_k`` complete checkpoints.
+
+        An old checkpoint is first renamed to a ``.tmp-`` name (one atomic step: from then on it is not a
+        checkpoint), then deleted; a crash in between leaves a leftover the next run removes."""
+        if not self.keep_last_k:
+            return
+        for old in complete_checkpoints(self.save_dir)[:-self.keep_last_k]:
+            doomed = old.with_name(f"{TMP_PREFIX}deleting-{old.name}")
+            old.rename(doomed)
+            shutil.rmtree(doomed)
+            log.info("--keep_last_k %d: deleted %s", self.keep_last_k, old)
+
     def save_final(self) -> Path:
         """``save_dir/modeling`` as a HF folder loadable by ``AutoModelForCausalLM.from_pretrained``."""
+        self.complete_pending()
         final = self.save_dir / FINAL_MODEL
         tmp = self._fresh_tmp(FINAL_MODEL)
         if self.lora:
@@ -294,9 +327,10 @@ class Checkpointer:
         if self.parallel.optimizer_replicated:
             if dist.get_rank() == 0:
                 directory.mkdir(parents=True, exist_ok=True)
-            self.booster.save_optimizer(self.optimizer, str(directory / "optimizer.bin"), shard=False)
+            self.booster.save_optimizer(self.optimizer, str(directory / "optimizer.bin"), shard=False,
+                                        use_async=self.async_save)
         else:
-            self.booster.save_optimizer(self.optimizer, str(directory), shard=True)
+            self.booster.save_optimizer(self.optimizer, str(directory), shard=True, use_async=self.async_save)
 
     # ------------------------------------------------------------------ loading
     def restore(self, target: Optional[LoadTarget]) -> Optional[RunningState]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,10 @@ class TrainConfig:
     overwrite: bool = flag(False, help="start afresh in a --save_dir that holds an earlier run (its checkpoints, "
                                        "modeling/ and logs are deleted first)")
     save_interval: int = flag(1000, help="save a checkpoint every N optimizer steps")
+    keep_last_k: Optional[int] = flag(None, help="keep only the newest K complete checkpoints (older ones are "
+                                                 "deleted once a newer one is complete; modeling/ is never touched)")
+    async_save: bool = flag(False, help="write optimizer states in the background (CUDA, colossalai's async writer "
+                                        "from the tensornvme package); a checkpoint still counts only once complete")
     save_dir: str = flag("checkpoints", help="checkpoints, losses.jsonl, train_config.json and the final modeling/")
     tensorboard_dir: Optional[str] = flag(None, help="TensorBoard event files")
     config_file: Optional[str] = flag(None, help="also write the resolved config (and run plan) here as JSON")
@@ -159,6 +164,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UserInputError(f"--{name} {getattr(cfg, name)}: must be >= 1")
     if cfg.lr <= 0:
         raise UserInputError(f"--lr {cfg.lr}: must be > 0")
+    if cfg.keep_last_k is not None and cfg.keep_last_k < 1:
+        raise UserInputError(f"--keep_last_k {cfg.keep_last_k}: must be >= 1 (leave it out to keep every checkpoint)")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise UserInputError(f"--max_steps {cfg.max_steps}: must be >= 1")
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
@@ -227,11 +234,17 @@ def _validate_lora(cfg: TrainConfig) -> None:
         raise UserInputError(f"--lora_dropout {cfg.lora_dropout}: must be in [0, 1)")
 
 
-def resolve_precision(cfg: TrainConfig, cuda: bool) -> TrainConfig:
-    """``--mixed_precision`` default: bf16 on CUDA, fp32 on CPU (fp16 on CPU is refused, not downgraded)."""
+def resolve_for_device(cfg: TrainConfig, cuda: bool) -> TrainConfig:
+    """What depends on the machine: ``--mixed_precision`` defaults to bf16 on CUDA, fp32 on CPU (fp16 on CPU is
+    refused, not downgraded); ``--async_save`` needs CUDA and tensornvme."""
     precision = cfg.mixed_precision or ("bf16" if cuda else "fp32")
     if precision == "fp16" and not cuda:
         raise UserInputError("--mixed_precision fp16 needs CUDA; use bf16 or fp32 on CPU")
+    if cfg.async_save and not cuda:
+        raise UserInputError("--async_save needs CUDA (colossalai writes from pinned host memory); leave it out on CPU")
+    if cfg.async_save and importlib.util.find_spec("tensornvme") is None:
+        raise UserInputError("--async_save needs the tensornvme package (colossalai's async file writer): "
+                             "pip install git+https://github.com/hpcaitech/TensorNVMe.git, or leave the flag out")
     return dataclasses.replace(cfg, mixed_precision=precision)
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from colossal_llama.training.checkpoint import (Checkpointer, LoadTarget, ModelFiles, RunningState, resolve_load_target,
                                                 verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
-from colossal_llama.training.config import TrainConfig, resolve_precision, resolve_warmup
+from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
 from colossal_llama.training.data import (PreparedData, StepBatchSampler, check_manifest_against_model,
                                           collect_parts, expand_dataset_args, load_prepared)
 from colossal_llama.training.distributed import init_distributed, on_rank0, setup_logging
@@ -82,7 +82,7 @@ def build_run(cfg: TrainConfig) -> Run:
     from colossal_llama.tokenizer.loading import load_tokenizer
 
     cuda = init_distributed(cfg.seed)
-    cfg = resolve_precision(cfg, cuda)
+    cfg = resolve_for_device(cfg, cuda)
     target, lock = (None, None) if cfg.benchmark else claim(cfg)
     if cfg.lora_rank and target is not None and target.kind == "weights":
         raise UserInputError(f"--load_checkpoint {target.path} with --lora_rank: give that folder as --pretrained "
@@ -121,7 +121,7 @@ def build_run(cfg: TrainConfig) -> Run:
     stepper = Stepper(booster, model, optimizer, scheduler, parallel, get_accelerator().get_current_device(),
                       cfg.grad_clip, neftune)
     checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir), model_files,
-                                lora=cfg.lora_rank > 0)
+                                lora=cfg.lora_rank > 0, keep_last_k=cfg.keep_last_k, async_save=cfg.async_save)
     collator = PackedCollator(pad_id, cfg.max_length, cfg.padding_mode, mask_4d=attn != "flash_attention_2",
                               pad_multiple=parallel.sequence_multiple, additive_mask_dtype=parallel.additive_mask_dtype)
     return Run(cfg, plan, data, parallel, stepper, checkpointer, collator, target, lock, cuda)
