@@ -51,7 +51,13 @@ if [[ -n "${HOSTFILE:-}" ]]; then
   [[ -s "$hosts" ]] || { echo "train.example.sh: HOSTFILE=$HOSTFILE lists no host" >&2; exit 2; }
   launcher+=(--hostfile "$hosts" --master_addr "${MASTER_ADDR:-$(head -n1 "$hosts")}")
   [[ -n "${SSH_PORT:-}" ]] && launcher+=(--ssh-port "$SSH_PORT")
-  "${launcher[@]}" train.py "${args[@]}"   # not exec: the trap removes the copied hostfile
-  exit
 fi
-exec "${launcher[@]}" train.py "${args[@]}"
+rc=0
+"${launcher[@]}" train.py "${args[@]}" || rc=$?
+if [[ $rc != 0 ]]; then
+  # Every rank of a failed run exits; the launcher then prints its own report (ChildFailedError, per-rank exit
+  # codes). The reason is further up: train.py prints a user error once, as a line starting with "error".
+  echo "train.example.sh: training failed (exit $rc). The reason is the first line starting with 'error' above;" \
+       "the launcher's report after it only lists the ranks that stopped." >&2
+fi
+exit $rc

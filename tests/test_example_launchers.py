@@ -15,13 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
-def launch(script: str, env: dict, log: Path) -> None:
+def launch(script: str, env: dict, log: Path, expect_success: bool = True) -> int:
     full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                 "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **env}
     with open(log, "w") as out:
         proc = subprocess.run(["bash", str(REPO / script)], env=full_env, stdout=out, stderr=subprocess.STDOUT,
                               timeout=600)
-    assert proc.returncode == 0, f"{script} failed:\n{log.read_text()[-3000:]}"
+    if expect_success:
+        assert proc.returncode == 0, f"{script} failed:\n{log.read_text()[-3000:]}"
+    return proc.returncode
 
 
 SYSTEM = "你是一个乐于助人的助手。"
@@ -60,3 +62,12 @@ def test_pretrain_then_sft_launchers_train_two_stages(tmp_path, tiny_llama, prep
     assert saved == {"name": "llama2", "system_message": SYSTEM}
     template = resolve_chat_template(stage2 / "modeling", load_tokenizer(stage2 / "modeling"))
     assert (template.name, template.system_message) == ("llama2", SYSTEM)
+
+    # Re-running stage 1 over its finished run is refused; the launcher says where the reason is.
+    rc = launch("train.example.sh", {**common, "PRETRAINED": str(tiny_llama), "SAVE_DIR": str(stage1),
+                                     "DATASET": str(prepared_pretrain / "arrow")}, tmp_path / "again.log",
+                expect_success=False)
+    lines = (tmp_path / "again.log").read_text().splitlines()
+    errors = [line for line in lines if line.startswith("error")]
+    assert rc != 0 and len(errors) == 1 and errors[0].startswith(f"error: --save_dir {stage1}: holds an earlier run")
+    assert lines[-1].startswith("train.example.sh: training failed") and "first line starting with 'error'" in lines[-1]
