@@ -59,6 +59,14 @@ def test_ring_sequence_parallelism_runs_with_a_warning(reference_runs):
     _assert_close_curves(losses(reference_runs["ddp"]), ring, 1e-2, "sp_ring")
 
 
+def test_3d_zero_with_cpu_offload_trains_in_bf16(reference_runs):
+    plan = json.loads(reference_runs.config("3d_zero1_offload").read_text())["plan"]
+    assert (plan["plugin_class"], plan["cpu_offload"]) == ("HybridParallelPlugin", True)
+    # bf16 weights against ddp's fp32: the CUDA tests' 2 % bound
+    _assert_close_curves(losses(reference_runs["ddp"]), losses(reference_runs["3d_zero1_offload"]), 2e-2,
+                         "3d_zero1_offload")
+
+
 def test_ring_attention_refuses_on_cpu_in_one_line(tiny_llama):
     from colossal_llama.training.config import parse_config
     from colossal_llama.training.plugin import build_parallel

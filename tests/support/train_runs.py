@@ -40,6 +40,9 @@ LAYOUTS: Dict[str, List[str]] = {
     "sp_split_gather": [*TP2, "--enable_sequence_parallelism", "--sp_mode", "split_gather"],
     "sp_ring": [*TP2, "--enable_sequence_parallelism", "--sp_mode", "ring"],
     "sp_all_to_all": ["--plugin", "3d", "--sp", "2", "--sp_mode", "all_to_all", "--zero_stage", "0", *DP1_BATCH],
+    # 3d with ZeRO needs bf16 (colossalai keeps fp32 master weights itself)
+    "3d_zero1_offload": ["--plugin", "3d", "--zero_stage", "1", "--zero_cpu_offload", "--mixed_precision", "bf16",
+                         *DP2_BATCH],
     "lora_ddp": ["--plugin", "ddp", *LORA, *DP2_BATCH],
     "lora_zero2": ["--plugin", "zero2", *LORA, *DP2_BATCH],
 }
