@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # Dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "H800": 989e12}
 LOSS_LOG = "losses.jsonl"
+EVAL_LOG = "eval.jsonl"  # {"step", "scores": {category: {"loss", "bpc", "tokens", "characters"}, "all": ...}}
 
 
 def peak_flops(cuda: bool) -> float:
@@ -31,7 +32,8 @@ def peak_flops(cuda: bool) -> float:
 
 
 def trim_loss_log(path: Path, keep_through_step: int) -> int:
-    """Keep records with ``step <= keep_through_step`` (0 clears the file); returns how many were dropped."""
+    """Keep records with ``step <= keep_through_step`` (0 clears the file) of a per-step jsonl log
+    (``losses.jsonl``, ``eval.jsonl``); returns how many were dropped."""
     if not path.is_file():
         return 0
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -78,17 +80,19 @@ class RunMetrics:
         self.peak = peak_flops(cuda)
         self.cuda = cuda
         self.loss_log = save_dir / LOSS_LOG if save_dir is not None else None
-        self._writer = self._bar = self._fh = None
+        self._writer = self._bar = self._fh = self._eval_fh = None
         self._window: list[StepStats] = []
         if not enabled:
             return
         if self.loss_log is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
-            dropped = trim_loss_log(self.loss_log, start_step)
-            if dropped:
-                log.info("%s: dropped %d records after step %d (steps redone after resume)", self.loss_log, dropped,
-                         start_step)
+            for path in (self.loss_log, save_dir / EVAL_LOG):
+                dropped = trim_loss_log(path, start_step)
+                if dropped:
+                    log.info("%s: dropped %d records after step %d (steps redone after resume)", path, dropped,
+                             start_step)
             self._fh = open(self.loss_log, "a", encoding="utf-8")
+            self._eval_fh = open(save_dir / EVAL_LOG, "a", encoding="utf-8")
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -118,6 +122,23 @@ class RunMetrics:
         if stats.step % self.log_interval == 0:
             self._log_window()
 
+    def record_eval(self, step: int, scores: dict) -> None:
+        """Validation scores (``{category: CategoryScore}``, ``"all"`` included) after ``step`` steps."""
+        if not self.enabled:
+            return
+        width = max(len(name) for name in scores)
+        log.info("validation after step %d:\n%s", step, "\n".join(
+            f"  {name:<{width}}  loss {s.loss:.4f}  bits/char {s.bits_per_char:.4f}  ({s.tokens} tokens, "
+            f"{s.characters} characters)" for name, s in scores.items()))
+        if self._eval_fh is not None:
+            record = {"step": step, "scores": {name: s.to_json() for name, s in scores.items()}}
+            self._eval_fh.write(json.dumps(record) + "\n")
+            self._eval_fh.flush()
+        if self._writer is not None:
+            for name, s in scores.items():
+                self._writer.add_scalar(f"eval/loss/{name}", s.loss, step)
+                self._writer.add_scalar(f"eval/bpc/{name}", s.bits_per_char, step)
+
     def _log_window(self) -> None:
         w, self._window = self._window, []
         seconds = sum(s.seconds for s in w)
@@ -135,8 +156,9 @@ class RunMetrics:
             return
         if self._window:
             self._log_window()
-        if self._fh is not None:
-            self._fh.close()
+        for fh in (self._fh, self._eval_fh):
+            if fh is not None:
+                fh.close()
         self._bar.close()
         if self._writer is not None:
             self._writer.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from colossal_llama.training.checkpoint import CHECKPOINT_RE, FINAL_MODEL, TMP_PREFIX, complete_checkpoints
-from colossal_llama.training.metrics import LOSS_LOG
+from colossal_llama.training.metrics import EVAL_LOG, LOSS_LOG
 from colossal_llama.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def check_not_clobbering(save_dir: Path, resuming: bool, overwrite: bool) -> Non
 
 def _belongs_to_a_run(path: Path) -> bool:
     return (bool(CHECKPOINT_RE.match(path.name)) or path.name.startswith(TMP_PREFIX)
-            or path.name in (FINAL_MODEL, LOSS_LOG, RUN_CONFIG))
+            or path.name in (FINAL_MODEL, LOSS_LOG, EVAL_LOG, RUN_CONFIG))
 
 
 def remove_leftovers(save_dir: Path) -> list[str]:

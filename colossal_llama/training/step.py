@@ -79,7 +79,7 @@ class Stepper:
             loss_sum += micro_loss.detach().double()
         return loss_sum
 
-    def _pipeline(self, batch: dict, scale: float) -> torch.Tensor:
+    def _pipeline(self, batch: dict, scale: float, train: bool = True) -> torch.Tensor:
         """One batch through the 1F1B pipeline; the schedule cuts it into micro-batches and divides each
         micro-batch's criterion by their number, which the criterion multiplies back in. Returns the loss sum on
         the last stage (zero elsewhere)."""
@@ -88,12 +88,23 @@ class Stepper:
         def criterion(out, micro_batch: dict) -> torch.Tensor:
             return self._loss_sum(out, count_loss_tokens(micro_batch["labels"])) * (scale * num_micro)
 
-        result = self.booster.execute_pipeline(iter([self._inputs(batch)]), self.model, criterion, self.optimizer,
+        optimizer = self.optimizer if train else None  # None (under no_grad): forward only, for validation
+        result = self.booster.execute_pipeline(iter([self._inputs(batch)]), self.model, criterion, optimizer,
                                                return_loss=True)
         loss = result.get("loss")
         if loss is None:  # not the last stage
             return torch.zeros((), dtype=torch.float64, device=self.device)
         return loss.detach().double() / scale
+
+    def eval_loss_sum(self, batch: dict) -> tuple[float, int]:
+        """(sum of token losses, loss tokens) of one batch, forward only (call under ``torch.no_grad`` in eval
+        mode). With pipeline parallelism the sum is on the last stage (0 elsewhere)."""
+        n_tokens = count_loss_tokens(batch["labels"])
+        if n_tokens == 0:
+            return 0.0, 0
+        if self.parallel.pipeline_microbatch_size:
+            return float(self._pipeline(batch, scale=1.0, train=False)), n_tokens
+        return float(self._forward_loss_sum(batch, n_tokens)), n_tokens
 
     def step(self, micro_batches: List[dict], step: int) -> StepResult:
         """Optimizer step number ``step`` (1-based) over this rank's ``micro_batches``."""

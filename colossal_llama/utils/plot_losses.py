@@ -3,7 +3,8 @@
     python colossal_llama/utils/plot_losses.py --log_dir runs/exp1 --output loss.png
 
 Plots whichever of ``train/loss``, ``train/lr``, ``train/tokens_per_s`` (and ``train/grad_norm``, ``train/mfu``)
-the run logged, one subplot each, against the training step.
+the run logged, one subplot each, against the training step; validation (``eval/loss/<category>``,
+``eval/bpc/<category>``) gets one subplot per measure with a line per category.
 """
 from __future__ import annotations
 
@@ -21,7 +22,13 @@ TAGS = {  # tag -> y-axis label, in subplot order
     "train/mfu": "MFU",
 }
 
+EVAL_GROUPS = {"eval/loss/": "validation loss", "eval/bpc/": "validation bits/char"}  # prefix -> y label
+
 Series = List[Tuple[int, float]]
+
+
+def _known(tag: str) -> bool:
+    return tag in TAGS or any(tag.startswith(prefix) for prefix in EVAL_GROUPS)
 
 
 def read_scalars(log_dir) -> Dict[str, Series]:
@@ -41,11 +48,22 @@ def read_scalars(log_dir) -> Dict[str, Series]:
     for f in files:
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0})  # 0 = keep every point
         acc.Reload()
-        for tag in set(acc.Tags()["scalars"]) & set(TAGS):
+        for tag in (t for t in acc.Tags()["scalars"] if _known(t)):
             merged.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
     if not merged:
         raise UserInputError(f"{log_dir}: event files hold none of the scalars {', '.join(TAGS)}")
-    return {tag: sorted(merged[tag].items()) for tag in TAGS if tag in merged}
+    ordered = [t for t in TAGS if t in merged] + sorted(t for t in merged if t not in TAGS)
+    return {tag: sorted(merged[tag].items()) for tag in ordered}
+
+
+def _subplots(series: Dict[str, Series]) -> List[Tuple[str, str, Dict[str, Series]]]:
+    """(title, y label, {line label: points}) per subplot: one per train tag, one per validation measure."""
+    panels = [(tag, TAGS[tag], {tag: points}) for tag, points in series.items() if tag in TAGS]
+    for prefix, label in EVAL_GROUPS.items():
+        lines = {tag[len(prefix):]: points for tag, points in series.items() if tag.startswith(prefix)}
+        if lines:
+            panels.append((prefix.rstrip("/"), label, lines))
+    return panels
 
 
 def plot_scalars(series: Dict[str, Series], output, title: Optional[str] = None) -> Path:
@@ -55,14 +73,18 @@ def plot_scalars(series: Dict[str, Series], output, title: Optional[str] = None)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(series), 1, figsize=(8, 2.6 * len(series)), sharex=True, squeeze=False)
-    for ax, (tag, points) in zip(axes[:, 0], series.items()):
-        steps, values = zip(*points)
-        ax.plot(steps, values, linewidth=1.2, marker="." if len(points) < 50 else None)
-        ax.set_ylabel(TAGS[tag])
-        ax.set_title(tag, fontsize=9, loc="left")
+    panels = _subplots(series)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
+    for ax, (title, label, lines) in zip(axes[:, 0], panels):
+        for name, points in lines.items():
+            steps, values = zip(*points)
+            ax.plot(steps, values, linewidth=1.2, marker="." if len(points) < 50 else None, label=name)
+        ax.set_ylabel(label)
+        ax.set_title(title, fontsize=9, loc="left")
         ax.grid(alpha=0.3)
-        if tag == "train/lr":
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+        if title == "train/lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     axes[-1, 0].set_xlabel("step")
     if title:

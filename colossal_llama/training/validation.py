@@ -1,0 +1,111 @@
+"""Validation while training: loss and bits per character per category on held-out prepared data.
+
+The held-out rows (``--eval_dataset``, by default the ``eval/`` split of each ``--dataset``) are grouped by
+category (a prepared row holds one category: packing and bins are per category) into batches of
+``--batch_size`` rows; categories take turns, so ``--eval_batches`` covers all of them. Batch i is evaluated by
+data-parallel rank ``i % dp``; sums are all-reduced, so every plugin (pipeline included) gives one table.
+
+bits/char = (sum of the token losses in nats / ln 2) / characters of the trained text (the decoded loss-bearing
+tokens, special tokens excluded): comparable across tokenizers, so a vocabulary expansion does not flatter it.
+
+Validation draws no random numbers and runs in eval mode (no NEFTune noise, no dropout): the training losses of
+a run are the same, bit for bit, with and without it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from colossal_llama.training.collate import IGNORE_INDEX
+
+ALL = "all"
+
+
+@dataclass
+class CategoryScore:
+    loss_sum: float  # nats, over the trained tokens
+    tokens: int  # trained (loss-bearing) tokens
+    characters: int  # characters of their decoded text
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def bits_per_char(self) -> float:
+        return self.loss_sum / math.log(2) / self.characters if self.characters else float("nan")
+
+    def to_json(self) -> dict:
+        return {"loss": self.loss, "bpc": self.bits_per_char, "tokens": self.tokens, "characters": self.characters}
+
+
+def trained_characters(labels: np.ndarray, tokenizer) -> int:
+    """Characters of the text a row is trained on (its loss-bearing tokens, decoded without special tokens)."""
+    ids = np.asarray(labels)
+    ids = ids[ids != IGNORE_INDEX]
+    return len(tokenizer.decode(ids.tolist(), skip_special_tokens=True))
+
+
+def batch_plan(categories: Sequence[str], batch_size: int, max_batches: int,
+               multiple: int = 1) -> List[tuple[str, np.ndarray]]:
+    """``(category, row indices)`` batches: each category's rows in order, cut into ``batch_size``; categories
+    take turns (batch 0 of each, then batch 1 of each, ...); at most ``max_batches`` (0: all). A last batch is
+    cut to a multiple of ``multiple`` rows (a pipeline splits batches into micro-batches of that size)."""
+    names = sorted(set(categories))
+    rows = {name: np.flatnonzero(np.asarray(categories) == name) for name in names}
+    per_category = {}
+    for name in names:
+        batches = [rows[name][i:i + batch_size] for i in range(0, len(rows[name]), batch_size)]
+        batches = [b[:len(b) - len(b) % multiple] for b in batches]
+        per_category[name] = [b for b in batches if len(b)]
+    plan, turn = [], 0
+    while any(turn < len(batches) for batches in per_category.values()):
+        plan.extend((name, per_category[name][turn]) for name in names if turn < len(per_category[name]))
+        turn += 1
+    return plan[:max_batches] if max_batches else plan
+
+
+class Validator:
+    """Scores the model on fixed held-out batches; call :meth:`run` on every rank together."""
+
+    def __init__(self, dataset, categories: Sequence[str], tokenizer, collator, stepper, batch_size: int,
+                 max_batches: int):
+        self.dataset, self.collator, self.stepper = dataset, collator, stepper
+        self.categories = sorted(set(categories))
+        pipeline = stepper.parallel.pipeline_microbatch_size
+        self.plan = batch_plan(categories, pipeline or batch_size, max_batches, multiple=pipeline or 1)
+        used = np.concatenate([rows for _, rows in self.plan]) if self.plan else np.array([], dtype=np.int64)
+        self.characters = {int(i): trained_characters(dataset[int(i)]["labels"], tokenizer) for i in used}
+
+    def run(self) -> Dict[str, CategoryScore]:
+        """Scores per category and ``"all"``; the model is left in training mode."""
+        layout = self.stepper.parallel.layout
+        index = {name: k for k, name in enumerate(self.categories)}
+        sums = np.zeros((3, len(self.categories)), dtype=np.float64)  # loss, tokens, characters
+        model = self.stepper.model
+        model.eval()
+        try:
+            with torch.no_grad():
+                for i, (category, rows) in enumerate(self.plan):
+                    if i % layout.dp_size != layout.dp_rank:
+                        continue
+                    batch = self.collator([self.dataset[int(r)] for r in rows])
+                    loss_sum, tokens = self.stepper.eval_loss_sum(batch)
+                    k = index[category]
+                    sums[:, k] += (loss_sum, tokens, sum(self.characters[int(r)] for r in rows))
+        finally:
+            model.train()
+        if not self.stepper.parallel.reports_loss:  # pipeline stages but the last, tp/sp peers: counted once
+            sums[:] = 0
+        total = torch.tensor(sums, dtype=torch.float64, device=self.stepper.device)
+        dist.all_reduce(total)
+        total = total.cpu().numpy()
+        scores = {name: CategoryScore(float(total[0, k]), int(total[1, k]), int(total[2, k]))
+                  for k, name in enumerate(self.categories)}
+        scores[ALL] = CategoryScore(float(total[0].sum()), int(total[1].sum()), int(total[2].sum()))
+        return scores
