@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from colossal_llama.training.attention import choose_attention, needs_dense_mask
 from colossal_llama.training.checkpoint import (Checkpointer, LoadTarget, ModelFiles, RunningState, resolve_load_target,
                                                 verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
@@ -19,8 +20,7 @@ from colossal_llama.training.data import (PreparedData, StepBatchSampler, check_
                                           collect_parts, expand_dataset_args, load_prepared)
 from colossal_llama.training.distributed import init_distributed, on_rank0, setup_logging
 from colossal_llama.training.metrics import RunMetrics, StepStats
-from colossal_llama.training.model import (NEFTune, apply_liger_kernels, choose_attention, freeze_non_embeddings,
-                                           load_causal_lm)
+from colossal_llama.training.model import NEFTune, apply_liger_kernels, freeze_non_embeddings, load_causal_lm
 from colossal_llama.training.optim import WarmupCosineLR, build_optimizer
 from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
@@ -97,7 +97,7 @@ def build_run(cfg: TrainConfig) -> Run:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     cfg = resolve_warmup(cfg, total_steps)
-    attn = choose_attention(cfg.use_flash_attn, cuda)
+    attn = choose_attention(cfg.attention, cuda, cfg.use_flash_attn)
     liger = apply_liger_kernels(cfg.liger, cuda)
 
     model = load_causal_lm(cfg.pretrained, attn)
@@ -130,7 +130,7 @@ def build_run(cfg: TrainConfig) -> Run:
                                 ModelFiles(model_config, tokenizer, data.chat_template))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = PackedCollator(pad_id if pad_id is not None else 0, cfg.max_length, cfg.padding_mode,
-                              mask_4d=attn != "flash_attention_2")
+                              mask_4d=needs_dense_mask(attn))
     return Run(cfg, plan, data, parallel, stepper, checkpointer, collator, target, lock, cuda)
 
 
