@@ -70,6 +70,8 @@ class BenchConfig:
     zero_stage: Optional[int]  # 3d plugin; None: 1 on CUDA, 0 on CPU (colossalai's ZeRO under 3d needs bf16/fp16)
     report: Optional[Path]
     run_timeout: float
+    target_run: Optional[str] = None  # label of the run held to target_tokens_per_s
+    target_tokens_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,12 @@ def corpus_slice(source: Path, out_dir: Path, max_chars: int) -> Path:
     return out_dir
 
 
+def say(cfg: BenchConfig, line: str) -> None:
+    """A progress line for the console and, before the table starts, the report."""
+    print(f"[throughput] {line}", flush=True)
+    append(cfg.report, [f"- {line}"])
+
+
 def prepare_inputs(cfg: BenchConfig, work: Path, cuda: bool) -> tuple[Path, Path]:
     """(model dir, arrow dir): a randomly initialised LLaMA of ``cfg.shape`` (bf16 weights on disk when CUDA
     trains it) and enough real text packed to ``cfg.seq_len`` for every run's steps."""
@@ -149,6 +157,8 @@ def prepare_inputs(cfg: BenchConfig, work: Path, cuda: bool) -> tuple[Path, Path
     from colossal_llama.tokenizer.loading import load_tokenizer, sentencepiece_to_hf_dir
     from colossal_llama.utils.paths import data_root, mistral_tokenizer_model
 
+    for stale in ("tokenizer", "model", "corpus", "data"):  # a reused --workdir starts afresh
+        shutil.rmtree(work / stale, ignore_errors=True)
     tokenizer_dir = sentencepiece_to_hf_dir(mistral_tokenizer_model(), work / "tokenizer")
     tokenizer = load_tokenizer(tokenizer_dir)
     start = time.perf_counter()
@@ -160,8 +170,8 @@ def prepare_inputs(cfg: BenchConfig, work: Path, cuda: bool) -> tuple[Path, Path
     del model
     if cuda:
         torch.cuda.empty_cache()  # the runs are other processes: leave them the memory
-    print(f"[throughput] LLaMA '{cfg.shape}': {n_params / 1e6:,.0f} M parameters, vocab {len(tokenizer)} "
-          f"({time.perf_counter() - start:.1f} s)", flush=True)
+    say(cfg, f"model: LLaMA '{cfg.shape}', {n_params / 1e6:,.0f} M parameters, vocab {len(tokenizer)} "
+             f"({time.perf_counter() - start:.1f} s)")
     sequences = cfg.steps * max((r.micro_batch or cfg.micro_batch_size) * r.accumulation for r in cfg.runs) * cfg.nproc
     corpus = corpus_slice(cfg.corpus or data_root() / "pretrain", work / "corpus", 2 * sequences * cfg.seq_len)
     start = time.perf_counter()
@@ -170,8 +180,8 @@ def prepare_inputs(cfg: BenchConfig, work: Path, cuda: bool) -> tuple[Path, Path
         max_length=cfg.seq_len, num_bins=1, num_proc=min(8, os.cpu_count() or 1) if cuda else 1, strict=False,
     ))
     counts = summary.counts
-    print(f"[throughput] data: {counts['sequences']} packed rows of <= {cfg.seq_len} tokens, "
-          f"{counts['documents_in']} documents ({time.perf_counter() - start:.1f} s)", flush=True)
+    say(cfg, f"data: {counts['documents_in']} real documents packed into {counts['sequences']} rows of <= "
+             f"{cfg.seq_len} tokens ({time.perf_counter() - start:.1f} s)")
     return work / "model", summary.arrow_dir
 
 
@@ -287,6 +297,18 @@ def format_row(cfg: BenchConfig, r: RunResult) -> str:
             f"{r.seconds:.0f} | {r.status.replace('|', '/')} |")
 
 
+def target_line(cfg: BenchConfig, results: List[RunResult]) -> Optional[str]:
+    """``- target: RUN >= N tokens/s: met (X)`` for ``--target_run``, or why it was not measured."""
+    if cfg.target_run is None:
+        return None
+    want = f"target: {cfg.target_run} >= {cfg.target_tokens_per_s:,.0f} tokens/s"
+    result = next((r for r in results if r.spec.label == cfg.target_run), None)
+    if result is None or result.status != "ok":
+        return f"- {want}: not measured ({result.status if result else 'not run'})"
+    verdict = "met" if result.tokens_per_s >= cfg.target_tokens_per_s else "NOT met"
+    return f"- {want}: {verdict} ({result.tokens_per_s:,.0f} tokens/s)"
+
+
 def append(path: Optional[Path], lines: List[str]) -> None:
     """The report grows row by row, so a run stopped half-way still leaves the rows it finished."""
     if path is not None:
@@ -314,11 +336,16 @@ def parse_args(argv=None) -> BenchConfig:
                    help="ZeRO stage of the 3d plugin (default 1 on CUDA, 0 on CPU)")
     p.add_argument("--report", type=Path, default=None, help="append the markdown table here, row by row")
     p.add_argument("--run_timeout", type=float, default=900, help="seconds one run may take")
+    p.add_argument("--target_run", default=None, help="the run (as given in --runs) held to --target_tokens_per_s")
+    p.add_argument("--target_tokens_per_s", type=float, default=0.0)
     a = p.parse_args(argv)
+    if a.target_run is not None and a.target_run not in a.runs:
+        raise UserInputError(f"--target_run {a.target_run}: not one of --runs")
     if a.steps <= a.skip_steps:
         raise UserInputError(f"--steps {a.steps}: must exceed --skip_steps {a.skip_steps}")
     return BenchConfig(a.shape, a.seq_len, a.micro_batch_size, [parse_run(r) for r in a.runs], a.steps, a.skip_steps,
-                       a.nproc or 0, a.use_grad_checkpoint, a.workdir, a.corpus, a.zero_stage, a.report, a.run_timeout)
+                       a.nproc or 0, a.use_grad_checkpoint, a.workdir, a.corpus, a.zero_stage, a.report, a.run_timeout,
+                       a.target_run, a.target_tokens_per_s)
 
 
 @cli_entry
@@ -329,11 +356,12 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     cfg = replace(cfg, nproc=cfg.nproc or (torch.cuda.device_count() if cuda else 2))
     device = torch.cuda.get_device_name() if cuda else "CPU"
-    append(cfg.report, [table_title(cfg, device), "", *HEADER])
+    append(cfg.report, [table_title(cfg, device), ""])
     work = cfg.workdir or Path(tempfile.mkdtemp(prefix="train_throughput-"))
     results = []
     try:
         model_dir, arrow_dir = prepare_inputs(cfg, work, cuda)
+        append(cfg.report, ["", *HEADER])
         for spec in cfg.runs:
             result = run_one(cfg, spec, model_dir, arrow_dir, work, cuda)
             results.append(result)
@@ -342,7 +370,10 @@ def main(argv=None) -> int:
     finally:
         if cfg.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n".join([table_title(cfg, device), "", *HEADER, *(format_row(cfg, r) for r in results)]))
+    target = target_line(cfg, results)
+    append(cfg.report, [target] if target else [])
+    print("\n".join([table_title(cfg, device), "", *HEADER, *(format_row(cfg, r) for r in results),
+                      *([target] if target else [])]))
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -64,7 +64,7 @@ class RecipeConfig:
     seed: int = 42
 
 
-DRY_RUN = dict(steps=2, micro_batch_size=2, max_length=128, heldout=200, train_paragraphs=600, eval_zh=12, eval_en=4,
+DRY_RUN = dict(steps=1, micro_batch_size=1, max_length=128, heldout=200, train_paragraphs=600, eval_zh=6, eval_en=1,
                mine_vocab=4000, mine_sentences=3000, new_pieces=300, eval_batch=8, curve_points=1)
 
 
@@ -72,8 +72,9 @@ class Workdir:
     """Stage outputs under one folder, with ``stages.json`` recording each finished stage's seconds and
     ``config.json`` the settings they were made with (a second run with other settings is refused)."""
 
-    def __init__(self, root: Path, cfg: RecipeConfig, base_model: Optional[Path], data: Path):
-        self.root = root
+    def __init__(self, root: Path, cfg: RecipeConfig, base_model: Optional[Path], data: Path,
+                 report: Optional[Path] = None):
+        self.root, self.report = root, report
         root.mkdir(parents=True, exist_ok=True)
         settings = {**dataclasses.asdict(cfg), "base_model": str(base_model), "data": str(data)}
         config = root / "config.json"
@@ -84,21 +85,28 @@ class Workdir:
         self.stages_file = root / "stages.json"
         self.done: Dict[str, float] = json.loads(self.stages_file.read_text()) if self.stages_file.is_file() else {}
 
-    def run(self, name: str, fn: Callable[[], None]) -> float:
+    def note(self, line: str) -> None:
+        """A progress line for the console and the report (which grows as the recipe goes)."""
+        print(f"[recipe] {line}", flush=True)
+        if self.report is not None:
+            with open(self.report, "a", encoding="utf-8") as fh:
+                fh.write(f"- {line}\n")
+
+    def run(self, name: str, fn: Callable[[], Optional[str]]) -> float:
         if name in self.done:
-            print(f"[recipe] {name}: done earlier in {self.done[name]:.1f} s (reused)", flush=True)
+            self.note(f"{name}: {self.done[name]:.1f} s (done earlier in {self.root})")
             return self.done[name]
         print(f"[recipe] {name} ...", flush=True)
         start = time.perf_counter()
-        fn()
+        outcome = fn()
         self.done[name] = time.perf_counter() - start
         self.stages_file.write_text(json.dumps(self.done, indent=1))
-        print(f"[recipe] {name}: {self.done[name]:.1f} s", flush=True)
+        self.note(f"{name}: {self.done[name]:.1f} s" + (f": {outcome}" if outcome else ""))
         return self.done[name]
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def split_news(data: Path, out: Path, cfg: RecipeConfig) -> None:
+def split_news(data: Path, out: Path, cfg: RecipeConfig) -> str:
     """``train/news.jsonl`` (paragraphs before the held-out tail, at most ``train_paragraphs``) and ``heldout.jsonl``."""
     lines = [ln for ln in (data / "pretrain" / NEWS).read_text(encoding="utf-8").splitlines() if ln.strip()]
     if len(lines) <= cfg.heldout:
@@ -109,10 +117,10 @@ def split_news(data: Path, out: Path, cfg: RecipeConfig) -> None:
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "train" / "news.jsonl").write_text("\n".join(train) + "\n", encoding="utf-8")
     (out / "heldout.jsonl").write_text("\n".join(heldout) + "\n", encoding="utf-8")
-    print(f"[recipe] People's Daily: {len(train)} paragraphs to train on, {len(heldout)} held out", flush=True)
+    return f"People's Daily: {len(train)} paragraphs to train on, the last {len(heldout)} held out"
 
 
-def mine(data: Path, work: Path, base: Path, cfg: RecipeConfig) -> None:
+def mine(data: Path, work: Path, base: Path, cfg: RecipeConfig) -> str:
     from colossal_llama.tokenizer.mine_pieces import MineConfig, mine_pieces
 
     pieces, report = mine_pieces(MineConfig(
@@ -120,9 +128,10 @@ def mine(data: Path, work: Path, base: Path, cfg: RecipeConfig) -> None:
         base_tokenizer_dir=base, vocab_size=cfg.mine_vocab, max_sentences=cfg.mine_sentences,
         top_k=cfg.new_pieces, character_coverage=cfg.mine_coverage))
     print(report.format(), flush=True)
+    return f"{len(pieces)} new pieces from {report.sentences} lines of Chinese (SentencePiece, vocab {cfg.mine_vocab})"
 
 
-def expand(data: Path, work: Path, base: Path) -> None:
+def expand(data: Path, work: Path, base: Path) -> str:
     from colossal_llama.tokenizer.init_tokenizer import expand_tokenizer
     from colossal_llama.tokenizer.pieces import read_pieces_file
 
@@ -130,15 +139,19 @@ def expand(data: Path, work: Path, base: Path) -> None:
     report = expand_tokenizer(base, work / "tokenizer", pieces.pieces, overwrite=True,
                               report_files=[work / "heldout.jsonl", data / "pretrain" / ENGLISH])
     print(report.format(), flush=True)
+    return f"vocabulary {report.vocab_before} -> {report.vocab_after}; {report.check}: {report.check_identical}/" \
+           f"{report.check_total} lines identical"
 
 
-def init(work: Path, base: Path) -> None:
+def init(work: Path, base: Path) -> str:
     from colossal_llama.model.init_model import init_model_from_expanded_tokenizer
 
-    init_model_from_expanded_tokenizer(base, work / "tokenizer", work / "init", overwrite=True)
+    report = init_model_from_expanded_tokenizer(base, work / "tokenizer", work / "init", overwrite=True)
+    return (f"{report.new_rows} new rows = mean of their old pieces ({report.pieces_per_new_row['mean']:.1f} on "
+            f"average), {report.tensors_copied} tensors copied bit for bit")
 
 
-def prepare(work: Path, cfg: RecipeConfig) -> None:
+def prepare(work: Path, cfg: RecipeConfig) -> str:
     from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
     from colossal_llama.dataset.prepare import format_summary, prepare_pretrain
 
@@ -146,9 +159,10 @@ def prepare(work: Path, cfg: RecipeConfig) -> None:
         input_dirs=[work / "train"], tokenizer_dir=work / "init", output=OutputLayout.under(work / "data"),
         max_length=cfg.max_length, num_bins=1, num_proc=min(8, os.cpu_count() or 1), seed=cfg.seed, overwrite=True))
     print("\n".join(format_summary(summary)), flush=True)
+    return f"{summary.counts['tokens_out']:,} tokens in {summary.counts['sequences']} rows of <= {cfg.max_length}"
 
 
-def train(work: Path, cfg: RecipeConfig, cuda: bool) -> None:
+def train(work: Path, cfg: RecipeConfig, cuda: bool) -> str:
     """train.py as a single rank (its own process: Liger patches and CUDA state stay out of this one)."""
     save = work / "train_run"
     shutil.rmtree(save, ignore_errors=True)
@@ -166,8 +180,10 @@ def train(work: Path, cfg: RecipeConfig, cuda: bool) -> None:
 
     losses = [r["loss"] for r in read_loss_log(save / "losses.jsonl")]
     tokens = sum(r["tokens"] for r in read_loss_log(save / "losses.jsonl"))
-    print(f"[recipe] trained {len(losses)} steps on {tokens:,} tokens: loss {losses[0]:.3f} -> {losses[-1]:.3f}",
-          flush=True)
+    config = json.loads((save / "train_config.json").read_text())
+    return (f"{len(losses)} steps on {tokens:,} tokens ({config['plugin']}, {config['mixed_precision']}, attention "
+            f"{config['plan']['attn_implementation']}, Liger {'on' if config['plan']['liger'] else 'off'}): "
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
 @dataclass
@@ -215,7 +231,7 @@ def change(after: float, before: float) -> float:
 def format_report(cfg: RecipeConfig, rows: List[Scores], seconds: Dict[str, float], device: str) -> List[str]:
     base, trained = rows[0], rows[-1]
     zh, en = change(trained.zh_bpc, base.zh_bpc), change(trained.en_bpc, base.en_bpc)
-    lines = [f"SmolLM2-135M-Instruct, {cfg.steps} steps of {cfg.micro_batch_size} x {cfg.max_length} tokens, "
+    lines = ["", f"SmolLM2-135M-Instruct, {cfg.steps} steps of {cfg.micro_batch_size} x {cfg.max_length} tokens, "
              f"lr {cfg.lr:g}, {device}; held out: last {cfg.heldout} People's Daily paragraphs "
              f"({cfg.eval_zh or cfg.heldout} scored), Botchan ({cfg.eval_en or 'all'} passages)", "",
              "| model | zh bits/char | en bits/char | zh chars/token | en chars/token |", "|---|---|---|---|---|"]
@@ -265,18 +281,21 @@ def main(argv=None) -> int:
     data = data_root()
     if args.overwrite:
         shutil.rmtree(args.workdir, ignore_errors=True)
-    work = Workdir(args.workdir, cfg, args.base_model, data)
+    work = Workdir(args.workdir, cfg, args.base_model, data, args.report)
     base = args.base_model or args.workdir / "base"
     if args.base_model is None and not smollm2_gguf().is_file():
         raise UserInputError(f"{smollm2_gguf()}: the SmolLM2 GGUF is missing (pass --base_model DIR)")
 
-    def export_base() -> None:
+    def export_base() -> str:
         from colossal_llama.model.gguf_export import export_gguf_to_hf
 
+        if args.base_model is not None:
+            return f"given: {args.base_model}"
         export_gguf_to_hf(smollm2_gguf(), base)
+        return f"exported from {smollm2_gguf().name}"
 
     stages = {
-        "base": export_base if args.base_model is None else (lambda: None),
+        "base": export_base,
         "split": lambda: split_news(data, args.workdir, cfg),
         "mine": lambda: mine(data, args.workdir, base, cfg),
         "expand": lambda: expand(data, args.workdir, base),

@@ -42,8 +42,9 @@ pytestmark = [pytest.mark.cuda,
 
 STEPS = 4
 RUN_TIMEOUT_S = 300  # a run that takes longer hangs (the original's gemini resume did)
+# Rows padded to max_length: one shape, so FlexAttention compiles once per process (no dynamic-shape recompiles).
 BF16 = ["--mixed_precision", "bf16", "--max_steps", str(STEPS), "--save_interval", "2", "--batch_size", "4",
-        "--accumulation_steps", "1", "--log_interval", "1"]
+        "--accumulation_steps", "1", "--log_interval", "1", "--padding_mode", "max_length"]
 PLUGINS = ("ddp", "zero2", "zero2_cpu", "gemini", "gemini_auto", "3d")
 PLUGIN_CLASS = {"ddp": "TorchDDPPlugin", "zero2": "LowLevelZeroPlugin_ZeRO-2", "zero2_cpu": "LowLevelZeroPlugin_ZeRO-2",
                 "gemini": "GeminiPlugin", "gemini_auto": "GeminiPlugin", "3d": "HybridParallelPlugin"}
