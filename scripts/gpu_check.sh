@@ -150,6 +150,7 @@ run_budgeted() {
   local part=$1 filter=$2; shift 2
   local log="$LOGS/$part.log" rcfile="$WORK/.rc"
   rm -f "$rcfile"
+  : > "$log"
   { timeout --kill-after=20 "${BUDGET[$part]}" "$@" < /dev/null 2>&1 & echo $! > "$CHILD_PIDFILE"; wait $!; echo $? > "$rcfile"; } \
     | tee -a "$log" | "$filter" &
   wait $!
