@@ -13,8 +13,8 @@ Specification (tiny LLaMA with the real SmolLM2 tokenizer, real prepared data, 4
 - ``inference_example.py --device cuda`` and the web chat (``--device cuda``) generate on the GPU what the library
   generates greedily on the GPU in this process.
 
-All training runs of a phase start at once (a tiny model uses a sliver of the GPU), so the whole module takes
-about as long as its slowest run.
+The training runs all start when the module starts (a tiny model uses a sliver of the GPU; a resume starts when
+its checkpoint is written), and the generation tests run meanwhile: the module takes about its slowest run.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -68,40 +69,79 @@ def free_ports(n: int) -> List[int]:
     return ports
 
 
-def launch(runs: Dict[str, List[str]], root: Path, model: Path, data: Path) -> Dict[str, dict]:
-    """Start every run as a single-rank ``train.py`` at once, wait for all; name -> {save_dir, log, code}."""
-    started = {}
-    for (name, extra), port in zip(runs.items(), free_ports(len(runs))):
-        save_dir, log = root / name, root / f"{name}.log"
-        env = {**os.environ, "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+class Runs:
+    """The training runs, started in the background when the module starts (the generation tests run meanwhile).
+
+    Every run is a single-rank ``train.py``. A resumed run starts as soon as the step-2 checkpoint it resumes from
+    is complete, while the others still train. :meth:`wait` -> name -> {save_dir, log, code}.
+    """
+
+    def __init__(self, root: Path, model: Path, data: Path):
+        self.root, self.model, self.data = root, model, data
+        self.ports = iter(free_ports(len(FIRST_PHASE) + len(RESUMED)))
+        self.procs: Dict[str, tuple] = {}
+        for name, extra in FIRST_PHASE.items():
+            self._start(name, extra)
+        self.watcher = threading.Thread(target=self._watch, name="cuda-runs", daemon=True)
+        self.watcher.start()
+
+    def _start(self, name: str, extra: List[str]) -> None:
+        env = {**os.environ, "MASTER_PORT": str(next(self.ports)), "PYTHONUNBUFFERED": "1",
+               "TOKENIZERS_PARALLELISM": "false",
                "TORCHINDUCTOR_COMPILE_THREADS": "1"}  # a dozen processes compiling: no worker pool each
+        log = self.root / f"{name}.log"
         fh = open(log, "w")
         proc = subprocess.Popen([sys.executable, str(REPO / "train.py"),
-                                 *train_args(model, data, save_dir, *BF16, *extra)],
+                                 *train_args(self.model, self.data, self.root / name, *BF16, *extra)],
                                 cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        started[name] = (proc, fh, save_dir, log)
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    results = {}
-    for name, (proc, fh, save_dir, log) in started.items():
-        try:
-            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            code = f"killed after {RUN_TIMEOUT_S} s (hung?)"
-        fh.close()
-        results[name] = {"save_dir": save_dir, "log": log, "code": code}
-    return results
+        self.procs[name] = (proc, fh, log, time.monotonic())
+
+    def _watch(self) -> None:
+        waiting = set(RESUMED)
+        while True:
+            for name in sorted(waiting):
+                checkpoint = self.root / name / "epoch-0_step-2"
+                if (checkpoint / "running_states.json").is_file():
+                    self._start(f"{name}_resumed", ["--plugin", name, "--load_checkpoint", str(checkpoint)])
+                    waiting.discard(name)
+                elif self.procs[name][0].poll() is not None:  # ended without that checkpoint: nothing to resume
+                    waiting.discard(name)
+            running = False
+            for proc, _fh, _log, started in list(self.procs.values()):
+                if proc.poll() is None:
+                    running = True
+                    if time.monotonic() - started > RUN_TIMEOUT_S:
+                        proc.kill()
+            if not running and not waiting:
+                return
+            time.sleep(0.5)
+
+    def wait(self) -> Dict[str, dict]:
+        self.watcher.join()
+        results = {}
+        for name, (proc, fh, log, _started) in self.procs.items():
+            code = proc.wait()
+            fh.close()
+            results[name] = {"save_dir": self.root / name, "log": log,
+                             "code": code if code >= 0 else f"killed (signal {-code}; hung past {RUN_TIMEOUT_S} s?)"}
+        return results
+
+    def kill(self) -> None:
+        for proc, *_ in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def launched(tmp_path_factory, tiny_llama, prepared_pretrain):
+    runs = Runs(tmp_path_factory.mktemp("cuda-runs"), tiny_llama, prepared_pretrain)
+    yield runs
+    runs.kill()
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_llama, prepared_pretrain) -> Dict[str, dict]:
-    root = tmp_path_factory.mktemp("cuda-runs")
-    results = launch(FIRST_PHASE, root, tiny_llama, prepared_pretrain)
-    resumes = {f"{name}_resumed": ["--plugin", name, "--load_checkpoint", str(root / name / "epoch-0_step-2")]
-               for name in RESUMED if results[name]["code"] == 0}
-    results.update(launch(resumes, root, tiny_llama, prepared_pretrain))
-    return results
+def runs(launched) -> Dict[str, dict]:
+    return launched.wait()
 
 
 def finished(runs: Dict[str, dict], name: str) -> List[dict]:
@@ -119,60 +159,8 @@ def losses(records: List[dict]) -> List[float]:
     return [r["loss"] for r in records]
 
 
-@pytest.mark.parametrize("plugin", PLUGINS)
-def test_each_plugin_trains_in_bf16_within_2_percent_of_ddp(runs, plugin):
-    ddp, got = losses(finished(runs, "ddp")), losses(finished(runs, plugin))
-    assert len(got) == len(ddp) == STEPS
-    assert all(math.isfinite(x) for x in got), got
-    for step, (a, b) in enumerate(zip(ddp, got), start=1):
-        assert abs(b - a) <= 0.02 * abs(a), f"{plugin} step {step}: ddp {a:.4f} vs {b:.4f}"
-    assert got[-1] < got[0], f"{plugin} did not learn: {got}"
-    assert plan(runs, plugin)["plugin_class"] == PLUGIN_CLASS[plugin]
-
-
-def test_fp16_with_loss_scaling_runs(runs):
-    ddp, fp16 = losses(finished(runs, "ddp")), losses(finished(runs, "zero2_fp16"))
-    assert len(fp16) == STEPS and all(math.isfinite(x) for x in fp16), fp16
-    assert abs(fp16[0] - ddp[0]) <= 0.02 * ddp[0], (fp16, ddp)  # same weights and batch, another precision
-    config = json.loads((runs["zero2_fp16"]["save_dir"] / "train_config.json").read_text())
-    assert config["mixed_precision"] == "fp16"
-
-
-def test_auto_attention_is_flex_without_flash_attn_and_matches_sdpa(runs):
-    from colossal_llama.training.attention import FLASH, FLEX, flash_attn_installed
-
-    chosen = plan(runs, "ddp")["attn_implementation"]
-    assert chosen == (FLASH if flash_attn_installed() else FLEX)
-    assert plan(runs, "ddp_sdpa")["attn_implementation"] == "sdpa"
-    fast, dense = losses(finished(runs, "ddp")), losses(finished(runs, "ddp_sdpa"))
-    for step, (a, b) in enumerate(zip(fast, dense), start=1):
-        assert abs(a - b) <= 1e-2, f"step {step}: {chosen} {a:.5f} vs sdpa {b:.5f}"
-
-
-def test_liger_on_and_off_give_the_same_losses(runs):
-    assert plan(runs, "ddp")["liger"] is True, "liger_kernel is not installed: the kit is incomplete"
-    assert plan(runs, "ddp_no_liger")["liger"] is False
-    on, off = losses(finished(runs, "ddp")), losses(finished(runs, "ddp_no_liger"))
-    for step, (a, b) in enumerate(zip(on, off), start=1):
-        assert abs(a - b) <= 1e-2, f"step {step}: Liger {a:.5f} vs plain {b:.5f}"
-
-
-@pytest.mark.parametrize("plugin", RESUMED)
-def test_load_checkpoint_resumes_zero2_and_gemini(runs, plugin):
-    whole = finished(runs, plugin)
-    resumed = finished(runs, f"{plugin}_resumed")
-    assert [r["step"] for r in resumed] == [3, 4]
-    for ref, got in zip(whole[2:], resumed):
-        assert (got["tokens"], got["lr"]) == (ref["tokens"], ref["lr"]), (ref, got)
-    step3, step4 = (abs(g["loss"] - r["loss"]) / r["loss"] for r, g in zip(whole[2:], resumed))
-    assert step3 <= 1e-4, f"step 3 (same weights, same batch) differs by {step3:.2e}"
-    assert step4 <= 2e-3, f"step 4 differs by {step4:.2e}"
-    # The bounds can fail: a resume that lost the weights would score step 3 with untrained ones, and training had
-    # moved the loss by more than 5x the step-4 bound by then.
-    assert whole[0]["loss"] - whole[2]["loss"] > 5 * 2e-3 * whole[2]["loss"], losses(whole)
-
-
 # ------------------------------------------------------------------------------------------------ generation
+# First in the module: the training runs go on in the background meanwhile.
 @pytest.fixture(scope="module")
 def smollm2_cuda(smollm2_dir):
     from colossal_llama.inference.loading import load_model_and_tokenizer
@@ -228,3 +216,57 @@ def test_web_chat_streams_a_reply_generated_on_cuda(smollm2_cuda, smollm2_dir):
     finally:
         server.kill()
         server.wait()
+
+
+# ------------------------------------------------------------------------------------------------ training
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_each_plugin_trains_in_bf16_within_2_percent_of_ddp(runs, plugin):
+    ddp, got = losses(finished(runs, "ddp")), losses(finished(runs, plugin))
+    assert len(got) == len(ddp) == STEPS
+    assert all(math.isfinite(x) for x in got), got
+    for step, (a, b) in enumerate(zip(ddp, got), start=1):
+        assert abs(b - a) <= 0.02 * abs(a), f"{plugin} step {step}: ddp {a:.4f} vs {b:.4f}"
+    assert got[-1] < got[0], f"{plugin} did not learn: {got}"
+    assert plan(runs, plugin)["plugin_class"] == PLUGIN_CLASS[plugin]
+
+
+def test_fp16_with_loss_scaling_runs(runs):
+    ddp, fp16 = losses(finished(runs, "ddp")), losses(finished(runs, "zero2_fp16"))
+    assert len(fp16) == STEPS and all(math.isfinite(x) for x in fp16), fp16
+    assert abs(fp16[0] - ddp[0]) <= 0.02 * ddp[0], (fp16, ddp)  # same weights and batch, another precision
+    config = json.loads((runs["zero2_fp16"]["save_dir"] / "train_config.json").read_text())
+    assert config["mixed_precision"] == "fp16"
+
+
+def test_auto_attention_is_flex_without_flash_attn_and_matches_sdpa(runs):
+    from colossal_llama.training.attention import FLASH, FLEX, flash_attn_installed
+
+    chosen = plan(runs, "ddp")["attn_implementation"]
+    assert chosen == (FLASH if flash_attn_installed() else FLEX)
+    assert plan(runs, "ddp_sdpa")["attn_implementation"] == "sdpa"
+    fast, dense = losses(finished(runs, "ddp")), losses(finished(runs, "ddp_sdpa"))
+    for step, (a, b) in enumerate(zip(fast, dense), start=1):
+        assert abs(a - b) <= 1e-2, f"step {step}: {chosen} {a:.5f} vs sdpa {b:.5f}"
+
+
+def test_liger_on_and_off_give_the_same_losses(runs):
+    assert plan(runs, "ddp")["liger"] is True, "liger_kernel is not installed: the kit is incomplete"
+    assert plan(runs, "ddp_no_liger")["liger"] is False
+    on, off = losses(finished(runs, "ddp")), losses(finished(runs, "ddp_no_liger"))
+    for step, (a, b) in enumerate(zip(on, off), start=1):
+        assert abs(a - b) <= 1e-2, f"step {step}: Liger {a:.5f} vs plain {b:.5f}"
+
+
+@pytest.mark.parametrize("plugin", RESUMED)
+def test_load_checkpoint_resumes_zero2_and_gemini(runs, plugin):
+    whole = finished(runs, plugin)
+    resumed = finished(runs, f"{plugin}_resumed")
+    assert [r["step"] for r in resumed] == [3, 4]
+    for ref, got in zip(whole[2:], resumed):
+        assert (got["tokens"], got["lr"]) == (ref["tokens"], ref["lr"]), (ref, got)
+    step3, step4 = (abs(g["loss"] - r["loss"]) / r["loss"] for r, g in zip(whole[2:], resumed))
+    assert step3 <= 1e-4, f"step 3 (same weights, same batch) differs by {step3:.2e}"
+    assert step4 <= 2e-3, f"step 4 differs by {step4:.2e}"
+    # The bounds can fail: a resume that lost the weights would score step 3 with untrained ones, and training had
+    # moved the loss by more than 5x the step-4 bound by then.
+    assert whole[0]["loss"] - whole[2]["loss"] > 5 * 2e-3 * whole[2]["loss"], losses(whole)
