@@ -73,8 +73,10 @@ if [[ $DRY == 1 ]]; then
   declare -A BUDGET=([setup]=60 [correctness]=180 [throughput]=300 [recipe]=360)
   TOTAL_LIMIT=""
 else
-  # Sum 580 s: one device command may run 600 s. Expected on an H100: about 60 / 130 / 170 / 150 s.
-  declare -A BUDGET=([setup]=120 [correctness]=140 [throughput]=170 [recipe]=150)
+  # Sum 580 s: one device command may run 600 s. Estimated on an H100 (not measured yet): setup 60-130 s (kit 15 s,
+  # HybridAdam kernels 45-110 s), correctness 120-150, throughput 160-200, recipe 100-130: the target of 9 minutes
+  # is tight; a part that overruns is cut at its budget and the report says so.
+  declare -A BUDGET=([setup]=140 [correctness]=150 [throughput]=165 [recipe]=125)
   TOTAL_LIMIT=540
 fi
 for part in setup "${ALL_PARTS[@]}"; do
@@ -109,6 +111,7 @@ report() { printf '%s\n' "$@" >> "$REPORT"; }
 say() { echo "[gpu_check $(now)s] $*"; }
 declare -A WALL RESULT
 CURRENT=""
+KERNEL_PIDS=()
 CHILD_PIDFILE="$WORK/.child.pid"
 SUMMARY_DONE=0
 
@@ -121,8 +124,8 @@ summary() {
     report "| $part | ${WALL[$part]:--} | ${BUDGET[$part]} | ${RESULT[$part]:-not run} |"
   done
   if [[ -n "$TOTAL_LIMIT" ]]; then
-    local verdict="met"; (( total > TOTAL_LIMIT )) && verdict="NOT met"
-    report "| total | $total | $TOTAL_LIMIT (9 minutes on an H100, installation and kernel builds included) | $verdict |"
+    local verdict="within the limit"; (( total > TOTAL_LIMIT )) && verdict="OVER the limit"
+    report "| total | $total | limit $TOTAL_LIMIT (9 minutes on an H100, installation and kernel builds included) | $verdict |"
   else
     report "| total | $total | - | dry run on CPU: proves the script, not the GPU |"
   fi
@@ -133,6 +136,7 @@ on_signal() {
   local sig=$1
   [[ -f "$CHILD_PIDFILE" ]] && kill -TERM "$(cat "$CHILD_PIDFILE")" 2>/dev/null
   [[ -n "${PREP_PID:-}" ]] && kill -TERM "$PREP_PID" 2>/dev/null
+  for pid in "${KERNEL_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
   report "" "**Stopped by SIG$sig during ${CURRENT:-start-up} at $(now) s.**"
   [[ -n "$CURRENT" ]] && RESULT[$CURRENT]="stopped by SIG$sig" && WALL[$CURRENT]="$(( $(now) - PART_START ))"
   summary
@@ -270,30 +274,6 @@ if [[ $DRY == 0 ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is
   exit 2
 fi
 
-if [[ $DRY == 0 ]]; then
-  # colossalai JIT-compiles HybridAdam's kernels on first use (once per fresh machine): build both at once now,
-  # with nvcc compiling its architectures in parallel when it can, so no training run pays for it.
-  t0=$(now)
-  printf '__global__ void k() {}\n' > "$WORK/probe.cu"
-  if command -v nvcc > /dev/null && NVCC_APPEND_FLAGS="--threads 4" nvcc -c "$WORK/probe.cu" -o "$WORK/probe.o" 2>/dev/null; then
-    export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }--threads 4"
-  fi
-  pids=()
-  for loader in CPUAdamLoader FusedOptimizerLoader; do
-    timeout "${BUDGET[setup]}" "$PY" -c "from colossalai.kernel.kernel_loader import $loader; $loader().load()" \
-      > "$LOGS/kernel-$loader.log" 2>&1 &
-    pids+=($!)
-  done
-  kernels_ok=1
-  for pid in "${pids[@]}"; do wait "$pid" || kernels_ok=0; done
-  if [[ $kernels_ok == 1 ]]; then
-    report "- colossalai kernels (cpu_adam, fused_optim for HybridAdam): ready in $(( $(now) - t0 )) s"
-  else
-    rc=1
-    report "- colossalai kernels: **build failed** ($(grep -h -m1 -i error "$LOGS"/kernel-*.log | cut -c1-200))"
-  fi
-fi
-
 RECIPE_WORK="$WORK/recipe"
 RECIPE_ARGS=(--workdir "$RECIPE_WORK")
 if [[ $DRY == 1 ]]; then
@@ -307,12 +287,37 @@ if [[ " ${PARTS[*]} " == *" recipe "* ]]; then
     RECIPE_READY=0
   else
     rm -rf "$RECIPE_WORK"
-    # The recipe's CPU stages (GGUF export, mining, expansion, init, data preparation) run beside the other parts.
+    # The recipe's CPU stages (GGUF export, mining, expansion, init, data preparation) run beside the kernel build
+    # and the parts before the recipe.
     "$PY" benchmarks/zh_recipe.py "${RECIPE_ARGS[@]}" --stop_after prepare > "$LOGS/recipe-prepare.log" 2>&1 < /dev/null &
     PREP_PID=$!
     report "- recipe: CPU stages started in the background (log \`$LOGS/recipe-prepare.log\`)"
   fi
 fi
+if [[ $DRY == 0 ]]; then
+  # colossalai JIT-compiles HybridAdam's kernels on first use (once per fresh machine): build both at once now,
+  # with nvcc compiling its architectures in parallel when it can, so no training run pays for it.
+  t0=$(now)
+  printf '__global__ void k() {}\n' > "$WORK/probe.cu"
+  if command -v nvcc > /dev/null && NVCC_APPEND_FLAGS="--threads 4" nvcc -c "$WORK/probe.cu" -o "$WORK/probe.o" 2>/dev/null; then
+    export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }--threads 4"
+  fi
+  for loader in CPUAdamLoader FusedOptimizerLoader; do
+    timeout "${BUDGET[setup]}" "$PY" -c "from colossalai.kernel.kernel_loader import $loader; $loader().load()" \
+      > "$LOGS/kernel-$loader.log" 2>&1 &
+    KERNEL_PIDS+=($!)
+  done
+  kernels_ok=1
+  for pid in "${KERNEL_PIDS[@]}"; do wait "$pid" || kernels_ok=0; done
+  KERNEL_PIDS=()
+  if [[ $kernels_ok == 1 ]]; then
+    report "- colossalai kernels (cpu_adam, fused_optim for HybridAdam): ready in $(( $(now) - t0 )) s"
+  else
+    rc=1
+    report "- colossalai kernels: **build failed** ($(grep -h -m1 -i error "$LOGS"/kernel-*.log | cut -c1-200))"
+  fi
+fi
+
 end_part $rc
 
 # ----------------------------------------------------------------------------------------------- parts
