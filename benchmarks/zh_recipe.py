@@ -181,7 +181,7 @@ def train(work: Path, cfg: RecipeConfig, cuda: bool) -> str:
     losses = [r["loss"] for r in read_loss_log(save / "losses.jsonl")]
     tokens = sum(r["tokens"] for r in read_loss_log(save / "losses.jsonl"))
     config = json.loads((save / "train_config.json").read_text())
-    return (f"{len(losses)} steps on {tokens:,} tokens ({config['plugin']}, {config['mixed_precision']}, attention "
+    return (f"{len(losses)} step(s) on {tokens:,} tokens ({config['plugin']}, {config['mixed_precision']}, attention "
             f"{config['plan']['attn_implementation']}, Liger {'on' if config['plan']['liger'] else 'off'}): "
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
@@ -208,7 +208,7 @@ def evaluate(work: Path, data: Path, base: Path, cfg: RecipeConfig, device: str)
 
     models = [("base", base), ("expanded, mean-init", work / "init")]
     for checkpoint in complete_checkpoints(work / "train_run"):
-        models.append((f"trained {checkpoint.name.split('step-')[-1]} steps", checkpoint / "modeling"))
+        models.append((f"trained, step {checkpoint.name.split('step-')[-1]}", checkpoint / "modeling"))
     rows = []
     for name, path in models:
         model, tokenizer = load_model_and_tokenizer(path, device=device)
@@ -231,7 +231,7 @@ def change(after: float, before: float) -> float:
 def format_report(cfg: RecipeConfig, rows: List[Scores], seconds: Dict[str, float], device: str) -> List[str]:
     base, trained = rows[0], rows[-1]
     zh, en = change(trained.zh_bpc, base.zh_bpc), change(trained.en_bpc, base.en_bpc)
-    lines = ["", f"SmolLM2-135M-Instruct, {cfg.steps} steps of {cfg.micro_batch_size} x {cfg.max_length} tokens, "
+    lines = ["", f"SmolLM2-135M-Instruct, {cfg.steps} step(s) of {cfg.micro_batch_size} x {cfg.max_length} tokens, "
              f"lr {cfg.lr:g}, {device}; held out: last {cfg.heldout} People's Daily paragraphs "
              f"({cfg.eval_zh or cfg.heldout} scored), Botchan ({cfg.eval_en or 'all'} passages)", "",
              "| model | zh bits/char | en bits/char | zh chars/token | en chars/token |", "|---|---|---|---|---|"]
