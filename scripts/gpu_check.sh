@@ -29,7 +29,7 @@ for arg in "$@"; do
     --dry-run) DRY=1 ;;
     --pack) PACK=1 ;;
     correctness|throughput|recipe) WANT+=("$arg") ;;
-    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "error: gpu_check.sh: unknown argument '$arg' (parts: ${ALL_PARTS[*]}; flags: --dry-run, --pack)" >&2; exit 2 ;;
   esac
 done
