@@ -20,13 +20,15 @@ def test_train_throughput_prints_a_row_per_plugin_with_measured_tokens_per_s(tmp
     (corpus / "news.jsonl").write_text("\n".join(news[:400]) + "\n", encoding="utf-8")
     out = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--shape", "tiny", "--seq_len", "128",
-         "--micro_batch_size", "2", "--plugins", "ddp", "zero2", "3d", "--steps", "4", "--skip_steps", "1",
+         "--micro_batch_size", "2", "--runs", "ddp", "zero2", "3d", "gemini", "--steps", "4", "--skip_steps", "1",
          "--corpus", str(corpus)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = {m.group(1): m for m in re.finditer(r"^\| (\w+) \| (\d+) \| ([\d,]+) \| [\d.]+% \| 0 \|$", out.stdout, re.M)}
+    rows = {m.group(1): m for m in re.finditer(
+        r"^\| (\w+) \| sdpa \| off \| 2 x 1 \| ([\d,]+) \| [\d.]+% \| n/a \(CPU\) \| (\d+) \| \d+ \| ok \|$", out.stdout, re.M)}
     assert set(rows) == {"ddp", "zero2", "3d"}, out.stdout
     for plugin, row in rows.items():
-        assert int(row.group(2)) == 3, plugin  # steps 2..4 measured
-        assert int(row.group(3).replace(",", "")) > 0, plugin
+        assert int(row.group(3)) == 3, plugin  # steps 2..4 measured
+        assert int(row.group(2).replace(",", "")) > 0, plugin
+    assert "| gemini | - | - | 2 x 1 | - | - | - | 0 | - | skipped: gemini needs CUDA" in out.stdout

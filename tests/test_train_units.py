@@ -314,11 +314,3 @@ def test_latest_ignores_half_written_checkpoints(tmp_path):
     with pytest.raises(UserInputError, match="incomplete checkpoint"):
         resolve_load_target(str(tmp_path / "epoch-1_step-40"), tmp_path)
     assert resolve_load_target("latest", tmp_path / "nothing") is None
-
-
-def test_flash_attention_request_falls_back_to_sdpa_without_cuda(caplog):
-    from colossal_llama.training.model import choose_attention
-
-    assert choose_attention(False, cuda=True) == "sdpa"
-    assert choose_attention(True, cuda=False) == "sdpa"
-    assert "no CUDA device, using sdpa" in caplog.text

@@ -41,8 +41,9 @@ class PackedCollator:
     """Rows ``{input_ids, labels, position_ids}`` (1-D, length L_i) -> padded tensors of shape (B, L).
 
     ``L = max L_i`` (``pad_to == "longest"``) or ``max_length``. Output keys: input_ids, labels, position_ids,
-    attention_mask ((B, 1, L, L) bool, or absent when ``mask_4d`` is False: flash-attention derives varlen
-    boundaries from position_ids itself), lengths (B,).
+    attention_mask ((B, 1, L, L) bool, or absent when ``mask_4d`` is False: flash-attention and FlexAttention derive
+    the document boundaries from position_ids on the device, see :mod:`colossal_llama.training.attention`),
+    lengths (B,).
     """
 
     pad_token_id: int

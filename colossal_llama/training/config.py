@@ -24,6 +24,7 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_PLUGINS = ("ddp", "zero2", "zero2_cpu")
 SP_MODES = ("split_gather", "ring", "all_to_all", "ring_attn")
+ATTENTION_CHOICES = ("auto", "flash", "flex", "sdpa")  # see colossal_llama.training.attention
 WARMUP_FRACTION = 0.025  # README: warm-up defaults to 2.5% of the optimizer steps
 
 
@@ -71,7 +72,11 @@ class TrainConfig:
     weight_decay: float = flag(0.1, aliases=("-w",), help="AdamW weight decay (not on norms and biases)")
     warmup_steps: Optional[int] = flag(None, aliases=("-s",), help="default: 2.5%% of the optimizer steps")
     use_grad_checkpoint: bool = flag(False, aliases=("-g",), help="activation (gradient) checkpointing")
-    use_flash_attn: bool = flag(False, aliases=("-f",), help="flash-attention 2 when importable on CUDA, else sdpa")
+    use_flash_attn: bool = flag(False, aliases=("-f",), help="same as --attention flash")
+    attention: str = flag("auto", choices=ATTENTION_CHOICES,
+                          help="packed-document attention: flash (flash-attn), flex (FlexAttention, CUDA), sdpa (dense "
+                               "block mask); auto = flash if installed, else flex on CUDA, else sdpa; flash falls "
+                               "back the same way when flash-attn is missing")
     freeze_non_embeds_params: bool = flag(False, help="train only embed_tokens and lm_head")
     tp: int = flag(1, help="tensor-parallel size (3d plugin)")
     pp: int = flag(1, help="pipeline-parallel size (3d plugin; 1F1B schedule)")

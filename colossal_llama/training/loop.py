@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from colossal_llama.training.attention import choose_attention, needs_dense_mask
 from colossal_llama.training.checkpoint import (Checkpointer, LoadTarget, ModelFiles, RunningState, resolve_load_target,
                                                 verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
@@ -21,8 +22,8 @@ from colossal_llama.training.distributed import init_distributed, on_rank0, setu
 from colossal_llama.training.metrics import RunMetrics, StepStats
 from colossal_llama.training.benchmark_data import random_data
 from colossal_llama.training.lora import apply_lora, vocabulary_was_expanded
-from colossal_llama.training.model import (NEFTune, apply_liger_kernels, choose_attention, count_parameters,
-                                           freeze_non_embeddings, load_causal_lm)
+from colossal_llama.training.model import (NEFTune, apply_liger_kernels, count_parameters, freeze_non_embeddings,
+                                           load_causal_lm)
 from colossal_llama.training.optim import WarmupCosineLR, build_optimizer
 from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
@@ -95,7 +96,7 @@ def build_run(cfg: TrainConfig) -> Run:
 
     parallel = build_parallel(cfg, cuda)
     cfg, steps = _plan_steps(cfg, data, parallel)
-    attn = choose_attention(cfg.use_flash_attn, cuda)
+    attn = choose_attention(cfg.attention, cuda, cfg.use_flash_attn)
     liger = apply_liger_kernels(cfg.liger, cuda)
     model = _build_model(cfg, attn)
     model_files = ModelFiles(model_config, tokenizer, data.chat_template, frozenset(model.state_dict()))
@@ -122,7 +123,7 @@ def build_run(cfg: TrainConfig) -> Run:
                       cfg.grad_clip, neftune)
     checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir), model_files,
                                 lora=cfg.lora_rank > 0, keep_last_k=cfg.keep_last_k, async_save=cfg.async_save)
-    collator = PackedCollator(pad_id, cfg.max_length, cfg.padding_mode, mask_4d=attn != "flash_attention_2",
+    collator = PackedCollator(pad_id, cfg.max_length, cfg.padding_mode, mask_4d=needs_dense_mask(attn),
                               pad_multiple=parallel.sequence_multiple, additive_mask_dtype=parallel.additive_mask_dtype)
     return Run(cfg, plan, data, parallel, stepper, checkpointer, collator, target, lock, cuda)
 

@@ -1,4 +1,4 @@
-"""Building the model for training: attention implementation, grad checkpointing, freezing, NEFTune."""
+"""Building the model for training: Liger kernels, loading (with its attention), freezing, NEFTune."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,19 +12,6 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
-
-
-def choose_attention(use_flash_attn: bool, cuda: bool) -> str:
-    """``flash_attention_2`` when asked for, importable and on CUDA; otherwise ``sdpa`` (the reason is logged)."""
-    if not use_flash_attn:
-        return "sdpa"
-    if not cuda:
-        log.warning("--use_flash_attn: no CUDA device, using sdpa attention")
-        return "sdpa"
-    if importlib.util.find_spec("flash_attn") is None:
-        log.warning("--use_flash_attn: the flash_attn package is not installed, using sdpa attention")
-        return "sdpa"
-    return "flash_attention_2"
 
 
 def apply_liger_kernels(mode: str, cuda: bool) -> bool:
@@ -50,12 +37,18 @@ def apply_liger_kernels(mode: str, cuda: bool) -> bool:
 
 
 def load_causal_lm(pretrained: str, attn_implementation: str) -> nn.Module:
-    """The model in float32 on CPU; plugins cast and move it (master weights stay fp32)."""
+    """The model in float32 on CPU; plugins cast and move it (master weights stay fp32). With flex attention its
+    decoder builds the document mask from ``position_ids`` (:mod:`colossal_llama.training.attention`)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    from colossal_llama.training.attention import FLEX, install_document_mask
+
+    model = AutoModelForCausalLM.from_pretrained(
         pretrained, torch_dtype=torch.float32, attn_implementation=attn_implementation
     )
+    if attn_implementation == FLEX:
+        install_document_mask(model)
+    return model
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
