@@ -44,12 +44,13 @@ def flex_attention_available() -> bool:
         return False
 
 
-def choose_attention(requested: str, cuda: bool, use_flash_attn: bool = False) -> str:
+def choose_attention(requested: str, cuda: bool, use_flash_attn: bool = False, dense_mask_only: bool = False) -> str:
     """The transformers ``attn_implementation`` for ``--attention requested`` (``--use_flash_attn`` = ``flash``).
 
     ``flash`` never fails: without flash-attn (or CUDA) it falls back, with a warning, to the fastest path that
     keeps documents apart (flex on CUDA, sdpa on CPU), as ``--use_flash_attn`` always did. ``flex`` is refused where
-    it cannot train (no CUDA, or a PyTorch without FlexAttention).
+    it cannot train (no CUDA, or a PyTorch without FlexAttention). ``dense_mask_only``: colossalai's pipeline and
+    sequence-parallel forwards replace the model's own and take the dense mask only, so sdpa it is.
     """
     if requested not in ATTENTION_CHOICES:
         raise UserInputError(f"--attention {requested}: expected one of {', '.join(ATTENTION_CHOICES)}")
@@ -57,6 +58,11 @@ def choose_attention(requested: str, cuda: bool, use_flash_attn: bool = False) -
         if requested not in ("auto", "flash"):
             raise UserInputError(f"--use_flash_attn asks for flash attention but --attention is {requested}")
         requested = "flash"
+    if dense_mask_only:
+        if requested in ("flash", "flex"):
+            raise UserInputError(f"--attention {requested} with --pp > 1 or sequence parallelism: colossalai's "
+                                 "pipeline / sequence-parallel forwards take the dense mask only; use --attention sdpa")
+        return SDPA
     if requested == "sdpa":
         return SDPA
     if requested == "flex":

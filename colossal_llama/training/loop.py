@@ -96,7 +96,7 @@ def build_run(cfg: TrainConfig) -> Run:
 
     parallel = build_parallel(cfg, cuda)
     cfg, steps = _plan_steps(cfg, data, parallel)
-    attn = choose_attention(cfg.attention, cuda, cfg.use_flash_attn)
+    attn = choose_attention(cfg.attention, cuda, cfg.use_flash_attn, parallel.dense_mask_only)
     liger = apply_liger_kernels(cfg.liger, cuda)
     model = _build_model(cfg, attn)
     model_files = ModelFiles(model_config, tokenizer, data.chat_template, frozenset(model.state_dict()))

@@ -47,6 +47,7 @@ class Parallelism:
     reports_loss: bool  # this rank's loss counts in the step loss (last pipeline stage, first tp/sp rank)
     sequence_multiple: int  # padded sequence lengths must divide by this (sequence parallelism splits them)
     additive_mask_dtype: Optional[torch.dtype]  # sequence parallelism: colossalai's attention adds the mask
+    dense_mask_only: bool  # pipeline / sequence parallelism: colossalai's forwards take a dense mask, nothing else
 
     @property
     def plugin_class(self) -> str:
@@ -134,4 +135,5 @@ def build_parallel(cfg: TrainConfig, cuda: bool) -> Parallelism:
         reports_loss=_reports_loss(plugin),
         sequence_multiple=max(cfg.tp, cfg.sp) if sequence_parallel(cfg) else 1,
         additive_mask_dtype=PRECISION_DTYPES[cfg.mixed_precision] if sequence_parallel(cfg) else None,
+        dense_mask_only=cfg.pp > 1 or sequence_parallel(cfg),
     )
