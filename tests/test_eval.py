@@ -34,12 +34,16 @@ def mmlu(data_dir):
 
 # --- multiple choice: data and prompts ----------------------------------------------------------------
 
-def test_mmlu_loads_with_subjects_normalised(mmlu):
-    assert len(mmlu) == 14042
-    assert {it.subject for it in mmlu} >= {"high school geography", "us foreign policy", "professional law"}
+def test_mmlu_loads_with_subjects_normalised(mmlu, data_dir):
+    # 14,042 questions in the development data, 1,007 in the bundled slice: every line is one question
+    lines = (data_dir / "eval" / "mmlu_test.jsonl").read_text(encoding="utf-8").split("\n")
+    assert len(mmlu) == len([ln for ln in lines if ln.strip()]) >= 1007
+    assert {it.subject for it in mmlu} >= {"high school geography", "us foreign policy", "marketing"}
     picked = select_items(mmlu, MCConfig(subjects=["high_school_geography", "Marketing"], max_per_subject=3))
-    assert [it.subject for it in picked] == ["high school geography"] * 3 + ["marketing"] * 3 or \
-        sorted(it.subject for it in picked) == ["high school geography"] * 3 + ["marketing"] * 3
+    # the first 3 questions of each subject, in file order (MMLU's file has marketing before geography)
+    first3 = [it for s in ("marketing", "high school geography") for it in [i for i in mmlu if i.subject == s][:3]]
+    assert picked == sorted(first3, key=lambda it: int(it.where.rsplit(":", 1)[1]))
+    assert [it.subject for it in picked] == ["marketing"] * 3 + ["high school geography"] * 3
     with pytest.raises(UserInputError, match="unknown subject"):
         select_items(mmlu, MCConfig(subjects=["astrology"]))
 
@@ -73,12 +77,14 @@ def test_k_shot_examples_come_from_the_same_subject_never_the_question_and_follo
                                                                 f"D. {item.choices[3]}\nAnswer:")
 
 
-def test_answer_tokens_are_the_ones_the_tokenizer_writes_after_answer(smollm2, mistral_sp_model):
-    _, smol = smollm2
+def test_answer_tokens_are_the_ones_sentencepiece_writes_after_answer(mistral_sp_model):
     mistral = load_tokenizer(mistral_sp_model.parent)
-    # byte-level BPE writes " A" as one token with a leading-space marker; SentencePiece writes "▁A"
-    assert smol.convert_ids_to_tokens(answer_token_ids(smol, "Q\nAnswer:")) == ["ĠA", "ĠB", "ĠC", "ĠD"]
     assert mistral.convert_ids_to_tokens(answer_token_ids(mistral, "Q\nAnswer:")) == ["▁A", "▁B", "▁C", "▁D"]
+
+
+def test_answer_tokens_are_the_ones_byte_level_bpe_writes_after_answer(smollm2):
+    _, smol = smollm2  # " A" is one token with the byte-level leading-space marker
+    assert smol.convert_ids_to_tokens(answer_token_ids(smol, "Q\nAnswer:")) == ["ĠA", "ĠB", "ĠC", "ĠD"]
 
 
 # --- multiple choice: the real model ------------------------------------------------------------------
@@ -142,11 +148,29 @@ def test_cloze_scores_equal_the_full_model_continuation_likelihood(smollm2, mmlu
         assert got == pytest.approx(want, abs=1e-3)
 
 
-def test_prompts_that_do_not_fit_drop_examples_and_are_counted(smollm2, mmlu):
+def test_prompts_that_do_not_fit_drop_examples_until_they_fit(smollm2, mmlu):
+    """What reaches the model is at most --max_length tokens, and keeps as many examples as fit."""
     model, tok = smollm2
-    config = MCConfig(k_shot=3, batch_size=2, max_per_subject=2, subjects=["marketing"], max_length=200)
-    result = evaluate_multiple_choice(model, tok, mmlu, config)
-    assert result.total == 2 and result.shots_reduced >= 1
+    budget = 200
+    config = MCConfig(k_shot=3, batch_size=2, max_per_subject=4, subjects=["marketing"], max_length=budget)
+    seen = []  # (rows, width) of every batch the decoder runs on
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        result = evaluate_multiple_choice(model, tok, mmlu, config)
+    finally:
+        hook.remove()
+    assert result.total == 4 and sum(rows for rows, _ in seen) == 4
+    assert max(width for _, width in seen) <= budget
+    fitted = []  # per question: the prompt with the most examples (of the 3 drawn) that fits the budget
+    for item in select_items(mmlu, config):
+        shots = choose_shots(item, mmlu, 3, config.seed)
+        lengths = [len(tok(build_prompt(item, shots[:n]))["input_ids"]) for n in range(4)]
+        assert lengths[0] <= budget, "the question alone must fit for this test to mean anything"
+        kept = max(n for n in range(4) if lengths[n] <= budget)
+        fitted.append((kept, lengths[kept]))
+    assert result.shots_reduced == sum(kept < 3 for kept, _ in fitted) >= 1
+    assert max(width for _, width in seen) == max(length for _, length in fitted)  # the longest one that fits
 
 
 # --- bits per character -------------------------------------------------------------------------------
@@ -168,8 +192,11 @@ def test_bpc_without_sliding_equals_the_model_loss(smollm2, data_dir):
     ids = torch.tensor([[tok.bos_token_id, *tok(texts[0], add_special_tokens=False)["input_ids"]]])
     with torch.inference_mode():
         mean_nll = model(input_ids=ids, labels=ids).loss.item()
-    assert result.bits == pytest.approx(mean_nll * (ids.shape[1] - 1) / math.log(2), rel=1e-4)
+    bits = mean_nll * (ids.shape[1] - 1) / math.log(2)
+    assert result.bits == pytest.approx(bits, rel=1e-4)
     assert result.characters == len(texts[0])
+    assert result.bpc == pytest.approx(bits / len(texts[0]), rel=1e-4)  # bits per *character*, not per token
+    assert result.to_dict()["bits_per_char"] == result.bpc
     short = bits_per_char(model, tok, texts, BpcConfig(window=48, stride=16, batch_size=3))
     # less context can only make prediction a little worse, never produce a different kind of number
     assert result.bpc <= short.bpc < 1.5 * result.bpc

@@ -12,13 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from colossal_llama.eval.cli import main as evaluate_main
+from colossal_llama.eval.web.server import ChatBackend
+from colossal_llama.eval.web.server import build_parser as web_parser
 from colossal_llama.inference.chat import ChatSession, drop_empty_exchanges
 from colossal_llama.inference.cli import main as cli_main
-from colossal_llama.inference.cli import parse_args, read_prompts
-from colossal_llama.utils.cli import str2bool
+from colossal_llama.inference.cli import parse_args, read_prompts, sampling_from_args
 from colossal_llama.inference.generation import SamplingConfig, generate_ids, generate_stream, generate_text
-from colossal_llama.inference.loading import load_model_and_tokenizer, resolve_device
+from colossal_llama.inference.loading import load_model_and_tokenizer, parse_device, resolve_device
 from colossal_llama.inference.prompting import CHAT_CONFIG_FILE, resolve_chat_template, sft_prompt_ids
+from colossal_llama.tokenizer.loading import load_tokenizer
+from colossal_llama.utils.cli import str2bool
 from colossal_llama.utils.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +80,48 @@ def test_device_auto_picks_what_exists():
     if not torch.cuda.is_available():
         with pytest.raises(UserInputError, match="no CUDA"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("text,device", [("auto", "auto"), ("cpu", "cpu"), ("cuda", "cuda"), ("cuda:0", "cuda:0"),
+                                         ("CUDA:3", "cuda:3"), (" cuda:12 ", "cuda:12")])
+def test_device_flag_accepts_indexed_cuda_devices(text, device):
+    assert parse_device(text) == device
+    assert parse_args(["--model_path", "m", "--device", text]).device == device
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:", "cuda:x", "cuda0", "cuda:-1", "cpu:0", ""])
+def test_device_flag_rejects_other_spellings_as_a_usage_error(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--model_path", "m", "--device", bad])
+    assert exc.value.code == 2
+    assert f"argument --device: expected auto, cpu, cuda or cuda:N, got {bad!r}" in capsys.readouterr().err
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line_before_anything_loads(tmp_path, capsys):
+    """--device cuda:N is checked before the tokenizer or model is read (the model path here does not exist)."""
+    missing = "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    why = ("no CUDA device is available (use --device cpu or auto)" if not torch.cuda.is_available()
+           else f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    data = tmp_path / "held_out.jsonl"
+    data.write_text('{"target": "text"}\n', encoding="utf-8")
+    for main, argv in ((cli_main, ["--model_path", str(tmp_path / "no_model"), "--input_txt", "hi"]),
+                       (evaluate_main, ["bpc", "--model_path", str(tmp_path / "no_model"), "--data", str(data)])):
+        with pytest.raises(SystemExit) as exc:
+            main(argv + ["--device", missing])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --device {missing}: {why}") and err.count("\n") == 1
+
+
+def test_repetition_penalty_flag_is_shared_by_generation_and_web_chat_and_validated():
+    base = ["--model_path", "m", "--input_txt", "hi"]
+    assert sampling_from_args(parse_args(base)).repetition_penalty == 1.0
+    assert sampling_from_args(parse_args(base + ["--repetition_penalty", "1.3"])).repetition_penalty == 1.3
+    web = web_parser().parse_args(["--model_path", "m", "--repetition_penalty", "1.2", "--device", "cuda:1"])
+    assert (sampling_from_args(web).repetition_penalty, web.device) == (1.2, "cuda:1")
+    for bad in ("0", "-1"):
+        with pytest.raises(UserInputError, match="--repetition_penalty: must be > 0"):
+            sampling_from_args(parse_args(base + ["--repetition_penalty", bad]))
 
 
 def test_input_txt_is_a_file_of_prompts_or_a_literal_prompt(tmp_path):
@@ -141,6 +187,67 @@ def test_generation_stops_at_the_template_end_of_turn(smollm2, smollm2_dir):
     new = generate_ids(model, tok, sft_prompt_ids(template, "What is the capital of France?"), config)
     assert new[-1] in template.stop_token_ids and len(new) < 64
     assert template.stop_token_ids[0] not in new[:-1]
+
+
+@pytest.fixture(scope="module")
+def smollm2_eos_is_not_end_of_turn(smollm2_dir, tmp_path_factory):
+    """The real SmolLM2-135M-Instruct with its tokenizer's EOS set to ``<|endoftext|>`` (id 0), as base SmolLM2
+    ships it: the ChatML end of turn ``<|im_end|>`` (id 2) is then a template stop id that is *not* EOS."""
+    folder = tmp_path_factory.mktemp("eos_differs") / "model"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (folder / name).symlink_to(smollm2_dir / name)
+    tok = load_tokenizer(smollm2_dir)
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(str(folder))
+    model, tok = load_model_and_tokenizer(folder, device="cpu")
+    template = resolve_chat_template(folder, tok)
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id == 0 and end_of_turn == 2 and end_of_turn in template.stop_token_ids
+    return folder, model, tok, template
+
+
+def test_generation_stops_at_a_template_stop_id_that_is_not_eos(smollm2_eos_is_not_end_of_turn, capsys):
+    """Library, terminal chat, CLI and web chat all stop at ``<|im_end|>`` although EOS is another token."""
+    folder, model, tok, template = smollm2_eos_is_not_end_of_turn
+    question, limit, end_of_turn = "What is the capital of France?", 20, tok.convert_tokens_to_ids("<|im_end|>")
+    prompt = sft_prompt_ids(template, question)
+    # without the template's stop ids the model runs on past the end of its turn: the check below has teeth
+    runaway = generate_ids(model, tok, prompt, SamplingConfig(max_new_tokens=limit, do_sample=False))
+    assert len(runaway) == limit and end_of_turn in runaway[:-1]
+
+    stopped = generate_ids(model, tok, prompt, SamplingConfig(limit, False, stop_token_ids=template.stop_token_ids))
+    assert stopped[-1] == end_of_turn and stopped == runaway[: runaway.index(end_of_turn) + 1]
+    reply = tok.decode(stopped, skip_special_tokens=True)
+    assert reply == "The capital of France is Paris."
+
+    session = ChatSession(model, tok, template, SamplingConfig(max_new_tokens=limit, do_sample=False))
+    assert session.reply(question) == reply
+    backend = ChatBackend(model, tok, template, SamplingConfig(max_new_tokens=limit, do_sample=False))
+    ids, _ = backend.prompt_ids([{"from": "human", "content": question}])
+    assert "".join(backend.stream(ids)) == reply
+    cli_main(["--model_path", str(folder), "--input_txt", question, "--do_sample", "False",
+              "--max_new_tokens", str(limit), "--device", "cpu"])
+    assert capsys.readouterr().out == f">>> {question}\n{reply}\n"
+
+
+def test_repetition_penalty_reaches_generation(smollm2, smollm2_dir, capsys):
+    """Greedy decoding with the flag equals transformers' own penalised decoding, and differs from no penalty
+    on a prompt the model would otherwise repeat."""
+    model, tok = smollm2
+    prompt = "The cat sat on the mat. The cat sat on the mat. The cat"
+    ids = tok(prompt)["input_ids"]
+    plain = generate_text(model, tok, ids, SamplingConfig(max_new_tokens=16, do_sample=False))
+    penalised = generate_text(model, tok, ids, SamplingConfig(max_new_tokens=16, do_sample=False, repetition_penalty=1.3))
+    assert plain.startswith(" sat on the mat.") and penalised != plain
+    with torch.inference_mode():
+        reference = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   max_new_tokens=16, do_sample=False, repetition_penalty=1.3,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert penalised == tok.decode(reference[0, len(ids):], skip_special_tokens=True)
+    cli_main(["--model_path", str(smollm2_dir), "--prompt_style", "pretrained", "--input_txt", prompt,
+              "--do_sample", "False", "--max_new_tokens", "16", "--repetition_penalty", "1.3", "--device", "cpu"])
+    assert capsys.readouterr().out == f">>> {prompt}\n{penalised}\n"
 
 
 def test_a_failure_inside_generate_is_raised_not_hung(smollm2):

@@ -254,7 +254,19 @@ def cli_args(source, tokenizer, target, *extra) -> list[str]:
             "--target_model_path", str(target), *extra]
 
 
-def test_bad_inputs_give_one_line_errors_naming_the_path(sharded_llama, mistral_expanded_tokenizer, smollm2_dir,
+def reordered_mistral_tokenizer(mistral_sp_model: Path, folder: Path) -> Path:
+    """The real Mistral tokenizer with two pieces swapped: same size, but not an expansion of the original."""
+    from colossal_llama.tokenizer.base_vocab import load_sp_proto
+    from colossal_llama.tokenizer.loading import sentencepiece_to_hf_dir
+
+    proto = load_sp_proto(mistral_sp_model)
+    proto.pieces[1000].piece, proto.pieces[1001].piece = proto.pieces[1001].piece, proto.pieces[1000].piece
+    folder.mkdir()
+    (folder / "swapped.model").write_bytes(proto.SerializeToString())
+    return sentencepiece_to_hf_dir(folder / "swapped.model", folder)
+
+
+def test_bad_inputs_give_one_line_errors_naming_the_path(sharded_llama, mistral_expanded_tokenizer, mistral_sp_model,
                                                          tmp_path, capsys):
     missing = tmp_path / "nope"
     assert f"{missing}: source model directory does not exist" in run_cli(
@@ -265,8 +277,9 @@ def test_bad_inputs_give_one_line_errors_naming_the_path(sharded_llama, mistral_
     no_weights.mkdir()
     (no_weights / "config.json").write_text((sharded_llama / "config.json").read_text())
     assert "no model weights" in run_cli(cli_args(no_weights, mistral_expanded_tokenizer, tmp_path / "m"), capsys)
-    err = run_cli(cli_args(sharded_llama, smollm2_dir, tmp_path / "m"), capsys)
-    assert f"{smollm2_dir}: not an expansion of the source tokenizer" in err and "changed id" in err
+    swapped = reordered_mistral_tokenizer(mistral_sp_model, tmp_path / "swapped")
+    err = run_cli(cli_args(sharded_llama, swapped, tmp_path / "m"), capsys)
+    assert f"{swapped}: not an expansion of the source tokenizer" in err and "2 source piece(s) changed id" in err
     existing = tmp_path / "existing"
     existing.mkdir()
     assert "already exists (pass --overwrite" in run_cli(cli_args(sharded_llama, mistral_expanded_tokenizer, existing),

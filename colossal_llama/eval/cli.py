@@ -15,11 +15,9 @@ from colossal_llama.utils.paths import data_root
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from colossal_llama.inference.loading import DEVICES
+    from colossal_llama.inference.cli import add_model_args
 
-    p.add_argument("--model_path", required=True, help="HF model folder")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: --model_path)")
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    add_model_args(p)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--output", default=None, help="write the full report as JSON here")
 
@@ -29,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     mc = sub.add_parser("mc", help="multiple-choice accuracy (MMLU format): answer-letter logits or cloze")
     _common(mc)
-    mc.add_argument("--data", default=str(data_root() / "eval" / "mmlu_test.jsonl"),
-                    help="jsonl with question, answer_a..answer_d, correct_answer, topic (default: MMLU test)")
+    mc.add_argument("--data", default=None,
+                    help="jsonl with question, answer_a..answer_d, correct_answer, topic "
+                         "(default: the data folder's eval/mmlu_test.jsonl)")
     mc.add_argument("--subjects", default=None, help="comma-separated subjects (spaces or underscores); default all")
     mc.add_argument("--max_per_subject", type=int, default=None, help="first N questions of each subject")
     mc.add_argument("--k_shot", type=int, default=5, help="solved examples of the same subject before each question")
@@ -94,6 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.data is None:  # resolved here, not in the parser: --help never looks for (or announces) data
+        args.data = str(data_root() / "eval" / "mmlu_test.jsonl")
     _positive("batch_size", args.batch_size)
     if not Path(args.data).is_file():
         raise UserInputError(f"--data {args.data}: no such file")

@@ -26,6 +26,7 @@ class InferenceArgs:
     temperature: float
     top_k: int
     top_p: float
+    repetition_penalty: float
     input_txt: Optional[str]
     prompt_style: str
     chat: bool
@@ -34,20 +35,31 @@ class InferenceArgs:
     max_context: Optional[int]
 
 
-def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that chats with a model (terminal and web): model, sampling, template."""
-    from colossal_llama.inference.loading import DEVICES
-    from colossal_llama.inference.prompting import TEMPLATE_NAMES
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Which model to load and where: ``--model_path``, ``--tokenizer_path``, ``--device`` (every command that
+    runs a model: generation, chat, web chat, evaluation)."""
+    from colossal_llama.inference.loading import DEVICE_FORMS, parse_device
 
     p.add_argument("--model_path", required=True, help="HF model folder (e.g. a training save's modeling/)")
     p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: --model_path)")
-    p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda if available, else cpu")
+    p.add_argument("--device", default="auto", type=parse_device, metavar="DEVICE",
+                   help=f"{DEVICE_FORMS}; auto = cuda if available, else cpu")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that chats with a model (terminal and web): model, sampling, template."""
+    from colossal_llama.inference.prompting import TEMPLATE_NAMES
+
+    add_model_args(p)
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--do_sample", type=str2bool, nargs="?", const=True, default=True,
                    help="True = sample, False = greedy")
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--repetition_penalty", type=float, default=1.0,
+                   help="> 1 makes tokens already in the prompt or reply less likely (CTRL-style; 1.0 = off); "
+                        "applies to greedy decoding too")
     p.add_argument("--system_message", default=None, help="system message for the chat template")
     p.add_argument("--chat_template", default=None, choices=TEMPLATE_NAMES,
                    help="template when the model folder has no colossal_llama_chat.json")
@@ -59,7 +71,8 @@ def sampling_from_args(args):
     """The validated ``SamplingConfig`` of :func:`add_generation_args`' flags."""
     from colossal_llama.inference.generation import SamplingConfig
 
-    return SamplingConfig(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p).validate()
+    return SamplingConfig(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p,
+                          repetition_penalty=args.repetition_penalty).validate()
 
 
 def build_parser() -> argparse.ArgumentParser:

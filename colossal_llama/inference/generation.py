@@ -24,6 +24,7 @@ class SamplingConfig:
     temperature: float = 0.3
     top_k: int = 50
     top_p: float = 0.95
+    repetition_penalty: float = 1.0  # > 1 penalises tokens already present (prompt + reply); 1.0 = off
     stop_token_ids: List[int] = field(default_factory=list)  # extra ids that end generation (besides EOS)
 
     def validate(self) -> "SamplingConfig":
@@ -35,6 +36,8 @@ class SamplingConfig:
             raise UserInputError(f"--top_k: must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserInputError(f"--top_p: must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise UserInputError(f"--repetition_penalty: must be > 0 (1.0 = off), got {self.repetition_penalty}")
         return self
 
 
@@ -49,6 +52,7 @@ def _generate_kwargs(model, tokenizer, input_ids: Sequence[int], config: Samplin
         do_sample=config.do_sample,
         eos_token_id=stop_ids or None,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0],
+        repetition_penalty=config.repetition_penalty,
     )
     if config.do_sample:
         kwargs.update(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)

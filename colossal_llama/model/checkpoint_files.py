@@ -19,6 +19,7 @@ from colossal_llama.model.safetensors_stream import (
     TORCH_TO_ST,
     OutputTensor,
     byte_range_output,
+    check_safetensors_file,
     read_header,
     tensor_output,
 )
@@ -77,6 +78,16 @@ def find_checkpoint(folder: Path) -> CheckpointLayout:
         if (folder / single).is_file():
             return CheckpointLayout(folder, [single], is_safe, None)
     raise UserInputError(f"{folder}: no model weights ({SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})")
+
+
+def check_checkpoint(folder: Path) -> CheckpointLayout:
+    """:func:`find_checkpoint`, then every safetensors shard checked complete (headers only, milliseconds), so
+    a damaged file is named in one line before a library loads it."""
+    layout = find_checkpoint(folder)
+    if layout.is_safetensors:
+        for shard in layout.shard_files:
+            check_safetensors_file(layout.folder / shard)
+    return layout
 
 
 def open_shard(layout: CheckpointLayout, shard_file: str) -> OpenShard:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import traceback
 from pathlib import Path
 
 import torch
 
 from colossal_llama.utils.errors import UserInputError, cli_entry
-from colossal_llama.utils.output import clear_output_dir, replace_dir
+from colossal_llama.utils.output import clear_output_dir, remove_stale_siblings, replace_dir, tmp_sibling
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_MAGIC = b"GGUF"
+TMP_KIND = "tmp-export"
 
 
 def export_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path:
@@ -26,17 +29,44 @@ def export_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str = "float32") ->
         raise UserInputError(f"{gguf_path}: GGUF file does not exist")
     if dtype not in _DTYPES:
         raise UserInputError(f"--dtype {dtype}: expected one of {', '.join(_DTYPES)}")
-    gguf_tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=_DTYPES[dtype]
-    )
+    check_gguf_magic(gguf_path)
+    try:
+        gguf_tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=_DTYPES[dtype]
+        )
+    except Exception as err:  # noqa: BLE001 - any failure to read the file is reported as one line naming it
+        raise _load_error(gguf_path, err) from None
     tokenizer = normalise_gguf_tokenizer(gguf_tokenizer, model.config)
     # Write to a temporary sibling and rename, so an interrupted export never looks complete.
-    tmp = out_dir.with_name(out_dir.name + ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    return replace_dir(tmp, out_dir)
+    remove_stale_siblings(out_dir, TMP_KIND)  # left by an export that was killed
+    tmp = tmp_sibling(out_dir, TMP_KIND)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        return replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_gguf_magic(path: Path) -> None:
+    """One-line error unless ``path`` starts like a GGUF file (the ``GGUF`` magic and a version number)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8:
+        raise UserInputError(f"{path}: truncated or corrupt GGUF file ({len(head)} bytes)")
+    if head[:4] != GGUF_MAGIC:
+        raise UserInputError(f"{path}: not a GGUF file (starts with {head[:4]!r}, expected {GGUF_MAGIC!r})")
+
+
+def _load_error(path: Path, err: Exception) -> UserInputError:
+    """The file named in one line: a failure inside the GGUF parser means a damaged file (a cut-off download
+    typically fails reshaping the last tensors), anything else that transformers cannot load it."""
+    parser_failed = any(Path(frame.filename).name == "gguf_reader.py" for frame in traceback.extract_tb(err.__traceback__))
+    what = "truncated or corrupt GGUF file" if parser_failed else "cannot load this GGUF model"
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return UserInputError(f"{path}: {what} ({type(err).__name__}: {first_line})")
 
 
 def normalise_gguf_tokenizer(gguf_tokenizer, config):

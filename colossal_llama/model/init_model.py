@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import shutil
 import time
@@ -32,7 +31,7 @@ from colossal_llama.model.vocab_mapping import check_is_expansion, source_piece_
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.json_files import read_json
-from colossal_llama.utils.output import replace_dir
+from colossal_llama.utils.output import remove_stale_siblings, replace_dir, tmp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,7 @@ VOCAB_MATRIX_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", 
 # Model-folder files that are not tokenizer files (everything else in the target tokenizer dir is copied).
 NOT_TOKENIZER_FILES = ("config.json", "generation_config.json")
 GATHER_CHUNK_BYTES = 256 << 20  # float32 working set of one mean-computation chunk
+TMP_KIND = "tmp-init"  # the target is built in ``.{target}.tmp-init-{pid}`` beside it, then renamed
 
 
 @dataclass
@@ -174,7 +174,8 @@ def run_init(cfg: InitModelConfig) -> InitReport:
     log.info("tokenizer %d -> %d tokens; vocabulary matrices %s: %d -> %d rows", source_tokens, target_tokens,
              vocab_matrices, old_rows, new_vocab)
 
-    tmp = cfg.target_dir.with_name(f".{cfg.target_dir.name}.tmp-init-{os.getpid()}")
+    remove_stale_siblings(cfg.target_dir, TMP_KIND)  # left by a run that was killed (kill -9, out of memory)
+    tmp = tmp_sibling(cfg.target_dir, TMP_KIND)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

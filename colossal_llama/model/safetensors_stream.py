@@ -11,6 +11,7 @@ buffer). Files written here load with ``safetensors.safe_open`` and ``from_pretr
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,29 +56,75 @@ class TensorRecord:
         return self.end - self.start
 
 
+# Bytes per element of every safetensors dtype (also those torch cannot hold), for the size check.
+ST_ELEMENT_BYTES: Dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2,
+    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8,
+}
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+
+def _damaged(path: Path, what: str) -> UserInputError:
+    return UserInputError(f"{path}: truncated or corrupt safetensors file ({what})")
+
+
 def read_header(path: Path) -> Tuple[List[TensorRecord], Dict[str, str]]:
-    """Parse a safetensors header: ``(records in file order, __metadata__)``. Reads only the header."""
+    """Parse and check a safetensors header: ``(records in file order, __metadata__)``. Reads only the header.
+
+    Raises :class:`UserInputError` ``"<path>: truncated or corrupt safetensors file (...)"`` unless the header is
+    valid JSON, every tensor's byte range matches its dtype and shape, the ranges tile the data section, and the
+    file is exactly as long as the header says (a cut-off download or copy is caught here, by its size, before
+    any tensor is read).
+    """
     path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: safetensors file does not exist")
+    size = path.stat().st_size
     with open(path, "rb") as fh:
         raw_len = fh.read(8)
         if len(raw_len) != 8:
-            raise UserInputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise _damaged(path, f"{size} bytes, shorter than the 8-byte header length")
         (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > 100 << 20:
-            raise UserInputError(f"{path}: not a safetensors file (header length {header_len})")
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise _damaged(path, f"header length {header_len}, file has {size} bytes")
         try:
             header = json.loads(fh.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserInputError(f"{path}: corrupt safetensors header ({err})") from None
+            raise _damaged(path, f"header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "header is not a JSON object")
     data_start = 8 + header_len
     metadata = header.pop("__metadata__", None) or {}
-    records = [
-        TensorRecord(name, info["dtype"], tuple(info["shape"]), data_start + info["data_offsets"][0],
-                     data_start + info["data_offsets"][1])
-        for name, info in header.items()
-    ]
+    records = []
+    for name, info in header.items():
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            records.append(TensorRecord(name, str(info["dtype"]), tuple(int(d) for d in info["shape"]),
+                                        data_start + begin, data_start + end))
+        except (KeyError, TypeError, ValueError):
+            raise _damaged(path, f"tensor {name}: header entry {info!r}") from None
     records.sort(key=lambda r: r.start)
+    expected_end = data_start
+    for r in records:
+        if r.start != expected_end or r.end < r.start:
+            raise _damaged(path, f"tensor {r.name}: byte range overlaps or leaves a gap")
+        element = ST_ELEMENT_BYTES.get(r.dtype)
+        if element is not None and r.nbytes != element * math.prod(r.shape):
+            raise _damaged(path, f"tensor {r.name}: {r.dtype} {list(r.shape)} needs "
+                                 f"{element * math.prod(r.shape)} bytes, header gives {r.nbytes}")
+        expected_end = r.end
+    if size != expected_end:
+        how = "cut short" if size < expected_end else "trailing bytes"
+        raise _damaged(path, f"{size} bytes, the header describes {expected_end}: {how}")
     return records, metadata
+
+
+def check_safetensors_file(path) -> None:
+    """Raise :class:`UserInputError` ``"<path>: truncated or corrupt safetensors file (...)"`` unless ``path`` is
+    a complete safetensors file (see :func:`read_header`; only the header is read, so it costs milliseconds
+    for any file size). Call it before handing a file to ``safetensors``/``from_pretrained``, whose own errors
+    name no file."""
+    read_header(path)
 
 
 @dataclass
@@ -130,7 +177,7 @@ def copy_byte_range(source: Path, start: int, length: int, out: BinaryIO) -> Non
         while left:
             got = src.readinto(view[: min(left, len(buf))])
             if not got:
-                raise UserInputError(f"{source}: truncated safetensors file (wanted {length} bytes at {start})")
+                raise _damaged(source, f"ended while copying {length} bytes at offset {start}")
             out.write(view[:got])
             left -= got
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.json_files import read_json
+
+JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def load_tokenizer(path):
@@ -24,8 +27,12 @@ def load_tokenizer(path):
         if not has_hf_files and (path / "tokenizer.model").is_file():
             return LlamaTokenizerFast.from_pretrained(str(path), legacy=False)
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        raise UserInputError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises bare Exception on a damaged file
+        for name in JSON_FILES:  # a cut-off file: name it (read_json raises a one-line error)
+            read_json(path / name, missing_ok=True)
+        if isinstance(err, (OSError, ValueError)):
+            raise UserInputError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+        raise
 
 
 def sentencepiece_to_hf_dir(model_file, out_dir) -> Path:

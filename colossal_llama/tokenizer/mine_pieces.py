@@ -10,6 +10,10 @@ The ``'▁'`` word-start marker is stripped sensibly: for pieces holding CJK cha
 spaces, where a marker would only match after a space) the marker is dropped; for other pieces a leading
 marker becomes a leading space (``'▁the'`` -> ``' the'``), which ``init_tokenizer`` spells back as ``'▁the'`` for
 SentencePiece bases and which matches the decoded ``'Ġthe'`` entry of byte-level BPE bases.
+
+For byte-level BPE bases (SmolLM2, LLaMA-3) new pieces become *added tokens*, matched anywhere in the raw text,
+so pieces holding ASCII letters or digits are dropped (counted): ``xp`` mined from "Windows XP" would otherwise
+be cut out of "expect" and English would encode worse.
 """
 from __future__ import annotations
 
@@ -178,16 +182,30 @@ def top_cjk_words(path: Path, count: int, min_chars: int = 2, max_chars: Optiona
 # ---------------------------------------------------------------- selection
 
 
+ASCII_WORD_REASON = "holds ASCII letters or digits (byte-level BPE base: an added token would be cut out of English words)"
+
+
+def has_ascii_alnum(text: str) -> bool:
+    return any(c.isascii() and c.isalnum() for c in text)
+
+
 def select_pieces(
-    candidates: list[str], base_texts: Optional[set[str]], min_piece_chars: int, top_k: Optional[int], report: MiningReport
+    candidates: list[str], base_texts: Optional[set[str]], min_piece_chars: int, top_k: Optional[int], report: MiningReport,
+    drop_ascii_words: bool = False,
 ) -> list[str]:
-    """Candidates (text spelling, in priority order) minus short ones, base-vocabulary ones and repeats; top_k kept."""
+    """Candidates (text spelling, in priority order) minus short ones, base-vocabulary ones and repeats; top_k kept.
+
+    ``drop_ascii_words`` (byte-level BPE bases) also drops pieces holding ASCII letters or digits: new pieces
+    become added tokens there, matched anywhere in the text, so ``xp`` would be cut out of ``expect``.
+    """
     report.candidates += len(candidates)
     kept: list[str] = []
     seen: set[str] = set()
     for text in candidates:
         if len(text.strip()) < min_piece_chars:
             report.dropped[f"shorter than --min_piece_chars {min_piece_chars}"] += 1
+        elif drop_ascii_words and has_ascii_alnum(text):
+            report.dropped[ASCII_WORD_REASON] += 1
         elif base_texts is not None and text in base_texts:
             report.dropped["already in the base vocabulary"] += 1
         elif text in seen:
@@ -226,9 +244,9 @@ def mine_pieces(cfg: MineConfig) -> tuple[list[str], MiningReport]:
     for name in ("vocab_size", "max_sentences", "min_piece_chars"):
         if getattr(cfg, name) < 1:
             raise UserInputError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    base_texts = None
+    base_kind, base_texts = None, None
     if cfg.base_tokenizer_dir is not None:
-        _, base_texts = base_vocab_texts(cfg.base_tokenizer_dir)
+        base_kind, base_texts = base_vocab_texts(cfg.base_tokenizer_dir)
     if cfg.corpus:
         report = MiningReport(mode="corpus")
         lines = corpus_lines(find_jsonl_files(cfg.corpus), cfg.max_sentences, report)
@@ -236,7 +254,8 @@ def mine_pieces(cfg: MineConfig) -> tuple[list[str], MiningReport]:
     else:
         report = MiningReport(mode="wordlist")
         candidates = read_wordlist(cfg.from_wordlist, cfg.min_freq, report)
-    pieces = select_pieces(candidates, base_texts, cfg.min_piece_chars, cfg.top_k, report)
+    pieces = select_pieces(candidates, base_texts, cfg.min_piece_chars, cfg.top_k, report,
+                           drop_ascii_words=base_kind == "bpe")
     write_pieces_file(cfg.output, pieces)
     return pieces, report
 

@@ -1,11 +1,18 @@
-"""Output folders: refuse to clobber one unless asked, so a typo never deletes a trained model."""
+"""Output folders: refuse to clobber one unless asked, publish finished folders atomically, and clean up the
+temporary folders that a killed run (``kill -9``, out of memory, power loss) leaves behind."""
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
+from typing import List
 
 from colossal_llama.utils.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 
 def clear_output_dir(path: Path, overwrite: bool) -> Path:
@@ -18,15 +25,108 @@ def clear_output_dir(path: Path, overwrite: bool) -> Path:
     return path
 
 
+def tmp_sibling(target: Path, kind: str) -> Path:
+    """This process's temporary sibling of ``target``: ``.{name}.{kind}-{pid}``. After a crash, the next run's
+    :func:`remove_stale_siblings` (same ``kind``) removes it once that process is gone."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}")
+
+
+def remove_stale_siblings(target: Path, kind: str) -> List[Path]:
+    """Remove the :func:`tmp_sibling` folders of ``target`` left by runs that were killed."""
+    target = Path(target)
+    return remove_stale_tmp_dirs(target.parent, f".{_literal(target.name)}.{kind}-{{pid}}")
+
+
 def replace_dir(tmp: Path, target: Path) -> Path:
     """Move the finished folder ``tmp`` to ``target`` (a sibling); an existing ``target`` is removed only once
     ``tmp`` is complete, so an interrupted run never leaves a half-written folder under the final name."""
     tmp, target = Path(tmp), Path(target)
+    remove_stale_siblings(target, "old")
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = tmp_sibling(target, "old")
         target.rename(old)
         tmp.rename(target)
         shutil.rmtree(old)
     else:
         tmp.rename(target)
     return target
+
+
+# ---------------------------------------------------------------- leftovers of killed runs
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this id exists on this host (also when it belongs to another user)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _literal(text: str) -> str:
+    """``text`` quoted for a :func:`remove_stale_tmp_dirs` pattern (its ``*``, ``{`` and ``}`` taken literally)."""
+    return text.replace("\\", "\\\\").replace("*", "\\*").replace("{", "\\{").replace("}", "\\}")
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    parts, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("{pid}", i):
+            parts.append(r"(?P<pid>\d+)")
+            i += 5
+        elif pattern.startswith("{host}", i):
+            parts.append(r"(?P<host>[^/]+?)")
+            i += 6
+        elif pattern[i] == "*":
+            parts.append(".*")
+            i += 1
+        elif pattern[i] == "\\" and i + 1 < len(pattern):
+            parts.append(re.escape(pattern[i + 1]))
+            i += 2
+        else:
+            parts.append(re.escape(pattern[i]))
+            i += 1
+    if "(?P<pid>" not in "".join(parts):
+        raise ValueError(f"remove_stale_tmp_dirs: pattern {pattern!r} has no {{pid}}")
+    return re.compile("".join(parts))
+
+
+def remove_stale_tmp_dirs(parent: Path, pattern: str) -> List[Path]:
+    """Remove the temporary folders in ``parent`` left by earlier runs that were killed; returns what it removed.
+
+    Contract:
+
+    - ``pattern`` names the folders, matched against the whole name of each entry directly in ``parent``:
+      ``{pid}`` (required) matches the process id of the run that made the folder, ``{host}`` (optional) a host
+      name, ``*`` any run of characters; every other character is literal (write ``\\*``, ``\\{`` for literal
+      ``*``, ``{``). Example: ``".model.tmp-init-{pid}"``, ``".tmp-epoch-*.{host}-{pid}"``.
+    - A match is removed only when it is a real directory (not a symlink), its ``{pid}`` is not this process,
+      no process with that id is alive on this host (``os.kill(pid, 0)``), and, when the pattern has
+      ``{host}``, the host is this one (``socket.gethostname()``): the folder of a run still going, here or on
+      another node sharing the file system, is never touched. (A dead run's PID reused by an unrelated process
+      only delays the cleanup to a later run.)
+    - A missing ``parent`` is not an error; a folder that vanishes meanwhile (another run cleaning) is skipped.
+      Each removal is logged at INFO.
+    """
+    parent, regex = Path(parent), _pattern_regex(pattern)
+    if not parent.is_dir():
+        return []
+    me, host, removed = os.getpid(), socket.gethostname(), []
+    for entry in sorted(parent.iterdir()):
+        match = regex.fullmatch(entry.name)
+        if not match or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = int(match.group("pid"))
+        if pid == me or pid_alive(pid) or ("host" in regex.groupindex and match.group("host") != host):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            log.info("removed %s, left by an earlier run (process %d) that did not finish", entry, pid)
+            removed.append(entry)
+    return removed

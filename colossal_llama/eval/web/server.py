@@ -136,17 +136,24 @@ def make_server(backend: ChatBackend, host: str = "127.0.0.1", port: int = 0) ->
     return server
 
 
-@cli_entry
-def main(argv: Optional[List[str]] = None) -> int:
-    from colossal_llama.inference.cli import add_generation_args, sampling_from_args
-    from colossal_llama.inference.loading import load_model_and_tokenizer
-    from colossal_llama.inference.prompting import resolve_chat_template
+def build_parser() -> argparse.ArgumentParser:
+    """The generation CLI's model, sampling and template flags, plus ``--host`` and ``--port``."""
+    from colossal_llama.inference.cli import add_generation_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_args(p)
     p.add_argument("--host", default="127.0.0.1", help="keep the default unless you mean to expose the model")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_entry
+def main(argv: Optional[List[str]] = None) -> int:
+    from colossal_llama.inference.cli import sampling_from_args
+    from colossal_llama.inference.loading import load_model_and_tokenizer
+    from colossal_llama.inference.prompting import resolve_chat_template
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     sampling = sampling_from_args(args)
     model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, args.device)
