@@ -19,7 +19,7 @@ from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.errors import UserInputError, damaged_file
 
 # safetensors dtype names <-> torch dtypes (the subset torch can hold).
 ST_DTYPES: Dict[str, torch.dtype] = {
@@ -65,7 +65,7 @@ MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 
 
 def _damaged(path: Path, what: str) -> UserInputError:
-    return UserInputError(f"{path}: truncated or corrupt safetensors file ({what})")
+    return damaged_file(path, "safetensors", what)
 
 
 def read_header(path: Path) -> Tuple[List[TensorRecord], Dict[str, str]]:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE
 from colossal_llama.training import lora
-from colossal_llama.training.checkpoint_files import CheckpointDamaged, verify_checkpoint_files
+from colossal_llama.training.checkpoint_files import verify_checkpoint_files
 from colossal_llama.training.plugin import Parallelism
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.json_files import write_json
@@ -188,7 +188,7 @@ def verify_checkpoint(path: Path) -> None:
     """A one-line error naming the damaged file of checkpoint ``path`` and the newest older complete checkpoint."""
     try:
         verify_checkpoint_files(path)
-    except CheckpointDamaged as err:
+    except UserInputError as err:
         older = [c for c in complete_checkpoints(path.parent) if c != path and _step_of(c) < _step_of(path)]
         way_on = (f"the newest older complete checkpoint is {older[-1]} (pass --load_checkpoint {older[-1]})"
                   if older else "no older complete checkpoint exists (start afresh with --overwrite)")

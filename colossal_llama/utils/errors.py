@@ -19,6 +19,11 @@ class DataError(UserInputError):
         super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
 
 
+def damaged_file(path, kind: str, detail: str) -> UserInputError:
+    """The one wording for a file cut short or corrupted (full disk, interrupted copy): names the file."""
+    return UserInputError(f"{path}: truncated or corrupt {kind} file ({detail})")
+
+
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int | None]:
     """Wrap a CLI ``main`` so a :class:`UserInputError` prints ``error: <message>`` and exits with 2."""
 
