@@ -34,6 +34,7 @@ setup(
             "colossal-llama-chat-web=colossal_llama.eval.web.server:main",
             "colossal-llama-export-gguf=colossal_llama.model.gguf_export:main",
             "colossal-llama-model-from-config=colossal_llama.model.from_config:main",
+            "colossal-llama-fetch-model=colossal_llama.model.fetch:main",
         ]
     },
 )
