@@ -1,0 +1,148 @@
+"""Replay mixtures: ``--dataset DIR:0.3`` and ``--category_weights news=1,novel=0.2``.
+
+A group is the rows of one (``--dataset`` entry, category) inside one bucket. With weights, an epoch still holds
+as many sequences as the data (bucket k keeps its size), but they are drawn from the groups in proportion to
+their weights, not their sizes:
+
+    share(d, c) = w_d / sum of the dataset weights in the bucket
+                  x (w_c / sum of the category weights of d in the bucket, with --category_weights;
+                     else the category's natural share of d)
+
+so ``--dataset new:0.7 old:0.3`` trains 70 % on new data and 30 % on old (stage-1) data, whatever their sizes.
+Counts are rounded by largest remainder (the realised mix is exact to one sequence per group and bucket). Each
+group is read as an endless stream of seeded permutations of its rows; epoch e takes the next slice of it, so a
+down-weighted group shows different rows every epoch and repeats a row only once all were seen, and an
+up-weighted one cycles. Everything is a pure function of (seed, epoch): resume stays exact.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from colossal_llama.utils.errors import UserInputError
+
+GroupKey = Tuple[int, str]  # (index of the --dataset entry, category)
+
+
+def split_dataset_weight(arg: str) -> Tuple[str, Optional[float]]:
+    """``"DIR:0.3"`` -> ``("DIR", 0.3)``; ``"DIR"`` -> ``("DIR", None)`` (a path may itself hold ``:``; only a
+    numeric suffix is a weight)."""
+    head, sep, tail = arg.rpartition(":")
+    if not sep or not head:
+        return arg, None
+    try:
+        weight = float(tail)
+    except ValueError:
+        return arg, None
+    if not math.isfinite(weight) or weight <= 0:
+        raise UserInputError(f"--dataset {arg}: weight {tail} must be a positive number")
+    return head, weight
+
+
+def parse_category_weights(text: Optional[str]) -> Dict[str, float]:
+    """``"news=1,novel=0.2"`` -> ``{"news": 1.0, "novel": 0.2}``."""
+    if not text:
+        return {}
+    weights = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value) if sep else float("nan")
+        except ValueError:
+            weight = float("nan")
+        if not name.strip() or not math.isfinite(weight) or weight < 0:
+            raise UserInputError(f"--category_weights {text}: {item!r} is not CATEGORY=WEIGHT with a weight >= 0")
+        weights[name.strip()] = weight
+    if not any(weights.values()):
+        raise UserInputError(f"--category_weights {text}: every weight is 0")
+    return weights
+
+
+@dataclass
+class Group:
+    key: GroupKey
+    rows: np.ndarray  # global row indices (into the concatenated training set), in stored order
+    share: float  # fraction of its bucket's sequences drawn from this group
+
+
+def _shares(groups: Sequence[Tuple[GroupKey, int]], dataset_weights: Dict[int, float],
+            category_weights: Dict[str, float]) -> List[float]:
+    """Shares of ``(key, size)`` groups of one bucket (see the module docstring); they sum to 1."""
+    datasets = sorted({d for (d, _), _ in groups})
+    total_w = sum(dataset_weights.get(d, 1.0) for d in datasets)
+    shares = []
+    for (d, c), size in groups:
+        mine = [(cat, n) for (dd, cat), n in groups if dd == d]
+        if category_weights:
+            within = category_weights[c] / (sum(category_weights[cat] for cat, _ in mine) or 1.0)
+        else:
+            within = size / sum(n for _, n in mine)
+        shares.append(dataset_weights.get(d, 1.0) / total_w * within)
+    return shares
+
+
+def largest_remainder(shares: Sequence[float], total: int) -> np.ndarray:
+    """Integer counts summing to ``total``, each within 1 of ``share x total`` (ties to the earlier group)."""
+    exact = np.asarray(shares, dtype=np.float64) * total
+    counts = np.floor(exact).astype(np.int64)
+    leftover = total - int(counts.sum())
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[:leftover]] += 1
+    return counts
+
+
+def _stream(rows: np.ndarray, key: Sequence[int], start: int, count: int) -> np.ndarray:
+    """Items ``start .. start+count`` of the endless sequence perm_0(rows), perm_1(rows), ... (seeded by key)."""
+    if count == 0:
+        return rows[:0]
+    n = len(rows)
+    first, last = start // n, (start + count - 1) // n
+    cycles = [rows[np.random.default_rng([*key, cycle]).permutation(n)] for cycle in range(first, last + 1)]
+    return np.concatenate(cycles)[start - first * n: start - first * n + count]
+
+
+class Mixture:
+    """Per bucket, the groups to draw from and their shares; :meth:`epoch_order` is the sampler's order."""
+
+    def __init__(self, buckets: List[List[Group]]):
+        self.buckets = buckets
+
+    @classmethod
+    def build(cls, bucket_groups: List[List[Tuple[GroupKey, np.ndarray]]], dataset_weights: Dict[int, float],
+              category_weights: Dict[str, float]) -> "Mixture":
+        present = {c for groups in bucket_groups for (_, c), _ in groups}
+        if category_weights:
+            missing = sorted(present - set(category_weights))
+            if missing:
+                raise UserInputError(f"--category_weights: no weight for categories {missing} (the data has "
+                                     f"{sorted(present)}; give every one, 0 to leave it out)")
+        buckets = []
+        for groups in bucket_groups:
+            sized = [(key, len(rows)) for key, rows in groups]
+            shares = np.asarray(_shares(sized, dataset_weights, category_weights) if sized else [])
+            if len(shares) and shares.sum() > 0:
+                shares = shares / shares.sum()  # a dataset whose categories all weigh 0 gives its share away
+            buckets.append([Group(key, rows, share) for (key, rows), share in zip(groups, shares)])
+        return cls(buckets)
+
+    @property
+    def bucket_sizes(self) -> List[int]:
+        return [sum(len(g.rows) for g in groups) for groups in self.buckets]
+
+    def epoch_order(self, seed: int, epoch: int, shuffle_buckets: bool) -> np.ndarray:
+        order = []
+        for k, groups in enumerate(self.buckets):
+            size = sum(len(g.rows) for g in groups)
+            counts = largest_remainder([g.share for g in groups], size)
+            drawn = [_stream(g.rows, [seed, k, g.key[0], zlib.crc32(g.key[1].encode())], epoch * n, n)
+                     for g, n in zip(groups, counts)]
+            rows = np.concatenate(drawn) if drawn else np.zeros(0, dtype=np.int64)
+            order.append(rows[np.random.default_rng([seed, epoch, k]).permutation(len(rows))])
+        everything = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+        if shuffle_buckets:
+            everything = everything[np.random.default_rng([seed, epoch]).permutation(len(everything))]
+        return everything

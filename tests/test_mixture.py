@@ -1,0 +1,85 @@
+"""Replay mixtures: weights per --dataset entry and per category, sampled as a pure function of (seed, epoch)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from colossal_llama.training.mixture import (Mixture, largest_remainder, parse_category_weights,
+                                             split_dataset_weight)
+from colossal_llama.utils.errors import UserInputError
+
+
+def test_dataset_weight_is_an_optional_numeric_suffix():
+    assert split_dataset_weight("out/stage1:0.3") == ("out/stage1", 0.3)
+    assert split_dataset_weight("out/stage1") == ("out/stage1", None)
+    assert split_dataset_weight("/data/c:d/x") == ("/data/c:d/x", None)  # a colon inside a path is not a weight
+    with pytest.raises(UserInputError, match="weight -1 must be a positive number"):
+        split_dataset_weight("out:-1")
+    assert parse_category_weights("news=1, novel=0.2") == {"news": 1.0, "novel": 0.2}
+    with pytest.raises(UserInputError, match="'novel' is not CATEGORY=WEIGHT"):
+        parse_category_weights("news=1,novel")
+
+
+def _groups(sizes, start=0):
+    """One bucket; (dataset, category) -> consecutive global row ids from ``start``."""
+    out = []
+    for key, n in sizes.items():
+        out.append((key, np.arange(start, start + n)))
+        start += n
+    return out
+
+
+def _mix(mixture, order):
+    owner = {int(r): g.key for groups in mixture.buckets for g in groups for r in g.rows}
+    counts = Counter(owner[int(r)] for r in order)
+    return {key: n / len(order) for key, n in counts.items()}
+
+
+def test_dataset_weights_set_the_realised_mix_whatever_the_sizes():
+    sizes = {(0, "news"): 9000, (0, "review"): 3000, (1, "novel"): 800}
+    mixture = Mixture.build([_groups(sizes)], dataset_weights={0: 0.7, 1: 0.3}, category_weights={})
+    order = mixture.epoch_order(seed=1, epoch=0, shuffle_buckets=False)
+    assert len(order) == sum(sizes.values())  # an epoch keeps the data's size
+    mix = _mix(mixture, order)
+    assert abs(mix[(1, "novel")] - 0.3) < 0.02  # the replay share, although novel is 6 % of the rows
+    assert abs(mix[(0, "news")] - 0.7 * 0.75) < 0.02 and abs(mix[(0, "review")] - 0.7 * 0.25) < 0.02
+
+
+def test_category_weights_set_shares_within_a_dataset():
+    sizes = {(0, "news"): 9000, (0, "novel"): 300}
+    mixture = Mixture.build([_groups(sizes)], {}, parse_category_weights("news=1,novel=0.2"))
+    mix = _mix(mixture, mixture.epoch_order(seed=3, epoch=0, shuffle_buckets=False))
+    assert abs(mix[(0, "novel")] - 0.2 / 1.2) < 0.02 and abs(mix[(0, "news")] - 1 / 1.2) < 0.02
+
+
+def test_every_category_needs_a_weight():
+    with pytest.raises(UserInputError, match=r"no weight for categories \['review'\]"):
+        Mixture.build([_groups({(0, "news"): 5, (0, "review"): 5})], {}, {"news": 1.0})
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch_and_streams_through_small_groups():
+    sizes = {(0, "news"): 500, (1, "novel"): 50}
+    mixture = Mixture.build([_groups(sizes), _groups({(0, "news"): 40, (1, "novel"): 10}, start=550)],
+                            {0: 0.8, 1: 0.2}, {})
+    e0 = mixture.epoch_order(seed=5, epoch=0, shuffle_buckets=False)
+    assert np.array_equal(e0, mixture.epoch_order(seed=5, epoch=0, shuffle_buckets=False))
+    assert not np.array_equal(e0, mixture.epoch_order(seed=5, epoch=1, shuffle_buckets=False))
+    assert len(e0) == 600 and set(e0[:550]) <= set(range(550)) and set(e0[550:]) <= set(range(550, 600))
+    # novel is up-weighted (its 50 rows give 110 of bucket 0's 550 draws): every row twice, then 10 a third time
+    novel = Counter(int(r) for r in e0[:550] if 500 <= r < 550)
+    assert sum(novel.values()) == 110 and Counter(novel.values()) == {2: 40, 3: 10}
+
+
+def test_a_down_weighted_group_shows_new_rows_each_epoch():
+    sizes = {(0, "news"): 1000, (1, "novel"): 1000}
+    mixture = Mixture.build([_groups(sizes)], {0: 0.9, 1: 0.1}, {})
+    seen = [set(int(r) for r in mixture.epoch_order(9, e, False) if r >= 1000) for e in range(10)]
+    assert all(len(s) == 200 for s in seen)  # 10 % of 2,000 sequences per epoch
+    assert not set.intersection(*seen[:5]) and len(set.union(*seen[:5])) == 1000  # 5 epochs cover all once
+
+
+def test_largest_remainder_is_exact_to_one():
+    counts = largest_remainder([0.5, 0.3333, 0.1667], 10)
+    assert counts.sum() == 10 and all(abs(c - s * 10) < 1 for c, s in zip(counts, [0.5, 0.3333, 0.1667]))
