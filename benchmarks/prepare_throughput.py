@@ -5,7 +5,8 @@
 Runs ``prepare_pretrain`` end to end (read, tokenise, pack, write) on every file of
 ``data_root()/pretrain`` with the real Mistral tokenizer (SentencePiece -> LlamaTokenizerFast folder) and
 SmolLM2's byte-level BPE tokenizer (exported from the GGUF unless ``--smollm2_dir`` is given), and prints
-a table: tokens, wall seconds per stage, end-to-end and tokenise-stage tokens/s, and the packing fill ratio.
+a table: tokens, wall seconds per stage (reading overlaps tokenising), end-to-end tokens/s and the packing fill
+ratio. ``benchmarks/prepare_scale.py`` measures memory and speed as the corpus grows.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
-from colossal_llama.dataset.prepare import prepare_pretrain
+from colossal_llama.dataset.pipeline import prepare_pretrain
 from colossal_llama.tokenizer.loading import sentencepiece_to_hf_dir
 from colossal_llama.utils.paths import data_root, mistral_tokenizer_model, smollm2_gguf
 
@@ -47,22 +48,21 @@ def main() -> None:
                 out = work / f"out-{len(rows)}"
                 config = PretrainPrepConfig(
                     input_dirs=[data_root() / "pretrain"], tokenizer_dir=tok_dir, output=OutputLayout.under(out),
-                    max_length=args.max_length, num_bins=args.num_bins, seed=0, num_proc=num_proc,
-                    strict=False)  # the real novel file ends with one empty row: counted, skipped
+                    max_length=args.max_length, num_bins=args.num_bins, seed=0, num_proc=num_proc)
+                # (the real novel file ends with a row without text: counted and skipped)
                 summary = prepare_pretrain(config)
                 rows.append((name, num_proc, summary))
-    header = (f"{'tokenizer':<28} {'procs':>5} {'docs':>7} {'tokens':>10} {'read s':>7} {'tok s':>7} "
-              f"{'pack s':>7} {'write s':>7} {'total s':>8} {'tok/s e2e':>10} {'tok/s tokenize':>15} {'fill':>7}")
+    header = (f"{'tokenizer':<28} {'procs':>5} {'docs':>7} {'tokens':>10} {'read+tok s':>10} {'plan s':>7} "
+              f"{'write s':>7} {'total s':>8} {'tok/s e2e':>10} {'fill':>7}")
     print(header)
     print("-" * len(header))
     for name, num_proc, summary in rows:
         c, s = summary.counts, summary.seconds
         total = sum(s.values())
-        print(f"{name:<28} {num_proc:>5} {c['documents_in']:>7} {c['tokens_out']:>10,} {s['read']:>7.2f} "
-              f"{s['tokenize']:>7.2f} {s['pack']:>7.2f} {s['write']:>7.2f} {total:>8.2f} "
-              f"{c['tokens_out'] / total:>10,.0f} {c['tokens_out'] / s['tokenize']:>15,.0f} {c['fill_ratio']:>7.4f}")
+        print(f"{name:<28} {num_proc:>5} {c.documents_in:>7} {c.tokens_out:>10,} {s['read+tokenize']:>10.2f} "
+              f"{s['plan']:>7.2f} {s['write']:>7.2f} {total:>8.2f} {c.tokens_out / total:>10,.0f} {c.fill_ratio:>7.4f}")
     print(f"(tokens in == tokens out in every run; max_length {args.max_length}; skipped rows: "
-          f"{rows[0][2].counts['skipped']})")
+          f"{rows[0][2].counts.skipped})")
 
 
 if __name__ == "__main__":

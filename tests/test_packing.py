@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from colossal_llama.dataset.packing import FirstFit, category_rng, interleave, pack_category, split_into_bins
+from colossal_llama.dataset.packing import FirstFit, category_rng, interleave, pack_documents, split_into_bins
 from colossal_llama.utils.jsonl import iter_jsonl
 
 
@@ -23,13 +23,20 @@ def real_lengths(data_dir) -> np.ndarray:
     return np.array(lengths, dtype=np.int64)
 
 
+def _pack(lengths, max_length, rng):
+    docs = np.arange(len(lengths))
+    return pack_documents(docs, lengths[docs], max_length, rng)
+
+
 def _check_lossless(sequences, lengths, docs, max_length):
     """Every token of every document is in exactly one piece; pieces of a document appear in order."""
     covered = {d: [] for d in docs}
-    for seq in sequences:
-        assert 0 < sum(p.length for p in seq) <= max_length
-        for p in seq:
-            covered[p.doc].append((p.start, p.length, p.chunk))
+    assert (sequences.tokens == [sum(n for _, _, n in sequences.pieces(s)) for s in range(len(sequences))]).all()
+    for s in range(len(sequences)):
+        seq = sequences.pieces(s)
+        assert 0 < sum(n for _, _, n in seq) <= max_length
+        for doc, start, length in seq:
+            covered[doc].append((start, length, start // max_length))
     for d in docs:
         pieces = covered[d]
         assert [c for _, _, c in pieces] == list(range(len(pieces)))   # chunks in sequence order
@@ -42,15 +49,13 @@ def _check_lossless(sequences, lengths, docs, max_length):
 
 @pytest.mark.parametrize("max_length", [64, 512, 4096])
 def test_packing_is_lossless_and_splits_only_long_documents(real_lengths, max_length):
-    docs = list(range(len(real_lengths)))
-    sequences = pack_category(docs, real_lengths, max_length, np.random.default_rng(0))
-    _check_lossless(sequences, real_lengths, docs, max_length)
+    sequences = _pack(real_lengths, max_length, np.random.default_rng(0))
+    _check_lossless(sequences, real_lengths, range(len(real_lengths)), max_length)
     assert (real_lengths > 64).any()  # the real mix really exercises splitting at 64
 
 
 def test_first_fit_fill_ratio_on_real_mix(real_lengths):
-    docs = list(range(len(real_lengths)))
-    sequences = pack_category(docs, real_lengths, 2048, np.random.default_rng(1))
+    sequences = _pack(real_lengths, 2048, np.random.default_rng(1))
     fill = real_lengths.sum() / (len(sequences) * 2048)
     lower_bound = int(np.ceil(real_lengths.sum() / 2048))
     assert fill > 0.97, fill
@@ -72,10 +77,12 @@ def test_first_fit_tree_matches_brute_force(real_lengths):
 
 
 def test_packing_is_seeded(real_lengths):
-    docs = list(range(len(real_lengths)))
-    a = pack_category(docs, real_lengths, 512, category_rng(7, "news", "order"))
-    b = pack_category(docs, real_lengths, 512, category_rng(7, "news", "order"))
-    c = pack_category(docs, real_lengths, 512, category_rng(8, "news", "order"))
+    def flat(seqs):
+        return [seqs.pieces(s) for s in range(len(seqs))]
+
+    a = flat(_pack(real_lengths, 512, category_rng(7, "news", "order")))
+    b = flat(_pack(real_lengths, 512, category_rng(7, "news", "order")))
+    c = flat(_pack(real_lengths, 512, category_rng(8, "news", "order")))
     assert a == b
     assert a != c
 
@@ -95,10 +102,10 @@ def test_bins_are_contiguous_even_and_seeded(num_items, num_bins):
 
 
 def test_interleave_keeps_each_category_in_order():
-    streams = {"news": list(range(50)), "review": list(range(100, 130)), "novel": [999]}
-    merged = interleave(streams, np.random.default_rng(5))
-    assert sorted(merged, key=str) == sorted([(k, v) for k, vs in streams.items() for v in vs], key=str)
-    for name, values in streams.items():
-        assert [v for k, v in merged if k == name] == values
-    assert merged != interleave(streams, np.random.default_rng(6))
-    assert [k for k, _ in merged[:50]] != ["news"] * 50  # really mixed, not concatenated
+    counts = [50, 30, 1]  # news, novel, review
+    stream, rank = interleave(counts, np.random.default_rng(5))
+    assert sorted(zip(stream.tolist(), rank.tolist())) == [(c, r) for c, n in enumerate(counts) for r in range(n)]
+    for c, n in enumerate(counts):
+        assert rank[stream == c].tolist() == list(range(n))  # each category's own order is kept
+    assert stream.tolist() != interleave(counts, np.random.default_rng(6))[0].tolist()
+    assert stream[:50].tolist() != [0] * 50  # really mixed, not concatenated

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from colossal_llama.dataset.prepare import pretrain_main, sft_main
+from colossal_llama.dataset.cli import pretrain_main, sft_main
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def _bad_pretrain_lines(news) -> dict[str, tuple[bytes, str]]:
         "missing_field": (_dumps({k: v for k, v in row.items() if k != "category"}), "category: missing field"),
         "extra_field": (_dumps({**row, "id": 7}), "id: unexpected field"),
         "wrong_type": (_dumps({**row, "target": [row["target"]]}), "target: expected str, got list"),
-        "empty_target": (_dumps({**row, "target": " \n "}), "target: empty target"),
+        "empty_target": (_dumps({**row, "source": row["target"], "target": " \n "}),
+                         "target: empty target (the source is not empty)"),
         "not_utf8": (json.dumps(row, ensure_ascii=False).encode("gbk"),  # real GBK-encoded Chinese
                      "not valid UTF-8 (invalid continuation byte at byte 26)"),
     }
@@ -47,7 +48,9 @@ def _bad_sft_lines(chats) -> dict[str, tuple[bytes, str]]:
     human, reply = msgs[0], msgs[1]
     return {
         "unknown_role": (_dumps({"messages": [{"from": "user", "content": human["content"]}, reply]}),
-                         "messages[0].from: unknown role 'user' (expected 'human' or 'assistant')"),
+                         "messages[0].from: unknown role 'user' (expected 'human' or 'assistant', or 'system' first)"),
+        "late_system": (_dumps({"messages": [human, reply, {"from": "system", "content": "Be brief."}, human, reply]}),
+                        "messages[2].from: a system message can only be the first message"),
         "wrong_alternation": (_dumps({"messages": [human, human, reply]}),
                               "messages[1].from: expected 'assistant' (turns alternate human, assistant, ...)"),
         "ends_with_human": (_dumps({"messages": [human, reply, human]}),
@@ -93,8 +96,8 @@ def test_pretrain_strict_error_names_file_line_field(reason, tmp_path, news, mis
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("reason", ["unknown_role", "wrong_alternation", "ends_with_human", "missing_field",
-                                    "extra_field", "wrong_type", "empty_content", "empty_messages"])
+@pytest.mark.parametrize("reason", ["unknown_role", "late_system", "wrong_alternation", "ends_with_human",
+                                    "missing_field", "extra_field", "wrong_type", "empty_content", "empty_messages"])
 def test_sft_strict_error_names_file_line_field(reason, tmp_path, chats, mistral_dir, capsys):
     bad, problem = _bad_sft_lines(chats)[reason]
     path = _write(tmp_path / "in" / "chat.jsonl", [_dumps(chats[0]), _dumps(chats[1]), bad])
@@ -113,7 +116,7 @@ def test_skip_invalid_counts_every_reason(tmp_path, news, chats, mistral_dir):
     assert counts["skipped_examples"][0] == f"{tmp_path / 'pre' / 'news.jsonl'}:11: {bad_pretrain['invalid_json'][1]}"
 
     bad_sft = _bad_sft_lines(chats)
-    reasons = {"ends_with_human": "wrong_alternation"}  # both are counted as broken alternation
+    reasons = {"ends_with_human": "wrong_alternation", "late_system": "wrong_alternation"}  # broken alternation
     lines = [_dumps(r) for r in chats] + [bad for bad, _ in bad_sft.values()]
     _write(tmp_path / "sft" / "chat.jsonl", lines)
     _run(sft_main, tmp_path / "sft", mistral_dir, tmp_path / "out_sft", "--skip_invalid", "--llama_version", "2")
@@ -149,10 +152,13 @@ def test_empty_part_is_an_error_unless_lenient(tmp_path, news, mistral_dir, caps
     assert [p["bin"] for p in manifest["parts"]] == [1 - empty]
     assert manifest["counts"]["empty_bins"] == {"news": [empty]}
     assert sorted(p.name for p in (tmp_path / "out" / "arrow").iterdir()) == [manifest["parts"][0]["name"]]
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert _error_line(pretrain_main, capsys, tmp_path / "in", mistral_dir, tmp_path / "out", "--overwrite") == (
         f"--num_spliced_dataset_bins 2: bin {empty} would be empty in every category (the largest category has "
         "1 rows); use fewer bins, or --skip_invalid to write only the non-empty parts")
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    # a failed --overwrite leaves the earlier output exactly as it was (complete), and nothing of its own
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["arrow", "cache", "jsonl", "manifest.json"]
 
 
 @pytest.mark.parametrize("flags,message", [

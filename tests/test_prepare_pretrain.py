@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import os
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -16,11 +18,14 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
+from colossal_llama.dataset.cli import pretrain_main
 from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
-from colossal_llama.dataset.prepare import prepare_pretrain, pretrain_main
-from colossal_llama.dataset.prepared import document_spans, load_manifest, load_part, part_dirs
+from colossal_llama.dataset.manifest import Manifest
+from colossal_llama.dataset.pipeline import PrepSummary, prepare_pretrain
+from colossal_llama.dataset.prepared import load_manifest, load_part, part_dirs
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
 from colossal_llama.tokenizer.loading import load_tokenizer
+from tests.support.prepared_data import reassemble
 
 MAX_LENGTH = 256
 NUM_BINS = 4
@@ -45,16 +50,20 @@ def inputs(tmp_path_factory, data_dir) -> list[Path]:
     return [a, b]
 
 
-def _prepare(inputs, tokenizer_dir, out, **kw) -> dict:
+def _run(inputs, tokenizer_dir, out, **kw) -> PrepSummary:
     config = PretrainPrepConfig(input_dirs=inputs, tokenizer_dir=tokenizer_dir, output=OutputLayout.under(out),
                                 max_length=kw.pop("max_length", MAX_LENGTH), num_bins=NUM_BINS, strict=False, **kw)
-    return prepare_pretrain(config).manifest
+    return prepare_pretrain(config)
+
+
+def _prepare(inputs, tokenizer_dir, out, **kw) -> Manifest:
+    return _run(inputs, tokenizer_dir, out, **kw).manifest
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, inputs, mistral_dir) -> Path:
     out = tmp_path_factory.mktemp("out") / "seed1_np1"
-    _prepare(inputs, mistral_dir, out, seed=1, num_proc=1)
+    assert _run(inputs, mistral_dir, out, seed=1, num_proc=1).tokenize_pids == [os.getpid()]  # no worker
     return out
 
 
@@ -74,37 +83,15 @@ def _source_rows(inputs) -> dict[str, dict]:
     return rows
 
 
-def _reassemble(out: Path) -> tuple[dict, dict]:
-    """Per document: its (input_ids, labels) concatenated from the pieces found in the output, in output
-    order, and the chunk numbers in the order they were met. Pieces are located by position_ids restarts;
-    the jsonl mirror names the document each piece comes from."""
-    docs, chunk_order = defaultdict(lambda: ([], [])), defaultdict(list)
-    for part in part_dirs(out / "arrow"):
-        ds = load_part(part)
-        mirror = [json.loads(line) for line in (out / "jsonl" / f"{part.name}.jsonl").read_text().splitlines()]
-        assert len(mirror) == len(ds)
-        for row, meta in zip(ds, mirror):
-            spans = document_spans(row["position_ids"])
-            assert len(spans) == len(meta["pieces"])
-            for (start, end), piece in zip(spans, meta["pieces"]):
-                assert row["position_ids"][start:end] == list(range(end - start))
-                assert piece["tokens"] == end - start
-                ids, labels = docs[piece["doc"]]
-                ids += row["input_ids"][start:end]
-                labels += row["labels"][start:end]
-                chunk_order[piece["doc"]].append(piece["chunk"])
-    return docs, chunk_order
-
-
 def test_every_token_in_is_a_token_out_in_order(prepared, inputs, mistral_sp_model):
     sp = spm.SentencePieceProcessor(model_file=str(mistral_sp_model))  # independent of HF tokenizers
     rows = _source_rows(inputs)
-    docs, chunk_order = _reassemble(prepared)
+    docs, chunk_order = reassemble(prepared)
     manifest = json.loads((prepared / "manifest.json").read_text())
     counts = manifest["counts"]
 
     skipped = [doc for doc, row in rows.items() if not row["target"].strip()]
-    assert skipped == [f"{inputs[1] / 'novel.jsonl'}:292"]  # the real corpus's one empty row
+    assert skipped == [f"{inputs[1] / 'novel.jsonl'}:292"]  # the real corpus's one row without text
     assert set(docs) == set(rows) - set(skipped)
     expected_tokens = 0
     for doc, (ids, labels) in docs.items():
@@ -116,7 +103,7 @@ def test_every_token_in_is_a_token_out_in_order(prepared, inputs, mistral_sp_mod
 
     assert counts["tokens_in"] == counts["tokens_out"] == expected_tokens
     assert counts["documents_in"] == len(docs) == 3 * SLICE - 1200 + 291
-    assert counts["skipped"] == {"empty_target": 1}
+    assert counts["skipped"] == {"empty_text": 1}
     assert counts["split_documents"] == sum(1 for ids, _ in docs.values() if len(ids) > MAX_LENGTH) > 0
     # At max_length 256 most reviews/passages (median ~200 tokens) cannot share a sequence; at 4096 the
     # same corpora fill > 0.98 (benchmarks/prepare_throughput.py).
@@ -128,7 +115,8 @@ def test_every_token_in_is_a_token_out_in_order(prepared, inputs, mistral_sp_mod
 def test_output_follows_the_data_contract(prepared, mistral_dir):
     manifest = json.loads((prepared / "manifest.json").read_text())
     tok = load_tokenizer(mistral_dir)
-    assert manifest["format_version"] == 1 and manifest["kind"] == "pretrain"
+    assert manifest["format_version"] == 2 and manifest["kind"] == "pretrain"
+    assert (manifest["shard_index"], manifest["num_shards"], manifest["eval_parts"]) == (0, 1, [])
     assert manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
     assert manifest["vocab_size"] == len(tok) == 32000
     assert (manifest["max_length"], manifest["num_bins"], manifest["seed"]) == (MAX_LENGTH, NUM_BINS, 1)
@@ -136,7 +124,7 @@ def test_output_follows_the_data_contract(prepared, mistral_dir):
     parts = part_dirs(prepared / "arrow")
     assert [p.name for p in parts] == [e["name"] for e in manifest["parts"]] == [f"part-{k:05d}" for k in range(4)]
     for part, entry in zip(parts, manifest["parts"]):
-        assert load_manifest(part) == manifest
+        assert load_manifest(part).to_json() == manifest
         ds = load_part(part)
         assert {k: str(v) for k, v in ds.features.items()} == {
             "input_ids": "List(Value('int32'))", "labels": "List(Value('int32'))",
@@ -167,8 +155,10 @@ def _files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in files + [out / "manifest.json"]}
 
 
+@pytest.mark.slow
 def test_same_seed_is_byte_identical_also_with_two_processes(prepared, inputs, mistral_dir, tmp_path):
-    _prepare(inputs, mistral_dir, tmp_path / "seed1_np2", seed=1, num_proc=2)
+    pids = _run(inputs, mistral_dir, tmp_path / "seed1_np2", seed=1, num_proc=2).tokenize_pids
+    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes really tokenised
     first, second = _files(prepared), _files(tmp_path / "seed1_np2")
     assert first.keys() == second.keys() and len(first) > 10
     assert [k for k in first if first[k] != second[k]] == []
@@ -177,11 +167,11 @@ def test_same_seed_is_byte_identical_also_with_two_processes(prepared, inputs, m
 def test_other_seed_reorders_but_keeps_every_token(prepared, inputs, mistral_dir, tmp_path):
     other = _prepare(inputs, mistral_dir, tmp_path / "seed2", seed=2)
     base = json.loads((prepared / "manifest.json").read_text())
-    assert other["counts"]["tokens_out"] == base["counts"]["tokens_out"]
+    assert other.counts.tokens_out == base["counts"]["tokens_out"]
     a, b = load_part(part_dirs(prepared / "arrow")[0]), load_part(part_dirs(tmp_path / "seed2" / "arrow")[0])
     assert a["input_ids"] != b["input_ids"]
-    docs_a, _ = _reassemble(prepared)
-    docs_b, _ = _reassemble(tmp_path / "seed2")
+    docs_a, _ = reassemble(prepared)
+    docs_b, _ = reassemble(tmp_path / "seed2")
     assert docs_a == docs_b
 
 
@@ -196,7 +186,7 @@ def test_smollm2_tokenizer_and_fully_masked_pieces(tmp_path, smollm2_dir, data_d
             fh.write(json.dumps({"source": src, "target": tgt, "category": "novel"}) + "\n")
     manifest = _prepare([tmp_path / "in"], smollm2_dir, tmp_path / "out", seed=3, max_length=64, num_proc=2)
     tok = load_tokenizer(smollm2_dir)
-    docs, _ = _reassemble(tmp_path / "out")
+    docs, _ = reassemble(tmp_path / "out")
     masked_pieces = 0
     for line_no, (src, tgt) in enumerate(zip(passages[0::2], passages[1::2]), start=1):
         ids, labels = docs[f"{tmp_path / 'in' / 'qa.jsonl'}:{line_no}"]
@@ -204,10 +194,10 @@ def test_smollm2_tokenizer_and_fully_masked_pieces(tmp_path, smollm2_dir, data_d
         assert ids == [tok.bos_token_id] + s + t + [tok.eos_token_id]
         assert labels == [-100] * (1 + len(s)) + t + [tok.eos_token_id]
         masked_pieces += (1 + len(s)) // 64  # whole 64-token chunks inside BOS+source
-    counts = manifest["counts"]
-    assert counts["fully_masked_samples"] == masked_pieces > 0
-    assert counts["tokens_in"] == counts["tokens_out"]
-    assert manifest["vocab_size"] == 49152
+    counts = manifest.counts
+    assert counts.fully_masked_samples == masked_pieces > 0
+    assert counts.tokens_in == counts.tokens_out
+    assert manifest.vocab_size == 49152
 
 
 def test_cli_with_older_output_flags(tmp_path, inputs, mistral_dir, capsys):
@@ -217,13 +207,41 @@ def test_cli_with_older_output_flags(tmp_path, inputs, mistral_dir, capsys):
             "--num_spliced_dataset_bins", "2", "--skip_invalid"]
     assert pretrain_main(argv) == 0
     manifest = load_manifest(part_dirs(a)[0])
-    assert (tmp_path / "prep" / "manifest.json").is_file() and any(c.iterdir())
-    assert len(manifest["parts"]) == 2 and manifest["counts"]["skipped"] == {"empty_target": 1}
+    assert (tmp_path / "prep" / "manifest.json").is_file()
+    assert c.is_dir() and not any(c.iterdir())  # the token cache lives only while the run does
+    tok = load_tokenizer(mistral_dir)
+    mirror = [json.loads(line) for line in (j / "part-00000.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert "text" not in mirror[0] and mirror[0]["pieces"][0]["doc"].startswith(str(inputs[1]))
+    assert len(manifest.parts) == 2 and manifest.counts.skipped == {"empty_text": 1}
     with pytest.raises(SystemExit) as exc:  # a second run must not silently mix with the first
         pretrain_main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     manifest_path = tmp_path / "prep" / "manifest.json"
     assert err[-1] == f"error: {manifest_path}: output already exists (pass --overwrite to replace it)"
-    assert pretrain_main(argv + ["--overwrite", "--seed", "5"]) == 0
-    assert load_manifest(part_dirs(a)[0])["seed"] == 5
+    assert pretrain_main(argv + ["--overwrite", "--seed", "5", "--mirror_text"]) == 0
+    assert load_manifest(part_dirs(a)[0]).seed == 5
+    rows = load_part(part_dirs(a)[0])["input_ids"]
+    mirror = [json.loads(line) for line in (j / "part-00000.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [m["text"] for m in mirror] == [tok.decode(ids) for ids in rows]  # --mirror_text: the decoded rows
+
+
+def test_an_output_of_the_previous_format_still_reads(prepared, tmp_path):
+    """format_version 1 manifests (before shards, the held-out split and SFT packing) read with their defaults;
+    an unknown version is a one-line error."""
+    from colossal_llama.training.data import collect_parts, expand_dataset_args
+    from colossal_llama.utils.errors import UserInputError
+
+    old = json.loads((prepared / "manifest.json").read_text())
+    for key in ("shard_index", "num_shards", "holdout_fraction", "eval_dir", "eval_parts", "packing"):
+        del old[key]
+    old["format_version"] = 1
+    shutil.copytree(prepared / "arrow", tmp_path / "arrow")
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    parts, manifests = collect_parts(expand_dataset_args([str(tmp_path)]))
+    manifest = manifests[tmp_path / "manifest.json"]
+    assert (manifest.num_shards, manifest.eval_parts, manifest.packing, len(parts)) == (1, [], True, NUM_BINS)
+    assert manifest.counts.tokens_out == old["counts"]["tokens_out"]
+    (tmp_path / "manifest.json").write_text(json.dumps({**old, "format_version": 3}))
+    with pytest.raises(UserInputError, match=r"manifest.json: format_version: 3 \(this version reads 1, 2\)$"):
+        collect_parts(expand_dataset_args([str(tmp_path)]))

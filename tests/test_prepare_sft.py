@@ -6,14 +6,17 @@ the conversation, in order, each followed by its end-of-turn marker -- and nothi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from colossal_llama.dataset.chat_templates import get_chat_template, labelled_spans
+from colossal_llama.dataset.cli import sft_main
 from colossal_llama.dataset.config import OutputLayout, SFTPrepConfig
-from colossal_llama.dataset.prepare import prepare_sft, sft_main
-from colossal_llama.dataset.prepared import load_part, part_dirs
+from colossal_llama.dataset.manifest import Manifest
+from colossal_llama.dataset.pipeline import PrepSummary, prepare_sft
+from colossal_llama.dataset.prepared import document_spans, load_part, part_dirs
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import DataError, UserInputError
 
@@ -30,10 +33,14 @@ def conversations(data_dir) -> dict[str, list]:
     return out
 
 
-def _prepare(data_dir, tokenizer_dir, out, template, max_length=4096, **kw) -> dict:
+def _run(data_dir, tokenizer_dir, out, template, max_length=4096, **kw) -> PrepSummary:
     config = SFTPrepConfig(input_dirs=[data_dir / "sft"], tokenizer_dir=tokenizer_dir, output=OutputLayout.under(out),
                            max_length=max_length, num_bins=3, strict=False, chat_template=template, **kw)
-    return prepare_sft(config).manifest
+    return prepare_sft(config)
+
+
+def _prepare(data_dir, tokenizer_dir, out, template, max_length=4096, **kw) -> Manifest:
+    return _run(data_dir, tokenizer_dir, out, template, max_length, **kw).manifest
 
 
 def _rows(out: Path):
@@ -43,19 +50,23 @@ def _rows(out: Path):
         yield from zip(load_part(part), (json.loads(m) for m in mirror))
 
 
-def _check_label_spans(out, tok, conversations, end_of_turn: str) -> int:
-    """Every row trains exactly its assistant replies + end-of-turn, in order; returns the rows checked."""
+def _check_label_spans(out, tok, conversations, end_of_turn: str, packed: bool = False) -> int:
+    """Every conversation (one per row, or several with ``packed``) trains exactly its assistant replies +
+    end-of-turn, in order; returns the conversations checked."""
     checked = 0
     for row, meta in _rows(out):
-        (piece,) = meta["pieces"]
-        messages = conversations[piece["doc"]]
-        assert row["position_ids"] == list(range(len(row["input_ids"])))
-        spans = labelled_spans(row["labels"])
-        decoded = [tok.decode(row["input_ids"][a:b]) for a, b in spans]
-        assert decoded == [m["content"] + end_of_turn for m in messages[1::2]]
-        for a, b in spans:
-            assert row["labels"][a:b] == row["input_ids"][a:b]
-        checked += 1
+        spans = document_spans(row["position_ids"])  # position_ids restart at every conversation
+        assert len(spans) == len(meta["pieces"]) and (packed or len(spans) == 1)
+        for (start, end), piece in zip(spans, meta["pieces"]):
+            messages = conversations[piece["doc"]]
+            ids, labels = row["input_ids"][start:end], row["labels"][start:end]
+            assert row["position_ids"][start:end] == list(range(end - start))
+            trained = labelled_spans(labels)
+            decoded = [tok.decode(ids[a:b]) for a, b in trained]
+            assert decoded == [m["content"] + end_of_turn for m in messages if m["from"] == "assistant"]
+            for a, b in trained:
+                assert labels[a:b] == ids[a:b]
+            checked += 1
     return checked
 
 
@@ -63,12 +74,12 @@ def test_llama2_template_on_mistral_trains_exactly_the_replies(tmp_path, data_di
     manifest = _prepare(data_dir, mistral_dir, tmp_path / "out", "llama2", system_message="You are concise.")
     tok = load_tokenizer(mistral_dir)
     checked = _check_label_spans(tmp_path / "out", tok, conversations, "</s>")
-    assert checked == len(conversations) - 1 == manifest["counts"]["documents_in"]
-    assert manifest["counts"]["skipped"] == {"empty_content": 1}
-    assert manifest["counts"]["skipped_examples"] == [
+    assert checked == len(conversations) - 1 == manifest.counts.documents_in
+    assert manifest.counts.skipped == {"empty_content": 1}
+    assert manifest.counts.skipped_examples == [
         f"{data_dir / 'sft' / BROKEN_ROW}: messages[2].content: empty content"]
-    assert manifest["chat_template"] == {"name": "llama2", "system_message": "You are concise."}
-    assert manifest["counts"]["tokens_in"] == manifest["counts"]["tokens_out"]
+    assert manifest.chat_template == {"name": "llama2", "system_message": "You are concise."}
+    assert manifest.counts.tokens_in == manifest.counts.tokens_out
     row, _ = next(_rows(tmp_path / "out"))
     assert row["input_ids"][0] == tok.bos_token_id == 1
     assert tok.decode(row["input_ids"]).startswith("<s> [INST] <<SYS>>\nYou are concise.\n<</SYS>>\n\n")
@@ -83,7 +94,7 @@ def test_tokenizer_chat_template_on_smollm2(tmp_path, data_dir, smollm2_dir, con
     assert _check_label_spans(tmp_path / "out", tok, conversations, "<|im_end|>") == len(conversations) - 1
     row, _ = next(_rows(tmp_path / "out"))
     assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
-    assert manifest["chat_template"] == {"name": "tokenizer", "system_message": None}
+    assert manifest.chat_template == {"name": "tokenizer", "system_message": None}
     assert get_chat_template("tokenizer", tok).stop_token_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
@@ -130,7 +141,7 @@ def test_whole_exchange_truncation_and_counted_drops(name, max_length, tmp_path,
     tokenizer_dir = smollm2_dir if name == "tokenizer" else mistral_dir
     manifest = _prepare(data_dir, tokenizer_dir, tmp_path / "out", name, max_length=max_length)
     template = get_chat_template(name, load_tokenizer(tokenizer_dir))
-    counts = manifest["counts"]
+    counts = manifest.counts
     kept = 0
     for row, meta in _rows(tmp_path / "out"):
         messages = conversations[meta["pieces"][0]["doc"]]
@@ -143,15 +154,20 @@ def test_whole_exchange_truncation_and_counted_drops(name, max_length, tmp_path,
         kept += 1
     dropped = [d for d, m in conversations.items()
                if not d.endswith(BROKEN_ROW) and len(template.encode_conversation(m[:2])[0]) > max_length]
-    assert counts["skipped"] == {"empty_content": 1, "first_exchange_exceeds_max_length": len(dropped)}
-    assert len(dropped) > 0 and counts["truncated_conversations"] > 0
+    assert counts.skipped == {"empty_content": 1, "first_exchange_exceeds_max_length": len(dropped)}
+    assert len(dropped) > 0 and counts.truncated_conversations > 0
     assert kept == len(conversations) - 1 - len(dropped)
-    assert counts["tokens_in"] == counts["tokens_out"] + counts["tokens_truncated"] + counts["tokens_dropped"]
+    assert counts.tokens_in == counts.tokens_out + counts.tokens_truncated + counts.tokens_dropped
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_with_one_or_two_processes(tmp_path, data_dir, smollm2_dir):
     for num_proc in (1, 2):
-        _prepare(data_dir, smollm2_dir, tmp_path / f"np{num_proc}", "tokenizer", num_proc=num_proc, seed=9)
+        pids = _run(data_dir, smollm2_dir, tmp_path / f"np{num_proc}", "tokenizer", num_proc=num_proc, seed=9).tokenize_pids
+        if num_proc == 1:
+            assert pids == [os.getpid()]
+        else:  # two worker processes really tokenised
+            assert len(pids) == 2 and os.getpid() not in pids, pids
     files = [sorted((p.relative_to(tmp_path / f"np{n}"), p.read_bytes()) for p in (tmp_path / f"np{n}").rglob("*")
                     if p.is_file() and "cache" not in p.parts) for n in (1, 2)]
     assert len(files[0]) > 5 and files[0] == files[1]
@@ -190,3 +206,61 @@ def test_a_template_error_is_one_line(smollm2_dir):
                          "supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(UserInputError, match="^the tokenizer's chat_template failed: System role not supported$"):
         get_chat_template("tokenizer", tok, system_message="Be brief.")
+
+
+def test_packed_conversations_keep_their_own_positions_and_labels_and_save_padding(tmp_path, data_dir, mistral_dir,
+                                                                                 conversations, caplog):
+    """--packing: whole conversations share rows of <= max_length; each still trains only its replies."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        packed = _run(data_dir, mistral_dir, tmp_path / "packed", "llama2", max_length=512, packing=True)
+    single = _run(data_dir, mistral_dir, tmp_path / "single", "llama2", max_length=512)
+    tok = load_tokenizer(mistral_dir)
+    checked = _check_label_spans(tmp_path / "packed", tok, conversations, "</s>", packed=True)
+    assert checked == single.counts.sequences == len(conversations) - 1 - single.counts.skipped.get(
+        "first_exchange_exceeds_max_length", 0)
+    rows = [row for row, _ in _rows(tmp_path / "packed")]
+    assert all(len(r["input_ids"]) <= 512 for r in rows)
+    assert packed.counts.sequences == len(rows) < checked / 5  # short chats: many per row
+    for name in ("tokens_in", "tokens_out", "tokens_trained", "tokens_truncated", "tokens_dropped"):
+        assert getattr(packed.counts, name) == getattr(single.counts, name), name
+    assert packed.manifest.packing and not single.manifest.packing
+    c = packed.counts
+    assert c.padding_tokens == c.sequences * 512 - c.tokens_out
+    assert c.padding_tokens_unpacked == single.counts.padding_tokens == checked * 512 - c.tokens_out
+    assert c.padding_saved > 0.9
+    assert any(m.startswith(f"packing: padding to max_length {c.padding_tokens:,} tokens instead of "
+                            f"{c.padding_tokens_unpacked:,} unpacked (saved ") for m in caplog.messages)
+
+
+@pytest.mark.parametrize("name", ["llama2", "llama3", "tokenizer"])
+def test_a_conversation_can_bring_its_own_system_message(name, tmp_path, data_dir, mistral_dir, conversations, request):
+    """Real conversations, every other one starting with its own system message: it replaces the default
+    (--system_message) in that conversation only, under every template; replies alone are trained."""
+    own, default = "你是一个乐于助人的助手。", "Answer briefly."
+    rows = {}
+    source = tmp_path / "in" / "chat.jsonl"
+    source.parent.mkdir()
+    with open(source, "w", encoding="utf-8") as fh:
+        for i, messages in enumerate(m for d, m in conversations.items() if "chatterbot_zh" in d):
+            if i == 60:
+                break
+            messages = ([{"from": "system", "content": own}] if i % 2 else []) + messages
+            rows[f"{source}:{i + 1}"] = messages
+            fh.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+    tokenizer_dir = request.getfixturevalue("smollm2_dir") if name == "tokenizer" else mistral_dir
+    config = SFTPrepConfig(input_dirs=[source.parent], tokenizer_dir=tokenizer_dir, output=OutputLayout.under(tmp_path / "out"),
+                           max_length=4096, num_bins=1, chat_template=name, system_message=default)
+    prepare_sft(config)
+    tok = load_tokenizer(tokenizer_dir)
+    end_of_turn = "<|im_end|>" if name == "tokenizer" else "</s>"
+    assert _check_label_spans(tmp_path / "out", tok, rows, end_of_turn) == len(rows)
+    template = get_chat_template(name, tok, system_message=default)
+    for row, meta in _rows(tmp_path / "out"):
+        messages = rows[meta["pieces"][0]["doc"]]
+        text = tok.decode(row["input_ids"])
+        mine = messages[0]["from"] == "system"
+        assert (own in text, default in text) == (mine, not mine)
+        assert text.index(own if mine else default) < text.index(messages[1 if mine else 0]["content"])
+        assert (row["input_ids"], row["labels"]) == template.encode_conversation(messages)

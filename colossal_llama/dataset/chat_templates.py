@@ -1,5 +1,8 @@
 """Chat templates: turn ``[{"from": "human"|"assistant", "content": str}, ...]`` into token ids and labels.
 
+A conversation may start with its own system message ``{"from": "system", "content": ...}``; it replaces the
+template's default (``--system_message``) for that conversation, under every template.
+
 Three templates share one API (:class:`ChatTemplate`):
 
 * ``llama2``: ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{human} [/INST] {assistant} </s>`` per exchange.
@@ -27,7 +30,7 @@ import jinja2
 
 from colossal_llama.utils.errors import UserInputError
 
-HUMAN, ASSISTANT = "human", "assistant"
+SYSTEM, HUMAN, ASSISTANT = "system", "human", "assistant"
 IGNORE_INDEX = -100
 TEMPLATE_NAMES = ("llama2", "llama3", "tokenizer")
 # Written next to a trained model (training copies the manifest's ``chat_template`` block), read by inference.
@@ -42,8 +45,16 @@ class MessageError(UserInputError):
         super().__init__(f"{field}: {problem}")
 
 
+def split_system(messages) -> tuple[str | None, list]:
+    """``(system content or None, the human/assistant turns)`` of a (validated) conversation."""
+    if messages and messages[0]["from"] == SYSTEM:
+        return messages[0]["content"], messages[1:]
+    return None, messages
+
+
 def validate_messages(messages, *, ends_with: str) -> None:
-    """Check ``messages`` alternate human, assistant, human, ... and end with ``ends_with``.
+    """Check ``messages`` are an optional system message, then human, assistant, human, ... ending with
+    ``ends_with``.
 
     Raises :class:`MessageError` whose ``reason`` is a short counter key (``wrong_type``, ``unknown_role``...).
     """
@@ -51,6 +62,9 @@ def validate_messages(messages, *, ends_with: str) -> None:
         raise MessageError("messages", f"expected a list, got {type(messages).__name__}", "wrong_type")
     if not messages:
         raise MessageError("messages", "empty conversation", "empty_messages")
+    first = 1 if isinstance(messages[0], dict) and messages[0].get("from") == SYSTEM else 0
+    if first and len(messages) == 1:
+        raise MessageError("messages", "a system message and no turns", "empty_messages")
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -64,11 +78,14 @@ def validate_messages(messages, *, ends_with: str) -> None:
         role, content = msg["from"], msg["content"]
         if not isinstance(role, str):
             raise MessageError(f"{where}.from", f"expected a string, got {type(role).__name__}", "wrong_type")
-        if role not in (HUMAN, ASSISTANT):
-            raise MessageError(f"{where}.from", f"unknown role {role!r} (expected 'human' or 'assistant')",
-                               "unknown_role")
-        expected = HUMAN if i % 2 == 0 else ASSISTANT
-        if role != expected:
+        if role not in (SYSTEM, HUMAN, ASSISTANT):
+            raise MessageError(f"{where}.from", f"unknown role {role!r} (expected 'human' or 'assistant', or "
+                               "'system' first)", "unknown_role")
+        if i < first:
+            pass
+        elif role == SYSTEM:
+            raise MessageError(f"{where}.from", "a system message can only be the first message", "wrong_alternation")
+        elif role != (expected := HUMAN if (i - first) % 2 == 0 else ASSISTANT):
             raise MessageError(f"{where}.from", f"expected {expected!r} (turns alternate human, assistant, ...)",
                                "wrong_alternation")
         if not isinstance(content, str):
@@ -111,6 +128,20 @@ class ChatTemplate(ABC):
     def exchange_ends(self, messages) -> list[int]:
         """Token count of the conversation after each whole human+assistant exchange (len = #exchanges)."""
 
+    @staticmethod
+    def num_exchanges(messages) -> int:
+        """Human+assistant exchanges in a conversation."""
+        return len(split_system(messages)[1]) // 2
+
+    @staticmethod
+    def first_exchanges(messages, count: int) -> list:
+        """The conversation (with its system message) cut after its first ``count`` exchanges."""
+        return messages[: 2 * count + (len(messages) - len(split_system(messages)[1]))]
+
+    def system_of(self, messages) -> str | None:
+        """The conversation's own system message, else the template's default."""
+        return split_system(messages)[0] or self.system_message
+
     def to_manifest(self) -> dict:
         """The block written to ``manifest.json["chat_template"]`` (and copied next to trained models)."""
         return {"name": self.name, "system_message": self.system_message}
@@ -123,18 +154,19 @@ class SegmentTemplate(ChatTemplate):
     """A template built from independently tokenised pieces: encodings of a prefix of exchanges are
     exact prefixes of the full encoding, so truncation at an exchange boundary is a slice."""
 
-    def _preamble(self) -> list[Segment]:
+    def _preamble(self, system: str | None) -> list[Segment]:
         return []
 
     @abstractmethod
-    def _exchange(self, index: int, human: str, assistant: str | None) -> list[Segment]:
+    def _exchange(self, index: int, human: str, assistant: str | None, system: str | None) -> list[Segment]:
         """Segments of exchange ``index``; ``assistant=None`` renders the prompt up to the assistant header."""
 
     def _segments(self, messages) -> list[list[Segment]]:
-        groups = [self._preamble()]
-        for k in range(0, len(messages), 2):
-            reply = messages[k + 1]["content"] if k + 1 < len(messages) else None
-            groups.append(self._exchange(k // 2, messages[k]["content"], reply))
+        system, turns = self.system_of(messages), split_system(messages)[1]
+        groups = [self._preamble(system)]
+        for k in range(0, len(turns), 2):
+            reply = turns[k + 1]["content"] if k + 1 < len(turns) else None
+            groups.append(self._exchange(k // 2, turns[k]["content"], reply, system))
         return groups
 
     def encode_conversation(self, messages):
@@ -177,8 +209,8 @@ class Llama2Template(SegmentTemplate):
         self.stop_token_ids = [self.eos]
         self.reply_prefix = "" if self._adds_word_prefix() else " "
 
-    def _exchange(self, index, human, assistant):
-        system = f"<<SYS>>\n{self.system_message}\n<</SYS>>\n\n" if index == 0 and self.system_message else ""
+    def _exchange(self, index, human, assistant, system):
+        system = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if index == 0 and system else ""
         segs = [Segment(self.bos + self._text(f"[INST] {system}{human} [/INST]"), False)]
         if assistant is not None:
             segs.append(Segment(self._text(self.reply_prefix + assistant) + [self.eos], True))
@@ -217,13 +249,13 @@ class Llama3Template(SegmentTemplate):
             return [start] + self._text(role) + [end] + self._text("\n\n")
         return self._text(f"<|start_header_id|>{role}<|end_header_id|>\n\n")
 
-    def _preamble(self):
+    def _preamble(self, system):
         segs = [Segment(list(self.begin), False)]
-        if self.system_message:
-            segs.append(Segment(self._header("system") + self._text(self.system_message) + [self.eot], False))
+        if system:
+            segs.append(Segment(self._header("system") + self._text(system) + [self.eot], False))
         return segs
 
-    def _exchange(self, index, human, assistant):
+    def _exchange(self, index, human, assistant, system):
         prompt = self._header("user") + self._text(human) + [self.eot] + self._header("assistant")
         segs = [Segment(prompt, False)]
         if assistant is not None:
@@ -245,12 +277,19 @@ class TokenizerTemplate(ChatTemplate):
         self.stop_token_ids = sorted(ids | ({tokenizer.eos_token_id} - {None}))
 
     def _render(self, messages, generation_prompt: bool) -> str:
-        chat = [{"role": "system", "content": self.system_message}] if self.system_message else []
-        chat += [{"role": "user" if m["from"] == HUMAN else "assistant", "content": m["content"]} for m in messages]
+        system = self.system_of(messages)
+        chat = [{"role": "system", "content": system}] if system else []
+        chat += [{"role": "user" if m["from"] == HUMAN else "assistant", "content": m["content"]}
+                 for m in split_system(messages)[1]]
         try:
             return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
         except jinja2.TemplateError as err:  # e.g. a template that refuses a system turn
             raise UserInputError(f"the tokenizer's chat_template failed: {err}") from None
+
+    @staticmethod
+    def _first_reply(messages) -> int:
+        """Index of the first assistant message (after the system message, if any)."""
+        return len(messages) - len(split_system(messages)[1]) + 1
 
     def _end_of_turn_tokens(self) -> list[str]:
         """Special tokens the template writes right after an assistant reply (ChatML: ``<|im_end|>``)."""
@@ -265,7 +304,7 @@ class TokenizerTemplate(ChatTemplate):
         """Full render and the character spans ``[start, end)`` of each assistant content + end-of-turn."""
         full = self._render(messages, False)
         spans = []
-        for j in range(1, len(messages), 2):
+        for j in range(self._first_reply(messages), len(messages), 2):
             prompt = self._render(messages[:j], True)
             upto = self._render(messages[: j + 1], False)
             if not (upto.startswith(prompt) and full.startswith(upto)):
@@ -306,7 +345,7 @@ class TokenizerTemplate(ChatTemplate):
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         starts = [s for s, _ in enc["offset_mapping"]]
         ends = []
-        for j in range(1, len(messages), 2):
+        for j in range(self._first_reply(messages), len(messages), 2):
             boundary = len(self._render(messages[: j + 1], False))
             ends.append(sum(1 for s in starts if s < boundary))
         return ends

@@ -1,18 +1,62 @@
-"""Typed configuration of a data-preparation run and the summary it returns."""
+"""Typed configuration of a data-preparation run: options, output layout, and which shard of the input."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from colossal_llama.utils.errors import UserInputError
 
-FORMAT_VERSION = 1
+SHARD_DIR_FORMAT = "shard-{index:05d}-of-{count:05d}"
+SHARD_DIR = re.compile(r"shard-(\d{5})-of-(\d{5})")  # group 1: index, group 2: count
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: it owns line ``line`` of input file number ``file`` (in the sorted file list)
+    when ``(file + line) % count == index``. The rule depends only on the inputs, never on the machines, so the
+    union of all shards is exactly the input, and consecutive lines spread evenly over the shards."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise UserInputError(f"--num_shards {self.count}: must be at least 1")
+        if not 0 <= self.index < self.count:
+            raise UserInputError(f"--shard_index {self.index}: must be in 0..{self.count - 1} (--num_shards {self.count})")
+
+    def owns(self, file: int, line: int) -> bool:
+        return (file + line) % self.count == self.index
+
+    @property
+    def dir_name(self) -> str:
+        return SHARD_DIR_FORMAT.format(index=self.index, count=self.count)
+
+    @classmethod
+    def from_launcher(cls, num_shards: int | None, shard_index: int | None, environ=os.environ) -> "Shard":
+        """Explicit flags, else ``WORLD_SIZE``/``RANK`` as set by ``torchrun`` / ``colossalai run``, else 1 shard."""
+        if num_shards is None and shard_index is None:
+            if "WORLD_SIZE" not in environ or "RANK" not in environ:
+                return cls()
+            try:
+                return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]))
+            except ValueError:
+                raise UserInputError(f"WORLD_SIZE={environ['WORLD_SIZE']!r} RANK={environ['RANK']!r}: "
+                                     "not integers (give --num_shards and --shard_index)") from None
+        if shard_index is None and num_shards == 1:
+            return cls()
+        if num_shards is None or shard_index is None:
+            raise UserInputError("give both --num_shards and --shard_index (or neither, to take WORLD_SIZE and RANK)")
+        return cls(shard_index, num_shards)
 
 
 @dataclass(frozen=True)
 class OutputLayout:
-    """Where a run writes. ``manifest`` sits beside ``arrow_dir`` (training finds it as ``part.parent.parent``)."""
+    """Where a run writes. ``manifest`` sits beside ``arrow_dir`` (training finds it as ``part.parent.parent``);
+    the held-out split, when asked for, is ``eval_dir`` beside ``arrow_dir``."""
 
     cache_dir: Path
     jsonl_dir: Path
@@ -22,10 +66,17 @@ class OutputLayout:
     def manifest(self) -> Path:
         return self.arrow_dir.parent / "manifest.json"
 
+    @property
+    def eval_dir(self) -> Path:
+        return self.arrow_dir.parent / "eval"
+
     @classmethod
-    def under(cls, out_dir) -> "OutputLayout":
-        """The standard layout ``OUT/{cache,jsonl,arrow}`` of ``--data_output_dirs OUT``."""
+    def under(cls, out_dir, shard: Shard = Shard()) -> "OutputLayout":
+        """``OUT/{cache,jsonl,arrow}`` of ``--data_output_dirs OUT``; ``OUT/shard-IIIII-of-NNNNN/...`` for a shard
+        of a run split over several."""
         out = Path(out_dir)
+        if shard.count > 1:
+            out = out / shard.dir_name
         return cls(out / "cache", out / "jsonl", out / "arrow")
 
 
@@ -43,6 +94,9 @@ class PrepConfig:
     num_proc: int = 1
     strict: bool = True          # False = --skip_invalid: bad rows and empty parts are counted, not fatal
     overwrite: bool = False
+    shard: Shard = Shard()
+    holdout_fraction: float = 0.0  # documents (per category, seeded) written to OUT/eval instead of OUT/arrow
+    mirror_text: bool = False      # the jsonl mirror also carries each sequence's decoded text (slower)
 
     def __post_init__(self):
         self.input_dirs = [Path(p) for p in self.input_dirs]
@@ -55,6 +109,15 @@ class PrepConfig:
             raise UserInputError(f"--num_spliced_dataset_bins {self.num_bins}: must be at least 1")
         if self.num_proc < 1:
             raise UserInputError(f"--num_proc {self.num_proc}: must be at least 1")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise UserInputError(f"--holdout_fraction {self.holdout_fraction}: must be in [0, 1)")
+        if self.holdout_fraction and self.output.eval_dir in (self.output.arrow_dir, self.output.jsonl_dir):
+            raise UserInputError(f"{self.output.eval_dir}: the held-out split cannot share its folder with the output")
+
+    @property
+    def packs(self) -> bool:
+        """Whether documents are packed several to a sequence (always for pre-training)."""
+        return True
 
 
 @dataclass
@@ -66,26 +129,14 @@ class PretrainPrepConfig(PrepConfig):
 
 @dataclass
 class SFTPrepConfig(PrepConfig):
-    """SFT: conversations, one per row, templated with ``chat_template`` and truncated to whole exchanges."""
+    """SFT: conversations templated with ``chat_template`` and truncated to whole exchanges; one per row, or
+    several whole conversations per row with ``packing``."""
 
     chat_template: str = "llama2"
     system_message: str | None = None
+    packing: bool = False
     kind: ClassVar[str] = "sft"
 
-
-@dataclass
-class PrepSummary:
-    """What a run did, in numbers; the same data as ``manifest.json`` plus the output location."""
-
-    manifest_path: Path
-    arrow_dir: Path
-    manifest: dict = field(default_factory=dict)
-    seconds: dict = field(default_factory=dict)  # wall time per stage (not in the manifest: it must be reproducible)
-
     @property
-    def counts(self) -> dict:
-        return self.manifest["counts"]
-
-    @property
-    def part_dirs(self) -> list[Path]:
-        return [self.arrow_dir / p["name"] for p in self.manifest["parts"]]
+    def packs(self) -> bool:
+        return self.packing

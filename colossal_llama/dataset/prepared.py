@@ -1,14 +1,24 @@
-"""Read prepared output back: the manifest, the arrow parts, and the documents packed in a row."""
+"""Read prepared output back: find the parts a ``--dataset`` value names, their manifests, the rows.
+
+A ``--dataset`` value may be any of:
+
+* ``OUT`` (an output with ``manifest.json``), or one shard of a sharded run ``OUT/shard-IIIII-of-NNNNN``;
+* ``OUT`` of a sharded run (``shard-*`` folders, no manifest of its own): every shard, all of which must be there;
+* ``OUT/arrow`` (all its parts), ``OUT/eval`` (the held-out parts), or one part ``OUT/arrow/part-XXXXX``.
+
+``split="eval"`` turns an output folder into its held-out parts (``OUT/eval``) instead of ``OUT/arrow``.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, load_from_disk
 
-from colossal_llama.dataset.config import FORMAT_VERSION
+from colossal_llama.dataset.config import SHARD_DIR, SHARD_DIR_FORMAT
+from colossal_llama.dataset.manifest import Manifest
 from colossal_llama.utils.errors import UserInputError
-from colossal_llama.utils.json_files import read_json
+
+SPLITS = ("train", "eval")
 
 
 def part_dirs(path) -> list[Path]:
@@ -20,39 +30,89 @@ def part_dirs(path) -> list[Path]:
         return [path]
     parts = sorted(p for p in path.glob("part-*") if (p / "state.json").is_file())
     if not parts:
-        raise UserInputError(f"{path}: neither a prepared arrow part (datasets.save_to_disk) nor a dir of part-* dirs")
+        raise UserInputError(f"{path}: neither a prepared output, a shard, nor a dir of part-* dirs "
+                             "(datasets.save_to_disk)")
     return parts
 
 
+def _shards(root: Path) -> list[Path]:
+    """The shard folders of a sharded output ``root`` (all of them, or a one-line error naming the first missing)."""
+    found = {}
+    for entry in sorted(root.iterdir()):
+        match = SHARD_DIR.fullmatch(entry.name)
+        if match and entry.is_dir():
+            found[(int(match.group(1)), int(match.group(2)))] = entry
+    counts = sorted({count for _, count in found})
+    if len(counts) > 1:
+        raise UserInputError(f"{root}: holds shards of runs with different --num_shards ({counts}); "
+                             "name the shard folders of one run")
+    if not counts:
+        return []
+    count = counts[0]
+    for index in range(count):
+        if (index, count) not in found:
+            missing = root / SHARD_DIR_FORMAT.format(index=index, count=count)
+            raise UserInputError(f"{missing}: shard {index} of {count} is missing (prepare it with --shard_index "
+                                 f"{index}, or name the shard folders you want one by one)")
+    return [found[(index, count)] for index in range(count)]
+
+
+def _output_parts(root: Path, split: str) -> list[Path]:
+    """Parts of the output folder ``root`` (which has ``manifest.json``) for ``split``."""
+    manifest = read_manifest(root / "manifest.json")
+    if split == "eval":
+        if manifest.eval_dir is None:
+            raise UserInputError(f"{root}: no held-out split (prepared without --holdout_fraction, or no category "
+                                 "had enough documents to hold one out)")
+        return part_dirs(root / manifest.eval_dir)
+    return part_dirs(root / "arrow")
+
+
+def resolve_parts(path, split: str = "train") -> list[Path]:
+    """The part dirs one ``--dataset`` value names (see the module docstring), in a fixed order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    path = Path(path)
+    if not path.is_dir():
+        raise UserInputError(f"{path}: directory does not exist")
+    if (path / "state.json").is_file():
+        return [path]
+    has_manifest = (path / "manifest.json").is_file()
+    shards = _shards(path)
+    if has_manifest and shards:
+        raise UserInputError(f"{path}: holds both a 1-shard output and shard folders; name one of them")
+    if has_manifest:
+        return _output_parts(path, split)
+    if shards:
+        return [part for shard in shards for part in resolve_parts(shard, split)]
+    if (path / "arrow").is_dir():  # an output whose manifest is missing: reading it says so
+        return part_dirs(path / "arrow")
+    return part_dirs(path)
+
+
 def manifest_path_of(part_dir) -> Path:
-    """Where the manifest of a part is: ``OUT/arrow/part-XXXXX`` -> ``OUT/manifest.json``."""
+    """Where the manifest of a part is: ``OUT/arrow/part-XXXXX`` (or ``OUT/eval/part-XXXXX``) -> ``OUT/manifest.json``."""
     return Path(part_dir).parent.parent / "manifest.json"
 
 
-def read_manifest(manifest_path) -> dict:
-    """The manifest at ``manifest_path``, with the keys readers rely on checked. One-line errors."""
-    manifest_path = Path(manifest_path)
-    if not manifest_path.is_file():
-        raise UserInputError(
-            f"{manifest_path}: manifest missing (data preparation did not finish, or the path is not OUT/arrow/part-*)"
-        )
-    manifest = read_json(manifest_path)
-    for key in ("format_version", "kind", "tokenizer_fingerprint", "vocab_size", "max_length", "parts"):
-        if key not in manifest:
-            raise UserInputError(f"{manifest_path}: {key}: missing")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise UserInputError(
-            f"{manifest_path}: format_version: {manifest['format_version']} (this version reads {FORMAT_VERSION})"
-        )
-    return manifest
+def split_of(part_dir, manifest: Manifest) -> str:
+    """``"eval"`` for a part of the manifest's held-out folder, else ``"train"``."""
+    return "eval" if manifest.eval_dir is not None and Path(part_dir).parent.name == manifest.eval_dir else "train"
 
 
-def load_manifest(part_dir) -> dict:
+def read_manifest(manifest_path) -> Manifest:
+    """The manifest at ``manifest_path``, checked. One-line errors."""
+    return Manifest.read(manifest_path)
+
+
+def load_manifest(part_dir) -> Manifest:
     """The manifest of the output a part belongs to."""
     return read_manifest(manifest_path_of(part_dir))
 
 
-def load_part(part_dir) -> Dataset:
+def load_part(part_dir):
+    from datasets import load_from_disk
+
     return load_from_disk(str(part_dir))
 
 

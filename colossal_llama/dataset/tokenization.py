@@ -1,22 +1,38 @@
-"""Batched tokenisation functions for ``datasets.Dataset.map`` (run in ``num_proc`` worker processes).
+"""Batched tokenisation functions for ``datasets.Dataset.map`` over Arrow batches (run in ``num_proc`` workers).
 
-Both kinds produce one row per input document with ``input_ids`` and unshifted ``labels`` (-100 = no loss)
-and ``full_length`` (tokens before any truncation, for the token accounting).
+Input: a ``pyarrow.Table`` batch of raw rows (``file``, ``line``, ``category`` codes and the text columns).
+Output: a ``pyarrow.Table`` with one row per input document: ``input_ids`` and unshifted ``labels``
+(-100 = no loss) as int32 lists, built with numpy (no Python list per token survives the batch), and the
+per-document numbers the plan and the token accounting need (``length``, ``full_length``, ``exchanges``...),
+plus ``pid``, the process that tokenised the row (proof that ``num_proc`` workers ran).
 """
 from __future__ import annotations
 
+import itertools
+import os
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
 from datasets import Features, List, Value
 
 from colossal_llama.dataset.chat_templates import IGNORE_INDEX, ChatTemplate
 
+_LOCATION = {"file": Value("int32"), "line": Value("int64"), "category": Value("int32")}
+MESSAGE_FEATURE = {"from": Value("string"), "content": Value("string")}
+RAW_FEATURES = {
+    "pretrain": Features({**_LOCATION, "source": Value("string"), "target": Value("string")}),
+    "sft": Features({**_LOCATION, "messages": List(MESSAGE_FEATURE)}),
+}
 TOKENIZED_FEATURES = Features({
-    "doc_id": Value("string"),
-    "category": Value("string"),
+    **_LOCATION,
     "input_ids": List(Value("int32")),
     "labels": List(Value("int32")),
-    "full_length": Value("int64"),
-    "exchanges": Value("int32"),          # SFT: exchanges in the conversation (pre-training: 0)
-    "exchanges_kept": Value("int32"),     # SFT: exchanges kept after whole-turn truncation (0 = dropped)
+    "length": Value("int32"),          # tokens kept (SFT: 0 = conversation dropped, even one exchange is too long)
+    "full_length": Value("int32"),     # tokens before any truncation, for the token accounting
+    "exchanges": Value("int32"),       # SFT: exchanges in the conversation (pre-training: 0)
+    "exchanges_kept": Value("int32"),  # SFT: exchanges kept after whole-turn truncation
+    "pid": Value("int32"),
 })
 
 
@@ -25,11 +41,39 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     but straight from the Rust backend, skipping offsets/attention masks (about 2x faster)."""
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: tokenizers >= 0.21
-    encodings = encode(texts, add_special_tokens=False)
-    return [e.ids for e in encodings]
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
-def tokenize_pretrain_batch(batch: dict, tokenizer) -> dict:
+def _table(batch: pa.Table, docs: Iterable[list[int]], lengths: np.ndarray, trained_from: np.ndarray | None,
+           labels: list[list[int]] | None, full_length, exchanges, exchanges_kept) -> pa.Table:
+    """The output batch. ``docs`` yields the token lists, ``lengths[i]`` tokens of document i in all. Labels come
+    either as per-document lists or, for pre-training, as ``trained_from``: the position in each document where
+    the trained tokens start (everything before is -100)."""
+    n = len(lengths)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    ids = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int32, count=total)
+    if labels is None:
+        position = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+        flat_labels = np.where(position < np.repeat(trained_from, lengths), IGNORE_INDEX, ids).astype(np.int32)
+    else:
+        flat_labels = np.fromiter(itertools.chain.from_iterable(labels), dtype=np.int32, count=total)
+    list_offsets = pa.array(offsets.astype(np.int32))
+
+    def ints(values) -> pa.Array:
+        return pa.array(np.asarray(values, dtype=np.int32))
+
+    return pa.table({
+        "file": batch.column("file"), "line": batch.column("line"), "category": batch.column("category"),
+        "input_ids": pa.ListArray.from_arrays(list_offsets, pa.array(ids)),
+        "labels": pa.ListArray.from_arrays(list_offsets, pa.array(flat_labels)),
+        "length": ints(lengths), "full_length": ints(full_length), "exchanges": ints(exchanges),
+        "exchanges_kept": ints(exchanges_kept), "pid": ints(np.full(n, os.getpid())),
+    })
+
+
+def tokenize_pretrain_batch(batch: pa.Table, tokenizer) -> pa.Table:
     """``BOS + source + target + EOS``; labels mask ``BOS + source``.
 
     Source and target are encoded without special tokens and BOS/EOS ids are added explicitly, so the
@@ -38,18 +82,14 @@ def tokenize_pretrain_batch(batch: dict, tokenizer) -> dict:
     """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    sources, targets = encode_texts(tokenizer, batch["source"]), encode_texts(tokenizer, batch["target"])
-    input_ids, labels = [], []
-    for src, tgt in zip(sources, targets):
-        masked = bos + src
-        trained = tgt + eos
-        input_ids.append(masked + trained)
-        labels.append([IGNORE_INDEX] * len(masked) + trained)
-    n = len(input_ids)
-    return {
-        "doc_id": batch["doc_id"], "category": batch["category"], "input_ids": input_ids, "labels": labels,
-        "full_length": [len(x) for x in input_ids], "exchanges": [0] * n, "exchanges_kept": [0] * n,
-    }
+    sources = encode_texts(tokenizer, batch.column("source").to_pylist())
+    targets = encode_texts(tokenizer, batch.column("target").to_pylist())
+    n = len(sources)
+    trained_from = len(bos) + np.fromiter(map(len, sources), dtype=np.int64, count=n)
+    lengths = trained_from + np.fromiter(map(len, targets), dtype=np.int64, count=n) + len(eos)
+    docs = itertools.chain.from_iterable(zip(itertools.repeat(bos), sources, targets, itertools.repeat(eos)))
+    zeros = np.zeros(n, dtype=np.int32)
+    return _table(batch, docs, lengths, trained_from, None, lengths, zeros, zeros)
 
 
 def truncate_to_exchanges(template: ChatTemplate, messages: list, max_length: int) -> tuple[list, list, int]:
@@ -61,27 +101,27 @@ def truncate_to_exchanges(template: ChatTemplate, messages: list, max_length: in
     ends = template.exchange_ends(messages)
     kept = sum(1 for end in ends if end <= max_length)
     while kept > 0:
-        ids, labels = template.encode_conversation(messages[: 2 * kept])
+        ids, labels = template.encode_conversation(template.first_exchanges(messages, kept))
         if len(ids) <= max_length:  # exact check: a re-render may tokenise the cut differently
             return ids, labels, kept
         kept -= 1
     return [], [], 0
 
 
-def tokenize_sft_batch(batch: dict, template: ChatTemplate, max_length: int) -> dict:
+def tokenize_sft_batch(batch: pa.Table, template: ChatTemplate, max_length: int) -> pa.Table:
     """Template every conversation; keep whole exchanges that fit in ``max_length``."""
-    out = {k: [] for k in TOKENIZED_FEATURES}
-    for doc_id, category, messages in zip(batch["doc_id"], batch["category"], batch["messages"]):
+    docs, labels, full, exchanges, kept = [], [], [], [], []
+    for messages in batch.column("messages").to_pylist():
         full_ids, full_labels = template.encode_conversation(messages)
+        total = template.num_exchanges(messages)
         if len(full_ids) <= max_length:
-            ids, labels, kept = full_ids, full_labels, len(messages) // 2
+            ids, labs, keep = full_ids, full_labels, total
         else:
-            ids, labels, kept = truncate_to_exchanges(template, messages, max_length)
-        out["doc_id"].append(doc_id)
-        out["category"].append(category)
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["full_length"].append(len(full_ids))
-        out["exchanges"].append(len(messages) // 2)
-        out["exchanges_kept"].append(kept)
-    return out
+            ids, labs, keep = truncate_to_exchanges(template, messages, max_length)
+        docs.append(ids)
+        labels.append(labs)
+        full.append(len(full_ids))
+        exchanges.append(total)
+        kept.append(keep)
+    return _table(batch, docs, np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)), None, labels, full,
+                  exchanges, kept)

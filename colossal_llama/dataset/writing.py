@@ -1,136 +1,160 @@
-"""Write prepared parts: arrow (``datasets.save_to_disk``), the jsonl mirror, and the manifest (last).
+"""Write prepared parts, streaming: arrow (the ``datasets.save_to_disk`` layout) and the jsonl mirror.
 
-Rows are assembled with numpy gathers from the flat token arrays of the tokenised dataset, so nothing is
-copied through Python lists except for the human-readable mirror's decoded text.
+A part is written in batches of about :data:`WRITE_BATCH_TOKENS` tokens, each gathered from the on-disk token
+cache, so writing a part of any size needs a bounded amount of memory.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import datasets
-from datasets import Dataset
-from datasets.table import InMemoryTable
+from datasets import DatasetInfo, Features, List, Value
+from datasets.arrow_writer import ArrowWriter
 
-from colossal_llama.dataset.packing import Piece
-from colossal_llama.utils.json_files import write_json
+from colossal_llama.dataset.chat_templates import IGNORE_INDEX
+from colossal_llama.dataset.packing import Plan
+from colossal_llama.dataset.token_cache import TokenCache
+
+WRITE_BATCH_TOKENS = 1 << 18
+DATA_FILE = "data-00000-of-00001.arrow"
+PART_FEATURES = Features({
+    "input_ids": List(Value("int32")),
+    "labels": List(Value("int32")),
+    "position_ids": List(Value("int32")),
+    "category": Value("string"),
+})
 
 
-@dataclass
-class TokenStore:
-    """Flat view of the tokenised documents: document ``d`` is ``ids[offsets[d]:offsets[d + 1]]``."""
-
-    ids: np.ndarray        # int32 [total_tokens]
-    labels: np.ndarray     # int32 [total_tokens], -100 = no loss
-    offsets: np.ndarray    # int64 [num_docs + 1]
-    doc_ids: list[str]     # "file:line" of each document
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset) -> "TokenStore":
-        table = ds.data.table
-        ids = table.column("input_ids").combine_chunks()
-        labels = table.column("labels").combine_chunks()
-        return cls(
-            ids=ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False),
-            labels=labels.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False),
-            offsets=ids.offsets.to_numpy().astype(np.int64) - int(ids.offsets[0].as_py()),
-            doc_ids=table.column("doc_id").to_pylist(),
-        )
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def trained_tokens(self, piece: Piece) -> int:
-        start = self.offsets[piece.doc] + piece.start
-        return int(np.count_nonzero(self.labels[start: start + piece.length] != -100))
+def part_name(index: int) -> str:
+    return f"part-{index:05d}"
 
 
 @dataclass
-class PartRows:
-    """The rows of one part: ``rows[i] = (category, pieces)``, each row one packed sequence."""
+class WrittenPart:
+    """What writing one part produced, counted from the rows actually written."""
 
-    index: int
-    rows: list[tuple[str, list[Piece]]]
+    name: str
+    bin: int
+    num_sequences: int = 0
+    num_tokens: int = 0
+    trained_tokens: int = 0
+    fully_masked_pieces: int = 0  # pieces (documents or chunks) without a single trained token
+    per_category: dict[str, dict] = field(default_factory=dict)  # category -> {"sequences": n, "tokens": t}
 
-    @property
-    def name(self) -> str:
-        return f"part-{self.index:05d}"
-
-
-def _gather(store: TokenStore, rows: list[tuple[str, list[Piece]]]):
-    """Token index array, per-token position ids and row offsets for ``rows``."""
-    pieces = [p for _, row in rows for p in row]
-    starts = np.array([store.offsets[p.doc] + p.start for p in pieces], dtype=np.int64)
-    lengths = np.array([p.length for p in pieces], dtype=np.int64)
-    piece_offsets = np.concatenate([[0], np.cumsum(lengths)])
-    total = int(piece_offsets[-1])
-    # position within its piece: global index minus the piece's first output index (repeated per token)
-    position = np.arange(total, dtype=np.int64) - np.repeat(piece_offsets[:-1], lengths)
-    index = np.repeat(starts, lengths) + position
-    row_lengths = [sum(p.length for p in row) for _, row in rows]
-    row_offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int32)
-    return index, position.astype(np.int32), row_offsets
+    def add_rows(self, categories: list[str], tokens: np.ndarray) -> None:
+        self.num_sequences += len(categories)
+        self.num_tokens += int(tokens.sum())
+        for cat, n in zip(categories, tokens.tolist()):
+            entry = self.per_category.setdefault(cat, {"sequences": 0, "tokens": 0})
+            entry["sequences"] += 1
+            entry["tokens"] += n
 
 
-def build_part_table(store: TokenStore, part: PartRows) -> pa.Table:
-    """Arrow table with the contract's columns: input_ids, labels, position_ids (int32 lists), category."""
-    index, position, row_offsets = _gather(store, part.rows)
-    offsets = pa.array(row_offsets, type=pa.int32())
-
-    def column(values: np.ndarray) -> pa.ListArray:
-        return pa.ListArray.from_arrays(offsets, pa.array(values, type=pa.int32()))
-
-    return pa.table({
-        "input_ids": column(store.ids[index]),
-        "labels": column(store.labels[index]),
-        "position_ids": column(position),
-        "category": pa.array([cat for cat, _ in part.rows], type=pa.string()),
-    })
+def _batches(row_tokens: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """``[a, b)`` row ranges of about ``budget`` tokens each (at least one row)."""
+    ends = np.cumsum(row_tokens)
+    ranges, a = [], 0
+    while a < len(row_tokens):
+        base = ends[a - 1] if a else 0
+        b = max(a + 1, int(np.searchsorted(ends, base + budget, side="right")))
+        ranges.append((a, b))
+        a = b
+    return ranges
 
 
-def write_arrow_part(table: pa.Table, path: Path) -> None:
-    """``save_to_disk`` with a content-derived fingerprint, so identical data gives identical files."""
-    digest = hashlib.sha256()
-    for name in ("input_ids", "labels", "position_ids"):
-        col = table.column(name).combine_chunks()
-        digest.update(col.offsets.to_numpy().tobytes())
-        digest.update(col.flatten().to_numpy().tobytes())
-    digest.update("\n".join(table.column("category").to_pylist()).encode("utf-8"))
-    dataset = Dataset(InMemoryTable(table), fingerprint=digest.hexdigest()[:16])
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # one bar per tiny part is noise under the outer "write" bar
-    try:
-        dataset.save_to_disk(str(path), num_shards=1)
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+def _list_array(offsets: pa.Array, values: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(offsets, pa.array(values, type=pa.int32()))
 
 
-def write_jsonl_part(store: TokenStore, part: PartRows, tokenizer, path: Path) -> None:
-    """Human-readable mirror: per sequence its category, provenance of each piece and the decoded text."""
-    index, _, row_offsets = _gather(store, part.rows)
-    ids = store.ids[index]
-    texts = tokenizer.batch_decode(
-        [ids[row_offsets[i]: row_offsets[i + 1]].tolist() for i in range(len(part.rows))],
-        skip_special_tokens=False,
-    )
-    with open(path, "w", encoding="utf-8") as fh:
-        for (category, pieces), text in zip(part.rows, texts):
-            row = {
-                "category": category,
-                "num_tokens": sum(p.length for p in pieces),
-                "pieces": [{"doc": store.doc_ids[p.doc], "chunk": p.chunk, "start": p.start, "tokens": p.length}
-                           for p in pieces],
-                "text": text,
-            }
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+def _write_saved_dataset_files(part_dir: Path, fingerprint: str) -> None:
+    """``state.json`` and ``dataset_info.json`` as ``Dataset.save_to_disk`` writes them, for one data file."""
+    state = {"_data_files": [{"filename": DATA_FILE}], "_fingerprint": fingerprint, "_format_columns": None,
+             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+    (part_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    info = asdict(DatasetInfo(features=PART_FEATURES))
+    (part_dir / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2),
+                                                encoding="utf-8")
 
 
-def write_manifest(manifest: dict, path: Path) -> None:
-    """Write ``manifest.json`` atomically: its presence means the output is complete."""
-    write_json(path, manifest, sort_keys=True)
+class PartWriter:
+    """Writes the parts of a :class:`~colossal_llama.dataset.packing.Plan` from a :class:`TokenCache`."""
+
+    def __init__(self, cache: TokenCache, tokenizer, max_length: int, mirror_text: bool = False, progress=None):
+        self.cache, self.tokenizer, self.max_length, self.progress = cache, tokenizer, max_length, progress
+        self.mirror_text = mirror_text
+        self.categories = np.array(cache.docs.categories, dtype=object)
+        self.file_names = [str(f) for f in cache.docs.files]
+
+    def write(self, plan: Plan, index: int, rows: np.ndarray, arrow_dir: Path, jsonl_path: Path) -> WrittenPart:
+        """Part ``index``: ``rows`` (sequence numbers of ``plan``) to ``arrow_dir/part-XXXXX`` and ``jsonl_path``."""
+        written = WrittenPart(part_name(index), index)
+        part_dir = arrow_dir / written.name
+        part_dir.mkdir(parents=True)
+        digest = hashlib.sha256()
+        row_tokens = plan.sequences.tokens[rows]
+        writer = ArrowWriter(features=PART_FEATURES, path=str(part_dir / DATA_FILE))
+        with open(jsonl_path, "w", encoding="utf-8") as mirror:
+            for a, b in _batches(row_tokens, WRITE_BATCH_TOKENS):
+                table = self._batch(plan, rows[a:b], row_tokens[a:b], written, mirror)
+                for name in ("input_ids", "labels", "position_ids"):
+                    column = table.column(name).chunk(0)
+                    digest.update(column.offsets.to_numpy().tobytes())
+                    digest.update(column.values.to_numpy().tobytes())
+                digest.update("\n".join(table.column("category").to_pylist()).encode("utf-8"))
+                writer.write_table(table)
+        writer.finalize()
+        writer.close()
+        _write_saved_dataset_files(part_dir, digest.hexdigest()[:16])
+        return written
+
+    def _batch(self, plan: Plan, rows: np.ndarray, row_tokens: np.ndarray, written: WrittenPart, mirror) -> pa.Table:
+        seqs = plan.sequences
+        pieces = seqs.piece_indices(rows)
+        doc, start, length = seqs.doc[pieces], seqs.start[pieces], seqs.length[pieces]
+        ids, labels = self.cache.gather(doc, start, length)
+        piece_begin = np.concatenate([[0], np.cumsum(length)[:-1]])
+        position = (np.arange(len(ids), dtype=np.int64) - np.repeat(piece_begin, length)).astype(np.int32)
+        trained = np.add.reduceat((labels != IGNORE_INDEX).astype(np.int64), piece_begin) if len(ids) else length
+        written.trained_tokens += int(trained.sum())
+        written.fully_masked_pieces += int(np.count_nonzero(trained == 0))
+        categories = self.categories[plan.seq_category[rows]].tolist()
+        written.add_rows(categories, row_tokens)
+        row_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(row_tokens, out=row_offsets[1:])
+        self._mirror(mirror, categories, ids, row_offsets, seqs.offsets[rows + 1] - seqs.offsets[rows],
+                     doc, start, length)
+        if self.progress is not None:
+            self.progress.update(len(ids))
+        offsets = pa.array(row_offsets.astype(np.int32))
+        return pa.table({
+            "input_ids": _list_array(offsets, ids), "labels": _list_array(offsets, labels),
+            "position_ids": _list_array(offsets, position), "category": pa.array(categories, type=pa.string()),
+        })
+
+    def _mirror(self, fh, categories, ids, row_offsets, pieces_per_row, doc, start, length) -> None:
+        """Readable mirror: per sequence its category, the provenance of each piece (``file:line``, chunk, first
+        token, tokens) and, with ``mirror_text``, the decoded text (decoding costs about as much as tokenising)."""
+        bounds = row_offsets.tolist()
+        texts = [None] * len(categories)
+        if self.mirror_text:
+            texts = self.tokenizer.backend_tokenizer.decode_batch(
+                [ids[bounds[i]: bounds[i + 1]].tolist() for i in range(len(categories))], skip_special_tokens=False)
+        docs = self.cache.docs
+        names = [f"{self.file_names[f]}:{line}" for f, line in zip(docs.file[doc].tolist(), docs.line[doc].tolist())]
+        chunk = (start // self.max_length).tolist()
+        start, length = start.tolist(), length.tolist()
+        p = 0
+        lines = []
+        for category, text, n_pieces, a, b in zip(categories, texts, pieces_per_row.tolist(), bounds, bounds[1:]):
+            pieces = [{"doc": names[i], "chunk": chunk[i], "start": start[i], "tokens": length[i]}
+                      for i in range(p, p + n_pieces)]
+            p += n_pieces
+            row = {"category": category, "num_tokens": b - a, "pieces": pieces}
+            if text is not None:
+                row["text"] = text
+            lines.append(json.dumps(row, ensure_ascii=False))
+        fh.write("\n".join(lines) + "\n")

@@ -1,15 +1,17 @@
 """Prepared data for training: manifest checks, buckets, and a resumable distributed sampler.
 
-The data contract: ``--dataset`` names ``OUT/arrow/part-XXXXX`` dirs (or ``OUT/arrow``); each part is one bin
-(bucket) and its manifest is ``OUT/manifest.json``. Training walks bucket 0, then 1, ... (shuffled within,
-seeded per epoch), or one global shuffle with ``--shuffle_buckets``.
+The data contract: ``--dataset`` names prepared outputs ``OUT`` (or ``OUT/arrow``, ``OUT/arrow/part-XXXXX``, the
+shard folders ``OUT/shard-IIIII-of-NNNNN`` of a run split over nodes, or ``OUT`` holding them all); each part is
+one bin (bucket) and its manifest is ``OUT/manifest.json``. Bucket k is the union of part k of every output and
+shard named, once all their manifests agree (kind, tokenizer, max_length, bins). Training walks bucket 0, then
+1, ... (shuffled within, seeded per epoch), or one global shuffle with ``--shuffle_buckets``.
+The held-out split (``--holdout_fraction`` at preparation) is read the same way with ``split="eval"``.
 
 Sampling is a pure function of (seed, epoch, sample offset), so the data position of a resumed run is just two
 integers and the next sample after a resume is exactly the one the interrupted run would have used.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,13 @@ from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 
-from colossal_llama.dataset.prepared import manifest_path_of, part_dirs, read_manifest
+from colossal_llama.dataset.manifest import Manifest
+from colossal_llama.dataset.prepared import manifest_path_of, read_manifest, resolve_parts, split_of
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
+COLUMNS = ("input_ids", "labels", "position_ids")
 
 
 @dataclass
@@ -38,64 +42,88 @@ class PreparedData:
 
     dataset: object  # datasets.Dataset with input_ids / labels / position_ids
     bucket_sizes: List[int]
-    manifest: dict  # manifest of the first dataset dir (all must agree on tokenizer and kind)
+    manifest: Manifest  # manifest of the first part (all agree on kind, tokenizer, max_length, bins, template)
     chat_template: dict | None
 
 
-def expand_dataset_args(paths: Sequence[str]) -> List[Path]:
-    """``--dataset`` values (``OUT/arrow`` or ``OUT/arrow/part-XXXXX``) -> part dirs. Bad paths are user errors."""
+def expand_dataset_args(paths: Sequence[str], split: str = "train") -> List[Path]:
+    """``--dataset`` values -> part dirs (see :mod:`colossal_llama.dataset.prepared`). Bad paths are user errors;
+    a part named twice (``OUT`` and ``OUT/arrow``) is refused."""
     parts: List[Path] = []
     for raw in paths:
         try:
-            parts.extend(part_dirs(raw))
+            parts.extend(resolve_parts(raw, split))
         except UserInputError as err:
             raise UserInputError(f"--dataset {err}") from None
+    seen = set()
+    for part in parts:
+        if part.resolve() in seen:
+            raise UserInputError(f"--dataset {part}: named twice")
+        seen.add(part.resolve())
     return parts
 
 
-def check_manifest_against_model(manifest: dict, manifest_path: Path, tokenizer, model_vocab_rows: int,
+def check_manifest_against_model(manifest: Manifest, manifest_path: Path, tokenizer, model_vocab_rows: int,
                                  max_length: int, pretrained: str) -> None:
     """Refuse data prepared with another tokenizer, a bigger vocabulary, or longer sequences. One-line errors."""
     fingerprint = tokenizer_fingerprint(tokenizer)
-    if manifest["tokenizer_fingerprint"] != fingerprint:
+    if manifest.tokenizer_fingerprint != fingerprint:
         raise UserInputError(
-            f"{manifest_path}: tokenizer_fingerprint: data was prepared with tokenizer {manifest.get('tokenizer_dir')!r} "
+            f"{manifest_path}: tokenizer_fingerprint: data was prepared with tokenizer {manifest.tokenizer_dir!r} "
             f"which differs from the tokenizer in --pretrained {pretrained}"
         )
-    if manifest["vocab_size"] > model_vocab_rows:
+    if manifest.vocab_size > model_vocab_rows:
         raise UserInputError(
-            f"{manifest_path}: vocab_size: {manifest['vocab_size']} exceeds the model's {model_vocab_rows} embedding rows "
+            f"{manifest_path}: vocab_size: {manifest.vocab_size} exceeds the model's {model_vocab_rows} embedding rows "
             f"(--pretrained {pretrained}; run init_model.py to expand the embeddings)"
         )
-    if manifest["max_length"] > max_length:
+    if manifest.max_length > max_length:
         raise UserInputError(
-            f"{manifest_path}: max_length: data sequences go up to {manifest['max_length']} tokens "
+            f"{manifest_path}: max_length: data sequences go up to {manifest.max_length} tokens "
             f"but --max_length is {max_length}"
         )
 
 
-def collect_parts(part_dirs: Sequence[Path]) -> tuple[List[PreparedPart], Dict[Path, dict]]:
-    """Look every part up in its manifest (``part.parent.parent / manifest.json``)."""
-    manifests: Dict[Path, dict] = {}
+def _check_agreement(manifests: Dict[Path, Manifest]) -> None:
+    """Every manifest agrees with the first on kind, tokenizer, max_length, bins and chat template."""
+    (first_path, first), *rest = manifests.items()
+    for path, manifest in rest:
+        name = first.disagreement(manifest)
+        if name == "kind":
+            raise UserInputError(f"--dataset mixes {sorted({first.kind, manifest.kind})} data ({first_path}, "
+                                 f"{path}); train pre-training and SFT in separate stages")
+        if name == "chat_template":
+            raise UserInputError(f"--dataset: {path} and {first_path} were prepared with different chat templates")
+        if name is not None:
+            mine, theirs = getattr(manifest, name), getattr(first, name)
+            raise UserInputError(f"{path}: {name}: {mine} differs from {theirs} in {first_path} (every --dataset "
+                                 f"output and shard must be prepared with the same tokenizer, max_length and bins)")
+
+
+def collect_parts(part_dirs: Sequence[Path]) -> tuple[List[PreparedPart], Dict[Path, Manifest]]:
+    """Look every part up in its manifest (``part.parent.parent / manifest.json``); all manifests must agree."""
+    manifests: Dict[Path, Manifest] = {}
     parts: List[PreparedPart] = []
     for part_dir in part_dirs:
         manifest_path = manifest_path_of(part_dir)
         if manifest_path not in manifests:
             manifests[manifest_path] = read_manifest(manifest_path)
-        entry = next((e for e in manifests[manifest_path]["parts"] if e["name"] == part_dir.name), None)
+        manifest = manifests[manifest_path]
+        entries = manifest.split_parts(split_of(part_dir, manifest))
+        entry = next((e for e in entries if e.name == part_dir.name), None)
         if entry is None:
             raise UserInputError(f"{manifest_path}: parts: no entry named {part_dir.name!r} (--dataset {part_dir})")
-        parts.append(PreparedPart(part_dir, int(entry["bin"]), int(entry["num_sequences"]), manifest_path))
+        parts.append(PreparedPart(part_dir, entry.bin, entry.num_sequences, manifest_path))
+    if manifests:
+        _check_agreement(manifests)
     return parts, manifests
 
 
-def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, dict]) -> PreparedData:
-    """Load the arrow parts and concatenate them bucket by bucket (stable within a bucket)."""
+def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, Manifest]) -> PreparedData:
+    """Load the arrow parts (memory-mapped) and concatenate them bucket by bucket: bucket k is part k of every
+    output and shard, in ``--dataset`` order."""
     from datasets import concatenate_datasets, load_from_disk
 
-    kinds = {m["kind"] for m in manifests.values()}
-    if len(kinds) > 1:
-        raise UserInputError(f"--dataset mixes {sorted(kinds)} data; train pre-training and SFT in separate stages")
     ordered = sorted(parts, key=lambda p: p.bin)  # sorted() is stable: --dataset order kept within a bin
     datasets, bucket_sizes, current_bin = [], [], None
     for part in ordered:
@@ -104,12 +132,12 @@ def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, dict]) -> Pre
             raise UserInputError(
                 f"{part.manifest_path}: parts: {part.path.name} has {len(ds)} rows, manifest says {part.num_sequences}"
             )
-        for column in ("input_ids", "labels", "position_ids"):
+        for column in COLUMNS:
             if column not in ds.column_names:
                 raise UserInputError(f"{part.path}: column {column!r} missing (columns: {ds.column_names})")
         if len(ds) == 0:
             continue
-        datasets.append(ds.select_columns(["input_ids", "labels", "position_ids"]))
+        datasets.append(ds.select_columns(list(COLUMNS)))
         if part.bin != current_bin:
             bucket_sizes.append(0)
             current_bin = part.bin
@@ -117,11 +145,21 @@ def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, dict]) -> Pre
     if not datasets:
         raise UserInputError(f"--dataset: the parts hold no sequences ({', '.join(str(p.path) for p in parts)})")
     first = manifests[parts[0].manifest_path]
-    templates = {json.dumps(m.get("chat_template"), sort_keys=True) for m in manifests.values()}
-    if len(templates) > 1:
-        raise UserInputError("--dataset: the datasets were prepared with different chat templates")
-    return PreparedData(concatenate_datasets(datasets).with_format("numpy"), bucket_sizes, first,
-                        first.get("chat_template"))
+    return PreparedData(concatenate_datasets(datasets).with_format("numpy"), bucket_sizes, first, first.chat_template)
+
+
+def load_training_data(dataset_args: Sequence[str], tokenizer, model_vocab_rows: int, max_length: int,
+                       pretrained: str, split: str = "train") -> PreparedData:
+    """Everything training needs from ``--dataset``, in one call: resolve the parts (outputs, shards, parts),
+    check that all manifests agree and fit the model (before any model is built), load the buckets.
+
+    ``split="eval"`` loads the held-out split written by ``--holdout_fraction`` instead (one bucket per output's
+    eval part; a one-line error if an output has none).
+    """
+    parts, manifests = collect_parts(expand_dataset_args(dataset_args, split))
+    for manifest_path, manifest in manifests.items():
+        check_manifest_against_model(manifest, manifest_path, tokenizer, model_vocab_rows, max_length, pretrained)
+    return load_prepared(parts, manifests)
 
 
 def epoch_order(bucket_sizes: Sequence[int], seed: int, epoch: int, shuffle_buckets: bool) -> np.ndarray:

@@ -1,19 +1,108 @@
-"""Reading jsonl files (plain, ``.gz``, ``.zst``) with exact ``file:line`` error locations."""
+"""Reading jsonl files (plain, ``.gz``, ``.zst``) line by line, streaming, with exact ``file:line`` errors.
+
+A damaged compressed file (cut short by an interrupted copy, or corrupt) is a one-line
+:class:`~colossal_llama.utils.errors.UserInputError` naming the file, what is wrong and the last line that
+was read whole, never a library traceback.
+"""
 from __future__ import annotations
 
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import IO, Iterator, Tuple
 
 from colossal_llama.utils.errors import DataError, UserInputError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
+_READ_SIZE = 1 << 17  # small reads: a corrupt block costs few good lines
+
+
+class CompressedInputError(UserInputError):
+    """A ``.gz``/``.zst`` input that cannot be decompressed to its end."""
+
+    def __init__(self, path: Path, problem: str, last_line: int):
+        self.path, self.problem, self.last_line = Path(path), problem, last_line
+        good = f"last good line: {last_line}" if last_line else "no line could be read"
+        super().__init__(f"{path}: {problem}; {good}")
+
+
+def _zst_chunks(path: Path) -> Iterator[bytes]:
+    """Decompressed bytes of a ``.zst`` file (one or more frames). Unlike zstandard's ``stream_reader``, which
+    silently stops at a cut, a file that ends inside a frame raises :class:`EOFError`."""
+    import zstandard
+
+    with open(path, "rb") as fh:
+        decoder, started = zstandard.ZstdDecompressor().decompressobj(), False
+        while True:
+            data = fh.read(_READ_SIZE)
+            if not data:
+                break
+            while data:
+                started = True
+                out = decoder.decompress(data)
+                if out:
+                    yield out
+                data = b""
+                if decoder.eof:  # a frame ended: the rest (if any) starts the next frame
+                    data, decoder, started = decoder.unused_data, zstandard.ZstdDecompressor().decompressobj(), False
+        if started:
+            raise EOFError("compressed data ends inside a frame")
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Lines (with their ``\\n``) of a stream of byte chunks; the last line may lack the newline."""
+    rest = b""
+    for chunk in chunks:
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    if path.name.endswith(".zst"):
+        return _split_lines(_zst_chunks(path))
+    opener = gzip.open if path.name.endswith(".gz") else open
+    return _lines_of(opener, path)
+
+
+def _lines_of(opener, path: Path) -> Iterator[bytes]:
+    with opener(path, "rb") as fh:
+        yield from fh
+
+
+def _compression_problem(path: Path, err: Exception) -> str:
+    kind = ".zst" if path.name.endswith(".zst") else ".gz"
+    if isinstance(err, EOFError):
+        return f"truncated {kind} file: the compressed data ends early"
+    return f"corrupt {kind} file: {str(err).strip() or type(err).__name__}"
+
+
+def iter_lines(path) -> Iterator[Tuple[int, bytes]]:
+    """``(line_number, raw bytes)`` of every line of ``path`` (1-based; blank lines included), streaming.
+
+    Raises :class:`CompressedInputError` when a compressed file is truncated or corrupt.
+    """
+    import zstandard
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such file")
+    line_no = 0
+    try:
+        for line_no, raw in enumerate(_raw_lines(path), start=1):
+            yield line_no, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as err:
+        raise CompressedInputError(path, _compression_problem(path, err), line_no) from None
 
 
 def open_text(path: Path) -> IO[str]:
-    """Open a possibly compressed text file for strict UTF-8 reading."""
+    """Open a possibly compressed text file for strict UTF-8 reading (whole-file readers; no cut detection
+    for ``.zst``: use :func:`iter_lines` for inputs)."""
     path = Path(path)
     if path.name.endswith(".gz"):
         raw = gzip.open(path, "rb")
@@ -29,27 +118,20 @@ def open_text(path: Path) -> IO[str]:
 def iter_jsonl(path: Path) -> Iterator[Tuple[int, object]]:
     """Yield ``(line_number, parsed_value)`` for every non-blank line of ``path`` (1-based lines).
 
-    Raises :class:`DataError` naming ``path:line`` for invalid JSON or invalid UTF-8.
+    Raises :class:`DataError` naming ``path:line`` for invalid JSON or invalid UTF-8, and
+    :class:`CompressedInputError` for a truncated or corrupt compressed file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{path}: no such file")
-    with open_text(path) as fh:
-        line_no = 0
-        while True:
-            try:
-                line = fh.readline()
-            except UnicodeDecodeError as err:
-                raise DataError(path, line_no + 1, None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line:
-                return
-            line_no += 1
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(path, line_no, None, f"invalid JSON ({err.msg}, column {err.colno})") from None
+    for line_no, raw in iter_lines(path):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(path, line_no, None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(path, line_no, None, f"invalid JSON ({err.msg}, column {err.colno})") from None
 
 
 def find_jsonl_files(input_dirs: list) -> list:

@@ -1,0 +1,118 @@
+"""``manifest.json``: the one description of a prepared output, shared by the writer and every reader.
+
+It is written last (atomically): its presence means the output is complete. Readers get a :class:`Manifest`
+(attributes, not string keys) or a one-line :class:`~colossal_llama.utils.errors.UserInputError`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from colossal_llama.dataset.accounting import PrepCounts
+from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.json_files import read_json, write_json
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before shards and the held-out split (same meaning for every field it has)
+EVAL_DIR = "eval"
+# What every manifest of one training run must agree on (bucket k is the union of part k of all of them).
+AGREEMENT_FIELDS = ("kind", "tokenizer_fingerprint", "max_length", "num_bins")
+
+
+@dataclass
+class PartEntry:
+    """One written part: bin ``bin`` of every category (the held-out split has one part, bin 0)."""
+
+    name: str
+    bin: int
+    num_sequences: int
+    num_tokens: int
+    per_category: dict  # category -> {"sequences": n, "tokens": t}
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "bin": self.bin, "num_sequences": self.num_sequences,
+                "num_tokens": self.num_tokens, "per_category": dict(sorted(self.per_category.items()))}
+
+
+@dataclass
+class Manifest:
+    kind: str                          # "pretrain" | "sft"
+    tokenizer_dir: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    max_length: int
+    num_bins: int
+    seed: int
+    parts: list[PartEntry]
+    counts: PrepCounts = field(default_factory=PrepCounts)
+    chat_template: dict | None = None  # SFT: the template block copied next to trained models
+    packing: bool = True               # several documents per row (always for pre-training)
+    shard_index: int = 0
+    num_shards: int = 1
+    holdout_fraction: float = 0.0
+    eval_dir: str | None = None        # folder (beside arrow/) of the held-out parts, when there are any
+    eval_parts: list[PartEntry] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def split_parts(self, split: str) -> list[PartEntry]:
+        """The parts of ``"train"`` (arrow/) or ``"eval"`` (the held-out split)."""
+        return self.eval_parts if split == "eval" else self.parts
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": self.format_version, "kind": self.kind, "tokenizer_dir": self.tokenizer_dir,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint, "vocab_size": self.vocab_size,
+            "max_length": self.max_length, "num_bins": self.num_bins, "seed": self.seed,
+            "chat_template": self.chat_template, "packing": self.packing,
+            "shard_index": self.shard_index, "num_shards": self.num_shards,
+            "holdout_fraction": self.holdout_fraction, "eval_dir": self.eval_dir,
+            "parts": [p.to_json() for p in self.parts], "eval_parts": [p.to_json() for p in self.eval_parts],
+            "counts": self.counts.to_json(),
+        }
+
+    def write(self, path: Path) -> None:
+        """Atomically: its presence means the output is complete."""
+        write_json(path, self.to_json(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data, path: Path) -> "Manifest":
+        if not isinstance(data, dict):
+            raise UserInputError(f"{path}: expected a JSON object")
+        version = data.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise UserInputError(f"{path}: format_version: {version} (this version reads "
+                                 f"{', '.join(map(str, READABLE_VERSIONS))})")
+        for key in ("kind", "tokenizer_fingerprint", "vocab_size", "max_length", "parts"):
+            if key not in data:
+                raise UserInputError(f"{path}: {key}: missing")
+        try:
+            parts = [PartEntry(**p) for p in data["parts"]]
+            eval_parts = [PartEntry(**p) for p in data.get("eval_parts", [])]
+        except TypeError as err:
+            raise UserInputError(f"{path}: parts: malformed entry ({err})") from None
+        return cls(
+            kind=data["kind"], tokenizer_dir=data.get("tokenizer_dir", ""),
+            tokenizer_fingerprint=data["tokenizer_fingerprint"], vocab_size=data["vocab_size"],
+            max_length=data["max_length"], num_bins=data.get("num_bins", len(parts)), seed=data.get("seed", 0),
+            parts=parts, counts=PrepCounts.from_json(data.get("counts", {})),
+            chat_template=data.get("chat_template"), packing=data.get("packing", data["kind"] == "pretrain"),
+            shard_index=data.get("shard_index", 0), num_shards=data.get("num_shards", 1),
+            holdout_fraction=data.get("holdout_fraction", 0.0), eval_dir=data.get("eval_dir"),
+            eval_parts=eval_parts, format_version=version,
+        )
+
+    @classmethod
+    def read(cls, path) -> "Manifest":
+        """The manifest at ``path``. One-line errors (missing: the preparation did not finish)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserInputError(
+                f"{path}: manifest missing (data preparation did not finish, or the path is not OUT/arrow/part-*)")
+        return cls.from_json(read_json(path), path)
+
+    def disagreement(self, other: "Manifest") -> str | None:
+        """The first of :data:`AGREEMENT_FIELDS` (then the chat template) on which ``other`` differs."""
+        for name in AGREEMENT_FIELDS + ("chat_template",):
+            if getattr(self, name) != getattr(other, name):
+                return name
+        return None

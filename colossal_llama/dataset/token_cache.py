@@ -1,0 +1,288 @@
+"""The tokenised documents on disk: streamed in, tokenised by ``datasets`` in ``num_proc`` workers, memory-mapped.
+
+    rows (streaming) -> raw blocks (Arrow, 1, 2, then 4 MiB of input each; up to 64 MiB with workers)
+    -> Dataset.map(num_proc) -> token files (Arrow)
+
+Only per-document metadata is held in memory (:class:`DocTable`: numpy arrays, ~40 bytes a document); token ids
+and labels stay in the token files (Arrow, memory-mapped to read the metadata and locate the token buffers) until
+the parts are written, which read each piece with a positional read, so the resident memory of a run does not
+grow with its size. Each raw block is deleted once tokenised.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import mmap
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import datasets
+from datasets import Dataset
+from datasets.arrow_writer import ArrowWriter
+
+from colossal_llama.dataset.records import Row
+from colossal_llama.dataset.tokenization import RAW_FEATURES, TOKENIZED_FEATURES
+
+FIRST_BLOCK_BYTES = 1 << 20     # the first block is small (tokenising starts early), each next one twice as big...
+RAW_BLOCK_BYTES = 4 << 20       # ...up to this, one process (bounds the raw pages mapped at a time)
+POOLED_BLOCK_BYTES = 64 << 20   # input per block with num_proc workers (each map call starts a pool, ~0.6 s)
+RAW_BATCH_ROWS = 1000           # rows per raw record batch, and per map batch
+META_COLUMNS = ("category", "file", "line", "length", "full_length", "exchanges", "exchanges_kept")
+
+
+@contextlib.contextmanager
+def _tokenizer_threads(enabled: bool):
+    """Workers get one tokenizer thread each (the Rust pool does not survive fork); restored afterwards."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    if not enabled:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+@dataclass
+class DocTable:
+    """Per-document metadata, aligned by document index (the token files' row order)."""
+
+    category: np.ndarray        # int32, index into ``categories`` (sorted names)
+    file: np.ndarray            # int32, index into ``files``
+    line: np.ndarray            # int64, 1-based line in its file
+    length: np.ndarray          # int32, tokens kept (SFT: 0 = dropped, even its first exchange is too long)
+    full_length: np.ndarray     # int32, tokens before truncation
+    exchanges: np.ndarray       # int32 (SFT)
+    exchanges_kept: np.ndarray  # int32 (SFT)
+    categories: list[str]
+    files: list[Path]
+
+    def by_category(self, docs: np.ndarray) -> list[np.ndarray]:
+        """``docs`` grouped by category (index = category), each group in document order."""
+        docs = np.asarray(docs, dtype=np.int64)
+        cats = self.category[docs]
+        order = np.argsort(cats, kind="stable")
+        bounds = np.searchsorted(cats[order], np.arange(len(self.categories) + 1))
+        return [docs[order[bounds[c]: bounds[c + 1]]] for c in range(len(self.categories))]
+
+
+class _TokenFile:
+    """One token file. Its Arrow stream is memory-mapped once, to copy out the per-document columns and to find
+    where each record batch's token buffers lie in the file; the tokens are then read with positional reads.
+
+    Why not slice the mapping: pages of a file mapped into the process count as its resident memory, and a
+    random gather faults in whole (large) folios around every piece, so the RSS of a run would grow to the size
+    of its cache. Positional reads come from the same page cache and leave nothing resident.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.chunks: list[tuple[int, int, np.ndarray]] = []  # (ids position, labels position, doc value offsets)
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            self._index(mapped)
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def _index(self, mapped: mmap.mmap) -> None:
+        buffer = pa.py_buffer(mapped)
+        table = pa.ipc.open_stream(pa.BufferReader(buffer)).read_all()
+        for ids, labels in zip(table.column("input_ids").chunks, table.column("labels").chunks):
+            offsets = ids.offsets.to_numpy().astype(np.int64)
+            self.chunks.append((self._position(ids, buffer), self._position(labels, buffer), offsets[:-1]))
+        self.meta = {name: np.array(table.column(name).to_numpy(), copy=True) for name in META_COLUMNS + ("pid",)}
+
+    def _position(self, array: pa.ListArray, mapped: pa.Buffer) -> int:
+        """Byte position in the file of value 0 of ``array`` (an int32 list chunk read in place from it)."""
+        values = array.values
+        position = values.buffers()[1].address - mapped.address + 4 * values.offset
+        if not 0 <= position <= mapped.size:
+            raise RuntimeError(f"{self.path}: token buffer not read in place from the file")
+        return position
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class TokenCache:
+    """Read access to the token files: per-document metadata in memory, tokens read on demand from disk."""
+
+    def __init__(self, paths: list[Path], categories: list[str], category_codes: np.ndarray, files: list[Path]):
+        self.paths = list(paths)
+        self._files = [_TokenFile(p) for p in self.paths]
+        chunks = [(f.fd, *chunk) for f in self._files for chunk in f.chunks]
+        self._chunk_fd = np.array([c[0] for c in chunks], dtype=np.int64)
+        self._ids_position = np.array([c[1] for c in chunks], dtype=np.int64)
+        self._labels_position = np.array([c[2] for c in chunks], dtype=np.int64)
+        self._first_doc = np.cumsum([0] + [len(c[3]) for c in chunks], dtype=np.int64)
+        self._value_offset = np.concatenate([c[3] for c in chunks]) if chunks else np.zeros(0, np.int64)
+        meta = {name: np.concatenate([f.meta[name] for f in self._files]) if self._files else np.zeros(0, np.int32)
+                for name in META_COLUMNS + ("pid",)}
+        for f in self._files:
+            f.chunks, f.meta = [], {}
+        self.tokenize_pids = sorted(np.unique(meta.pop("pid")).tolist())
+        meta["category"] = np.asarray(category_codes, dtype=np.int32)[meta["category"]]
+        self.docs = DocTable(**meta, categories=categories, files=files)
+
+    def gather(self, doc: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and labels of the pieces ``(doc, start, length)``, concatenated in order."""
+        chunk = np.searchsorted(self._first_doc, doc, side="right") - 1
+        skip = 4 * (self._value_offset[doc] + start)
+        total = int(length.sum())
+        ids, labels = np.empty(total, dtype=np.int32), np.empty(total, dtype=np.int32)
+        ids_out, labels_out = memoryview(ids).cast("B"), memoryview(labels).cast("B")
+        out = 0
+        for fd, a, b, n in zip(self._chunk_fd[chunk].tolist(), (self._ids_position[chunk] + skip).tolist(),
+                               (self._labels_position[chunk] + skip).tolist(), (4 * length).tolist()):
+            if os.preadv(fd, [ids_out[out: out + n]], a) != n or os.preadv(fd, [labels_out[out: out + n]], b) != n:
+                raise RuntimeError(f"token cache: short read at byte {a} (was a cache file changed?)")
+            out += n
+        return ids, labels
+
+    def close(self) -> None:
+        for token_file in self._files:
+            token_file.close()
+
+
+_DONE = object()
+
+
+class _Background:
+    """Runs a generator in a thread, one item ahead of the consumer (reading overlaps tokenising); its errors are
+    raised in the consumer, and the thread stops when the consumer does."""
+
+    def __init__(self, generator: Iterator):
+        self._generator, self._items, self._stop = generator, queue.Queue(maxsize=1), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="read", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._generator:
+                if not self._put((item, None)):
+                    break
+            else:
+                self._put((_DONE, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            self._put((None, err))
+        finally:
+            self._generator.close()
+
+    def __iter__(self):
+        try:
+            while True:
+                item, err = self._items.get()
+                if err is not None:
+                    raise err
+                if item is _DONE:
+                    return
+                yield item
+        finally:
+            self._stop.set()
+            self._thread.join()
+
+
+class TokenCacheBuilder:
+    """Writes rows into raw blocks (Arrow) and tokenises each block into token files with ``Dataset.map``.
+
+    With one process the next block is read (in a thread) while this one is tokenised; with ``num_proc``
+    workers, blocks are larger (each ``map`` starts a pool) and reading pauses while they run (no fork while a
+    thread runs).
+    """
+
+    def __init__(self, work_dir: Path, kind: str, function: Callable, fn_kwargs: dict, num_proc: int):
+        self.work_dir, self.kind, self.function, self.fn_kwargs = Path(work_dir), kind, function, fn_kwargs
+        self.num_proc = num_proc
+        self.block_bytes = RAW_BLOCK_BYTES if num_proc == 1 else POOLED_BLOCK_BYTES
+        self.first_block_bytes = FIRST_BLOCK_BYTES if num_proc == 1 else POOLED_BLOCK_BYTES
+        self.token_files: list[Path] = []
+        self.category_codes: dict[str, int] = {}  # in first-seen order
+
+    def build(self, rows: Iterable[Row], files: list[Path]) -> TokenCache:
+        """Tokenise every row into the cache; categories get their sorted-name index."""
+        blocks = self._raw_blocks(iter(rows))
+        for raw_path in _Background(blocks) if self.num_proc == 1 else blocks:
+            self._tokenize(raw_path)
+        names = sorted(self.category_codes)
+        codes = np.zeros(len(names), dtype=np.int32)
+        for sorted_index, name in enumerate(names):
+            codes[self.category_codes[name]] = sorted_index
+        return TokenCache(self.token_files, names, codes, files)
+
+    def _raw_blocks(self, rows: Iterator[Row]) -> Iterator[Path]:
+        """Write rows into raw block files of about ``block_bytes`` of input each; yield each finished file."""
+        features = RAW_FEATURES[self.kind]
+        text_columns = [name for name in features if name not in ("file", "line", "category")]
+        codes = self.category_codes
+        for block in itertools.count():
+            path = self.work_dir / f"raw-{block:05d}.arrow"
+            writer = ArrowWriter(features=features, path=str(path), writer_batch_size=RAW_BATCH_ROWS)
+            written, block_bytes = 0, min(self.block_bytes, self.first_block_bytes << block)
+            for batch in _batches(rows, RAW_BATCH_ROWS, block_bytes):
+                columns = {"file": [r.file for r in batch], "line": [r.line for r in batch],
+                           "category": [codes.setdefault(r.category, len(codes)) for r in batch]}
+                for i, name in enumerate(text_columns):
+                    columns[name] = [r.fields[i] for r in batch]
+                writer.write_batch(columns)
+                written += len(batch)
+            writer.finalize()
+            writer.close()
+            if not written:
+                path.unlink()
+                return
+            yield path
+
+    def _tokenize(self, raw_path: Path) -> None:
+        block = int(raw_path.stem.split("-")[1])
+        raw = Dataset.from_file(str(raw_path))
+        num_proc = self.num_proc if self.num_proc > 1 and len(raw) > 1 else None
+        # one process: the read bar shows the rate (reading keeps one block ahead); workers: datasets' bar does
+        with _tokenizer_threads(enabled=num_proc is None), _quiet_datasets(num_proc is None):
+            out = raw.with_format("arrow").map(
+                self.function, batched=True, batch_size=RAW_BATCH_ROWS, num_proc=num_proc, fn_kwargs=self.fn_kwargs,
+                remove_columns=raw.column_names, features=TOKENIZED_FEATURES,
+                cache_file_name=str(self.work_dir / f"tokens-{block:05d}.arrow"), load_from_cache_file=False,
+                new_fingerprint=f"tokens-{self.kind}-{block:05d}", desc=f"tokenize block {block + 1}",
+            )
+        self.token_files.extend(Path(f["filename"]) for f in out.cache_files)
+        del out, raw  # unmaps the raw block before it is deleted
+        raw_path.unlink()
+
+
+def _batches(rows: Iterator[Row], size: int, max_bytes: int) -> Iterator[list[Row]]:
+    """Lists of up to ``size`` rows from ``rows``, until about ``max_bytes`` of input were taken."""
+    taken = 0
+    while taken < max_bytes:
+        batch = list(itertools.islice(rows, size))
+        if not batch:
+            return
+        taken += sum(r.nbytes for r in batch)
+        yield batch
+
+
+@contextlib.contextmanager
+def _quiet_datasets(quiet: bool):
+    """No per-block progress bars from ``datasets`` when ``quiet``."""
+    enabled = datasets.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()

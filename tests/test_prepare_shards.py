@@ -1,0 +1,163 @@
+"""Preparation split over shards (nodes) on the real corpora: the union of N shards is exactly the 1-shard run,
+and training reads bucket k as the union of part k of every shard, once every manifest agrees."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig, Shard
+from colossal_llama.dataset.pipeline import prepare_pretrain
+from colossal_llama.dataset.prepared import load_part, resolve_parts
+from colossal_llama.training.data import StepBatchSampler, collect_parts, epoch_order, expand_dataset_args, load_prepared
+from colossal_llama.utils.errors import UserInputError
+from tests.support.prepared_data import reassemble, write_input_slice
+
+REPO = Path(__file__).resolve().parents[1]
+SLICE = {"en_novel_botchan.jsonl": 292, "zh_reviews.jsonl": 500, "zh_news_peoples_daily_199801.jsonl": 500}
+BINS = 3
+
+
+def _prepare(inputs: Path, tokenizer_dir: Path, out: Path, shard: Shard = Shard(), **kw):
+    config = PretrainPrepConfig(input_dirs=[inputs], tokenizer_dir=tokenizer_dir, output=OutputLayout.under(out, shard),
+                                max_length=kw.pop("max_length", 256), num_bins=kw.pop("num_bins", BINS), seed=3,
+                                shard=shard, **kw)
+    return prepare_pretrain(config)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir, mistral_dir) -> dict:
+    """The same real slice prepared as 1 shard and as 2 shards (in one process, shard by shard)."""
+    root = tmp_path_factory.mktemp("shards")
+    inputs = write_input_slice(data_dir, root / "in", SLICE)
+    one = _prepare(inputs, mistral_dir, root / "one")
+    two = [_prepare(inputs, mistral_dir, root / "two", Shard(i, 2)) for i in range(2)]
+    return {"inputs": inputs, "root": root, "one": one, "two": two}
+
+
+def test_two_shards_hold_exactly_the_documents_and_tokens_of_one_run(runs):
+    one, two = runs["one"], runs["two"]
+    root = runs["root"]
+    assert [s.arrow_dir for s in two] == [root / "two" / f"shard-0000{i}-of-00002" / "arrow" for i in range(2)]
+    docs_one, _ = reassemble(root / "one")
+    docs_two = [reassemble(s.arrow_dir.parent)[0] for s in two]
+    assert not set(docs_two[0]) & set(docs_two[1])                  # no document in both shards
+    assert docs_two[0] | docs_two[1] == docs_one                     # every document, token for token
+    assert 0.4 < len(docs_two[0]) / len(docs_one) < 0.6              # an even split
+    counts = [s.counts for s in two]
+    for name in ("lines_read", "documents_in", "tokens_in", "tokens_out", "tokens_trained"):
+        assert sum(getattr(c, name) for c in counts) == getattr(one.counts, name), name
+    assert Counter(one.counts.skipped) == sum((Counter(c.skipped) for c in counts), Counter())
+    assert one.counts.skipped == {"empty_text": 1}  # en_novel_botchan.jsonl:292, a real row without text
+    for s in two:
+        assert (s.manifest.shard_index, s.manifest.num_shards) == (two.index(s), 2)
+        assert s.counts.tokens_in == s.counts.tokens_out
+
+
+def test_training_buckets_are_the_union_of_each_shards_part(runs):
+    root, two = runs["root"], runs["two"]
+    parts, manifests = collect_parts(expand_dataset_args([str(root / "two")]))
+    assert [p.path for p in parts] == [s.arrow_dir / f"part-0000{k}" for s in two for k in range(BINS)]
+    data = load_prepared(parts, manifests)
+    shard_sizes = [[len(load_part(s.arrow_dir / f"part-0000{k}")) for k in range(BINS)] for s in two]
+    assert data.bucket_sizes == [a + b for a, b in zip(*shard_sizes)]
+    # the sampler walks bucket k = part k of shard 0 then of shard 1, shuffled together
+    order = epoch_order(data.bucket_sizes, seed=5, epoch=0, shuffle_buckets=False)
+    start = 0
+    for k, size in enumerate(data.bucket_sizes):
+        rows = {tuple(data.dataset[int(i)]["input_ids"]) for i in order[start:start + size]}
+        expected = {tuple(r) for s in two for r in load_part(s.arrow_dir / f"part-0000{k}")["input_ids"]}
+        assert rows == expected, k
+        start += size
+    sampler = StepBatchSampler(data.bucket_sizes, micro_batch=2, accumulation_steps=1, dp_rank=0, dp_size=1,
+                               seed=5, shuffle_buckets=False)
+    assert [i for batch in sampler for i in batch] == order[: sampler.steps_per_epoch * 2].tolist()
+
+
+def test_every_form_of_dataset_argument_names_the_same_parts(runs):
+    root, two = runs["root"], runs["two"]
+    everything = expand_dataset_args([str(root / "two")])
+    shard_dirs = [str(s.arrow_dir.parent) for s in two]
+    assert expand_dataset_args(shard_dirs) == everything
+    assert expand_dataset_args([str(s.arrow_dir) for s in two]) == everything
+    assert expand_dataset_args([str(p) for p in everything]) == everything
+    assert resolve_parts(root / "one") == resolve_parts(root / "one" / "arrow")
+    with pytest.raises(UserInputError, match="named twice"):
+        expand_dataset_args([str(root / "two"), shard_dirs[0]])
+
+
+def test_a_missing_or_disagreeing_shard_is_refused(runs, mistral_dir, tmp_path):
+    root, inputs = runs["root"], runs["inputs"]
+    lonely = tmp_path / "lonely"
+    _prepare(inputs, mistral_dir, lonely, Shard(0, 2))
+    with pytest.raises(UserInputError, match=r"shard-00001-of-00002: shard 1 of 2 is missing \(prepare it"):
+        expand_dataset_args([str(lonely)])
+    _prepare(inputs, mistral_dir, lonely, Shard(1, 2), num_bins=2)
+    with pytest.raises(UserInputError, match=r"shard-00001-of-00002/manifest.json: num_bins: 2 differs from 3 in "):
+        collect_parts(expand_dataset_args([str(lonely)]))
+    mixed = [str(root / "two" / "shard-00000-of-00002"), str(lonely / "shard-00001-of-00002")]
+    with pytest.raises(UserInputError, match="num_bins: 2 differs from 3"):
+        collect_parts(expand_dataset_args(mixed))
+
+
+def test_a_shard_run_does_not_mix_with_another_layout(runs, mistral_dir, capsys):
+    from colossal_llama.dataset.cli import pretrain_main
+
+    root, inputs = runs["root"], runs["inputs"]
+    common = ["--data_input_dirs", str(inputs), "--tokenizer_dir", str(mistral_dir), "--max_length", "256",
+              "--num_spliced_dataset_bins", str(BINS), "--overwrite"]
+    with pytest.raises(SystemExit):
+        pretrain_main(common + ["--data_output_dirs", str(root / "one"), "--num_shards", "2", "--shard_index", "0"])
+    assert capsys.readouterr().err.strip().endswith(
+        f"{root / 'one'}: holds the output of a 1-shard run; a 2-shard run cannot write its shards beside it "
+        "(remove it or choose another --data_output_dirs)")
+    with pytest.raises(SystemExit):
+        pretrain_main(common + ["--data_output_dirs", str(root / "two"), "--num_shards", "3", "--shard_index", "2"])
+    assert capsys.readouterr().err.strip().endswith(
+        f"{root / 'two' / 'shard-00000-of-00002'}: a shard of a 2-shard run; this run writes 3 shard(s) "
+        "(remove it or choose another --data_output_dirs)")
+
+
+@pytest.mark.parametrize("flags, env, expected", [
+    ((None, None), {}, Shard(0, 1)),
+    ((None, None), {"WORLD_SIZE": "4", "RANK": "3"}, Shard(3, 4)),       # torchrun / colossalai run
+    ((2, 0), {"WORLD_SIZE": "4", "RANK": "3"}, Shard(0, 2)),             # the flags win
+    ((1, None), {}, Shard(0, 1)),
+])
+def test_shard_comes_from_flags_else_the_launcher(flags, env, expected):
+    assert Shard.from_launcher(*flags, environ=env) == expected
+
+
+@pytest.mark.parametrize("flags, message", [
+    ((2, None), "give both --num_shards and --shard_index"),
+    ((2, 2), r"--shard_index 2: must be in 0..1 \(--num_shards 2\)"),
+])
+def test_bad_shard_flags_are_one_line_errors(flags, message):
+    with pytest.raises(UserInputError, match=message):
+        Shard.from_launcher(*flags, environ={})
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_torchrun_spreads_the_shards_over_its_processes(runs, mistral_dir, tmp_path):
+    """What ``colossalai run --hostfile H prepare_pretrain_dataset.py`` does on each node: WORLD_SIZE/RANK pick
+    the shard. Two processes give the same shards as preparing them one by one."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+         str(REPO / "prepare_pretrain_dataset.py"), "--data_input_dirs", str(runs["inputs"]), "--tokenizer_dir",
+         str(mistral_dir), "--data_output_dirs", str(tmp_path / "out"), "--max_length", "256",
+         "--num_spliced_dataset_bins", str(BINS), "--seed", "3"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for shard in runs["two"]:
+        mine = tmp_path / "out" / shard.arrow_dir.parent.name
+        for k in range(BINS):
+            a, b = load_part(mine / "arrow" / f"part-0000{k}"), load_part(shard.arrow_dir / f"part-0000{k}")
+            assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["shard-00000-of-00002", "shard-00001-of-00002"]
