@@ -73,3 +73,17 @@ def test_missing_or_empty_dirs_are_one_line_errors(tmp_path):
     writer.close()
     with pytest.raises(UserInputError, match="none of the scalars"):
         read_scalars(tmp_path / "other")
+
+
+def test_validation_curves_get_one_panel_per_measure_with_a_line_per_category(tmp_path):
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step in (0, 5, 10):
+        writer.add_scalar("train/loss", 3.0 - step / 10, step)
+        for name, offset in (("news", 0.0), ("novel", 0.5), ("all", 0.2)):
+            writer.add_scalar(f"eval/loss/{name}", 3.2 - step / 10 + offset, step)
+            writer.add_scalar(f"eval/bpc/{name}", 1.5 - step / 100 + offset, step)
+    writer.close()
+    series = read_scalars(tmp_path / "run")
+    assert [s for s, _ in series["eval/loss/novel"]] == [0, 5, 10] and series["eval/bpc/news"][0][1] == 1.5
+    out = plot_scalars(series, tmp_path / "eval.png", title="stage 2")
+    assert png_size(out) == (800, 3 * 260)  # train/loss, validation loss, validation bits/char

@@ -55,6 +55,7 @@ class RunningState:
     sample_offset: int
     global_batch: int
     world_size: int
+    category_tokens: Optional[dict] = None  # input tokens seen per category so far (the mixture's realisation)
 
 
 def checkpoint_name(epoch: int, step: int) -> str:

@@ -71,6 +71,8 @@ class PackedCollator:
             position_ids[i, n:] = torch.arange(width - n)  # padding: its own trailing "document"
         out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                "lengths": torch.tensor(lengths, dtype=torch.long)}
+        if "category_code" in rows[0]:  # training rows carry their category (per-category token accounting)
+            out["category_codes"] = torch.tensor([int(r["category_code"]) for r in rows], dtype=torch.long)
         if self.mask_4d:
             mask = block_causal_mask(position_ids)
             if self.additive_mask_dtype is not None:

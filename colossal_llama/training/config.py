@@ -47,8 +47,17 @@ class TrainConfig:
     """
 
     pretrained: str = flag(help="HF model folder (config, weights, tokenizer)")
-    dataset: List[str] = flag([], help="prepared data: OUT, OUT/arrow or OUT/arrow/part-XXXXX (several allowed; "
-                                       "required unless --benchmark)")
+    dataset: List[str] = flag([], help="prepared data: OUT (or its shards), OUT/arrow or OUT/arrow/part-XXXXX, "
+                                       "several allowed, each optionally DIR:WEIGHT (a replay mixture: WEIGHT is its "
+                                       "share of every bucket); required unless --benchmark")
+    category_weights: Optional[str] = flag(None, help="replay mixture by category, e.g. news=1,novel=0.2: shares "
+                                                      "within each --dataset entry (every category needs one)")
+    eval_dataset: List[str] = flag([], help="held-out prepared data for validation (same forms as --dataset, or "
+                                            "OUT/eval); default: the held-out split of each --dataset that has one")
+    eval_interval: int = flag(0, help="validate every N steps (0: every --save_interval steps); also before the "
+                                      "first step and after the last")
+    eval_batches: int = flag(100, help="validation batches of --batch_size rows, categories taking turns (0: no "
+                                       "validation)")
     plugin: str = flag("gemini", choices=PLUGINS, help="booster plugin")
     load_checkpoint: Optional[str] = flag(
         None, help="full checkpoint dir (resume), a modeling/ dir (weights only: next stage), or 'latest'")
@@ -164,6 +173,9 @@ def validate(cfg: TrainConfig) -> None:
     """Flag-level checks that need no data and no model. Raises :class:`UserInputError`."""
     positive = ("save_interval", "num_epochs", "batch_size", "accumulation_steps", "max_length", "tp", "pp", "sp",
                 "microbatch_size", "log_interval", "num_samples")
+    for name in ("eval_interval", "eval_batches"):
+        if getattr(cfg, name) < 0:
+            raise UserInputError(f"--{name} {getattr(cfg, name)}: must be >= 0")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserInputError(f"--{name} {getattr(cfg, name)}: must be >= 1")

@@ -13,19 +13,21 @@ integers and the next sample after a resume is exactly the one the interrupted r
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from colossal_llama.dataset.manifest import Manifest
 from colossal_llama.dataset.prepared import manifest_path_of, read_manifest, resolve_parts, split_of
+from colossal_llama.training.mixture import Mixture, split_dataset_weight
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 COLUMNS = ("input_ids", "labels", "position_ids")
+DEFAULT_CATEGORY = "default"  # rows of a part without a category column
 
 
 @dataclass
@@ -34,29 +36,68 @@ class PreparedPart:
     bin: int
     num_sequences: int
     manifest_path: Path
+    source: int = 0  # index of the --dataset entry that named it
 
 
 @dataclass
 class PreparedData:
-    """Concatenated parts, ordered by bucket. ``bucket_sizes[k]`` rows of bucket k follow bucket k-1's."""
+    """Concatenated parts, ordered by bucket. ``bucket_sizes[k]`` rows of bucket k follow bucket k-1's.
+
+    ``row_category[i]`` indexes ``categories`` and ``row_source[i]`` the ``--dataset`` entries (int16 per row:
+    what mixtures and per-category accounting need, at 4 bytes a sequence)."""
 
     dataset: object  # datasets.Dataset with input_ids / labels / position_ids
     bucket_sizes: List[int]
     manifest: Manifest  # manifest of the first part (all agree on kind, tokenizer, max_length, bins, template)
     chat_template: dict | None
+    categories: List[str] = field(default_factory=list)  # sorted
+    row_category: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int16))
+    row_source: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int16))
+
+    def bucket_groups(self) -> List[List[tuple]]:
+        """Per bucket, ``((source, category), row indices)`` of every group present (for :mod:`mixture`)."""
+        groups, start = [], 0
+        for size in self.bucket_sizes:
+            rows = np.arange(start, start + size)
+            keys = self.row_source[start:start + size].astype(np.int64) * 65536 + self.row_category[start:start + size]
+            bucket = []
+            for key in np.unique(keys):
+                source, category = divmod(int(key), 65536)
+                bucket.append(((source, self.categories[category]), rows[keys == key]))
+            groups.append(bucket)
+            start += size
+        return groups
+
+
+class RowsWithCategory:
+    """The training rows, each with its ``category_code`` (index into ``PreparedData.categories``)."""
+
+    def __init__(self, data: PreparedData):
+        self.dataset, self.codes = data.dataset, data.row_category
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "category_code": self.codes[index]}
 
 
 def expand_dataset_args(paths: Sequence[str], split: str = "train") -> List[Path]:
     """``--dataset`` values -> part dirs (see :mod:`colossal_llama.dataset.prepared`). Bad paths are user errors;
     a part named twice (``OUT`` and ``OUT/arrow``) is refused."""
-    parts: List[Path] = []
-    for raw in paths:
+    return [part for part, _ in _parts_with_sources(paths, split)]
+
+
+def _parts_with_sources(paths: Sequence[str], split: str) -> List[tuple[Path, int]]:
+    """(part dir, index of the --dataset value naming it); a ``:WEIGHT`` suffix is not part of the path."""
+    parts: List[tuple[Path, int]] = []
+    for source, raw in enumerate(paths):
         try:
-            parts.extend(resolve_parts(raw, split))
+            parts.extend((part, source) for part in resolve_parts(split_dataset_weight(raw)[0], split))
         except UserInputError as err:
             raise UserInputError(f"--dataset {err}") from None
     seen = set()
-    for part in parts:
+    for part, _ in parts:
         if part.resolve() in seen:
             raise UserInputError(f"--dataset {part}: named twice")
         seen.add(part.resolve())
@@ -100,11 +141,13 @@ def _check_agreement(manifests: Dict[Path, Manifest]) -> None:
                                  f"output and shard must be prepared with the same tokenizer, max_length and bins)")
 
 
-def collect_parts(part_dirs: Sequence[Path]) -> tuple[List[PreparedPart], Dict[Path, Manifest]]:
-    """Look every part up in its manifest (``part.parent.parent / manifest.json``); all manifests must agree."""
+def collect_parts(part_dirs: Sequence[Path], sources: Sequence[int] = ()) -> tuple[List[PreparedPart],
+                                                                                    Dict[Path, Manifest]]:
+    """Look every part up in its manifest (``part.parent.parent / manifest.json``); all manifests must agree.
+    ``sources[i]``: the --dataset entry part i came from (default 0)."""
     manifests: Dict[Path, Manifest] = {}
     parts: List[PreparedPart] = []
-    for part_dir in part_dirs:
+    for i, part_dir in enumerate(part_dirs):
         manifest_path = manifest_path_of(part_dir)
         if manifest_path not in manifests:
             manifests[manifest_path] = read_manifest(manifest_path)
@@ -113,7 +156,8 @@ def collect_parts(part_dirs: Sequence[Path]) -> tuple[List[PreparedPart], Dict[P
         entry = next((e for e in entries if e.name == part_dir.name), None)
         if entry is None:
             raise UserInputError(f"{manifest_path}: parts: no entry named {part_dir.name!r} (--dataset {part_dir})")
-        parts.append(PreparedPart(part_dir, entry.bin, entry.num_sequences, manifest_path))
+        parts.append(PreparedPart(part_dir, entry.bin, entry.num_sequences, manifest_path,
+                                  sources[i] if sources else 0))
     if manifests:
         _check_agreement(manifests)
     return parts, manifests
@@ -126,6 +170,7 @@ def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, Manifest]) ->
 
     ordered = sorted(parts, key=lambda p: p.bin)  # sorted() is stable: --dataset order kept within a bin
     datasets, bucket_sizes, current_bin = [], [], None
+    categories, sources = [], []  # per part: its rows' category names, its source
     for part in ordered:
         ds = load_from_disk(str(part.path))
         if len(ds) != part.num_sequences:
@@ -138,6 +183,9 @@ def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, Manifest]) ->
         if len(ds) == 0:
             continue
         datasets.append(ds.select_columns(list(COLUMNS)))
+        categories.append(ds.data.table.column("category").combine_chunks().dictionary_encode()
+                          if "category" in ds.column_names else None)
+        sources.append((part.source, len(ds)))
         if part.bin != current_bin:
             bucket_sizes.append(0)
             current_bin = part.bin
@@ -145,7 +193,25 @@ def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, Manifest]) ->
     if not datasets:
         raise UserInputError(f"--dataset: the parts hold no sequences ({', '.join(str(p.path) for p in parts)})")
     first = manifests[parts[0].manifest_path]
-    return PreparedData(concatenate_datasets(datasets).with_format("numpy"), bucket_sizes, first, first.chat_template)
+    names, row_category = _category_codes(categories, [n for _, n in sources])
+    row_source = np.concatenate([np.full(n, s, dtype=np.int16) for s, n in sources])
+    return PreparedData(concatenate_datasets(datasets).with_format("numpy"), bucket_sizes, first, first.chat_template,
+                        names, row_category, row_source)
+
+
+def _category_codes(encoded: list, sizes: List[int]) -> tuple[List[str], np.ndarray]:
+    """Per-part dictionary-encoded category columns -> (sorted names, int16 code per row of the concatenation)."""
+    names = sorted({str(v) for col in encoded if col is not None for v in col.dictionary.to_pylist()}
+                   | ({DEFAULT_CATEGORY} if any(col is None for col in encoded) else set()))
+    index = {name: k for k, name in enumerate(names)}
+    codes = []
+    for col, n in zip(encoded, sizes):
+        if col is None:
+            codes.append(np.full(n, index[DEFAULT_CATEGORY], dtype=np.int16))
+            continue
+        remap = np.array([index[str(v)] for v in col.dictionary.to_pylist()], dtype=np.int16)
+        codes.append(remap[col.indices.to_numpy(zero_copy_only=False)])
+    return names, np.concatenate(codes) if codes else np.zeros(0, dtype=np.int16)
 
 
 def load_training_data(dataset_args: Sequence[str], tokenizer, model_vocab_rows: int, max_length: int,
@@ -156,7 +222,8 @@ def load_training_data(dataset_args: Sequence[str], tokenizer, model_vocab_rows:
     ``split="eval"`` loads the held-out split written by ``--holdout_fraction`` instead (one bucket per output's
     eval part; a one-line error if an output has none).
     """
-    parts, manifests = collect_parts(expand_dataset_args(dataset_args, split))
+    named = _parts_with_sources(dataset_args, split)
+    parts, manifests = collect_parts([p for p, _ in named], [s for _, s in named])
     for manifest_path, manifest in manifests.items():
         check_manifest_against_model(manifest, manifest_path, tokenizer, model_vocab_rows, max_length, pretrained)
     return load_prepared(parts, manifests)
@@ -196,6 +263,7 @@ class StepBatchSampler:
     shuffle_buckets: bool
     epoch: int = 0
     start_offset: int = 0  # samples of this epoch already consumed (multiple of the global batch)
+    mixture: Optional[Mixture] = None  # weighted draws (--dataset DIR:W, --category_weights), same bucket sizes
 
     @property
     def global_batch(self) -> int:
@@ -210,7 +278,8 @@ class StepBatchSampler:
         return int(sum(self.bucket_sizes)) - self.steps_per_epoch * self.global_batch
 
     def __iter__(self) -> Iterator[List[int]]:
-        order = epoch_order(self.bucket_sizes, self.seed, self.epoch, self.shuffle_buckets)
+        order = (self.mixture.epoch_order(self.seed, self.epoch, self.shuffle_buckets) if self.mixture is not None
+                 else epoch_order(self.bucket_sizes, self.seed, self.epoch, self.shuffle_buckets))
         g, b = self.global_batch, self.micro_batch
         for step_start in range(self.start_offset, self.steps_per_epoch * g, g):
             for m in range(self.accumulation_steps):

@@ -16,11 +16,10 @@ from colossal_llama.training.checkpoint import (Checkpointer, LoadTarget, ModelF
                                                 verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
-from colossal_llama.training.data import (PreparedData, StepBatchSampler, check_manifest_against_model,
-                                          collect_parts, expand_dataset_args, load_prepared)
+from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler
+from colossal_llama.training.inputs import RunInputs, load_inputs
 from colossal_llama.training.distributed import init_distributed, on_rank0, setup_logging
 from colossal_llama.training.metrics import RunMetrics, StepStats
-from colossal_llama.training.benchmark_data import random_data
 from colossal_llama.training.lora import apply_lora, vocabulary_was_expanded
 from colossal_llama.training.model import (NEFTune, apply_liger_kernels, count_parameters, freeze_non_embeddings,
                                            load_causal_lm)
@@ -29,6 +28,7 @@ from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
 from colossal_llama.training.run_dir import RUN_CONFIG, SaveDirLock, claim_save_dir, release_lock
 from colossal_llama.training.step import Stepper
+from colossal_llama.training.validation import Validator
 from colossal_llama.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -38,28 +38,24 @@ log = logging.getLogger(__name__)
 class Run:
     cfg: TrainConfig  # resolved (precision, warm-up)
     plan: RunPlan
-    data: PreparedData
+    inputs: RunInputs
     parallel: Parallelism
     stepper: Stepper
     checkpointer: Checkpointer
     collator: PackedCollator
+    validator: Optional[Validator]
     target: Optional[LoadTarget]  # what --load_checkpoint resolved to
     lock: Optional[SaveDirLock]  # held by global rank 0 for the life of the run
     cuda: bool
 
+    @property
+    def data(self) -> PreparedData:
+        return self.inputs.train
+
     def sampler(self, epoch: int, start_offset: int) -> StepBatchSampler:
         c, layout = self.cfg, self.parallel.layout
         return StepBatchSampler(self.data.bucket_sizes, c.batch_size, c.accumulation_steps, layout.dp_rank,
-                                layout.dp_size, c.seed, c.shuffle_buckets, epoch, start_offset)
-
-
-def load_data(cfg: TrainConfig, tokenizer, model_config) -> PreparedData:
-    """Check every manifest against --pretrained before any model is built, then load the parts."""
-    parts, manifests = collect_parts(expand_dataset_args(cfg.dataset))
-    for manifest_path, manifest in manifests.items():
-        check_manifest_against_model(manifest, manifest_path, tokenizer, model_config.vocab_size, cfg.max_length,
-                                     cfg.pretrained)
-    return load_prepared(parts, manifests)
+                                layout.dp_size, c.seed, c.shuffle_buckets, epoch, start_offset, self.inputs.mixture)
 
 
 def claim(cfg: TrainConfig) -> tuple[Optional[LoadTarget], Optional[SaveDirLock]]:
@@ -91,8 +87,8 @@ def build_run(cfg: TrainConfig) -> Run:
     tokenizer = load_tokenizer(cfg.pretrained)
     pad_id = pad_token_id(tokenizer, cfg.pad_token)
     model_config = AutoConfig.from_pretrained(cfg.pretrained)
-    data = (random_data(cfg.num_samples, cfg.max_length, model_config.vocab_size, cfg.seed) if cfg.benchmark
-            else load_data(cfg, tokenizer, model_config))
+    inputs = load_inputs(cfg, tokenizer, model_config.vocab_size)
+    data = inputs.train
 
     parallel = build_parallel(cfg, cuda)
     cfg, steps = _plan_steps(cfg, data, parallel)
@@ -120,12 +116,18 @@ def build_run(cfg: TrainConfig) -> Run:
     if neftune is not None:  # on the peft model itself under LoRA (colossalai's unwrap hides it by default)
         neftune.attach(model.unwrap(unwrap_peft=False) if cfg.lora_rank else model.unwrap())
     stepper = Stepper(booster, model, optimizer, scheduler, parallel, get_accelerator().get_current_device(),
-                      cfg.grad_clip, neftune)
+                      cfg.grad_clip, neftune, num_categories=len(data.categories))
     checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir), model_files,
                                 lora=cfg.lora_rank > 0, keep_last_k=cfg.keep_last_k, async_save=cfg.async_save)
     collator = PackedCollator(pad_id, cfg.max_length, cfg.padding_mode, mask_4d=needs_dense_mask(attn),
                               pad_multiple=parallel.sequence_multiple, additive_mask_dtype=parallel.additive_mask_dtype)
-    return Run(cfg, plan, data, parallel, stepper, checkpointer, collator, target, lock, cuda)
+    validator = None
+    if inputs.eval is not None:
+        validator = Validator(inputs.eval.dataset, [inputs.eval.categories[c] for c in inputs.eval.row_category],
+                              tokenizer, collator, stepper, cfg.batch_size, cfg.eval_batches)
+        log.info("validation: %d batches of the held-out data (%s) every %d steps", len(validator.plan),
+                 ", ".join(validator.categories), cfg.eval_interval or cfg.save_interval)
+    return Run(cfg, plan, inputs, parallel, stepper, checkpointer, collator, validator, target, lock, cuda)
 
 
 def pad_token_id(tokenizer, pad_token: str) -> int:
@@ -210,7 +212,8 @@ def micro_batch_groups(run: Run, epoch: int, offset: int) -> Iterator[List[dict]
     """The rest of ``epoch`` from ``offset``, as lists of ``accumulation_steps`` collated micro-batches."""
     # A generator of its own: creating the iterator draws a seed from it, not from torch's global RNG (whose
     # state checkpoints save), so a resumed run's random stream is the uninterrupted run's.
-    loader = DataLoader(run.data.dataset, batch_sampler=run.sampler(epoch, offset), collate_fn=run.collator,
+    rows = RowsWithCategory(run.data) if run.data.categories else run.data.dataset
+    loader = DataLoader(rows, batch_sampler=run.sampler(epoch, offset), collate_fn=run.collator,
                         num_workers=0, generator=torch.Generator().manual_seed(run.cfg.seed))
     group: List[dict] = []
     for batch in loader:
@@ -244,8 +247,11 @@ def _train(run: Run) -> Optional[Path]:
     saving = not cfg.benchmark  # a benchmark writes neither checkpoints nor a model
     metrics = RunMetrics(dist.get_rank() == 0, Path(cfg.save_dir) if saving else None, cfg.tensorboard_dir,
                          plan.total_steps, state.step, 1 if cfg.benchmark else cfg.log_interval,
-                         plan.num_parameters, run.cuda)
+                         plan.num_parameters, run.cuda, run.data.categories, state.category_tokens)
+    eval_interval = cfg.eval_interval or cfg.save_interval
     try:
+        if run.validator is not None and state.step == 0:
+            metrics.record_eval(0, run.validator.run())
         while state.step < plan.total_steps and state.epoch < cfg.num_epochs:
             epoch = state.epoch
             for group in micro_batch_groups(run, epoch, state.sample_offset):
@@ -253,10 +259,13 @@ def _train(run: Run) -> Optional[Path]:
                 state.step += 1
                 state.sample_offset += state.global_batch
                 metrics.record(StepStats(state.step, epoch, result.loss, result.lr, result.grad_norm, result.tokens,
-                                         result.seconds))
+                                         result.seconds, result.category_tokens))
+                state.category_tokens = metrics.category_totals()
                 epoch_done = state.sample_offset >= plan.steps_per_epoch * state.global_batch
                 if epoch_done:  # the next step starts the next epoch at its first sample
                     state.epoch, state.sample_offset = epoch + 1, 0
+                if run.validator is not None and (state.step % eval_interval == 0 or state.step == plan.total_steps):
+                    metrics.record_eval(state.step, run.validator.run())
                 if saving and checkpoint_due(state.step, plan.total_steps, cfg.save_interval, epoch_done,
                                              cfg.skip_save_each_epoch):
                     log.info("saved checkpoint %s", run.checkpointer.save(state))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
@@ -29,6 +29,7 @@ class StepResult:
     lr: float
     tokens: int
     seconds: float
+    category_tokens: List[int] = field(default_factory=list)  # input tokens per category (global batch)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Stepper:
     device: torch.device
     grad_clip: float
     neftune: Optional[NEFTune] = None  # its noise is a function of (step, micro-batch): told of every step
+    num_categories: int = 0  # > 0: count input tokens per category (batches carry category_codes)
 
     def _all_reduce(self, values: List[float], group=None) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -88,9 +90,12 @@ class Stepper:
         def criterion(out, micro_batch: dict) -> torch.Tensor:
             return self._loss_sum(out, count_loss_tokens(micro_batch["labels"])) * (scale * num_micro)
 
-        optimizer = self.optimizer if train else None  # None (under no_grad): forward only, for validation
-        result = self.booster.execute_pipeline(iter([self._inputs(batch)]), self.model, criterion, optimizer,
-                                               return_loss=True)
+        # Validation: no optimizer (under no_grad) runs forward only, and no_sync skips the gradient
+        # synchronisation colossalai would otherwise attempt afterwards (on gradients that do not exist).
+        optimizer = self.optimizer if train else None
+        with contextlib.nullcontext() if train else self.model.no_sync():
+            result = self.booster.execute_pipeline(iter([self._inputs(batch)]), self.model, criterion, optimizer,
+                                                   return_loss=True)
         loss = result.get("loss")
         if loss is None:  # not the last stage
             return torch.zeros((), dtype=torch.float64, device=self.device)
@@ -111,8 +116,9 @@ class Stepper:
         start = time.perf_counter()
         local_tokens = [count_loss_tokens(b["labels"]) for b in micro_batches]
         input_tokens = sum(int(b["lengths"].sum()) for b in micro_batches)
-        global_loss_tokens, global_input_tokens = self._all_reduce([sum(local_tokens), input_tokens],
-                                                                    self.parallel.layout.dp_group)
+        per_category = self._category_tokens(micro_batches)
+        global_loss_tokens, global_input_tokens, *category_tokens = self._all_reduce(
+            [sum(local_tokens), input_tokens, *per_category], self.parallel.layout.dp_group)
         # DDP / ZeRO average gradients over dp ranks, so scale by dp_size to get sum / global_loss_tokens.
         scale = self.parallel.layout.dp_size / max(global_loss_tokens, 1.0)
         if self.neftune is not None:
@@ -132,7 +138,16 @@ class Stepper:
         reported = loss_sum.item() if self.parallel.reports_loss else 0.0
         (total_loss,) = self._all_reduce([reported])  # world: brings the last pipeline stage's loss to rank 0
         return StepResult(loss=total_loss / max(global_loss_tokens, 1.0), grad_norm=grad_norm, lr=lr,
-                          tokens=int(global_input_tokens), seconds=time.perf_counter() - start)
+                          tokens=int(global_input_tokens), seconds=time.perf_counter() - start,
+                          category_tokens=[int(t) for t in category_tokens])
+
+    def _category_tokens(self, micro_batches: List[dict]) -> List[float]:
+        if not self.num_categories:
+            return []
+        counts = torch.zeros(self.num_categories, dtype=torch.float64)
+        for b in micro_batches:
+            counts.index_add_(0, b["category_codes"], b["lengths"].double())
+        return counts.tolist()
 
     def _clip(self) -> float:
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")  # inf: measure only

@@ -54,8 +54,8 @@ def trained_characters(labels: np.ndarray, tokenizer) -> int:
 def batch_plan(categories: Sequence[str], batch_size: int, max_batches: int,
                multiple: int = 1) -> List[tuple[str, np.ndarray]]:
     """``(category, row indices)`` batches: each category's rows in order, cut into ``batch_size``; categories
-    take turns (batch 0 of each, then batch 1 of each, ...); at most ``max_batches`` (0: all). A last batch is
-    cut to a multiple of ``multiple`` rows (a pipeline splits batches into micro-batches of that size)."""
+    take turns (batch 0 of each, then batch 1 of each, ...); at most ``max_batches``. A last batch is
+    cut to a multiple of ``multiple`` rows (with ``multiple = batch_size``: full batches only)."""
     names = sorted(set(categories))
     rows = {name: np.flatnonzero(np.asarray(categories) == name) for name in names}
     per_category = {}
@@ -67,7 +67,7 @@ def batch_plan(categories: Sequence[str], batch_size: int, max_batches: int,
     while any(turn < len(batches) for batches in per_category.values()):
         plan.extend((name, per_category[name][turn]) for name in names if turn < len(per_category[name]))
         turn += 1
-    return plan[:max_batches] if max_batches else plan
+    return plan[:max_batches]
 
 
 class Validator:
@@ -77,8 +77,9 @@ class Validator:
                  max_batches: int):
         self.dataset, self.collator, self.stepper = dataset, collator, stepper
         self.categories = sorted(set(categories))
-        pipeline = stepper.parallel.pipeline_microbatch_size
-        self.plan = batch_plan(categories, pipeline or batch_size, max_batches, multiple=pipeline or 1)
+        # colossalai's pipeline schedule wants every batch of a run to have the training batch's size
+        full_only = batch_size if stepper.parallel.pipeline_microbatch_size else 1
+        self.plan = batch_plan(categories, batch_size, max_batches, multiple=full_only)
         used = np.concatenate([rows for _, rows in self.plan]) if self.plan else np.array([], dtype=np.int64)
         self.characters = {int(i): trained_characters(dataset[int(i)]["labels"], tokenizer) for i in used}
 

@@ -75,16 +75,16 @@ def plot_scalars(series: Dict[str, Series], output, title: Optional[str] = None)
 
     panels = _subplots(series)
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
-    for ax, (title, label, lines) in zip(axes[:, 0], panels):
+    for ax, (panel, label, lines) in zip(axes[:, 0], panels):
         for name, points in lines.items():
             steps, values = zip(*points)
             ax.plot(steps, values, linewidth=1.2, marker="." if len(points) < 50 else None, label=name)
         ax.set_ylabel(label)
-        ax.set_title(title, fontsize=9, loc="left")
+        ax.set_title(panel, fontsize=9, loc="left")
         ax.grid(alpha=0.3)
         if len(lines) > 1:
             ax.legend(fontsize=8)
-        if title == "train/lr":
+        if panel == "train/lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     axes[-1, 0].set_xlabel("step")
     if title:

@@ -20,15 +20,16 @@ def write_input_slice(data_root: Path, out_dir: Path, rows: dict | None = None) 
 
 
 def prepare_small_pretrain(data_root: Path, tokenizer_dir: Path, out_dir: Path, max_length: int = 128,
-                           num_bins: int = 2, seed: int = 7) -> Path:
-    """``out_dir`` (manifest.json, arrow/part-*) prepared by ``prepare_pretrain`` from a slice of the real data."""
+                           num_bins: int = 2, seed: int = 7, holdout_fraction: float = 0.0) -> Path:
+    """``out_dir`` (manifest.json, arrow/part-*, and eval/ with a ``holdout_fraction``) prepared by
+    ``prepare_pretrain`` from a slice of the real data."""
     from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
     from colossal_llama.dataset.pipeline import prepare_pretrain
 
     inputs = write_input_slice(data_root, Path(str(out_dir) + "-input"))
     cfg = PretrainPrepConfig(input_dirs=[inputs], tokenizer_dir=Path(tokenizer_dir),
                              output=OutputLayout.under(out_dir), max_length=max_length, num_bins=num_bins,
-                             seed=seed, overwrite=True)
+                             seed=seed, overwrite=True, holdout_fraction=holdout_fraction)
     prepare_pretrain(cfg)
     return Path(out_dir)
 

@@ -42,6 +42,14 @@ def prepared_pretrain(tmp_path_factory, smollm2_dir, data_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def prepared_with_heldout(tmp_path_factory, smollm2_dir, data_dir) -> Path:
+    """The same real rows with 10 % of each category's documents held out (``eval/``) for validation."""
+    root = tmp_path_factory.getbasetemp() / "train-shared"
+    return _once(root, "prepared-heldout", lambda out: prepare_small_pretrain(data_dir, smollm2_dir, out / "data",
+                                                                              holdout_fraction=0.1)) / "data"
+
+
+@pytest.fixture(scope="session")
 def reference_runs(tmp_path_factory, tiny_llama, prepared_pretrain) -> ReferenceRuns:
     """Uninterrupted 2-rank training runs by layout name (``tests.support.train_runs.LAYOUTS``), made on first use."""
     return ReferenceRuns(tmp_path_factory.getbasetemp() / "train-runs", tiny_llama, prepared_pretrain)
