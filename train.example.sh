@@ -5,6 +5,12 @@
 #   PRETRAINED=ckpt/expanded-model DATASET=data/prepared/arrow NPROC=8 PLUGIN=gemini ./train.example.sh
 #   HOSTFILE=hostfile ./train.example.sh          # multi-node: one host name per line (see hostfile.example)
 #   HOSTFILE=hostfile SSH_PORT=2222 NPROC=8 ./train.example.sh   # sshd on a non-standard port on every host
+#
+# The recipe's stages (README "The recipe, stage by stage"), after tokenizer expansion and model init:
+#   (a) new embeddings only:  EXTRA_ARGS="--freeze_non_embeds_params"
+#   (b) knowledge injection:  DATASET=data/zh                          (validated on its held-out split)
+#   (c) replay:               DATASET="data/zh:0.7 data/en:0.3"        (a mixture; validated per category)
+#   (d) SFT:                  ./train_sft.example.sh                   (packed conversations, NEFTune)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -12,7 +18,7 @@ cd "$(dirname "$0")"
 if [[ -x .venv/bin/torchrun ]]; then export PATH="$PWD/.venv/bin:$PATH"; fi
 
 PRETRAINED=${PRETRAINED:-outputs/quickstart/model_init}          # HF folder from init_model.py
-DATASET=${DATASET:-outputs/quickstart/data/pretrain/arrow}       # prepare_pretrain_dataset.py output (OUT/arrow)
+DATASET=${DATASET:-outputs/quickstart/data/zh}                   # prepared output(s), space-separated, each DIR[:WEIGHT]
 SAVE_DIR=${SAVE_DIR:-outputs/train/pretrain}
 NPROC=${NPROC:-2}
 PLUGIN=${PLUGIN:-ddp}
@@ -29,7 +35,8 @@ ZERO_STAGE=${ZERO_STAGE:-1}
 EXTRA_ARGS=${EXTRA_ARGS:-}                                # e.g. "--use_flash_attn --use_grad_checkpoint"
 LOAD_CHECKPOINT=${LOAD_CHECKPOINT:-}                      # a checkpoint dir, a modeling/ dir, or "latest"
 
-args=(--pretrained "$PRETRAINED" --dataset "$DATASET" --plugin "$PLUGIN" --save_dir "$SAVE_DIR"
+read -r -a datasets <<< "$DATASET"
+args=(--pretrained "$PRETRAINED" --dataset "${datasets[@]}" --plugin "$PLUGIN" --save_dir "$SAVE_DIR"
       --tensorboard_dir "$SAVE_DIR/tensorboard" --config_file "$SAVE_DIR/config.json"
       --num_epochs "$NUM_EPOCHS" --batch_size "$BATCH_SIZE" --accumulation_steps "$ACCUMULATION_STEPS"
       --lr "$LR" --max_length "$MAX_LENGTH" --save_interval "$SAVE_INTERVAL" --tp "$TP" --zero_stage "$ZERO_STAGE"

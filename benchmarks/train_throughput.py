@@ -180,7 +180,7 @@ def prepare_inputs(cfg: BenchConfig, work: Path, cuda: bool) -> tuple[Path, Path
         max_length=cfg.seq_len, num_bins=1, num_proc=min(8, os.cpu_count() or 1) if cuda else 1, strict=False,
     ))
     counts = summary.counts
-    say(cfg, f"data: {counts['documents_in']} real documents packed into {counts['sequences']} rows of <= "
+    say(cfg, f"data: {counts.documents_in} real documents packed into {counts.sequences} rows of <= "
              f"{cfg.seq_len} tokens ({time.perf_counter() - start:.1f} s)")
     return work / "model", summary.arrow_dir
 

@@ -159,7 +159,7 @@ def prepare(work: Path, cfg: RecipeConfig) -> str:
         input_dirs=[work / "train"], tokenizer_dir=work / "init", output=OutputLayout.under(work / "data"),
         max_length=cfg.max_length, num_bins=1, num_proc=min(8, os.cpu_count() or 1), seed=cfg.seed, overwrite=True))
     print("\n".join(format_summary(summary)), flush=True)
-    return f"{summary.counts['tokens_out']:,} tokens in {summary.counts['sequences']} rows of <= {cfg.max_length}"
+    return f"{summary.counts.tokens_out:,} tokens in {summary.counts.sequences} rows of <= {cfg.max_length}"
 
 
 def train(work: Path, cfg: RecipeConfig, cuda: bool) -> str:

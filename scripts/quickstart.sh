@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # README pipeline command: set up .venv, then run the whole recipe end to end on real data:
-#   tokenizer expansion -> model init -> data preparation -> pre-training -> SFT -> generation + evaluation.
+#   tokenizer expansion -> model init -> data preparation (with held-out splits) -> training in stages:
+#   (a) new embeddings only, (b) knowledge injection (Chinese), (c) replay (Chinese + English, a mixture),
+#   (d) SFT on packed conversations; validation per category throughout -> generation + evaluation.
 # Uses ../shared/data when present, else the bundled slice in examples/data. Output: outputs/quickstart/.
 # Base model: BASE_MODEL if set (a Hugging Face model folder, a .gguf file or a hub id such as
 # HuggingFaceTB/SmolLM2-360M-Instruct), else the real SmolLM2-135M-Instruct (the data folder's GGUF, or the one
@@ -76,28 +78,41 @@ step "2. model init (new rows = mean of old sub-pieces)"
 $PY colossal_llama/model/init_model.py --source_model_and_tokenizer_path "$BASE" \
     --target_tokenizer_path "$OUT/tokenizer" --target_model_path "$OUT/model_init"
 
-step "3. data preparation"
-$PY prepare_pretrain_dataset.py --data_input_dirs "$OUT/corpus/pretrain" --tokenizer_dir "$OUT/model_init" \
-    --data_output_dirs "$OUT/data/pretrain" --max_length "$MAX_LENGTH" --num_spliced_dataset_bins 2 --num_proc 2 --skip_invalid
+step "3. data preparation (2 % of each category's documents held out for validation)"
+mkdir -p "$OUT/corpus/zh" "$OUT/corpus/en"
+mv "$OUT"/corpus/pretrain/zh_*.jsonl "$OUT/corpus/zh/" && mv "$OUT"/corpus/pretrain/en_*.jsonl "$OUT/corpus/en/"
+for lang in zh en; do
+  $PY prepare_pretrain_dataset.py --data_input_dirs "$OUT/corpus/$lang" --tokenizer_dir "$OUT/model_init" \
+      --data_output_dirs "$OUT/data/$lang" --max_length "$MAX_LENGTH" --num_spliced_dataset_bins 2 --num_proc 2 \
+      --holdout_fraction 0.02 --skip_invalid
+done
 $PY prepare_sft_dataset.py --data_input_dirs "$DATA/sft" --tokenizer_dir "$OUT/model_init" \
-    --data_output_dirs "$OUT/data/sft" --max_length "$MAX_LENGTH" "${CHAT_TEMPLATE[@]}" --num_spliced_dataset_bins 1 --skip_invalid
+    --data_output_dirs "$OUT/data/sft" --max_length "$MAX_LENGTH" "${CHAT_TEMPLATE[@]}" --num_spliced_dataset_bins 1 \
+    --packing --skip_invalid
 
-step "4a. stage 1: continual pre-training ($STEPS steps, $NPROC ranks, plugin ddp)"
-colossalai run --nproc_per_node "$NPROC" train.py --pretrained "$OUT/model_init" \
-    --dataset "$OUT/data/pretrain/arrow" --plugin ddp --max_steps "$STEPS" --micro_batch_size 2 \
-    --max_length "$MAX_LENGTH" --lr "$LR" --warmup_steps 2 --save_interval "$(( (STEPS + 1) / 2 ))" \
-    --save_dir "$OUT/ckpt_pretrain" --tensorboard_dir "$OUT/tb_pretrain" --config_file "$OUT/ckpt_pretrain/config.json"
+# Every stage: ddp on NPROC ranks, 2 sequences per rank per step, validation on the held-out splits of its data.
+train_stage() {  # name, pretrained, steps, lr, then train.py flags
+  local name="$1" pretrained="$2" steps="$3" lr="$4"; shift 4
+  colossalai run --nproc_per_node "$NPROC" train.py --pretrained "$pretrained" --plugin ddp --max_steps "$steps" \
+      --micro_batch_size 2 --max_length "$MAX_LENGTH" --lr "$lr" --warmup_steps 1 --save_interval "$steps" \
+      --eval_batches 6 --save_dir "$OUT/ckpt_$name" --tensorboard_dir "$OUT/tb/$name" \
+      --config_file "$OUT/ckpt_$name/config.json" "$@"
+}
+SHORT=$(( STEPS > 4 ? STEPS / 2 : 2 ))
 
-step "4b. stage 2: SFT from stage 1's final weights"
-colossalai run --nproc_per_node "$NPROC" train.py --pretrained "$OUT/ckpt_pretrain/modeling" \
-    --dataset "$OUT/data/sft/arrow" --plugin ddp --max_steps "$STEPS" --micro_batch_size 2 \
-    --max_length "$MAX_LENGTH" --lr "$SFT_LR" --warmup_steps 2 --save_interval "$STEPS" \
-    --save_dir "$OUT/ckpt_sft" --tensorboard_dir "$OUT/tb_sft" --config_file "$OUT/ckpt_sft/config.json"
-$PY -m colossal_llama.utils.plot_losses --log_dir "$OUT/tb_pretrain" --output "$OUT/losses_pretrain.png"
+step "4a. stage (a): the new embeddings only ($SHORT steps; every other weight frozen)"
+train_stage a_embeddings "$OUT/model_init" "$SHORT" "$LR" --dataset "$OUT/data/zh" --freeze_non_embeds_params
+step "4b. stage (b): knowledge injection on the Chinese corpora ($STEPS steps, all weights)"
+train_stage b_injection "$OUT/ckpt_a_embeddings/modeling" "$STEPS" "$LR" --dataset "$OUT/data/zh"
+step "4c. stage (c): replay, 70 % Chinese and 30 % English ($SHORT steps)"
+train_stage c_replay "$OUT/ckpt_b_injection/modeling" "$SHORT" "$LR" --dataset "$OUT/data/zh:0.7" "$OUT/data/en:0.3"
+step "4d. stage (d): SFT on packed conversations ($STEPS steps)"
+train_stage d_sft "$OUT/ckpt_c_replay/modeling" "$STEPS" "$SFT_LR" --dataset "$OUT/data/sft" --eval_batches 0
+$PY -m colossal_llama.utils.plot_losses --log_dir "$OUT/tb/c_replay" --output "$OUT/losses_replay.png"
 
 step "5. generation and evaluation: before (base) vs after (trained)"
 PROMPT="请介绍一下北京。"
-for model in "$BASE" "$OUT/ckpt_sft/modeling"; do
+for model in "$BASE" "$OUT/ckpt_d_sft/modeling"; do
   echo "--- $model"
   $PY inference_example.py --model_path "$model" --prompt_style sft "${GEN_TEMPLATE[@]}" --input_txt "$PROMPT" \
       --do_sample False --max_new_tokens 32
@@ -105,5 +120,25 @@ for model in "$BASE" "$OUT/ckpt_sft/modeling"; do
   $PY evaluate.py mc --model_path "$model" --data "$DATA/eval/mmlu_test.jsonl" \
       --subjects marketing --max_per_subject 60 --k_shot 0 --method cloze
 done
+
+step "6. validation per category through the stages (held-out prepared data; bits per character)"
+$PY - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+columns = [("before (a)", "a_embeddings", 0), ("after (a)", "b_injection", 0), ("after (b)", "b_injection", -1),
+           ("after (c)", "c_replay", -1)]  # (label, stage, record): a stage validates before its first step too
+records = {name: [json.loads(l) for l in (out / f"ckpt_{name}" / "eval.jsonl").read_text().splitlines()]
+           for name in ("a_embeddings", "b_injection", "c_replay")}
+categories = sorted(set().union(*(r["scores"] for rs in records.values() for r in rs)) - {"all"})
+print("category".ljust(10) + "".join(label.rjust(12) for label, _, _ in columns))
+for category in categories:
+    cells = []
+    for _, stage, index in columns:
+        scores = records[stage][index]["scores"]
+        cells.append(f"{scores[category]['bpc']:.3f}" if category in scores else "-")
+    print(category.ljust(10) + "".join(cell.rjust(12) for cell in cells))
+PY
 echo
 echo "quickstart finished: everything is under $OUT"

@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from colossal_llama.training.metrics import read_loss_log
-from tests.support.launch import free_port, tail
+from tests.support.launch import free_port, kill_processes, tail
 from tests.support.sshd import SshServer, sshd_missing, start_sshd
 from tests.support.train_runs import DP2_BATCH, train_args, train_ok
 
@@ -107,12 +107,7 @@ def kill_marked(mark: str) -> List[int]:
                 victims.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
-    for proc in victims:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=30)
+    kill_processes(victims)
     return [p.pid for p in victims]
 
 

@@ -113,8 +113,7 @@ class TrainConfig:
                                       help="with --lora_rank: train embed_tokens and lm_head in full; auto = when "
                                            "init_model.py expanded the vocabulary of --pretrained")
     pad_token: str = flag("eos", choices=("eos", "unk"), help="token id that pads micro-batches (never attended "
-                                                               "to, never trained on); also the saved tokenizer's "
-                                                               "pad token when it has none")
+                                                               "to, never trained on)")
     skip_save_each_epoch: bool = flag(False, help="no checkpoint at the end of every epoch (only every "
                                                   "--save_interval steps and at the end)")
     benchmark: bool = flag(False, help="measure throughput on --num_samples random sequences of --max_length tokens "

@@ -131,14 +131,12 @@ def build_run(cfg: TrainConfig) -> Run:
 
 
 def pad_token_id(tokenizer, pad_token: str) -> int:
-    """The id ``--pad_token`` names; it also becomes the tokenizer's pad token when it has none (saved with the
-    model, as the original does). Padding is never attended to nor trained on: the choice only matters to
-    tools that read the saved tokenizer."""
+    """The id ``--pad_token`` names. Padding is never attended to nor trained on. Unlike the original, the saved
+    tokenizer is left as it was: its pad token is part of the fingerprint that data prepared for it carries, so
+    changing it would make the next stage refuse that data."""
     token = tokenizer.eos_token if pad_token == "eos" else tokenizer.unk_token
     if token is None:
         raise UserInputError(f"--pad_token {pad_token}: the tokenizer of this model has no {pad_token} token")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = token
     return tokenizer.convert_tokens_to_ids(token)
 
 

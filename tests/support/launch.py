@@ -81,6 +81,17 @@ def alive(processes: List[psutil.Process]) -> List[psutil.Process]:
     return running
 
 
+def kill_processes(processes: List[psutil.Process], timeout: float = 30) -> List[psutil.Process]:
+    """SIGKILL each (gone ones are fine) and wait for them; returns those still alive after ``timeout``."""
+    for victim in processes:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, still = psutil.wait_procs(processes, timeout=timeout)
+    return alive(still)
+
+
 def kill_launcher_and_ranks(proc: subprocess.Popen, expected_ranks: int = 2) -> List[int]:
     """kill -9 torchrun *and* every rank (no handler runs, no cleanup: a real crash), then make sure they are gone.
 
@@ -91,15 +102,10 @@ def kill_launcher_and_ranks(proc: subprocess.Popen, expected_ranks: int = 2) -> 
     if len(ranks) != expected_ranks:
         raise AssertionError(f"expected {expected_ranks} live ranks under torchrun {proc.pid}, found "
                              f"{[r.pid for r in ranks]}")
-    for victim in [psutil.Process(proc.pid), *ranks]:
-        try:
-            victim.kill()
-        except psutil.NoSuchProcess:
-            pass
+    survivors = kill_processes([psutil.Process(proc.pid), *ranks])
     proc.wait(timeout=60)
-    _gone, still = psutil.wait_procs(ranks, timeout=30)
-    if alive(still):
-        raise AssertionError(f"ranks {[p.pid for p in alive(still)]} survived kill -9")
+    if survivors:
+        raise AssertionError(f"{[p.pid for p in survivors]} survived kill -9")
     return [r.pid for r in ranks]
 
 

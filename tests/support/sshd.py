@@ -28,6 +28,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import psutil
 
+from tests.support.launch import kill_processes
+
 SSHD = Path("/usr/sbin/sshd")
 
 
@@ -123,12 +125,7 @@ class SshServer:
             tree = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return
-        for child in tree:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=10)
+        kill_processes(tree, timeout=10)
 
     def stop(self) -> None:
         """Stop the server and everything still running under it."""
