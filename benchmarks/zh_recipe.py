@@ -158,7 +158,7 @@ def prepare(work: Path, cfg: RecipeConfig) -> str:
     summary = prepare_pretrain(PretrainPrepConfig(
         input_dirs=[work / "train"], tokenizer_dir=work / "init", output=OutputLayout.under(work / "data"),
         max_length=cfg.max_length, num_bins=1, num_proc=min(8, os.cpu_count() or 1), seed=cfg.seed, overwrite=True))
-    print("\n".join(format_summary(summary)), flush=True)
+    print("\n".join(format_summary(summary.manifest, summary.seconds)), flush=True)
     return f"{summary.counts.tokens_out:,} tokens in {summary.counts.sequences} rows of <= {cfg.max_length}"
 
 

@@ -270,3 +270,18 @@ def test_load_checkpoint_resumes_zero2_and_gemini(runs, plugin):
     # The bounds can fail: a resume that lost the weights would score step 3 with untrained ones, and training had
     # moved the loss by more than 5x the step-4 bound by then.
     assert whole[0]["loss"] - whole[2]["loss"] > 5 * 2e-3 * whole[2]["loss"], losses(whole)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="ring attention splits sequences over >= 2 GPUs (--sp 2)")
+def test_ring_attention_sequence_parallelism_matches_ddp(runs, tmp_path, tiny_llama, prepared_pretrain):
+    """``--sp_mode ring_attn`` needs CUDA and flash attention (refused on CPU): 2 GPUs, sp 2, the same global batch
+    of 4 rows as the single-GPU ddp run of this module, per-step losses within 2 %."""
+    from tests.support.launch import run_training
+
+    args = train_args(tiny_llama, prepared_pretrain, tmp_path / "ring", *BF16, "--plugin", "3d", "--sp", "2",
+                      "--sp_mode", "ring_attn", "--zero_stage", "1", "--attention", "sdpa")
+    proc = run_training(args, tmp_path / "ring.log", nproc=2)
+    assert proc.returncode == 0, tail(tmp_path / "ring.log")
+    ddp, ring = losses(finished(runs, "ddp")), losses(read_loss_log(tmp_path / "ring" / "losses.jsonl"))
+    for step, (a, b) in enumerate(zip(ddp, ring), start=1):
+        assert abs(b - a) <= 0.02 * abs(a), f"ring_attn step {step}: ddp {a:.4f} vs {b:.4f}"
