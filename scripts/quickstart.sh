@@ -90,7 +90,8 @@ $PY prepare_sft_dataset.py --data_input_dirs "$DATA/sft" --tokenizer_dir "$OUT/m
     --data_output_dirs "$OUT/data/sft" --max_length "$MAX_LENGTH" "${CHAT_TEMPLATE[@]}" --num_spliced_dataset_bins 1 \
     --packing --skip_invalid
 
-# Every stage: ddp on NPROC ranks, 2 sequences per rank per step, validation on the held-out splits of its data.
+# Every stage: ddp on NPROC ranks, 2 sequences per rank per step. Stages (a)-(c) validate on the held-out splits
+# of both languages (what the Chinese stages cost English shows), stage (d) on none (its data is conversations).
 train_stage() {  # name, pretrained, steps, lr, then train.py flags
   local name="$1" pretrained="$2" steps="$3" lr="$4"; shift 4
   colossalai run --nproc_per_node "$NPROC" train.py --pretrained "$pretrained" --plugin ddp --max_steps "$steps" \
@@ -100,12 +101,15 @@ train_stage() {  # name, pretrained, steps, lr, then train.py flags
 }
 SHORT=$(( STEPS > 4 ? STEPS / 2 : 2 ))
 
+HELD_OUT=(--eval_dataset "$OUT/data/zh/eval" "$OUT/data/en/eval")
 step "4a. stage (a): the new embeddings only ($SHORT steps; every other weight frozen)"
-train_stage a_embeddings "$OUT/model_init" "$SHORT" "$LR" --dataset "$OUT/data/zh" --freeze_non_embeds_params
+train_stage a_embeddings "$OUT/model_init" "$SHORT" "$LR" --dataset "$OUT/data/zh" --freeze_non_embeds_params \
+    "${HELD_OUT[@]}"
 step "4b. stage (b): knowledge injection on the Chinese corpora ($STEPS steps, all weights)"
-train_stage b_injection "$OUT/ckpt_a_embeddings/modeling" "$STEPS" "$LR" --dataset "$OUT/data/zh"
+train_stage b_injection "$OUT/ckpt_a_embeddings/modeling" "$STEPS" "$LR" --dataset "$OUT/data/zh" "${HELD_OUT[@]}"
 step "4c. stage (c): replay, 70 % Chinese and 30 % English ($SHORT steps)"
-train_stage c_replay "$OUT/ckpt_b_injection/modeling" "$SHORT" "$LR" --dataset "$OUT/data/zh:0.7" "$OUT/data/en:0.3"
+train_stage c_replay "$OUT/ckpt_b_injection/modeling" "$SHORT" "$LR" --dataset "$OUT/data/zh:0.7" "$OUT/data/en:0.3" \
+    "${HELD_OUT[@]}"
 step "4d. stage (d): SFT on packed conversations ($STEPS steps)"
 train_stage d_sft "$OUT/ckpt_c_replay/modeling" "$STEPS" "$SFT_LR" --dataset "$OUT/data/sft" --eval_batches 0
 $PY -m colossal_llama.utils.plot_losses --log_dir "$OUT/tb/c_replay" --output "$OUT/losses_replay.png"

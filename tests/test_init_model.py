@@ -155,7 +155,12 @@ def test_sharded_untied_bf16_llama_keeps_shard_layout_and_pads_vocab(sharded_lla
     report = init_model_from_expanded_tokenizer(sharded_llama, mistral_expanded_tokenizer, out,
                                                 pad_vocab_to_multiple_of=multiple)
     assert (report.new_vocab_size, report.padding_rows, report.tied_embeddings) == (padded, padded - tokens, False)
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == padded
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == padded
+    # the rows before expansion travel with the model: LoRA's --lora_train_embeddings auto trains the embeddings
+    from colossal_llama.training.lora import vocabulary_was_expanded
+    assert config["colossal_llama_base_vocab_size"] == 32000
+    assert vocabulary_was_expanded(out) and not vocabulary_was_expanded(sharded_llama)
 
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == source_index["weight_map"]

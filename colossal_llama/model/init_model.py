@@ -41,6 +41,8 @@ VOCAB_MATRIX_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", 
 # Model-folder files that are not tokenizer files (everything else in the target tokenizer dir is copied).
 NOT_TOKENIZER_FILES = ("config.json", "generation_config.json")
 GATHER_CHUNK_BYTES = 256 << 20  # float32 working set of one mean-computation chunk
+# config.json key: the vocabulary rows before the first expansion (LoRA's ``--lora_train_embeddings auto`` reads it)
+BASE_VOCAB_KEY = "colossal_llama_base_vocab_size"
 TMP_KIND = "tmp-init"  # the target is built in ``.{target}.tmp-init-{pid}`` beside it, then renamed
 
 
@@ -182,6 +184,7 @@ def run_init(cfg: InitModelConfig) -> InitReport:
     try:
         bytes_written, copied = _write_weights(layout, tmp, set(vocab_matrices), piece_ids, source_tokens, new_vocab)
         config["vocab_size"] = new_vocab
+        config.setdefault(BASE_VOCAB_KEY, old_rows)  # a second expansion keeps the first base
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if (cfg.source_dir / "generation_config.json").is_file():
             shutil.copy2(cfg.source_dir / "generation_config.json", tmp / "generation_config.json")

@@ -14,14 +14,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from colossal_llama.model.init_model import BASE_VOCAB_KEY
 from colossal_llama.training.config import LORA_TARGETS
 from colossal_llama.training.model import EMBEDDING_MODULES
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.json_files import read_json
 
 TRAINABLE_FILE = "lora_trainable.safetensors"
-# written into config.json by init_model.py: the vocabulary size before expansion
-BASE_VOCAB_KEY = "colossal_llama_base_vocab_size"
 
 
 def vocabulary_was_expanded(model_dir: Path) -> bool:
