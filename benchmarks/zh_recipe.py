@@ -153,12 +153,12 @@ def init(work: Path, base: Path) -> str:
 
 def prepare(work: Path, cfg: RecipeConfig) -> str:
     from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
-    from colossal_llama.dataset.prepare import format_summary, prepare_pretrain
+    from colossal_llama.dataset.prepare import prepare_pretrain
 
     summary = prepare_pretrain(PretrainPrepConfig(
         input_dirs=[work / "train"], tokenizer_dir=work / "init", output=OutputLayout.under(work / "data"),
         max_length=cfg.max_length, num_bins=1, num_proc=min(8, os.cpu_count() or 1), seed=cfg.seed, overwrite=True))
-    print("\n".join(format_summary(summary.manifest, summary.seconds)), flush=True)
+    print("\n".join(summary.lines()), flush=True)
     return f"{summary.counts.tokens_out:,} tokens in {summary.counts.sequences} rows of <= {cfg.max_length}"
 
 

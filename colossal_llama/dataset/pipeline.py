@@ -63,6 +63,10 @@ class PrepSummary:
     def counts(self):
         return self.manifest.counts
 
+    def lines(self) -> list[str]:
+        """The human-readable summary (what came in, what went out, what was skipped, seconds per stage)."""
+        return format_summary(self.manifest, self.seconds, self.manifest_path)
+
     @property
     def part_dirs(self) -> list[Path]:
         return [self.arrow_dir / p.name for p in self.manifest.parts]
@@ -263,7 +267,7 @@ def _prepare(config: PrepConfig, template: ChatTemplate | None) -> PrepSummary:
         cache.close()
         run.publish(manifest)
     summary = PrepSummary(config.output.manifest, config.output.arrow_dir, manifest, clock.seconds, pids)
-    for line in format_summary(manifest, clock.seconds, config.output.manifest):
+    for line in summary.lines():
         logger.info(line)
     return summary
 
