@@ -63,17 +63,17 @@ def test_first_fit_fill_ratio_on_real_mix(real_lengths):
 
 
 def test_first_fit_tree_matches_brute_force(real_lengths):
-    """The segment tree picks exactly the first open sequence with room, like a linear scan would."""
+    """The segment tree puts each document exactly where a linear scan would: the first open sequence with room,
+    else a new one; and its root always holds the largest free space."""
     tree, free = FirstFit(300), []
     for n in real_lengths[:2000].clip(max=300).tolist():
-        expected = next((i for i, f in enumerate(free) if f >= n), None)
-        got = tree.first_with_room(n)
-        assert got == expected
-        if got is None:
-            got = tree.open()
+        expected = next((i for i, f in enumerate(free) if f >= n), len(free))
+        if expected == len(free):
             free.append(300)
-        tree.take(got, n)
-        free[got] -= n
+        free[expected] -= n
+        assert tree.place(n) == expected
+        assert tree.tree[1] == max(free)
+    assert tree.count == len(free)
 
 
 def test_packing_is_seeded(real_lengths):

@@ -9,14 +9,18 @@ import logging
 import zlib
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import sentencepiece as spm
 import zstandard
 
+from colossal_llama.dataset import records
 from colossal_llama.dataset.cli import pretrain_main
-from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
+from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig, Shard
 from colossal_llama.dataset.pipeline import prepare_pretrain
 from colossal_llama.dataset.prepared import load_part, part_dirs
+from colossal_llama.dataset.records import ReadLog, read_batches
+from colossal_llama.utils.errors import DataError
 from colossal_llama.utils.jsonl import CompressedInputError, iter_lines
 
 NEWS = "zh_news_peoples_daily_199801.jsonl"
@@ -128,3 +132,97 @@ def test_every_token_of_the_real_corpora_is_written(tmp_path, data_dir, mistral_
     assert counts.documents_in == expected_docs and counts.skipped == {"empty_text": 1}
     assert counts.fill_ratio > 0.98
     assert Path(summary.manifest_path).is_file()
+
+
+# ------------------------------------------------------------------------------------------ the fast reader
+def _read_all(files, strict=True, shard=Shard(), exact=False, monkeypatch=None):
+    """Every row read (file, line, category, source, target), the log, and the rows that came by the fast path."""
+    if exact:
+        monkeypatch.setattr(records, "_pretrain_columns", lambda file_index, lines: None)
+    log, rows, fast = ReadLog(list(files)), [], 0
+    for batch in read_batches(log, "pretrain", strict, shard):
+        columns = [batch.category, batch.fields["source"], batch.fields["target"]]
+        fast += len(batch) if isinstance(batch.category, pa.Array) else 0
+        columns = [c.to_pylist() if isinstance(c, pa.Array) else c for c in columns]
+        rows += [(batch.file, line, *values) for line, *values in zip(batch.line, *columns)]
+    if exact:
+        monkeypatch.undo()
+    return rows, log, fast
+
+
+@pytest.mark.parametrize("shard", [Shard(), Shard(1, 3)])
+def test_the_fast_reader_reads_the_real_corpora_as_the_exact_one_does(data_dir, monkeypatch, shard):
+    """Arrow's one-go parse and the line-by-line path give the same rows of the real corpora, and the fast path
+    really read nearly all of them (only the batch holding the novel's empty row went line by line)."""
+    files = sorted((data_dir / "pretrain").glob("*.jsonl"))
+    fast_rows, fast_log, fast = _read_all(files, shard=shard)
+    exact_rows, exact_log, none = _read_all(files, shard=shard, exact=True, monkeypatch=monkeypatch)
+    assert none == 0 and fast >= 0.95 * len(fast_rows)
+    assert fast_rows == exact_rows and len(fast_rows) > 10_000 // shard.count
+    assert (fast_log.lines_read, fast_log.documents, fast_log.skipped) == \
+           (exact_log.lines_read, exact_log.documents, exact_log.skipped)
+
+
+BAD_LINES = {  # line -> (text, reason under --skip_invalid)
+    3: ('{"source": "", "target": "x", "category": "news", "extra": 1}', "extra_field"),
+    250: ('{"source": 5, "target": "x", "category": "news"}', "wrong_type"),
+    999: ('{"source": "", "target": null, "category": "news"}', "wrong_type"),
+    1000: ('{"source": "", "target": "x"}', "missing_field"),
+    1001: ('{"source": "", "target": "a", "category": "news"} {"source": "", "target": "b", "category": "news"}',
+           "invalid_json"),
+    1200: (b'{"source": "", "target": "\xff", "category": "news"}', "not_utf8"),
+    2201: ('{"source": "", "target": "\\u3000\\u001c", "category": "news"}', "empty_text"),
+    1400: ('{"source": "q", "target": " ", "category": "news"}', "empty_target"),
+    1401: ('{"source": "", "target": "x", "category": "\\u2029"}', "empty_category"),
+    1402: ('["a list"]', "wrong_type"),
+}
+
+
+def test_a_bad_line_costs_only_itself_and_is_named_as_before(tmp_path, data_dir, monkeypatch):
+    """Bad lines among real ones: the fast path hands their batches to the exact path, so each is skipped (or,
+    under --strict, named by file:line) exactly as the line-by-line reader does, and every good line is kept."""
+    news = (data_dir / "pretrain" / NEWS).read_bytes().splitlines(keepends=True)[:3500]
+    for line, (text, _) in BAD_LINES.items():
+        news[line - 1] = (text if isinstance(text, bytes) else text.encode()) + b"\n"
+    path = tmp_path / NEWS
+    path.write_bytes(b"".join(news))
+    rows, log, fast = _read_all([path], strict=False)
+    exact_rows, exact_log, _ = _read_all([path], strict=False, exact=True, monkeypatch=monkeypatch)
+    assert rows == exact_rows and log.skipped == exact_log.skipped
+    expected = {}
+    for _, reason in BAD_LINES.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    assert log.skipped == expected and log.documents == 3500 - len(BAD_LINES)
+    assert [r[1] for r in rows] == [n for n in range(1, 3501) if n not in BAD_LINES]
+    assert fast == 500  # lines 3001-3500, the one batch without a bad line, went the fast way
+    with pytest.raises(DataError, match=rf"^{path}:3: extra: unexpected field"):
+        _read_all([path])
+
+
+def test_the_mirror_is_json_of_the_rows_also_for_awkward_file_names(tmp_path, data_dir, mistral_dir):
+    """The jsonl mirror is formatted without json.dumps per piece: still exactly its JSON, with the file name
+    escaped (a quote, a backslash, non-ASCII) and every piece named by file:line."""
+    folder = tmp_path / 'in "quoted" \\ 新闻'
+    folder.mkdir()
+    lines = (data_dir / "pretrain" / NEWS).read_text(encoding="utf-8").splitlines()[:300]
+    (folder / NEWS).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepare_pretrain(PretrainPrepConfig(input_dirs=[folder], tokenizer_dir=mistral_dir, max_length=512,
+                                        output=OutputLayout.under(tmp_path / "out"), num_bins=2))
+    named = []
+    for part in sorted((tmp_path / "out" / "jsonl").glob("part-*.jsonl")):
+        for line in part.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            assert line == json.dumps(row, ensure_ascii=False)
+            assert row["num_tokens"] == sum(p["tokens"] for p in row["pieces"])
+            named += [p["doc"] for p in row["pieces"]]
+    assert sorted(named, key=lambda n: int(n.rsplit(":", 1)[1])) == [f"{folder / NEWS}:{n}" for n in range(1, 301)]
+
+
+def test_arrow_and_python_agree_on_what_is_blank():
+    """The fast path's emptiness test (Arrow's Unicode whitespace) is exactly ``not text.strip()``."""
+    import sys
+
+    characters = [c for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000]  # surrogates are not UTF-8
+    texts = [chr(c) for c in characters if chr(c).isspace() or c % 97 == 0]
+    texts += ["", " a ", "\u3000\u001c", "\u200b", "\ufeff"]
+    assert records._blank(pa.array(texts)).to_pylist() == [not t.strip() for t in texts]

@@ -25,7 +25,7 @@ def category_rng(seed: int, category: str, purpose: str) -> np.random.Generator:
 
 
 class FirstFit:
-    """Open sequences with remaining capacity; ``first_with_room(n)`` finds the first one with room in O(log S).
+    """Open sequences with remaining capacity; ``place(n)`` puts n tokens into the first one with room in O(log S).
 
     A max-segment-tree over the sequences' free space (unopened slots have 0), grown by doubling; stored in a
     compact ``array('q')`` (8 bytes per node, fast scalar access from Python).
@@ -72,14 +72,29 @@ class FirstFit:
     def take(self, slot: int, n: int):
         self._set(slot, self.tree[slot + self.size] - n)
 
-    def first_with_room(self, n: int) -> int | None:
+    def place(self, n: int) -> int:
+        """Put ``n`` tokens into the first sequence with room for them (a new one when none has) -> its index.
+
+        The hot loop of packing: one descent to the leaf and one early-stopping climb, inlined."""
         tree, size = self.tree, self.size
         if tree[1] < n:
-            return None
+            slot = self.open()
+            self.take(slot, n)
+            return slot
         i = 1
         while i < size:
             i = 2 * i if tree[2 * i] >= n else 2 * i + 1
-        return i - size
+        tree[i] -= n
+        slot = i - size
+        i >>= 1
+        while i:
+            left, right = tree[2 * i], tree[2 * i + 1]
+            best = left if left > right else right
+            if tree[i] == best:
+                break
+            tree[i] = best
+            i >>= 1
+        return slot
 
 
 @dataclass
@@ -143,15 +158,13 @@ def pack_documents(docs: np.ndarray, lengths: np.ndarray, max_length: int, rng: 
     docs, lengths = np.asarray(docs, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
     order = rng.permutation(len(docs))
     fit = FirstFit(max_length)
+    place = fit.place
     p_doc, p_start, p_len, p_seq = array("q"), array("q"), array("q"), array("q")
     for begin in range(0, len(order), _LOOP_CHUNK):
         chosen = order[begin: begin + _LOOP_CHUNK]
         for doc, length in zip(docs[chosen].tolist(), lengths[chosen].tolist()):
             if length <= max_length:
-                slot = fit.first_with_room(length)
-                if slot is None:
-                    slot = fit.open()
-                fit.take(slot, length)
+                slot = place(length)
                 p_doc.append(doc)
                 p_start.append(0)
                 p_len.append(length)

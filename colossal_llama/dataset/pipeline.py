@@ -36,7 +36,7 @@ from colossal_llama.dataset.chat_templates import ChatTemplate, get_chat_templat
 from colossal_llama.dataset.config import SHARD_DIR, OutputLayout, PrepConfig, PretrainPrepConfig, SFTPrepConfig
 from colossal_llama.dataset.manifest import EVAL_DIR, Manifest, PartEntry
 from colossal_llama.dataset.packing import Plan, category_rng, plan_parts
-from colossal_llama.dataset.records import ReadLog, input_files, read_rows, validate_pretrain_row, validate_sft_row
+from colossal_llama.dataset.records import ReadLog, input_files, read_batches
 from colossal_llama.dataset.token_cache import DocTable, TokenCacheBuilder
 from colossal_llama.dataset.tokenization import tokenize_pretrain_batch, tokenize_sft_batch
 from colossal_llama.dataset.writing import PartWriter, WrittenPart, part_name
@@ -228,15 +228,15 @@ def _prepare(config: PrepConfig, template: ChatTemplate | None) -> PrepSummary:
     tokenizer = template.tokenizer if template is not None else _load_fast_tokenizer(config.tokenizer_dir)
     files = input_files(config.input_dirs)  # before touching the output
     if template is None:
-        validate, function, fn_kwargs = validate_pretrain_row, tokenize_pretrain_batch, {"tokenizer": tokenizer}
+        function, fn_kwargs = tokenize_pretrain_batch, {"tokenizer": tokenizer}
     else:
-        validate, function = validate_sft_row, tokenize_sft_batch
+        function = tokenize_sft_batch
         fn_kwargs = {"template": template, "max_length": config.max_length}
     with OutputRun(config) as run:
         read = ReadLog(files)
         builder = TokenCacheBuilder(run.work_dir, config.kind, function, fn_kwargs, config.num_proc)
         with clock("read+tokenize"):
-            cache = builder.build(read_rows(read, validate, config.strict, config.shard), files)
+            cache = builder.build(read_batches(read, config.kind, config.strict, config.shard), files)
         if read.documents == 0:
             cache.close()
             where = ", ".join(str(p) for p in files)

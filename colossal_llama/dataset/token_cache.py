@@ -1,6 +1,6 @@
 """The tokenised documents on disk: streamed in, tokenised by ``datasets`` in ``num_proc`` workers, memory-mapped.
 
-    rows (streaming) -> raw blocks (Arrow, 1, 2, then 4 MiB of input each; up to 64 MiB with workers)
+    row batches (streaming) -> raw blocks (Arrow, 1, 2, then 4 MiB of input each; up to 64 MiB with workers)
     -> Dataset.map(num_proc) -> token files (Arrow)
 
 Only per-document metadata is held in memory (:class:`DocTable`: numpy arrays, ~40 bytes a document); token ids
@@ -26,14 +26,15 @@ import datasets
 from datasets import Dataset
 from datasets.arrow_writer import ArrowWriter
 
-from colossal_llama.dataset.records import Row
+from colossal_llama.dataset.records import BATCH_LINES, RowBatch
+from colossal_llama.dataset.chat_templates import IGNORE_INDEX
 from colossal_llama.dataset.tokenization import RAW_FEATURES, TOKENIZED_FEATURES
 
 FIRST_BLOCK_BYTES = 1 << 20     # the first block is small (tokenising starts early), each next one twice as big...
 RAW_BLOCK_BYTES = 4 << 20       # ...up to this, one process (bounds the raw pages mapped at a time)
 POOLED_BLOCK_BYTES = 64 << 20   # input per block with num_proc workers (each map call starts a pool, ~0.6 s)
-RAW_BATCH_ROWS = 1000           # rows per raw record batch, and per map batch
-META_COLUMNS = ("category", "file", "line", "length", "full_length", "exchanges", "exchanges_kept")
+MAP_BATCH_ROWS = BATCH_LINES    # rows per map batch
+META_COLUMNS = ("category", "file", "line", "length", "full_length", "trained_from", "exchanges", "exchanges_kept")
 
 
 @contextlib.contextmanager
@@ -60,6 +61,7 @@ class DocTable:
     line: np.ndarray            # int64, 1-based line in its file
     length: np.ndarray          # int32, tokens kept (SFT: 0 = dropped, even its first exchange is too long)
     full_length: np.ndarray     # int32, tokens before truncation
+    trained_from: np.ndarray    # int32, pre-training: first trained token (after BOS + source); SFT: -1
     exchanges: np.ndarray       # int32 (SFT)
     exchanges_kept: np.ndarray  # int32 (SFT)
     categories: list[str]
@@ -85,7 +87,7 @@ class _TokenFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self.chunks: list[tuple[int, int, np.ndarray]] = []  # (ids position, labels position, doc value offsets)
+        self.chunks: list[tuple[int, int, np.ndarray]] = []  # (ids position, labels position or -1, doc offsets)
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             self._index(mapped)
         self.fd = os.open(path, os.O_RDONLY)
@@ -99,8 +101,11 @@ class _TokenFile:
         self.meta = {name: np.array(table.column(name).to_numpy(), copy=True) for name in META_COLUMNS + ("pid",)}
 
     def _position(self, array: pa.ListArray, mapped: pa.Buffer) -> int:
-        """Byte position in the file of value 0 of ``array`` (an int32 list chunk read in place from it)."""
+        """Byte position in the file of value 0 of ``array`` (an int32 list chunk read in place from it); -1 for
+        a chunk without values (pre-training labels, which are not stored)."""
         values = array.values
+        if len(values) == 0:
+            return -1
         position = values.buffers()[1].address - mapped.address + 4 * values.offset
         if not 0 <= position <= mapped.size:
             raise RuntimeError(f"{self.path}: token buffer not read in place from the file")
@@ -111,7 +116,11 @@ class _TokenFile:
 
 
 class TokenCache:
-    """Read access to the token files: per-document metadata in memory, tokens read on demand from disk."""
+    """Read access to the token files: per-document metadata in memory, tokens read on demand from disk.
+
+    Pre-training labels are not stored: they are the ids with the first ``trained_from`` tokens of each document
+    masked, made when the pieces are gathered (half the cache, half the reads). SFT labels are stored.
+    """
 
     def __init__(self, paths: list[Path], categories: list[str], category_codes: np.ndarray, files: list[Path]):
         self.paths = list(paths)
@@ -129,21 +138,31 @@ class TokenCache:
         self.tokenize_pids = sorted(np.unique(meta.pop("pid")).tolist())
         meta["category"] = np.asarray(category_codes, dtype=np.int32)[meta["category"]]
         self.docs = DocTable(**meta, categories=categories, files=files)
+        self._stored_labels = bool((self.docs.trained_from < 0).any())
 
     def gather(self, doc: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and labels of the pieces ``(doc, start, length)``, concatenated in order."""
         chunk = np.searchsorted(self._first_doc, doc, side="right") - 1
         skip = 4 * (self._value_offset[doc] + start)
-        total = int(length.sum())
-        ids, labels = np.empty(total, dtype=np.int32), np.empty(total, dtype=np.int32)
-        ids_out, labels_out = memoryview(ids).cast("B"), memoryview(labels).cast("B")
-        out = 0
-        for fd, a, b, n in zip(self._chunk_fd[chunk].tolist(), (self._ids_position[chunk] + skip).tolist(),
-                               (self._labels_position[chunk] + skip).tolist(), (4 * length).tolist()):
-            if os.preadv(fd, [ids_out[out: out + n]], a) != n or os.preadv(fd, [labels_out[out: out + n]], b) != n:
-                raise RuntimeError(f"token cache: short read at byte {a} (was a cache file changed?)")
+        fds, sizes = self._chunk_fd[chunk].tolist(), (4 * length).tolist()
+        ids = self._read(fds, (self._ids_position[chunk] + skip).tolist(), sizes)
+        if self._stored_labels:
+            return ids, self._read(fds, (self._labels_position[chunk] + skip).tolist(), sizes)
+        piece_start = np.cumsum(length) - length
+        position = np.arange(len(ids), dtype=np.int64) - np.repeat(piece_start, length)  # in the piece
+        masked = position < np.repeat(self.docs.trained_from[doc] - start, length)
+        return ids, np.where(masked, np.int32(IGNORE_INDEX), ids)
+
+    @staticmethod
+    def _read(fds: list[int], positions: list[int], sizes: list[int]) -> np.ndarray:
+        """The int32 values at byte ``positions[i]`` (``sizes[i]`` bytes) of file ``fds[i]``, concatenated."""
+        values = np.empty(sum(sizes) // 4, dtype=np.int32)
+        view, out = memoryview(values).cast("B"), 0
+        for fd, position, n in zip(fds, positions, sizes):
+            if os.preadv(fd, [view[out: out + n]], position) != n:
+                raise RuntimeError(f"token cache: short read at byte {position} (was a cache file changed?)")
             out += n
-        return ids, labels
+        return values
 
     def close(self) -> None:
         for token_file in self._files:
@@ -213,9 +232,9 @@ class TokenCacheBuilder:
         self.token_files: list[Path] = []
         self.category_codes: dict[str, int] = {}  # in first-seen order
 
-    def build(self, rows: Iterable[Row], files: list[Path]) -> TokenCache:
+    def build(self, batches: Iterable[RowBatch], files: list[Path]) -> TokenCache:
         """Tokenise every row into the cache; categories get their sorted-name index."""
-        blocks = self._raw_blocks(iter(rows))
+        blocks = self._raw_blocks(iter(batches))
         for raw_path in _Background(blocks) if self.num_proc == 1 else blocks:
             self._tokenize(raw_path)
         names = sorted(self.category_codes)
@@ -224,28 +243,38 @@ class TokenCacheBuilder:
             codes[self.category_codes[name]] = sorted_index
         return TokenCache(self.token_files, names, codes, files)
 
-    def _raw_blocks(self, rows: Iterator[Row]) -> Iterator[Path]:
-        """Write rows into raw block files of about ``block_bytes`` of input each; yield each finished file."""
+    def _raw_blocks(self, batches: Iterator[RowBatch]) -> Iterator[Path]:
+        """Write row batches into raw block files of about ``block_bytes`` of input each; yield each finished file."""
         features = RAW_FEATURES[self.kind]
-        text_columns = [name for name in features if name not in ("file", "line", "category")]
-        codes = self.category_codes
         for block in itertools.count():
             path = self.work_dir / f"raw-{block:05d}.arrow"
-            writer = ArrowWriter(features=features, path=str(path), writer_batch_size=RAW_BATCH_ROWS)
-            written, block_bytes = 0, min(self.block_bytes, self.first_block_bytes << block)
-            for batch in _batches(rows, RAW_BATCH_ROWS, block_bytes):
-                columns = {"file": [r.file for r in batch], "line": [r.line for r in batch],
-                           "category": [codes.setdefault(r.category, len(codes)) for r in batch]}
-                for i, name in enumerate(text_columns):
-                    columns[name] = [r.fields[i] for r in batch]
-                writer.write_batch(columns)
-                written += len(batch)
+            writer = ArrowWriter(features=features, path=str(path), writer_batch_size=MAP_BATCH_ROWS)
+            written, taken, block_bytes = 0, 0, min(self.block_bytes, self.first_block_bytes << block)
+            while taken < block_bytes:
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                n = len(batch)
+                writer.write_batch({"file": pa.array(np.full(n, batch.file, dtype=np.int32)),
+                                    "line": pa.array(np.asarray(batch.line, dtype=np.int64)),
+                                    "category": pa.array(self._category_codes(batch.category)), **batch.fields})
+                written, taken = written + n, taken + batch.nbytes
             writer.finalize()
             writer.close()
             if not written:
                 path.unlink()
                 return
             yield path
+
+    def _category_codes(self, names: list | pa.Array) -> np.ndarray:
+        """int32 code of each category name (codes in first-seen order, made sorted-name indices at the end)."""
+        codes = self.category_codes
+        if isinstance(names, list):
+            return np.array([codes.setdefault(name, len(codes)) for name in names], dtype=np.int32)
+        encoded = names.dictionary_encode()
+        known = np.array([codes.setdefault(name, len(codes)) for name in encoded.dictionary.to_pylist()],
+                         dtype=np.int32)
+        return known[encoded.indices.to_numpy(zero_copy_only=False)]
 
     def _tokenize(self, raw_path: Path) -> None:
         block = int(raw_path.stem.split("-")[1])
@@ -254,7 +283,7 @@ class TokenCacheBuilder:
         # one process: the read bar shows the rate (reading keeps one block ahead); workers: datasets' bar does
         with _tokenizer_threads(enabled=num_proc is None), _quiet_datasets(num_proc is None):
             out = raw.with_format("arrow").map(
-                self.function, batched=True, batch_size=RAW_BATCH_ROWS, num_proc=num_proc, fn_kwargs=self.fn_kwargs,
+                self.function, batched=True, batch_size=MAP_BATCH_ROWS, num_proc=num_proc, fn_kwargs=self.fn_kwargs,
                 remove_columns=raw.column_names, features=TOKENIZED_FEATURES,
                 cache_file_name=str(self.work_dir / f"tokens-{block:05d}.arrow"), load_from_cache_file=False,
                 new_fingerprint=f"tokens-{self.kind}-{block:05d}", desc=f"tokenize block {block + 1}",
@@ -262,17 +291,6 @@ class TokenCacheBuilder:
         self.token_files.extend(Path(f["filename"]) for f in out.cache_files)
         del out, raw  # unmaps the raw block before it is deleted
         raw_path.unlink()
-
-
-def _batches(rows: Iterator[Row], size: int, max_bytes: int) -> Iterator[list[Row]]:
-    """Lists of up to ``size`` rows from ``rows``, until about ``max_bytes`` of input were taken."""
-    taken = 0
-    while taken < max_bytes:
-        batch = list(itertools.islice(rows, size))
-        if not batch:
-            return
-        taken += sum(r.nbytes for r in batch)
-        yield batch
 
 
 @contextlib.contextmanager
