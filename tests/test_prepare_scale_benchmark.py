@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.multiprocess
 def test_prepare_scale_prints_a_row_per_size_and_for_two_shards(tmp_path, data_dir):
     corpus = write_input_slice(data_dir, tmp_path / "corpus", {"en_novel_botchan.jsonl": 100, "zh_reviews.jsonl": 200})
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "prepare_scale.py"), "--sizes", "1", "--repeat", "2",
-                          "--shard_size", "2", "--corpus", str(corpus), "--num_bins", "2"],
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "prepare_scale.py"), "--sizes", "1",
+                          "--repeat", "2", "--shard_size", "2", "--corpus", str(corpus), "--num_bins", "2"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "every file copied 1x, 2x: a real corpus made bigger" in out.stdout

@@ -164,8 +164,7 @@ def read_batches(log: ReadLog, kind: str, strict: bool, shard: Shard) -> Iterato
         for file_index, path in enumerate(log.files):
             lines = iter_lines(path)
             while chunk := list(itertools.islice(lines, BATCH_LINES)):
-                kept = [(n, raw) for n, raw in chunk if (shard.count == 1 or shard.owns(file_index, n))
-                        and raw.strip()]
+                kept = [(n, raw) for n, raw in chunk if shard.owns(file_index, n) and raw.strip()]
                 if not kept:
                     continue
                 log.lines_read += len(kept)

@@ -26,8 +26,8 @@ import datasets
 from datasets import Dataset
 from datasets.arrow_writer import ArrowWriter
 
-from colossal_llama.dataset.records import BATCH_LINES, RowBatch
 from colossal_llama.dataset.chat_templates import IGNORE_INDEX
+from colossal_llama.dataset.records import BATCH_LINES, RowBatch
 from colossal_llama.dataset.tokenization import RAW_FEATURES, TOKENIZED_FEATURES
 
 FIRST_BLOCK_BYTES = 1 << 20     # the first block is small (tokenising starts early), each next one twice as big...

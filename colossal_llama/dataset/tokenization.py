@@ -67,7 +67,6 @@ def _table(batch: pa.Table, docs: Iterable[list[int]], lengths: np.ndarray, trai
     else:
         flat_labels = np.fromiter(itertools.chain.from_iterable(labels), dtype=np.int32, count=total)
         stored_labels = pa.ListArray.from_arrays(list_offsets, pa.array(flat_labels))
-        trained_from = np.full(n, -1)
 
     def ints(values) -> pa.Array:
         return pa.array(np.asarray(values, dtype=np.int32))
@@ -76,9 +75,9 @@ def _table(batch: pa.Table, docs: Iterable[list[int]], lengths: np.ndarray, trai
         "file": batch.column("file"), "line": batch.column("line"), "category": batch.column("category"),
         "input_ids": pa.ListArray.from_arrays(list_offsets, pa.array(ids)),
         "labels": stored_labels,
-        "length": ints(lengths), "full_length": ints(full_length), "trained_from": ints(trained_from),
-        "exchanges": ints(exchanges),
-        "exchanges_kept": ints(exchanges_kept), "pid": ints(np.full(n, os.getpid())),
+        "length": ints(lengths), "full_length": ints(full_length),
+        "trained_from": ints(trained_from if labels is None else np.full(n, -1)),  # -1: labels stored
+        "exchanges": ints(exchanges), "exchanges_kept": ints(exchanges_kept), "pid": ints(np.full(n, os.getpid())),
     })
 
 
