@@ -8,14 +8,15 @@
 #                continual pre-training on People's Daily, bits/char and chars/token before/after
 #
 #   bash scripts/gpu_check.sh [--dry-run] [correctness] [throughput] [recipe]
-#   bash scripts/gpu_check.sh --pack     # on the development machine: fill .gpukit/ and .gpudata/ for the device
+#   bash scripts/gpu_check.sh --pack     # on the development machine: fill .gpucarry/1..3 for the device calls
 #
 # --dry-run runs every part on CPU with the tiny shape (CUDA-only runs are reported as skipped, with the reason):
 # it proves the script, not the GPU; .ci/run runs it.
-# Environment: GPU_KIT (wheel folder, default .gpukit/), GPU_REPORT (default gpu_report.md), GPU_WORK (default
+# Environment: GPU_KIT (wheel folder, default .gpukit/), GPU_CARRY (the folders --pack fills, default .gpucarry/:
+# their kit/ wheels join GPU_KIT's, their data/ is the data), GPU_REPORT (default gpu_report.md), GPU_WORK (default
 # outputs/gpu_check), GPU_SITE (where the kit is installed, default /tmp/site), PYTHON (default: python3 with the
 # kit; without a kit, or with --dry-run, .venv/bin/python or the active python), GPU_BUDGET_<PART> (seconds).
-# Data: .gpudata/ (made by --pack, carried to the device) when present, else COLOSSAL_LLAMA_DATA / ../shared/data.
+# Data: GPU_CARRY/*/data when present, else COLOSSAL_LLAMA_DATA / ../shared/data.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -29,7 +30,7 @@ for arg in "$@"; do
     --dry-run) DRY=1 ;;
     --pack) PACK=1 ;;
     correctness|throughput|recipe) WANT+=("$arg") ;;
-    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "error: gpu_check.sh: unknown argument '$arg' (parts: ${ALL_PARTS[*]}; flags: --dry-run, --pack)" >&2; exit 2 ;;
   esac
 done
@@ -39,33 +40,14 @@ for part in "${ALL_PARTS[@]}"; do  # always in this order, whatever the command 
 done
 
 KIT="${GPU_KIT:-.gpukit}"
+CARRY="${GPU_CARRY:-.gpucarry}"
 GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # ----------------------------------------------------------------------------------------------- --pack
 if [[ $PACK == 1 ]]; then
-  SHARED="${GPU_SHARED:-$ROOT/../shared}"
-  [[ -d "$SHARED/gpu" && -f "$SHARED/data/models/$GGUF_NAME" ]] || { echo "error: --pack: $SHARED/gpu or $SHARED/data/models/$GGUF_NAME missing" >&2; exit 2; }
-  rm -rf "$KIT" .gpudata
-  mkdir -p "$KIT" .gpudata/a/models .gpudata/a/pretrain .gpudata/b/models .gpudata/b/pretrain
-  cp "$SHARED"/gpu/*.whl "$KIT"/
-  # Each device call carries at most 64 MiB with the tracked files: the 94 MiB GGUF travels in two halves.
-  split -n 2 -d -a 1 "$SHARED/data/models/$GGUF_NAME" ".gpudata/x-"
-  mv .gpudata/x-0 ".gpudata/a/models/$GGUF_NAME.part-0"
-  mv .gpudata/x-1 ".gpudata/b/models/$GGUF_NAME.part-1"
-  (cd "$SHARED/data/models" && md5sum "$GGUF_NAME") > ".gpudata/a/models/$GGUF_NAME.md5"
-  cp "$SHARED/data/pretrain/zh_news_peoples_daily_199801.jsonl" .gpudata/a/pretrain/
-  cp "$SHARED/data/pretrain/zh_reviews.jsonl" "$SHARED/data/pretrain/en_novel_botchan.jsonl" .gpudata/b/pretrain/
-  tracked=$(git ls-files -z | xargs -0 cat | wc -c)
-  for d in "$KIT" .gpudata/a .gpudata/b; do
-    echo "$d: $(( ($(du -sb "$d" | cut -f1) + tracked) / 1048576 )) MiB with the tracked files (limit 64 MiB a call)"
-  done
-  cat <<'EOF'
-Device calls, back to back (a warm machine keeps ignored folders and /tmp between calls, for 30 s idle):
-  1. carry [".gpukit"]     command: ls .gpukit | wc -l
-  2. carry [".gpudata/a"]  command: du -sh .gpudata/a
-  3. carry [".gpudata/b"]  command: GPU_REPORT=$OUT/gpu_report.md bash scripts/gpu_check.sh; tar czf $OUT/gpu_logs.tgz -C outputs/gpu_check logs
-EOF
-  exit 0
+  # The payload (kit, full corpora, GGUF: about 163 MiB) spread evenly over the device calls (64 MiB each with the
+  # tracked files): scripts/gpu_pack.py prints each call's size and the calls to make.
+  exec "${PYTHON:-python3}" scripts/gpu_pack.py --shared "${GPU_SHARED:-$ROOT/../shared}" --out "$CARRY"
 fi
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -75,7 +57,9 @@ if [[ $DRY == 1 ]]; then
 else
   # Sum 580 s: one device command may run 600 s. Estimated on an H100 (not measured yet): setup 60-130 s (kit 15 s,
   # HybridAdam kernels 45-110 s), correctness 120-150, throughput 160-200, recipe 100-130: the target of 9 minutes
-  # is tight; a part that overruns is cut at its budget and the report says so.
+  # is tight; a part that overruns is cut at its budget and the report says so. The kernel builds, rehearsed for sm_90
+  # on 2 CPU cores without a GPU (scripts/gpu_rehearsal.sh): fused_optim 160 s (5 files, split over cores), cpu_adam
+  # 76 s (one file, the floor whatever the cores).
   declare -A BUDGET=([setup]=140 [correctness]=150 [throughput]=165 [recipe]=125)
   TOTAL_LIMIT=540
 fi
@@ -91,7 +75,14 @@ mkdir -p "$LOGS" "$(dirname "$REPORT")"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 COLUMNS=250
 
 KIT_WHEELS=()
-[[ $DRY == 0 && -d "$KIT" ]] && KIT_WHEELS=("$KIT"/*.whl) && [[ -e "${KIT_WHEELS[0]}" ]] || KIT_WHEELS=()
+FOUND_WHEELS=()
+declare -A SEEN_WHEEL
+for wheel in "$KIT"/*.whl "$CARRY"/*/kit/*.whl; do  # one of each name (an old .gpukit beside the carries)
+  [[ -f "$wheel" && -z "${SEEN_WHEEL[$(basename "$wheel")]:-}" ]] || continue
+  SEEN_WHEEL[$(basename "$wheel")]=1
+  FOUND_WHEELS+=("$wheel")
+done
+[[ $DRY == 0 ]] && KIT_WHEELS=("${FOUND_WHEELS[@]}")
 if [[ -n "${PYTHON:-}" ]]; then
   PY="$PYTHON"
 elif [[ ${#KIT_WHEELS[@]} -gt 0 ]]; then
@@ -220,10 +211,10 @@ if [[ ${#KIT_WHEELS[@]} -gt 0 ]]; then
   stamp="$SITE/.gpu_check-kit"
   want_stamp="$(ls -l "${KIT_WHEELS[@]}" | awk '{print $5, $NF}' | sha256sum | cut -d' ' -f1)"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]]; then
-    report "- kit: the ${#KIT_WHEELS[@]} wheels of $KIT are already installed in $SITE"
+    report "- kit: the ${#KIT_WHEELS[@]} wheels of $KIT and $CARRY are already installed in $SITE"
   elif python3 -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "${KIT_WHEELS[@]}" > "$LOGS/kit.log" 2>&1; then
     echo "$want_stamp" > "$stamp"
-    report "- kit: ${#KIT_WHEELS[@]} wheels from $KIT installed into $SITE in $(( $(now) - t0 )) s"
+    report "- kit: ${#KIT_WHEELS[@]} wheels from $KIT and $CARRY installed into $SITE in $(( $(now) - t0 )) s"
   else
     rc=1
     report "- kit: **pip install failed**: $(tail -n 1 "$LOGS/kit.log")"
@@ -231,32 +222,35 @@ if [[ ${#KIT_WHEELS[@]} -gt 0 ]]; then
   export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-  report "- kit: none installed ($([[ $DRY == 1 ]] && echo "dry run" || echo "no wheels in $KIT")): using $PY as it is"
+  report "- kit: none installed ($([[ $DRY == 1 ]] && echo "dry run, ${#FOUND_WHEELS[@]} wheels found" || echo "no wheels in $KIT or $CARRY")): using $PY as it is"
 fi
 
-if [[ -d .gpudata/a ]]; then  # data carried to the device in parts by --pack: the bundled slice + full corpora + GGUF
-  DATA=.gpudata/root
+if compgen -G "$CARRY/*/data" > /dev/null; then  # carried in parts by --pack: bundled slice + full corpora + GGUF
+  DATA="$CARRY/root"
   rm -rf "$DATA"
   cp -r examples/data "$DATA"
-  for d in .gpudata/*/; do [[ "$d" == .gpudata/root/ ]] || cp -r "$d". "$DATA"/; done
-  if ls "$DATA/models/$GGUF_NAME".part-* > /dev/null 2>&1; then
-    cat "$DATA/models/$GGUF_NAME".part-* > "$DATA/models/$GGUF_NAME" && rm -f "$DATA/models/$GGUF_NAME".part-*
+  for d in "$CARRY"/*/data/; do cp -r "$d". "$DATA"/; done
+  mapfile -t parts < <(ls -v "$DATA/models/$GGUF_NAME".part-* 2>/dev/null)  # -v: part-10 after part-9
+  if [[ ${#parts[@]} -gt 0 ]]; then
+    cat "${parts[@]}" > "$DATA/models/$GGUF_NAME" && rm -f "${parts[@]}"
     if [[ -f "$DATA/models/$GGUF_NAME.md5" ]] && ! (cd "$DATA/models" && md5sum -c --status "$GGUF_NAME.md5"); then
-      report "- data: **$GGUF_NAME reassembled with the wrong checksum** (a half missing?)"
+      report "- data: **$GGUF_NAME reassembled from ${#parts[@]} parts with the wrong checksum** (a call's part missing?)"
       rc=1
     fi
   fi
-  export COLOSSAL_LLAMA_DATA="$ROOT/$DATA"
+  [[ "$DATA" == /* ]] || DATA="$ROOT/$DATA"
+  export COLOSSAL_LLAMA_DATA="$DATA"
 fi
 DATA_ROOT="$("$PY" -c 'from colossal_llama.utils.paths import data_root; print(data_root())' 2>>"$LOGS/setup.log")"
 report "- data: $DATA_ROOT ($(ls "$DATA_ROOT/pretrain" 2>/dev/null | wc -l) pre-training files, SmolLM2 GGUF $([[ -f "$DATA_ROOT/models/$GGUF_NAME" ]] && echo present || echo absent))"
 
 versions="$("$PY" - 2>>"$LOGS/setup.log" <<'EOF'
-import importlib.util, platform, torch
+import importlib.metadata, importlib.util, platform, torch
 parts = [f"Python {platform.python_version()}", f"torch {torch.__version__}"]
 for name in ("transformers", "colossalai", "liger_kernel", "datasets"):
     try:
-        parts.append(f"{name} {__import__(name).__version__}")
+        __import__(name)  # importable, not only installed; the version from its metadata (liger_kernel has no __version__)
+        parts.append(f"{name} {importlib.metadata.version(name)}")
     except Exception as err:  # noqa: BLE001 - report, do not stop
         why = "absent" if importlib.util.find_spec(name) is None else f"NOT IMPORTABLE ({type(err).__name__}: {err})"
         parts.append(f"{name} {why[:160]}")
@@ -346,7 +340,7 @@ for part in "${PARTS[@]}"; do
       ;;
     recipe)
       if [[ $RECIPE_READY == 0 ]]; then
-        report "- skipped: the SmolLM2 GGUF is not at $DATA_ROOT/models/$GGUF_NAME (on the device: carry .gpudata, see --pack)"
+        report "- skipped: the SmolLM2 GGUF is not at $DATA_ROOT/models/$GGUF_NAME (on the device: carry .gpucarry, see --pack)"
         RESULT[recipe]="skipped (no SmolLM2 GGUF)"
         [[ $DRY == 1 ]] && rc=0 || rc=1
       else

@@ -10,7 +10,8 @@ What fails on CPU (torch 2.13, 2 ranks) and what stands in, method by method on 
   ``overlap_communication=False`` on CPU (colossal_llama.training.plugin).
 - ``LowLevelZeroOptimizer._sanity_checks`` asserts the accelerator is cuda/npu ("device is required"); the
   stand-in keeps its other check (all params share the optimizer dtype).
-- ``torch.distributed.is_hccl_available`` no longer exists in recent torch; pipeline code calls it.
+- ``torch.distributed.is_hccl_available`` and ``Backend.HCCL`` no longer exist in recent torch; pipeline code reads
+  them (the latter only when NCCL is available, i.e. with a CUDA build of torch on a machine without a GPU).
 
 ``apply()`` does nothing when CUDA is available, so the same launcher is safe on a GPU machine.
 """
@@ -104,6 +105,8 @@ def apply() -> bool:
     _allow_cpu_zero()
     if not hasattr(torch.distributed, "is_hccl_available"):
         torch.distributed.is_hccl_available = lambda: False
+    if not hasattr(torch.distributed.Backend, "HCCL"):
+        torch.distributed.Backend.HCCL = "hccl"  # a name no gloo group has: the comparison is simply False
     # Tensors on CPU have no record_stream; the stand-in stream makes it meaningless anyway.
     if not hasattr(torch.Tensor, "_colossal_llama_record_stream"):
         original = torch.Tensor.record_stream
