@@ -65,7 +65,7 @@ def run_setup(carry: Path, tmp_path: Path) -> tuple:
     """gpu_check.sh's setup (and the quick dry-run correctness part) over ``carry``: (exit code, report text)."""
     report = tmp_path / "report.md"
     env = {**os.environ, "GPU_CARRY": str(carry), "GPU_REPORT": str(report), "GPU_WORK": str(tmp_path / "work"),
-           "GPU_KIT": str(tmp_path / "no-kit")}
+           "GPU_KIT": str(tmp_path / "no-kit"), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "correctness"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     return proc.returncode, report.read_text()
