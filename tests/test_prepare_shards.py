@@ -146,9 +146,8 @@ def test_bad_shard_flags_are_one_line_errors(flags, message):
 def test_torchrun_spreads_the_shards_over_its_processes(runs, mistral_dir, tmp_path):
     """What ``colossalai run --hostfile H prepare_pretrain_dataset.py`` does on each node: WORLD_SIZE/RANK pick
     the shard. Two processes give the same shards as preparing them one by one."""
-    torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
          str(REPO / "prepare_pretrain_dataset.py"), "--data_input_dirs", str(runs["inputs"]), "--tokenizer_dir",
          str(mistral_dir), "--data_output_dirs", str(tmp_path / "out"), "--max_length", "256",
          "--num_spliced_dataset_bins", str(BINS), "--seed", "3"],

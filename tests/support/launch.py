@@ -22,8 +22,8 @@ def free_port() -> int:
 
 
 def torchrun_command(train_args: List[str], nproc: int = 2) -> List[str]:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    return [str(torchrun), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+    # torchrun's module, not its console script: an image may keep python and its scripts in different folders
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
             "--master_port", str(free_port()), str(TRAIN_ENTRY), *train_args]
 
 
