@@ -50,17 +50,18 @@ def plan(whole: List[tuple], gguf_size: int, calls: int) -> List[Carry]:
     carries = [Carry() for _ in range(calls)]
     for src, dest in sorted(whole, key=lambda f: -f[0].stat().st_size):
         min(carries, key=lambda c: c.load).files.append((src, dest))
-    target = -(-(sum(c.load for c in carries) + gguf_size) // calls)  # ceil: the last part takes what is left
+    # ceil: the room up to the target, summed over the carries, is at least the GGUF, so the parts hold all of it
+    target = -(-(sum(c.load for c in carries) + gguf_size) // calls)
     left = gguf_size
     for carry in carries:
         carry.gguf_bytes = min(max(0, target - carry.load), left)
         left -= carry.gguf_bytes
-    carries[-1].gguf_bytes += left
     return carries
 
 
 def write(carries: List[Carry], gguf: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
+    digest = hashlib.md5()  # of the parts as they are cut: together they are the whole GGUF
     with open(gguf, "rb") as source:
         part = 0
         for number, carry in enumerate(carries, start=1):
@@ -71,10 +72,11 @@ def write(carries: List[Carry], gguf: Path, out: Path) -> None:
                 (folder / dest).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, folder / dest)
             if carry.gguf_bytes:
-                (folder / "data" / "models" / f"{GGUF}.part-{part}").write_bytes(source.read(carry.gguf_bytes))
+                piece = source.read(carry.gguf_bytes)
+                digest.update(piece)
+                (folder / "data" / "models" / f"{GGUF}.part-{part}").write_bytes(piece)
                 part += 1
-    digest = hashlib.md5(gguf.read_bytes()).hexdigest()
-    (out / "1" / "data" / "models" / f"{GGUF}.md5").write_text(f"{digest}  {GGUF}\n")
+    (out / "1" / "data" / "models" / f"{GGUF}.md5").write_text(f"{digest.hexdigest()}  {GGUF}\n")
 
 
 def main(argv=None) -> int:

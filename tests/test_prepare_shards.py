@@ -15,6 +15,7 @@ from colossal_llama.dataset.pipeline import prepare_pretrain
 from colossal_llama.dataset.prepared import load_part, resolve_parts
 from colossal_llama.training.data import StepBatchSampler, collect_parts, epoch_order, expand_dataset_args, load_prepared
 from colossal_llama.utils.errors import UserInputError
+from tests.support.launch import torchrun_command
 from tests.support.prepared_data import reassemble, write_input_slice
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,10 +148,10 @@ def test_torchrun_spreads_the_shards_over_its_processes(runs, mistral_dir, tmp_p
     """What ``colossalai run --hostfile H prepare_pretrain_dataset.py`` does on each node: WORLD_SIZE/RANK pick
     the shard. Two processes give the same shards as preparing them one by one."""
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-         str(REPO / "prepare_pretrain_dataset.py"), "--data_input_dirs", str(runs["inputs"]), "--tokenizer_dir",
-         str(mistral_dir), "--data_output_dirs", str(tmp_path / "out"), "--max_length", "256",
-         "--num_spliced_dataset_bins", str(BINS), "--seed", "3"],
+        torchrun_command(["--data_input_dirs", str(runs["inputs"]), "--tokenizer_dir", str(mistral_dir),
+                          "--data_output_dirs", str(tmp_path / "out"), "--max_length", "256",
+                          "--num_spliced_dataset_bins", str(BINS), "--seed", "3"],
+                         entry=REPO / "prepare_pretrain_dataset.py"),
         capture_output=True, text=True, cwd=REPO, timeout=300,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     assert proc.returncode == 0, proc.stderr[-3000:]

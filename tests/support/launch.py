@@ -21,10 +21,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(train_args: List[str], nproc: int = 2) -> List[str]:
+def torchrun_command(args: List[str], nproc: int = 2, entry: Path = TRAIN_ENTRY) -> List[str]:
+    """``entry args`` on ``nproc`` local ranks (default entry: train.py with the colossalai CPU patches)."""
     # torchrun's module, not its console script: an image may keep python and its scripts in different folders
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), str(TRAIN_ENTRY), *train_args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), str(entry), *args]
 
 
 def worker_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
