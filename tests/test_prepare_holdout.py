@@ -87,6 +87,22 @@ def test_training_reads_the_held_out_split_like_the_training_parts(held, mistral
         expand_dataset_args([str(plain.arrow_dir.parent)], split="eval")
 
 
+def test_the_training_parts_are_never_their_own_held_out_split(held, inputs, mistral_dir, tmp_path):
+    """``--dataset OUT/arrow`` (the README's form) or one of its parts: validation reads OUT's held-out split, and
+    without one there is none to read (not the training rows, scored as if held out)."""
+    from colossal_llama.training.inputs import held_out_splits
+
+    out, _ = held
+    for named in (out / "arrow", out / "arrow" / "part-00001", out / "eval", out / "eval" / "part-00000"):
+        assert expand_dataset_args([str(named)], split="eval") == [out / "eval" / "part-00000"], named
+    plain = _prepare(inputs, mistral_dir, tmp_path / "plain").arrow_dir
+    for named in (plain, plain / "part-00000"):
+        with pytest.raises(UserInputError, match="no held-out split"):
+            expand_dataset_args([str(named)], split="eval")
+    assert held_out_splits([str(plain), f"{plain / 'part-00000'}:0.5", str(out / "arrow")]) == [str(out / "arrow")]
+    assert expand_dataset_args([str(plain)]) == [plain / f"part-{k:05d}" for k in range(3)]  # training reads them
+
+
 def test_each_shard_holds_out_its_own_documents(inputs, mistral_dir, tmp_path):
     shards = [_prepare(inputs, mistral_dir, tmp_path / "out", shard=Shard(i, 2), holdout_fraction=FRACTION)
               for i in range(2)]

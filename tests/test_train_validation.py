@@ -35,8 +35,21 @@ def validated(tmp_path_factory, tiny_llama, prepared_with_heldout):
         log = train_ok(root, name, train_args(tiny_llama, prepared_with_heldout, root / name, "--plugin", "ddp",
                                               *DP2_BATCH, *extra)).read_text()
         runs[name] = (root / name, log)
-    runs["tb"] = root / "tb"
+    runs["tb"], runs["inputs"] = root / "tb", (tiny_llama, prepared_with_heldout)
     return runs
+
+
+def _planned_loss_tokens(model, data, split: str) -> int:
+    """Loss tokens (shifted: a row's first label predicts nothing) of the batches validation plans (EVAL's 8 batches
+    of DP2_BATCH's 1 row) over ``split`` of ``data``."""
+    from colossal_llama.tokenizer.loading import load_tokenizer
+    from colossal_llama.training.collate import IGNORE_INDEX
+    from colossal_llama.training.data import load_training_data
+    from colossal_llama.training.validation import batch_plan
+
+    rows = load_training_data([str(data)], load_tokenizer(model), 10**6, 128, "-", split=split)
+    plan = batch_plan([rows.categories[c] for c in rows.row_category], 1, 8)
+    return sum(int((rows.dataset[int(r)]["labels"][1:] != IGNORE_INDEX).sum()) for _, batch in plan for r in batch)
 
 
 def test_validation_reports_each_category_and_leaves_training_untouched(validated):
@@ -53,6 +66,8 @@ def test_validation_reports_each_category_and_leaves_training_untouched(validate
         assert record["scores"]["all"]["tokens"] == sum(p["tokens"] for p in parts)
     first, last = records[0]["scores"]["all"], records[-1]["scores"]["all"]
     assert last["loss"] < first["loss"] - 0.05 and last["characters"] == first["characters"]  # same batches
+    held_out, trained = (_planned_loss_tokens(*validated["inputs"], split) for split in ("eval", "train"))
+    assert first["tokens"] == held_out != trained  # the held-out rows were scored, not the training rows
     assert "validation after step 8:" in log and "  novel " in log and "bits/char" in log
     from colossal_llama.utils.plot_losses import read_scalars
 

@@ -6,7 +6,8 @@ A ``--dataset`` value may be any of:
 * ``OUT`` of a sharded run (``shard-*`` folders, no manifest of its own): every shard, all of which must be there;
 * ``OUT/arrow`` (all its parts), ``OUT/eval`` (the held-out parts), or one part ``OUT/arrow/part-XXXXX``.
 
-``split="eval"`` turns an output folder into its held-out parts (``OUT/eval``) instead of ``OUT/arrow``.
+``split="eval"`` turns any of these into the held-out parts (``OUT/eval``) of the output it belongs to: ``OUT/arrow``
+and its parts are training rows, never a held-out split of their own.
 """
 from __future__ import annotations
 
@@ -68,6 +69,18 @@ def _output_parts(root: Path, split: str) -> list[Path]:
     return part_dirs(root / "arrow")
 
 
+def _output_of_training_parts(path: Path) -> Path | None:
+    """``OUT`` when ``path`` is its training parts folder (``OUT/arrow``) or one of their parts, else None."""
+    is_part = (path / "state.json").is_file()
+    if not is_part and not any(path.glob("part-*")):
+        return None
+    folder = path.parent if is_part else path
+    manifest = folder.parent / "manifest.json"
+    if not manifest.is_file() or folder.name == read_manifest(manifest).eval_dir:
+        return None
+    return folder.parent
+
+
 def resolve_parts(path, split: str = "train") -> list[Path]:
     """The part dirs one ``--dataset`` value names (see the module docstring), in a fixed order."""
     if split not in SPLITS:
@@ -75,6 +88,9 @@ def resolve_parts(path, split: str = "train") -> list[Path]:
     path = Path(path)
     if not path.is_dir():
         raise UserInputError(f"{path}: directory does not exist")
+    owner = _output_of_training_parts(path) if split == "eval" else None
+    if owner is not None:  # validation must not score the rows it trains on: OUT's held-out split, if it has one
+        return _output_parts(owner, "eval")
     if (path / "state.json").is_file():
         return [path]
     has_manifest = (path / "manifest.json").is_file()

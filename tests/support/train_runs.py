@@ -53,9 +53,15 @@ def train_args(model: Path, data: Path, save_dir: Path, *extra: str) -> List[str
     return ["--pretrained", str(model), "--dataset", str(data / "arrow"), "--save_dir", str(save_dir),
             "--max_length", "128", "--max_steps", str(MAX_STEPS), "--save_interval", str(SAVE_INTERVAL),
             "--lr", "2e-3", "--warmup_steps", "2", "--log_interval", "4", "--mixed_precision", "fp32",
-            # validation runs in every run (it must leave training untouched, resume included) but small: 100
-            # batches through a 2-stage pipeline on gloo take 40 s (tests/test_train_validation.py has it in full)
-            "--eval_batches", "2", *extra]
+            *validation_args(data), *extra]
+
+
+def validation_args(data: Path) -> List[str]:
+    """Validation runs in every run (it must leave training untouched, resume included), but small: 100 batches
+    through a 2-stage pipeline on gloo take 40 s (tests/test_train_validation.py has it in full). Data with a
+    held-out split is validated on it by default; data without one names 2 batches of its training rows."""
+    named = [] if (data / "eval").is_dir() else ["--eval_dataset", str(data / "arrow")]
+    return [*named, "--eval_batches", "2"]
 
 
 def train_ok(log_dir: Path, name: str, args: List[str], **kwargs) -> Path:
