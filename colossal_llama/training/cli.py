@@ -10,6 +10,7 @@ are normally stopped by the launcher before they print the same line again. An e
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -48,9 +49,14 @@ def run_cli(argv: Optional[List[str]] = None) -> int:
 
 def quiet_library_warnings() -> None:
     """Import-time advice of colossalai about optional CUDA extras (apex, tensornvme) and a deprecation inside its
-    DDP wrapper: printed by every rank, they bury the lines that matter."""
+    DDP wrapper: printed by every rank, they bury the lines that matter.
+
+    bitsandbytes (imported by colossalai) logs a warning at import on CPUs with AVX512-BF16 when the optional
+    ``kernels`` package is missing ("Failed to load CPU gemm_4bit_forward from kernels-community"): about a 4-bit
+    CPU kernel that training never uses. Its errors still show."""
     warnings.filterwarnings("ignore", message=r"Please install (the latest tensornvme|apex)", category=UserWarning)
     warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
