@@ -35,6 +35,7 @@ setup(
             "colossal-llama-export-gguf=colossal_llama.model.gguf_export:main",
             "colossal-llama-model-from-config=colossal_llama.model.from_config:main",
             "colossal-llama-fetch-model=colossal_llama.model.fetch:main",
+            "colossal-llama-self-replay=colossal_llama.inference.self_replay:main",
         ]
     },
 )

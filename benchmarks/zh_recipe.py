@@ -9,8 +9,11 @@ so ``--stop_after prepare`` can do the CPU stages early and a second call the GP
 4. expand     the tokenizer expanded with them (``expand_tokenizer``)
 5. init       new embedding rows = mean of their old sub-pieces (``init_model``)
 6. prepare    the training paragraphs tokenised and packed (``prepare_pretrain``)
-7. train      ``train.py``: continual pre-training for a fixed ``--steps`` (zero2, bf16 on CUDA; ddp, fp32 on CPU)
-8. evaluate   bits/char on the held-out paragraphs and on English (Botchan), Chinese/English characters per
+7. replay     English to replay, sampled from the base model itself (``colossal_llama.inference.self_replay``:
+              no English corpus is trained on, Botchan stays unseen), tokenised and packed the same way
+8. train      ``train.py``: continual pre-training for a fixed ``--steps`` (zero2, bf16 on CUDA; ddp, fp32 on CPU)
+              on the mixture ``news:1-s replay:s`` (``--replay_share s``; 0: People's Daily alone)
+9. evaluate   bits/char on the held-out paragraphs and on English (Botchan), Chinese/English characters per
               token, for the base model, the mean-initialised one and the trained one
 
 Target (the issue): Chinese bits/char down at least 30 %, English bits/char up at most 3 %.
@@ -40,7 +43,7 @@ from colossal_llama.utils.errors import UserInputError, cli_entry  # noqa: E402
 NEWS = "zh_news_peoples_daily_199801.jsonl"
 REVIEWS = "zh_reviews.jsonl"
 ENGLISH = "en_novel_botchan.jsonl"
-STAGES = ("base", "split", "mine", "expand", "init", "prepare", "train", "evaluate")
+STAGES = ("base", "split", "mine", "expand", "init", "prepare", "replay", "train", "evaluate")
 ZH_TARGET, EN_LIMIT = -0.30, 0.03  # relative change of bits/char: Chinese at most -30 %, English at most +3 %
 
 
@@ -59,13 +62,18 @@ class RecipeConfig:
     mine_coverage: float = 0.995  # characters the SentencePiece model must cover (rarer ones are not pieces)
     mine_sentences: int = 200_000
     new_pieces: int = 4000  # at most this many pieces added
+    replay_share: float = 0.2  # of every step's sequences: the base model's own samples (0: none)
+    replay_texts: int = 512  # samples drawn from the base model (at once: one generate call)
+    replay_new_tokens: int = 512  # tokens a sample at most
     eval_batch: int = 32
     curve_points: int = 4  # checkpoints scored along the way (every steps/curve_points), the last one included
     seed: int = 42
 
 
-DRY_RUN = dict(steps=1, micro_batch_size=1, max_length=128, heldout=200, train_paragraphs=600, eval_zh=6, eval_en=1,
-               mine_vocab=4000, mine_sentences=3000, new_pieces=300, eval_batch=8, curve_points=1)
+DRY_RUN = dict(steps=2, micro_batch_size=1, max_length=128, heldout=200, train_paragraphs=600, eval_zh=6, eval_en=1,
+               mine_vocab=4000, mine_sentences=3000, new_pieces=300, eval_batch=8, curve_points=1, replay_share=0.5,
+               replay_texts=4, replay_new_tokens=32)
+REPLAY_START = "<|endoftext|>"  # SmolLM2's document separator: samples start where its pre-training documents did
 
 
 class Workdir:
@@ -151,22 +159,37 @@ def init(work: Path, base: Path) -> str:
             f"average), {report.tensors_copied} tensors copied bit for bit")
 
 
-def prepare(work: Path, cfg: RecipeConfig) -> str:
+def prepare(work: Path, cfg: RecipeConfig, inputs: str = "train", output: str = "data") -> str:
     from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
     from colossal_llama.dataset.prepare import prepare_pretrain
 
     summary = prepare_pretrain(PretrainPrepConfig(
-        input_dirs=[work / "train"], tokenizer_dir=work / "init", output=OutputLayout.under(work / "data"),
+        input_dirs=[work / inputs], tokenizer_dir=work / "init", output=OutputLayout.under(work / output),
         max_length=cfg.max_length, num_bins=1, num_proc=min(8, os.cpu_count() or 1), seed=cfg.seed, overwrite=True))
     print("\n".join(summary.lines()), flush=True)
     return f"{summary.counts.tokens_out:,} tokens in {summary.counts.sequences} rows of <= {cfg.max_length}"
+
+
+def replay(work: Path, base: Path, cfg: RecipeConfig, device: str) -> str:
+    """The base model's own samples (``replay_in/``), packed like the news (``replay_data/``)."""
+    from colossal_llama.inference.self_replay import ReplayConfig, write_self_replay
+
+    if cfg.replay_share == 0:
+        return "none (--replay_share 0)"
+    sampled = write_self_replay(ReplayConfig(
+        base, work / "replay_in", num_texts=cfg.replay_texts, max_new_tokens=cfg.replay_new_tokens,
+        batch_size=cfg.replay_texts, start_token=REPLAY_START, seed=cfg.seed, device=device, overwrite=True))
+    return f"{sampled.line()}; packed: {prepare(work, cfg, 'replay_in', 'replay_data')}"
 
 
 def train(work: Path, cfg: RecipeConfig, cuda: bool) -> str:
     """train.py as a single rank (its own process: Liger patches and CUDA state stay out of this one)."""
     save = work / "train_run"
     shutil.rmtree(save, ignore_errors=True)
-    args = [sys.executable, str(REPO / "train.py"), "--pretrained", str(work / "init"), "--dataset", str(work / "data" / "arrow"),
+    datasets = [str(work / "data" / "arrow")]
+    if cfg.replay_share > 0:
+        datasets = [f"{datasets[0]}:{1 - cfg.replay_share:g}", f"{work / 'replay_data' / 'arrow'}:{cfg.replay_share:g}"]
+    args = [sys.executable, str(REPO / "train.py"), "--pretrained", str(work / "init"), "--dataset", *datasets,
             "--plugin", cfg.plugin if cuda else "ddp", "--mixed_precision", "bf16" if cuda else "fp32",
             "--max_steps", str(cfg.steps), "--num_epochs", "1000", "--micro_batch_size", str(cfg.micro_batch_size),
             "--max_length", str(cfg.max_length), "--padding_mode", "max_length", "--lr", str(cfg.lr),
@@ -231,8 +254,10 @@ def change(after: float, before: float) -> float:
 def format_report(cfg: RecipeConfig, rows: List[Scores], seconds: Dict[str, float], device: str) -> List[str]:
     base, trained = rows[0], rows[-1]
     zh, en = change(trained.zh_bpc, base.zh_bpc), change(trained.en_bpc, base.en_bpc)
+    replayed = (f"{100 * cfg.replay_share:g} % of the sequences the base model's own samples"
+                if cfg.replay_share else "no replay")
     lines = ["", f"SmolLM2-135M-Instruct, {cfg.steps} step(s) of {cfg.micro_batch_size} x {cfg.max_length} tokens, "
-             f"lr {cfg.lr:g}, {device}; held out: last {cfg.heldout} People's Daily paragraphs "
+             f"lr {cfg.lr:g}, {replayed}, {device}; held out: last {cfg.heldout} People's Daily paragraphs "
              f"({cfg.eval_zh or cfg.heldout} scored), Botchan ({cfg.eval_en or 'all'} passages)", "",
              "| model | zh bits/char | en bits/char | zh chars/token | en chars/token |", "|---|---|---|---|---|"]
     for r in rows:
@@ -266,6 +291,8 @@ def parse_args(argv=None):
     cfg = RecipeConfig(**{**(DRY_RUN if a.dry_run else {}), **chosen})
     if cfg.steps < 1 or cfg.heldout < 1 or cfg.micro_batch_size < 1:
         raise UserInputError("--steps, --heldout and --micro_batch_size must be >= 1")
+    if not 0 <= cfg.replay_share < 1:
+        raise UserInputError(f"--replay_share {cfg.replay_share}: must be in [0, 1)")
     return a, cfg
 
 
@@ -301,6 +328,7 @@ def main(argv=None) -> int:
         "expand": lambda: expand(data, args.workdir, base),
         "init": lambda: init(args.workdir, base),
         "prepare": lambda: prepare(args.workdir, cfg),
+        "replay": lambda: replay(args.workdir, base, cfg, device),
         "train": lambda: train(args.workdir, cfg, cuda),
     }
     for name, fn in stages.items():

@@ -1,0 +1,171 @@
+"""Self-replay on the real SmolLM2-135M (CPU): texts sampled from the base model become pre-training rows.
+
+Specification:
+- ``num_texts`` samples from the start token, cut at EOS, written as ``{source: "", target, category}`` rows that
+  data preparation takes whole (tokens in == tokens out); the summary counts texts, tokens and characters;
+- samples with no text are skipped and counted, never written;
+- the same seed gives the same file, another seed another file;
+- an existing output is refused without ``--overwrite`` and stays as it was; with it, it is replaced;
+- a start token the tokenizer lacks is a one-line error;
+- split over N shards (torchrun ranks, or --num_shards/--shard_index) batch k is drawn by shard k % N: the N shard
+  files together hold exactly the texts of a 1-shard run; a folder never mixes runs of different shard counts.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from colossal_llama.dataset.config import Shard
+from colossal_llama.inference import self_replay
+from colossal_llama.inference.self_replay import (OUTPUT_FILE, ReplayConfig, cut_at_stop, main, shard_batches,
+                                                  write_self_replay)
+from colossal_llama.utils.errors import UserInputError
+from tests.support.launch import REPO, torchrun_command, worker_env
+
+START = "<|endoftext|>"  # SmolLM2's document separator (its Instruct tokenizer's BOS is <|im_start|>)
+
+
+def _config(model: Path, out: Path, **kw) -> ReplayConfig:
+    settings = dict(num_texts=5, max_new_tokens=12, batch_size=2, start_token=START, device="cpu", seed=3)
+    return ReplayConfig(model, out, **{**settings, **kw})
+
+
+def _rows(out: Path, name: str = OUTPUT_FILE) -> list:
+    return [json.loads(line) for line in (out / name).read_text(encoding="utf-8").splitlines()]
+
+
+def _shard_file(index: int, count: int) -> str:
+    return f"self_replay.shard-{index:05d}-of-{count:05d}.jsonl"
+
+
+@pytest.fixture(scope="module")
+def sampled(smollm2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("replay") / "out"
+    return out, write_self_replay(_config(smollm2_dir, out))
+
+
+def test_samples_become_rows_that_data_preparation_takes_whole(sampled, smollm2_dir, tmp_path):
+    from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
+    from colossal_llama.dataset.pipeline import prepare_pretrain
+
+    out, summary = sampled
+    rows = _rows(out)
+    assert summary.texts == len(rows) and summary.texts + summary.empty == 5 and summary.texts >= 3
+    assert all(set(r) == {"source", "target", "category"} and r["source"] == "" and r["target"].strip()
+               and r["category"] == "self_replay" for r in rows)
+    assert summary.characters == sum(len(r["target"]) for r in rows)
+    assert 0 < summary.tokens <= 12 * summary.texts
+    assert len({r["target"] for r in rows}) == len(rows)  # samples, not one greedy text five times
+    prep = prepare_pretrain(PretrainPrepConfig(input_dirs=[out], tokenizer_dir=smollm2_dir,
+                                               output=OutputLayout.under(tmp_path / "data"), max_length=64,
+                                               num_bins=1))
+    assert prep.counts.documents_in == len(rows) and prep.counts.tokens_in == prep.counts.tokens_out
+
+
+def test_the_seed_alone_decides_the_samples(sampled, smollm2_dir, tmp_path):
+    out, _ = sampled
+    write_self_replay(_config(smollm2_dir, tmp_path / "again"))
+    write_self_replay(_config(smollm2_dir, tmp_path / "other", seed=4))
+    first = (out / OUTPUT_FILE).read_bytes()
+    assert (tmp_path / "again" / OUTPUT_FILE).read_bytes() == first
+    assert (tmp_path / "other" / OUTPUT_FILE).read_bytes() != first
+
+
+def test_samples_without_text_are_counted_not_written(smollm2_dir, tmp_path, monkeypatch):
+    from colossal_llama.tokenizer.loading import load_tokenizer
+
+    eos = load_tokenizer(smollm2_dir).eos_token_id
+    assert cut_at_stop([5, 6, eos, 7], [eos]) == [5, 6] and cut_at_stop([eos, 5], [eos]) == []
+    monkeypatch.setattr(self_replay, "sample_batches", lambda *a: iter([[[], [28, 3853]], [[]]]))
+    summary = write_self_replay(_config(smollm2_dir, tmp_path / "out", num_texts=3))
+    assert (summary.texts, summary.empty, summary.tokens) == (1, 2, 2)
+    assert len(_rows(tmp_path / "out")) == 1
+
+
+def test_an_existing_output_is_kept_unless_overwrite(sampled, smollm2_dir, tmp_path, capsys):
+    out, _ = sampled
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "mine.txt").write_text("earlier work")
+    with pytest.raises(UserInputError, match="already exists"):
+        write_self_replay(_config(smollm2_dir, target))
+    assert [p.name for p in target.iterdir()] == ["mine.txt"]
+    assert main(["--model_path", str(smollm2_dir), "--output_dir", str(target), "--num_texts", "5", "--batch_size",
+                 "2", "--max_new_tokens", "12", "--start_token", START, "--device", "cpu", "--seed", "3",
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_FILE]
+    assert (target / OUTPUT_FILE).read_bytes() == (out / OUTPUT_FILE).read_bytes()  # the CLI = the library
+    assert "self-replay: " in capsys.readouterr().out
+    assert not list(tmp_path.glob(".out.*"))  # no temporary sibling left
+
+
+def test_a_start_token_the_tokenizer_lacks_is_refused(smollm2_dir, tmp_path):
+    with pytest.raises(UserInputError, match=r"--start_token '<\|no such\|>': not a token of this tokenizer"):
+        write_self_replay(_config(smollm2_dir, tmp_path / "out", start_token="<|no such|>"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_batch_belongs_to_exactly_one_shard():
+    assert shard_batches(5, 2, Shard()) == [(0, 2), (1, 2), (2, 1)]
+    assert shard_batches(5, 2, Shard(0, 2)) == [(0, 2), (2, 1)] and shard_batches(5, 2, Shard(1, 2)) == [(1, 2)]
+    assert shard_batches(5, 2, Shard(3, 4)) == []  # more shards than batches: an empty file, not an error
+    for texts, size, count in ((1000, 64, 3), (7, 7, 2), (130, 8, 5)):
+        drawn = sorted(b for i in range(count) for b in shard_batches(texts, size, Shard(i, count)))
+        assert drawn == shard_batches(texts, size, Shard()) and sum(rows for _, rows in drawn) == texts
+
+
+def test_shards_together_hold_exactly_the_texts_of_one_run(sampled, smollm2_dir, tmp_path):
+    out, whole = sampled
+    parts = [write_self_replay(_config(smollm2_dir, tmp_path / "sharded", shard=Shard(i, 2))) for i in range(2)]
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [_shard_file(0, 2), _shard_file(1, 2)]
+    rows = [r for i in range(2) for r in _rows(tmp_path / "sharded", _shard_file(i, 2))]
+    assert sorted(r["target"] for r in rows) == sorted(r["target"] for r in _rows(out))
+    assert (sum(p.texts for p in parts), sum(p.tokens for p in parts)) == (whole.texts, whole.tokens)
+    assert [p.output.name for p in parts] == [_shard_file(0, 2), _shard_file(1, 2)]
+
+
+def test_a_folder_never_mixes_shard_counts_and_keeps_a_finished_shard(sampled, smollm2_dir, tmp_path):
+    out, _ = sampled
+    with pytest.raises(UserInputError, match="holds the output of a 1-shard run; a 2-shard run cannot write"):
+        write_self_replay(_config(smollm2_dir, out, shard=Shard(0, 2), overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_FILE]
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    (shards / _shard_file(1, 2)).write_text("earlier work\n")
+    with pytest.raises(UserInputError, match="already exists"):
+        write_self_replay(_config(smollm2_dir, shards, shard=Shard(1, 2)))
+    with pytest.raises(UserInputError, match=r"a shard of a 2-shard run; this run writes 3 shards"):
+        write_self_replay(_config(smollm2_dir, shards, shard=Shard(0, 3)))
+    assert [p.name for p in shards.iterdir()] == [_shard_file(1, 2)]
+    assert (shards / _shard_file(1, 2)).read_text() == "earlier work\n"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_torchrun_ranks_draw_the_shards_and_prepare_reads_them_whole(smollm2_dir, tmp_path):
+    """What ``torchrun --nproc_per_node 8 -m colossal_llama.inference.self_replay`` does on a GPU node, on CPU:
+    WORLD_SIZE/RANK pick the shard; the union equals one process's output, and data preparation takes it all."""
+    args = ["--model_path", str(smollm2_dir), "--num_texts", "5", "--batch_size", "2", "--max_new_tokens", "12",
+            "--start_token", START, "--device", "cpu", "--seed", "3"]
+    entry = REPO / "colossal_llama" / "inference" / "self_replay.py"
+    ranks = subprocess.run(torchrun_command([*args, "--output_dir", str(tmp_path / "ranks")], entry=entry),
+                           capture_output=True, text=True, cwd=REPO, env=worker_env(), timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(entry), *args, "--output_dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, cwd=REPO, env=worker_env(), timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ranks").iterdir()) == [_shard_file(0, 2), _shard_file(1, 2)]
+    rows = [r for i in range(2) for r in _rows(tmp_path / "ranks", _shard_file(i, 2))]
+    assert rows and sorted(map(json.dumps, rows)) == sorted(map(json.dumps, _rows(tmp_path / "one")))
+
+    from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
+    from colossal_llama.dataset.pipeline import prepare_pretrain
+
+    prep = prepare_pretrain(PretrainPrepConfig(input_dirs=[tmp_path / "ranks"], tokenizer_dir=smollm2_dir,
+                                               output=OutputLayout.under(tmp_path / "data"), max_length=64,
+                                               num_bins=1))
+    assert prep.counts.documents_in == len(rows) and prep.counts.tokens_in == prep.counts.tokens_out
