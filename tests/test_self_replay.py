@@ -13,6 +13,7 @@ Specification:
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,7 +131,9 @@ def test_shards_together_hold_exactly_the_texts_of_one_run(sampled, smollm2_dir,
 
 def test_a_folder_never_mixes_shard_counts_and_keeps_a_finished_shard(sampled, smollm2_dir, tmp_path):
     out, _ = sampled
-    with pytest.raises(UserInputError, match="holds the output of a 1-shard run; a 2-shard run cannot write"):
+    with pytest.raises(UserInputError, match=re.escape(
+            f"{out}: holds the output of a 1-shard run; a 2-shard run cannot write its shards beside it (remove it "
+            "or choose another --output_dir)")):
         write_self_replay(_config(smollm2_dir, out, shard=Shard(0, 2), overwrite=True))
     assert sorted(p.name for p in out.iterdir()) == [OUTPUT_FILE]
     shards = tmp_path / "sharded"
@@ -138,7 +141,9 @@ def test_a_folder_never_mixes_shard_counts_and_keeps_a_finished_shard(sampled, s
     (shards / _shard_file(1, 2)).write_text("earlier work\n")
     with pytest.raises(UserInputError, match="already exists"):
         write_self_replay(_config(smollm2_dir, shards, shard=Shard(1, 2)))
-    with pytest.raises(UserInputError, match=r"a shard of a 2-shard run; this run writes 3 shards"):
+    with pytest.raises(UserInputError, match=re.escape(
+            f"{shards / _shard_file(1, 2)}: a shard of a 2-shard run; this run writes 3 shard(s) (remove it or choose "
+            "another --output_dir)")):
         write_self_replay(_config(smollm2_dir, shards, shard=Shard(0, 3)))
     assert [p.name for p in shards.iterdir()] == [_shard_file(1, 2)]
     assert (shards / _shard_file(1, 2)).read_text() == "earlier work\n"

@@ -53,6 +53,23 @@ class Shard:
         return cls(shard_index, num_shards)
 
 
+def check_one_run_per_folder(root: Path, shard: Shard, single_output: str, shard_entry: re.Pattern,
+                             flag: str) -> None:
+    """``root`` holds either the output of a 1-shard run (``single_output`` in it) or the shards of one N-shard run
+    (entries whose whole name matches ``shard_entry``, its group 2 the shard count), never a mix: readers take
+    everything under it, so a mix would use some data twice. ``flag`` names the output option in the errors."""
+    if not root.is_dir():
+        return
+    if shard.count > 1 and (root / single_output).exists():
+        raise UserInputError(f"{root}: holds the output of a 1-shard run; a {shard.count}-shard run cannot write its "
+                             f"shards beside it (remove it or choose another {flag})")
+    for entry in sorted(root.iterdir()):
+        match = shard_entry.fullmatch(entry.name)
+        if match and int(match.group(2)) != shard.count:
+            raise UserInputError(f"{entry}: a shard of a {int(match.group(2))}-shard run; this run writes "
+                                 f"{shard.count} shard(s) (remove it or choose another {flag})")
+
+
 @dataclass(frozen=True)
 class OutputLayout:
     """Where a run writes. ``manifest`` sits beside ``arrow_dir`` (training finds it as ``part.parent.parent``);

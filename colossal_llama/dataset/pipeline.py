@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from colossal_llama.dataset.accounting import count_tokens, format_summary
 from colossal_llama.dataset.chat_templates import ChatTemplate, get_chat_template
-from colossal_llama.dataset.config import SHARD_DIR, OutputLayout, PrepConfig, PretrainPrepConfig, SFTPrepConfig
+from colossal_llama.dataset.config import (SHARD_DIR, OutputLayout, PrepConfig, PretrainPrepConfig, SFTPrepConfig,
+                                          check_one_run_per_folder)
 from colossal_llama.dataset.manifest import EVAL_DIR, Manifest, PartEntry
 from colossal_llama.dataset.packing import Plan, category_rng, plan_parts
 from colossal_llama.dataset.records import ReadLog, input_files, read_batches
@@ -122,16 +123,7 @@ class OutputRun:
     def _check_shard_layout(self) -> None:
         """A folder holds either one output or the shards of one N-shard run, never a mix (training reads all)."""
         root = self.layout.arrow_dir.parent.parent if self.shard.count > 1 else self.layout.arrow_dir.parent
-        if not root.is_dir():
-            return
-        if self.shard.count > 1 and (root / "manifest.json").exists():
-            raise UserInputError(f"{root}: holds the output of a 1-shard run; a {self.shard.count}-shard run cannot "
-                                 f"write its shards beside it (remove it or choose another --data_output_dirs)")
-        for entry in sorted(root.iterdir()):
-            match = SHARD_DIR.fullmatch(entry.name)
-            if match and int(match.group(2)) != self.shard.count:
-                raise UserInputError(f"{entry}: a shard of a {int(match.group(2))}-shard run; this run writes "
-                                     f"{self.shard.count} shard(s) (remove it or choose another --data_output_dirs)")
+        check_one_run_per_folder(root, self.shard, "manifest.json", SHARD_DIR, "--data_output_dirs")
 
     def __enter__(self) -> "OutputRun":
         self._check_existing()

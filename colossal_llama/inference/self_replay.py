@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +32,14 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from colossal_llama.dataset.config import SHARD_DIR, Shard
+from colossal_llama.dataset.config import SHARD_DIR, Shard, check_one_run_per_folder
 from colossal_llama.utils.cli import OneLineErrorParser
 from colossal_llama.utils.errors import UserInputError, cli_entry
 
 log = logging.getLogger(__name__)
 OUTPUT_FILE = "self_replay.jsonl"
 SHARD_FILE = "self_replay.{shard}.jsonl"  # shard: Shard.dir_name, shard-IIIII-of-NNNNN
+SHARD_FILE_RE = re.compile(re.escape("self_replay.") + SHARD_DIR.pattern + re.escape(".jsonl"))  # group 2: count
 
 
 @dataclass(frozen=True)
@@ -130,19 +132,6 @@ def shard_device(device: str, shard: Shard, environ=os.environ) -> str:
     return f"cuda:{int(environ.get('LOCAL_RANK', shard.index)) % torch.cuda.device_count()}"
 
 
-def check_shard_layout(out_dir: Path, shard: Shard) -> None:
-    """``out_dir`` holds one run's output: a 1-shard file, or the shard files of one N-shard run (prepare reads
-    every jsonl file under it, so a mix would train some texts twice)."""
-    if (out_dir / OUTPUT_FILE).exists():
-        raise UserInputError(f"{out_dir}: holds the output of a 1-shard run; a {shard.count}-shard run cannot write "
-                             "beside it (remove it or choose another --output_dir)")
-    for entry in sorted(out_dir.glob(SHARD_FILE.format(shard="shard-*"))):
-        match = SHARD_DIR.search(entry.name)
-        if match and int(match.group(2)) != shard.count:
-            raise UserInputError(f"{entry}: a shard of a {int(match.group(2))}-shard run; this run writes "
-                                 f"{shard.count} shards (remove it or choose another --output_dir)")
-
-
 class ReplayOutput:
     """Where this shard's rows go. One shard: ``OUTPUT_DIR/self_replay.jsonl``, in a temporary sibling folder
     swapped in whole when complete. Several: ``OUTPUT_DIR/self_replay.shard-IIIII-of-NNNNN.jsonl`` (the folder is
@@ -151,17 +140,16 @@ class ReplayOutput:
     def __init__(self, cfg: ReplayConfig):
         from colossal_llama.utils.output import clear_output_dir, remove_stale_siblings, tmp_sibling
 
-        self.dir, self.overwrite, self.sharded = Path(cfg.output_dir), cfg.overwrite, cfg.shard.count > 1
-        if self.sharded:
+        self.dir, self.sharded = Path(cfg.output_dir), cfg.shard.count > 1
+        if self.sharded:  # prepare reads every jsonl file under the folder: one run's shards only
             self.final = self.dir / SHARD_FILE.format(shard=cfg.shard.dir_name)
-            if self.final.exists() and not self.overwrite:
+            if self.final.exists() and not cfg.overwrite:
                 raise UserInputError(f"{self.final}: already exists (pass --overwrite to replace it)")
-            if self.dir.exists():
-                check_shard_layout(self.dir, cfg.shard)
+            check_one_run_per_folder(self.dir, cfg.shard, OUTPUT_FILE, SHARD_FILE_RE, "--output_dir")
             self.tmp_dir, self.partial = None, self.dir / f".{self.final.name}.partial"
         else:
             self.final = self.dir / OUTPUT_FILE
-            if not self.overwrite:  # refuse an existing folder now; with --overwrite it is swapped once complete
+            if not cfg.overwrite:  # refuse an existing folder now; with --overwrite it is swapped once complete
                 clear_output_dir(self.dir, overwrite=False)
             remove_stale_siblings(self.dir, "tmp-replay")
             self.tmp_dir = tmp_sibling(self.dir, "tmp-replay")
