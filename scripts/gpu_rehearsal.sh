@@ -1,28 +1,36 @@
 #!/usr/bin/env bash
 # Rehearse the device machine's software on a machine without a GPU, before spending device minutes on it:
-#   1. a venv with the device image's PyTorch (2.11, the CUDA build from PyPI: about 4.6 GB) and the packages the
-#      image ships (pyarrow, tensorboard, sentencepiece, ... see ../shared/gpu/README.md);
+#   1. a venv with the device image's Python (3.12: REHEARSAL_PYTHON, default the first python3.12 found, else python3)
+#      and PyTorch (2.11, the CUDA build from PyPI: about 4.6 GB) and the packages the image ships (pyarrow,
+#      tensorboard, sentencepiece, ... see ../shared/gpu/README.md);
 #   2. the wheel kit installed as gpu_check.sh installs it on the device (pip --no-index --no-deps --target); a kit
 #      wheel made for another Python (multiprocess is py312) is replaced by the same release for this Python;
 #   3. with nvcc on this machine: colossalai's HybridAdam kernels (fused_optim for CUDA, cpu_adam) JIT-built for
 #      sm_90 (H100/H200) against that PyTorch's headers, timed, and the compiled CPU Adam checked against
 #      torch.optim.AdamW;
 #   4. scripts/gpu_check.sh --dry-run with that interpreter and the kit;
-#   5. with arguments: pytest with them, under the same interpreter and kit (the CPU tests on the device's versions;
-#      tests of the console commands and of `colossalai run` fail there: the project is not pip-installed).
+#   5. with arguments: pytest with them, under the same interpreter and kit (the CPU tests on the device's versions),
+#      the project pip-installed (editable, no dependencies) for the tests of its console commands.
 # What it cannot prove: anything that runs on the GPU. Not run by CI (the download); a development tool.
 #
 #   bash scripts/gpu_rehearsal.sh [PYTEST_ARGS...]   # REHEARSAL_DIR (default /tmp/gpu_rehearsal) keeps the venv
+#   REHEARSAL_PYTHON=/path/to/python3.12 bash scripts/gpu_rehearsal.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-[[ "${1:-}" == -h || "${1:-}" == --help ]] && { sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0; }
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0; }
 
 DEVICE_TORCH=2.11.0  # the device image's PyTorch (../shared/gpu/README.md)
 IMAGE_PACKAGES=(numpy pyarrow tensorboard sentencepiece safetensors regex requests pyyaml tqdm filelock packaging
                 psutil einops click fabric rich pydantic ninja protobuf zstandard jinja2 fsspec xxhash pandas
                 aiohttp httpx matplotlib pytest pytest-timeout)
 DIR="${REHEARSAL_DIR:-/tmp/gpu_rehearsal}"
+DEVICE_PYTHON=3.12   # the device image's Python: the kit's multiprocess wheel is py312
+if [[ -z "${REHEARSAL_PYTHON:-}" ]]; then  # the first that runs (a pyenv shim may exist and refuse)
+  for candidate in "python$DEVICE_PYTHON" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$DEVICE_PYTHON".*/bin/python3 python3; do
+    if "$candidate" -c '' 2> /dev/null; then REHEARSAL_PYTHON="$candidate"; break; fi
+  done
+fi
 KIT_SRC="${GPU_KIT:-$ROOT/.gpukit}"
 [[ -d "$KIT_SRC" ]] || KIT_SRC="$ROOT/../shared/gpu"
 ls "$KIT_SRC"/*.whl > /dev/null 2>&1 || { echo "error: no kit wheels in $KIT_SRC (GPU_KIT, .gpukit/ or ../shared/gpu)" >&2; exit 2; }
@@ -30,9 +38,13 @@ say() { echo "[rehearsal] $*"; }
 mkdir -p "$DIR"
 
 PY="$DIR/venv/bin/python"
-if [[ ! -x "$PY" ]] || ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$DEVICE_TORCH')" 2>/dev/null; then
-  say "venv with torch $DEVICE_TORCH (CUDA build, several GB) and the image's packages: $DIR/venv"
-  python3 -m venv "$DIR/venv"
+want_py="$("$REHEARSAL_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [[ ! -x "$PY" ]] || ! "$PY" -c "import torch, sys
+sys.exit(torch.__version__.split('+')[0] != '$DEVICE_TORCH' or '%d.%d' % sys.version_info[:2] != '$want_py')" 2>/dev/null; then
+  say "venv with Python $want_py, torch $DEVICE_TORCH (CUDA build, several GB) and the image's packages: $DIR/venv"
+  [[ "$want_py" == "$DEVICE_PYTHON" ]] || say "warning: Python $want_py, the device has $DEVICE_PYTHON (REHEARSAL_PYTHON)"
+  rm -rf "$DIR/venv"
+  "$REHEARSAL_PYTHON" -m venv "$DIR/venv"
   "$PY" -m pip install -q "torch==$DEVICE_TORCH" "${IMAGE_PACKAGES[@]}"
 fi
 PYTAG="py$("$PY" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
@@ -114,6 +126,12 @@ say "gpu_check.sh --dry-run with $PY and the kit"
 PYTHON="$PY" GPU_REPORT="$DIR/gpu_report.md" GPU_WORK="$DIR/gpu_check" bash scripts/gpu_check.sh --dry-run
 say "report: $DIR/gpu_report.md"
 if [[ $# -gt 0 ]]; then
+  # The device runs the project from its tree; the tests of its console commands, of `colossalai run` (a bare
+  # `colossalai` beside the interpreter) and of the chat page in a browser need what scripts/setup_env.sh installs.
+  say "the project (editable, no dependencies), colossalai's command and selenium into $DIR/venv, for the tests"
+  "$PY" -m pip install -q --no-deps -e "$ROOT"
+  "$PY" -m pip install -q "$(grep -m1 '^selenium' "$ROOT/requirements-dev.txt")"  # with its dependencies
+  ln -sf "$DIR/site/bin/colossalai" "$DIR/venv/bin/colossalai"
   say "pytest $* with $PY and the kit"
   PATH="$(dirname "$PY"):$PATH" PYTHONPATH="$DIR/site:$ROOT" "$PY" -m pytest -p no:cacheprovider "$@"
 fi

@@ -116,15 +116,18 @@ def test_save_dir_that_is_a_file_is_a_one_line_error(tiny_llama, tmp_path):
 
 # The CPU of a CI machine with AVX512-BF16 and no `kernels` package: bitsandbytes (imported by colossalai) logs this
 # at import, which came before train.py's one-line error. Forced here by reloading its CPU backend with the check true.
+# The reload registers no kernels: PyTorch 2.11 (the GPU image's) refuses a second registration of a CPU kernel.
 _BNB_ON_AVX512BF16 = """
 import importlib, sys
 if sys.argv[1] == "quiet":
     from colossal_llama.training.cli import quiet_library_warnings
     quiet_library_warnings()
 import colossalai.booster
+import bitsandbytes._ops
 import bitsandbytes.backends.cpu.ops as ops
 import bitsandbytes.functional
 bitsandbytes.functional.has_avx512bf16 = lambda: True
+bitsandbytes._ops.register_kernel = lambda *args, **kwargs: (lambda kernel: kernel)
 importlib.reload(ops)
 print("imported")
 """
