@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Rehearse the device machine's software on a machine without a GPU, before spending device minutes on it:
-#   1. a venv with the device image's Python (3.12: REHEARSAL_PYTHON, default the first python3.12 found, else python3)
-#      and PyTorch (2.11, the CUDA build from PyPI: about 4.6 GB) and the packages the image ships (pyarrow,
-#      tensorboard, sentencepiece, ... see ../shared/gpu/README.md);
+#   1. a venv with the device image's Python (3.12: REHEARSAL_PYTHON, default the first python3.12 that runs, else
+#      python3) and PyTorch (2.11, the CUDA build from PyPI: about 4.6 GB) and the packages the image ships
+#      (pyarrow, tensorboard, sentencepiece, ... see ../shared/gpu/README.md);
 #   2. the wheel kit installed as gpu_check.sh installs it on the device (pip --no-index --no-deps --target); a kit
 #      wheel made for another Python (multiprocess is py312) is replaced by the same release for this Python;
 #   3. with nvcc on this machine: colossalai's HybridAdam kernels (fused_optim for CUDA, cpu_adam) JIT-built for
