@@ -32,3 +32,15 @@ def test_train_throughput_prints_a_row_per_plugin_with_measured_tokens_per_s(tmp
         assert int(row.group(3)) == 3, plugin  # steps 2..4 measured
         assert int(row.group(2).replace(",", "")) > 0, plugin
     assert "| gemini | - | - | 2 x 1 | - | - | - | 0 | - | skipped: gemini needs CUDA" in out.stdout
+
+
+def test_eval_memory_benchmark_finds_the_chunked_scoring_exact_and_the_full_logits_close(smollm2_dir):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_memory.py"), "--model_path",
+                          str(smollm2_dir), "--shapes", "2x128"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^\| 2 x 128 \| (full logits|scored positions, chunked) \| [\d,]+ MB \| [\d.]+ \| ([\d,.]+) \| "
+                      r"([-+][\d.]+e[-+]\d+) \|", out.stdout, re.M)
+    assert [way for way, _, _ in rows] == ["full logits", "scored positions, chunked"], out.stdout
+    (_, full, full_error), (_, chunked, chunked_error) = rows
+    assert float(full.replace(",", "")) > 100 and abs(float(chunked_error)) < 1e-6  # the current way is exact
+    assert abs(float(full_error)) < 1e-4

@@ -1,5 +1,6 @@
 """Evaluation: MMLU-style multiple choice (k-shot prompts, answer-letter logits, validation, batching) and
-bits per character (sliding window, tokenizer independence) on the real SmolLM2-135M and real data."""
+bits per character (sliding window, tokenizer independence) on the real SmolLM2-135M and real data; the LM head
+only at scored positions; several processes under torchrun."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from colossal_llama.eval.batching import right_pad, target_logprobs
 from colossal_llama.eval.bits_per_char import IGNORE, BpcConfig, bits_per_char, load_texts, sliding_windows
 from colossal_llama.eval.multiple_choice import (MCConfig, answer_token_ids, build_prompt, choose_shots,
                                                  continuation_logprobs, evaluate_multiple_choice, load_mc_items,
                                                  select_items)
+from colossal_llama.eval.ranks import EvalRanks
 from colossal_llama.inference.loading import load_model_and_tokenizer
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import DataError, UserInputError
+from tests.support.launch import torchrun_command, worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,6 +179,27 @@ def test_prompts_that_do_not_fit_drop_examples_until_they_fit(smollm2, mmlu):
 
 # --- bits per character -------------------------------------------------------------------------------
 
+def test_the_lm_head_runs_only_at_scored_positions_a_chunk_at_a_time(smollm2, data_dir):
+    """Memory bounded by design: never (batch, length, vocab) logits, only chunks of the scored positions."""
+    model, tok = smollm2
+    texts, _ = load_texts(data_dir / "pretrain" / "en_novel_botchan.jsonl", "target", max_samples=2)
+    input_ids = right_pad([tok(t)["input_ids"][:80] for t in texts] + [[tok.bos_token_id] * 30], 0)
+    rows = torch.tensor([0] * 40 + [1] * 25 + [2] * 3)
+    positions = torch.cat([torch.arange(39, 79), torch.arange(10, 35), torch.arange(0, 3)])
+    targets = torch.randint(0, len(tok), (len(rows),), generator=torch.Generator().manual_seed(0))
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+    try:
+        got = target_logprobs(model, input_ids, rows, positions, targets, chunk=16)
+    finally:
+        hook.remove()
+    assert calls == [16, 16, 16, 16, 4]  # 68 scored positions out of 3 x 80, 16 at a time
+    with torch.inference_mode():  # the same logits, normalised exactly (float64)
+        exact = torch.log_softmax(model(input_ids=input_ids).logits.double(), dim=-1)[rows, positions, targets]
+    assert torch.allclose(got.double(), exact, atol=1e-5, rtol=0)
+    assert got.double().sum().item() == pytest.approx(exact.sum().item(), rel=1e-6)  # no bias either
+
+
 def test_sliding_windows_label_every_token_exactly_once():
     tokens = list(range(100, 337))
     windows = sliding_windows(tokens, start_id=1, window=64, stride=16)
@@ -252,3 +277,68 @@ def test_evaluate_reports_a_bad_row_as_one_line(smollm2_dir, tmp_path):
                            "--data", str(f), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {f}:1: topic: missing or not a non-empty string"
+
+
+# --- several processes (torchrun) ---------------------------------------------------------------------
+
+def test_each_batch_is_scored_by_exactly_one_process_in_turn():
+    batches = [f"b{i}" for i in range(7)]  # longest first, so dealing them in turn balances the work
+    shares = [EvalRanks(rank, 3).share(batches) for rank in range(3)]
+    assert shares == [["b0", "b3", "b6"], ["b1", "b4"], ["b2", "b5"]]
+    assert EvalRanks().share(batches) == batches
+    assert EvalRanks().sum([1, 2.5]) == [1.0, 2.5] and EvalRanks().merge({3: "A"}) == {3: "A"}
+
+
+def test_a_world_without_a_launcher_is_one_process_and_a_half_launch_is_refused():
+    assert EvalRanks.join({}) == EvalRanks() and EvalRanks.join({"WORLD_SIZE": "1"}) == EvalRanks()
+    with pytest.raises(UserInputError, match="WORLD_SIZE=2 without MASTER_ADDR/MASTER_PORT: launch with torchrun"):
+        EvalRanks.join({"WORLD_SIZE": "2", "RANK": "0"})
+    with pytest.raises(UserInputError, match="not integers"):
+        EvalRanks.join({"WORLD_SIZE": "two"})
+
+
+def _evaluate(args, tmp_path, name, nproc=None):
+    out = tmp_path / f"{name}.json"
+    entry = REPO / "evaluate.py"
+    command = ([sys.executable, str(entry)] if nproc is None
+               else torchrun_command([], nproc=nproc, entry=entry))
+    proc = subprocess.run([*command, *args, "--output", str(out)], capture_output=True, text=True, cwd=REPO,
+                          env=worker_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [ln for ln in proc.stdout.splitlines() if ln.startswith(f"{args[0]}: ")]
+    assert len(summaries) == 1, proc.stdout  # rank 0 alone reports
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_torchrun_ranks_share_the_batches_and_report_what_one_process_reports(smollm2_dir, data_dir, tmp_path):
+    """``torchrun --nproc_per_node 8 evaluate.py ...`` on a GPU node, on CPU with 2 ranks: the same report."""
+    bpc = ["bpc", "--model_path", str(smollm2_dir), "--data", str(data_dir / "pretrain" / "en_novel_botchan.jsonl"),
+           "--max_samples", "5", "--window", "96", "--stride", "48", "--batch_size", "3", "--device", "cpu"]
+    tokenizer = load_tokenizer(smollm2_dir)
+    texts, _ = load_texts(data_dir / "pretrain" / "en_novel_botchan.jsonl", "target", 5)
+    windows = sum(len(sliding_windows(tokenizer(t, add_special_tokens=False)["input_ids"], 0, 96, 48)) for t in texts)
+    assert math.ceil(windows / 3) % 2 == 1 and windows > 6  # an odd number of batches: unequal shares (3 and 2)
+    one, two = _evaluate(bpc, tmp_path, "bpc1"), _evaluate(bpc, tmp_path, "bpc2", nproc=2)
+    assert {k: v for k, v in two.items() if k not in ("bits", "bits_per_char")} == \
+        {k: v for k, v in one.items() if k not in ("bits", "bits_per_char")}
+    assert two["bits"] == pytest.approx(one["bits"], rel=1e-12)  # each batch bit-identical; only the sum's order
+    mc = ["mc", "--model_path", str(smollm2_dir), "--subjects", "marketing", "--max_per_subject", "7", "--k_shot",
+          "1", "--batch_size", "2", "--method", "cloze", "--device", "cpu"]
+    one, two = _evaluate(mc, tmp_path, "mc1"), _evaluate(mc, tmp_path, "mc2", nproc=2)
+    assert len(one["predictions"]) == 7 and two == one
+
+
+@pytest.mark.multiprocess
+def test_under_torchrun_a_bad_row_is_one_line_from_rank_0_before_any_model_loads(tmp_path):
+    f = tmp_path / "mc.jsonl"
+    f.write_text('{"question": "q", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d", '
+                 '"correct_answer": "E", "topic": "t"}\n', encoding="utf-8")
+    # no model there: the data is read first, so its error is the one reported
+    proc = subprocess.run(torchrun_command(["mc", "--model_path", str(tmp_path / "no_model"), "--data", str(f),
+                                            "--device", "cpu"], entry=REPO / "evaluate.py"),
+                          capture_output=True, text=True, cwd=REPO, env=worker_env(), timeout=300)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert errors == [f"error: {f}:1: correct_answer: expected one of A, B, C, D, got 'E'"], proc.stderr[-3000:]

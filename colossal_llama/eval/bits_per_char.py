@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from colossal_llama.eval.batching import right_pad
+from colossal_llama.eval.batching import right_pad, target_logprobs
+from colossal_llama.eval.ranks import EvalRanks
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import iter_jsonl
 
@@ -93,20 +92,19 @@ def sliding_windows(token_ids: Sequence[int], start_id: int, window: int, stride
     return pieces
 
 
-@torch.inference_mode()
 def window_nll_bits(model, batch: Sequence[Tuple[list, list]], pad_id: int) -> float:
     """Sum over the batch of -log2 p(label) (right-padded; padded and -100 positions contribute nothing)."""
     input_ids = right_pad([inp for inp, _ in batch], pad_id)  # no attention mask: see eval/batching.py
     labels = right_pad([lab for _, lab in batch], IGNORE)
-    device = model.device
-    logits = model(input_ids=input_ids.to(device)).logits
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device),
-                          ignore_index=IGNORE, reduction="sum")
-    return nll.item() / math.log(2)
+    rows, positions = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)  # position p predicts the token at p + 1
+    logprobs = target_logprobs(model, input_ids, rows, positions, labels[rows, positions + 1])
+    return -logprobs.double().sum().item() / math.log(2)
 
 
-def bits_per_char(model, tokenizer, texts: Sequence[str], config: BpcConfig) -> BpcResult:
-    """Score ``texts`` (see the module docstring). Windows of similar length are batched together."""
+def bits_per_char(model, tokenizer, texts: Sequence[str], config: BpcConfig,
+                  ranks: EvalRanks = EvalRanks()) -> BpcResult:
+    """Score ``texts`` (see the module docstring). Windows of similar length are batched together; with several
+    processes (``ranks``) each scores its share of the batches and every process returns the whole result."""
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start_id is None:
         raise UserInputError("the tokenizer has neither a BOS nor an EOS token to start texts with")
@@ -121,10 +119,12 @@ def bits_per_char(model, tokenizer, texts: Sequence[str], config: BpcConfig) -> 
         pieces.extend(sliding_windows(ids, start_id, window, stride))
     pieces.sort(key=lambda p: -len(p[0]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_id
-    bar = tqdm(total=result.tokens, desc="bits per char", unit="tok")
-    for start in range(0, len(pieces), config.batch_size):
-        batch = pieces[start: start + config.batch_size]
-        result.bits += window_nll_bits(model, batch, pad_id)
-        bar.update(sum(sum(lab != IGNORE for lab in labels) for _, labels in batch))
-    bar.close()
+    batches = ranks.share([pieces[i: i + config.batch_size] for i in range(0, len(pieces), config.batch_size)])
+    scored = [sum(sum(lab != IGNORE for lab in labels) for _, labels in batch) for batch in batches]
+    bits = 0.0
+    with tqdm(total=sum(scored), desc="bits per char", unit="tok", disable=not ranks.is_main) as bar:
+        for batch, tokens in zip(batches, scored):
+            bits += window_nll_bits(model, batch, pad_id)
+            bar.update(tokens)
+    (result.bits,) = ranks.sum([bits])
     return result

@@ -1,6 +1,8 @@
 """``evaluate.py`` / ``colossal-llama-evaluate``: ``mc`` (multiple-choice accuracy) and ``bpc`` (bits per character).
 
 Each subcommand prints a table, a one-line summary (``mc: ...`` / ``bpc: ...``) and, with ``--output``, a JSON report.
+Under ``torchrun --nproc_per_node N`` / ``colossalai run`` the batches are dealt out over the N processes (each on
+its own GPU with ``--device auto`` or ``cuda``) and rank 0 reports the combined result, the same as one process's.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
+from colossal_llama.eval.ranks import EvalRanks
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.paths import data_root
 
@@ -52,16 +55,26 @@ def _positive(name: str, value: Optional[int], minimum: int = 1) -> None:
         raise UserInputError(f"--{name}: must be >= {minimum}, got {value}")
 
 
-def run_mc(args, model, tokenizer) -> dict:
-    from colossal_llama.eval.multiple_choice import MCConfig, evaluate_multiple_choice, load_mc_items
+def read_mc(args):
+    """mc's flags and questions, checked before any model loads: ``(MCConfig, items)``."""
+    from colossal_llama.eval.multiple_choice import MCConfig, load_mc_items
 
     _positive("max_per_subject", args.max_per_subject)
     _positive("k_shot", args.k_shot, 0)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     config = MCConfig(args.k_shot, args.batch_size, args.seed, args.max_per_subject, subjects, args.max_length,
                       args.method)
-    result = evaluate_multiple_choice(model, tokenizer, load_mc_items(args.data), config)
+    return config, load_mc_items(args.data)
+
+
+def run_mc(args, inputs, model, tokenizer, ranks: EvalRanks) -> dict:
+    from colossal_llama.eval.multiple_choice import evaluate_multiple_choice
+
+    config, items = inputs
+    result = evaluate_multiple_choice(model, tokenizer, items, config, ranks)
     report = result.to_dict()
+    if not ranks.is_main:
+        return report
     width = max(len(s) for s in report["subjects"])
     print(f"{'subject':<{width}}  correct  total  accuracy")
     for name, row in report["subjects"].items():
@@ -71,15 +84,24 @@ def run_mc(args, model, tokenizer) -> dict:
     return report
 
 
-def run_bpc(args, model, tokenizer) -> dict:
-    from colossal_llama.eval.bits_per_char import BpcConfig, bits_per_char, load_texts
+def read_bpc(args):
+    """bpc's flags and texts, checked before any model loads: ``(BpcConfig, texts, skipped)``."""
+    from colossal_llama.eval.bits_per_char import BpcConfig, load_texts
 
     _positive("max_samples", args.max_samples)
     _positive("window", args.window, 2)
     config = BpcConfig(args.text_field, args.max_samples, args.window, args.stride, args.batch_size)
-    texts, skipped = load_texts(args.data, config.text_field, config.max_samples)
-    result = bits_per_char(model, tokenizer, texts, config)
+    return (config, *load_texts(args.data, config.text_field, config.max_samples))
+
+
+def run_bpc(args, inputs, model, tokenizer, ranks: EvalRanks) -> dict:
+    from colossal_llama.eval.bits_per_char import bits_per_char
+
+    config, texts, skipped = inputs
+    result = bits_per_char(model, tokenizer, texts, config, ranks)
     result.skipped = skipped
+    if not ranks.is_main:
+        return result.to_dict()
     skipped_note = f", skipped {skipped}" if skipped else ""
     print(f"bpc: {args.model_path} on {args.data}: {result.bpc:.4f} bits/char over {result.texts} texts, "
           f"{result.characters} chars, {result.tokens} tokens ({result.characters / result.tokens:.2f} chars/token)"
@@ -87,20 +109,29 @@ def run_bpc(args, model, tokenizer) -> dict:
     return result.to_dict()
 
 
+COMMANDS = {"mc": (read_mc, run_mc), "bpc": (read_bpc, run_bpc)}  # (read flags and data, evaluate and report)
+
+
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
-    from colossal_llama.inference.loading import load_model_and_tokenizer
+    from colossal_llama.inference.loading import load_model_and_tokenizer, process_device
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.data is None:  # resolved here, not in the parser: --help never looks for (or announces) data
         args.data = str(data_root() / "eval" / "mmlu_test.jsonl")
     _positive("batch_size", args.batch_size)
     if not Path(args.data).is_file():
         raise UserInputError(f"--data {args.data}: no such file")
-    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, args.device)
-    report = (run_mc if args.command == "mc" else run_bpc)(args, model, tokenizer)
-    if args.output:
+    read, run = COMMANDS[args.command]
+    inputs = read(args)  # a bad flag or row stops the run before a (possibly 70B) model is loaded
+    ranks = EvalRanks.join()
+    logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    device = process_device(args.device, ranks.size, ranks.local_rank)
+    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, device)
+    report = run(args, inputs, model, tokenizer, ranks)
+    ranks.close()
+    if args.output and ranks.is_main:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"command": args.command, "model_path": args.model_path, **report}, indent=2,

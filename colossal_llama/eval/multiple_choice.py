@@ -33,7 +33,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from colossal_llama.eval.batching import right_pad
+from colossal_llama.eval.batching import right_pad, target_logprobs
+from colossal_llama.eval.ranks import EvalRanks
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import iter_jsonl
 
@@ -212,20 +213,14 @@ def last_token_logits(model, batch: Sequence[Sequence[int]], pad_id: int) -> tor
     return model.get_output_embeddings()(last).float()
 
 
-@torch.inference_mode()
 def continuation_logprobs(model, rows: Sequence[tuple], pad_id: int) -> List[float]:
     """Sum of log p(continuation | context) per row; ``rows`` are ``(context_ids, continuation_ids)`` pairs."""
-    seqs = [list(ctx) + list(cont) for ctx, cont in rows]
-    input_ids = right_pad(seqs, pad_id)  # no attention mask: see eval/batching.py
-    hidden = model.get_decoder()(input_ids=input_ids.to(model.device))[0]
-    # the LM head only where a continuation token is predicted: full (rows, seq, vocab) logits cost GBs
-    row_idx = [r for r, (ctx, cont) in enumerate(rows) for _ in cont]
-    pos_idx = [len(ctx) - 1 + j for ctx, cont in rows for j in range(len(cont))]
-    targets = torch.tensor([t for _, cont in rows for t in cont], device=hidden.device)
-    logits = model.get_output_embeddings()(hidden[row_idx, pos_idx]).float()
-    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
-    sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, torch.tensor(row_idx), token_lp.double().cpu())
-    return sums.tolist()
+    input_ids = right_pad([list(ctx) + list(cont) for ctx, cont in rows], pad_id)  # no mask: see eval/batching.py
+    row_idx = torch.tensor([r for r, (ctx, cont) in enumerate(rows) for _ in cont])
+    positions = torch.tensor([len(ctx) - 1 + j for ctx, cont in rows for j in range(len(cont))])
+    targets = torch.tensor([t for _, cont in rows for t in cont])
+    token_lp = target_logprobs(model, input_ids, row_idx, positions, targets)
+    return torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row_idx, token_lp.double().cpu()).tolist()
 
 
 def _predict_letter(model, tokenizer, items, prompts, pad_id: int, idx: List[int]) -> List[int]:
@@ -243,8 +238,11 @@ def _predict_cloze(model, tokenizer, items, prompts, pad_id: int, idx: List[int]
     return [max(range(len(LETTERS)), key=lambda c: scores[4 * k + c]) for k in range(len(idx))]
 
 
-def evaluate_multiple_choice(model, tokenizer, pool: Sequence[MCItem], config: MCConfig) -> MCResult:
-    """Score the selected items of ``pool`` (examples are drawn from ``pool`` too). Longest prompts first."""
+def evaluate_multiple_choice(model, tokenizer, pool: Sequence[MCItem], config: MCConfig,
+                             ranks: EvalRanks = EvalRanks()) -> MCResult:
+    """Score the selected items of ``pool`` (examples are drawn from ``pool`` too). Longest prompts first; with
+    several processes (``ranks``) each scores its share of the batches and every process returns the whole
+    result (each builds every prompt: the batches must be the same everywhere)."""
     if config.method not in METHODS:
         raise UserInputError(f"--method: expected one of {', '.join(METHODS)}, got {config.method!r}")
     items = select_items(pool, config)
@@ -261,15 +259,16 @@ def evaluate_multiple_choice(model, tokenizer, pool: Sequence[MCItem], config: M
     predict = _predict_cloze if config.method == "cloze" else _predict_letter
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
-    predicted = [0] * len(items)
-    bar = tqdm(total=len(items), desc=f"multiple choice ({config.method})", unit="q")
-    for start in range(0, len(order), config.batch_size):
-        idx = order[start: start + config.batch_size]
-        for i, choice in zip(idx, predict(model, tokenizer, items, prompts, pad_id, idx)):
-            predicted[i] = choice
-        bar.update(len(idx))
-    bar.close()
-    for it, choice in zip(items, predicted):
+    batches = ranks.share([order[i: i + config.batch_size] for i in range(0, len(order), config.batch_size)])
+    mine = {}
+    with tqdm(total=sum(map(len, batches)), desc=f"multiple choice ({config.method})", unit="q",
+              disable=not ranks.is_main) as bar:
+        for idx in batches:
+            mine.update(zip(idx, predict(model, tokenizer, items, prompts, pad_id, idx)))
+            bar.update(len(idx))
+    predicted = ranks.merge(mine)
+    for i, it in enumerate(items):
+        choice = predicted[i]
         counts = result.per_subject.setdefault(it.subject, {"correct": 0, "total": 0})
         counts["correct"] += choice == it.answer
         counts["total"] += 1

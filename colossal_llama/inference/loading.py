@@ -44,6 +44,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def process_device(device: str, processes: int, local_rank: int) -> str:
+    """The ``--device`` of one of ``processes`` processes a launcher started on a machine: with several on a GPU
+    machine, ``auto`` and ``cuda`` mean the process's own GPU, ``cuda:LOCAL_RANK`` (modulo the GPUs present), so
+    they do not all load the model onto GPU 0. ``cpu`` and an explicit ``cuda:N`` stay as they are."""
+    if processes <= 1 or device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return device
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
 def load_model(model_path, device: torch.device):
     """``AutoModelForCausalLM`` from an HF folder in its saved dtype, in eval mode, on ``device``.
 

@@ -14,7 +14,7 @@ for ``prepare_pretrain_dataset.py --data_input_dirs OUTPUT_DIR``. Batch k is dra
 
 At scale (a 7B model, millions of tokens to replay) the batches are split over processes: under ``torchrun`` /
 ``colossalai run`` (``WORLD_SIZE``/``RANK``, or ``--num_shards``/``--shard_index``) shard i of N draws the batches
-k with ``k % N == i``, on GPU ``LOCAL_RANK`` with ``--device auto``, and writes
+k with ``k % N == i``, on GPU ``LOCAL_RANK`` with ``--device auto`` or ``cuda``, and writes
 ``OUTPUT_DIR/self_replay.shard-IIIII-of-NNNNN.jsonl`` (published by a rename when complete); the N files together
 hold exactly the texts of a 1-shard run.
 """
@@ -125,13 +125,6 @@ def sample_batches(model, tokenizer, cfg: ReplayConfig, start_id: int) -> Iterat
         yield [cut_at_stop(row, stop_ids) for row in out[:, 1:].tolist()]
 
 
-def shard_device(device: str, shard: Shard, environ=os.environ) -> str:
-    """``auto`` on a machine with GPUs, one of several shards: this process's own GPU (``LOCAL_RANK``)."""
-    if device != "auto" or shard.count == 1 or not torch.cuda.is_available():
-        return device
-    return f"cuda:{int(environ.get('LOCAL_RANK', shard.index)) % torch.cuda.device_count()}"
-
-
 class ReplayOutput:
     """Where this shard's rows go. One shard: ``OUTPUT_DIR/self_replay.jsonl``, in a temporary sibling folder
     swapped in whole when complete. Several: ``OUTPUT_DIR/self_replay.shard-IIIII-of-NNNNN.jsonl`` (the folder is
@@ -173,11 +166,13 @@ def write_self_replay(cfg: ReplayConfig) -> ReplaySummary:
     """Sample this shard's texts from the model into ``cfg.output_dir`` (written whole or not at all)."""
     from tqdm.auto import tqdm
 
-    from colossal_llama.inference.loading import load_model_and_tokenizer
+    from colossal_llama.inference.loading import load_model_and_tokenizer, process_device
 
     cfg = cfg.validate()
     output = ReplayOutput(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg.model_path, device=shard_device(cfg.device, cfg.shard))
+    local_rank = int(os.environ.get("LOCAL_RANK", cfg.shard.index))
+    model, tokenizer = load_model_and_tokenizer(cfg.model_path,
+                                                device=process_device(cfg.device, cfg.shard.count, local_rank))
     start_id = start_token_id(tokenizer, cfg.start_token)
     texts = empty = tokens = characters = 0
     start = time.perf_counter()

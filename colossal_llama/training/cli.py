@@ -13,27 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 import traceback
 import warnings
 from typing import List, Optional
 
-from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.errors import UserInputError, report_user_error
 
 USER_ERROR_EXIT = 2
-PEER_ERROR_DELAY_S = 5.0  # a non-zero rank's grace period before printing an error rank 0 probably printed
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def report_user_error(err: UserInputError) -> None:
-    if _rank() == 0:
-        print(f"error: {err}", file=sys.stderr)
-        return
-    time.sleep(PEER_ERROR_DELAY_S)  # the launcher stops this rank here when rank 0 exited with the same error
-    print(f"error (rank {_rank()}): {err}", file=sys.stderr)
 
 
 def run_cli(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,81 @@
+"""Evaluation spread over the processes of ``torchrun`` / ``colossalai run``: each scores its share of the batches,
+and the shares are combined.
+
+Every process forms the batches exactly as a single process does (same order, same rows) and rank r scores
+batches r, r + N, r + 2N, ... So each batch gives the numbers of a one-process run bit for bit: counts and
+predictions come out identical, bits differ only by the order of a float64 sum. The batches are sorted longest
+first, so dealing them out in turn also balances the work.
+
+The combining goes through a gloo process group: a few numbers (or one list of predictions) per evaluation, on the
+host, so it needs no GPU of its own and works the same on CPU and GPU machines.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from colossal_llama.utils.errors import UserInputError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EvalRanks:
+    """This process's place among ``size`` evaluating processes (a world of one without a launcher)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # its index on its machine: which GPU it takes
+
+    @classmethod
+    def join(cls, environ=os.environ) -> "EvalRanks":
+        """Join the launcher's processes (``WORLD_SIZE`` > 1: torchrun / ``colossalai run``), else a world of one."""
+        try:
+            size = int(environ.get("WORLD_SIZE", "1"))
+            local_rank = int(environ.get("LOCAL_RANK", "0"))
+        except ValueError:
+            raise UserInputError(f"WORLD_SIZE={environ.get('WORLD_SIZE')!r} LOCAL_RANK={environ.get('LOCAL_RANK')!r}: "
+                                 "not integers") from None
+        if size <= 1:
+            return cls()
+        if "MASTER_ADDR" not in environ or "MASTER_PORT" not in environ:
+            raise UserInputError(f"WORLD_SIZE={size} without MASTER_ADDR/MASTER_PORT: launch with torchrun or "
+                                 "colossalai run")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank)
+
+    @property
+    def is_main(self) -> bool:
+        """The process that prints the report and writes ``--output``."""
+        return self.rank == 0
+
+    def share(self, batches: Sequence[T]) -> List[T]:
+        """This process's batches: ``batches[rank::size]`` (every batch is scored by exactly one process)."""
+        return list(batches[self.rank::self.size])
+
+    def sum(self, values: Sequence[float]) -> List[float]:
+        """Element-wise sum over the processes (float64)."""
+        if self.size == 1:
+            return [float(v) for v in values]
+        total = torch.tensor(list(values), dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def merge(self, part: Dict[int, T]) -> Dict[int, T]:
+        """The union of every process's ``{index: value}`` (each index comes from one process)."""
+        if self.size == 1:
+            return dict(part)
+        parts: List[Dict[int, T]] = [{} for _ in range(self.size)]
+        dist.all_gather_object(parts, part)
+        return {k: v for p in parts for k, v in p.items()}
+
+    def close(self) -> None:
+        """Leave the process group (after every process is done with it)."""
+        if self.size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
