@@ -1,15 +1,18 @@
 """Mining new vocabulary pieces from the real Chinese news corpus and from jieba's real word list."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+from tqdm import tqdm
 
 from colossal_llama.tokenizer.base_vocab import SP_SPACE, bpe_vocab_texts, load_sp_proto, text_to_sp_piece
 from colossal_llama.tokenizer.init_tokenizer import expand_tokenizer
 from colossal_llama.tokenizer.loading import load_tokenizer
-from colossal_llama.tokenizer.mine_pieces import ASCII_WORD_REASON, MineConfig, has_ascii_alnum, main, mine_pieces
+from colossal_llama.tokenizer.mine_pieces import (ASCII_WORD_REASON, MineConfig, MiningReport, _FileSample, _take,
+                                                  corpus_lines, has_ascii_alnum, main, mine_pieces)
 from colossal_llama.tokenizer.pieces import read_pieces_file
 from colossal_llama.utils.errors import DataError, UserInputError
 
@@ -40,8 +43,66 @@ def test_corpus_mining_keeps_only_pieces_absent_from_the_sp_base_and_is_determin
     assert report.dropped["already in the base vocabulary"] > 0
     assert all(SP_SPACE not in p and len(p.strip()) >= 2 for p in first)
     assert "中国" in first[:50]  # the news corpus' most frequent word, CJK pieces lose the '▁' marker
-    assert report.sentences == 2000 and report.sentences_unused >= 1000  # the news file has >= 3,000 lines
+    assert report.sentences == 2000 and (report.files, report.files_whole) == (1, 0)  # the news has >= 3,000 lines
     assert report.candidates == report.written + sum(report.dropped.values())
+
+
+def _all_lines(path: Path) -> list:
+    return corpus_lines([path], 10 ** 9, MiningReport(mode="corpus"))
+
+
+def test_the_sample_takes_every_file_s_first_lines_in_proportion_to_its_size(data_dir):
+    """Not the first lines of the first file: a corpus of law/ then finance/ must not be mined from law alone."""
+    files = [data_dir / "pretrain" / name for name in ("zh_news_peoples_daily_199801.jsonl", "zh_reviews.jsonl")]
+    report = MiningReport(mode="corpus")
+    lines = corpus_lines(files, 3000, report)
+    news, reviews = (_all_lines(f) for f in files)
+    sizes = [f.stat().st_size for f in files]
+    news_share = round(3000 * sizes[0] / sum(sizes))
+    assert len(lines) == report.sentences == 3000 and 0 < news_share < 3000
+    assert lines == news[:news_share] + reviews[:3000 - news_share]  # each file's first lines, in file order
+    assert (report.files, report.files_whole) == (2, 0)
+
+
+def test_what_a_file_that_runs_out_leaves_goes_to_the_files_after_it(data_dir):
+    # the novel is 2.5 % of the bytes but has few, long lines; with a large sample it runs out first
+    files = [data_dir / "pretrain" / name for name in ("en_novel_botchan.jsonl", "zh_reviews.jsonl")]
+    novel, reviews = (_all_lines(f) for f in files)
+    want = 40 * len(novel)
+    assert want * files[0].stat().st_size / (files[0].stat().st_size + files[1].stat().st_size) > len(novel)
+    report = MiningReport(mode="corpus")
+    assert corpus_lines(files, want, report) == novel + reviews[:want - len(novel)]
+    assert (report.files, report.files_whole) == (2, 1)
+    whole = MiningReport(mode="corpus")  # a sample larger than the corpus: all of it, in file order
+    assert corpus_lines(files, 10 ** 9, whole) == novel + reviews and whole.files_whole == 2
+
+
+def test_a_file_read_again_for_the_leftover_counts_each_record_once(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    rows = [{"text": ""}, {"text": "长" * 5000}, {"text": "一\n二"}, {"source": " "}, {"text": "三" * 3000}]
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    once = MiningReport(mode="corpus")
+    lines = corpus_lines([corpus], 10, once)
+    # 15,000 and 9,000 UTF-8 bytes: cut into 3 and 2 chunks of at most 2,048 characters
+    assert len(lines) == 3 + 2 + 2 and (once.records_without_text, once.chunked_lines) == (2, 2)
+    twice, sample = MiningReport(mode="corpus"), _FileSample(corpus)
+    with tqdm(disable=True) as bar:
+        _take(sample, 2, twice, bar)  # stops inside the long line's chunks
+        _take(sample, 10, twice, bar)
+    assert sample.lines == lines and sample.exhausted
+    assert (twice.records_without_text, twice.chunked_lines) == (2, 2)
+
+
+def test_reading_stops_at_each_file_s_share(tmp_path, data_dir):
+    """Mining a 100 GB corpus must not read 100 GB: lines beyond a file's share are never read (here the file is
+    cut off half way, which a full read would report)."""
+    news = (data_dir / "pretrain" / "zh_news_peoples_daily_199801.jsonl").read_text(encoding="utf-8").splitlines()
+    whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
+    whole.write_text("\n".join(news[:2000]) + "\n", encoding="utf-8")
+    cut.write_text("\n".join(news[:2000]) + "\n" + news[2000][: len(news[2000]) // 2], encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{cut}:2001: invalid JSON"):  # the damage is there
+        _all_lines(cut)
+    assert corpus_lines([cut], 500, MiningReport(mode="corpus")) == _all_lines(whole)[:500]
 
 
 def test_mined_pieces_expand_the_base_and_agree(tmp_path, data_dir, mistral_src):

@@ -3,8 +3,13 @@
 Corpus mode trains a SentencePiece model (the ``sentencepiece`` trainer) on the text fields of jsonl files and
 keeps its pieces, in model order (most useful first), that the base tokenizer does not already have. Word-list
 mode reads ``word freq [pos]`` lines (e.g. jieba's dictionary) and keeps the most frequent absent words. Both
-write ``{"piece": ...}`` jsonl for ``init_tokenizer.py`` and are deterministic: the first ``--max_sentences``
-lines in file order, a single training thread, frequency ties broken by file order.
+write ``{"piece": ...}`` jsonl for ``init_tokenizer.py`` and are deterministic: a single training thread, frequency
+ties broken by file order, and a fixed sample of the corpus.
+
+The sample is ``--max_sentences`` lines drawn from every file, not the first lines of the first files: each file
+gives its first lines, as many as its share of the corpus' bytes on disk (what a file that runs out leaves goes to
+the files after it, in order). Only those lines are read, so mining a 100 GB corpus reads about as much as mining a
+small one; a corpus with fewer lines than ``--max_sentences`` is used whole, in file order.
 
 The ``'▁'`` word-start marker is stripped sensibly: for pieces holding CJK characters (scripts written without
 spaces, where a marker would only match after a space) the marker is dropped; for other pieces a leading
@@ -45,16 +50,18 @@ class MiningReport:
     dropped: Counter = field(default_factory=Counter)
     written: int = 0
     sentences: int = 0  # corpus mode: lines given to the trainer
-    sentences_unused: int = 0  # corpus mode: lines beyond --max_sentences
-    chunked_lines: int = 0  # corpus mode: lines longer than MAX_SENTENCE_BYTES, cut into chunks
-    records_without_text: int = 0
+    files: int = 0  # corpus mode: files of the corpus
+    files_whole: int = 0  # corpus mode: files read to their end (the others gave their first lines)
+    chunked_lines: int = 0  # corpus mode, records read: lines longer than MAX_SENTENCE_BYTES, cut into chunks
+    records_without_text: int = 0  # corpus mode, records read
 
     def format(self) -> str:
         lines = [f"mining ({self.mode}): {self.candidates} candidates -> {self.written} pieces written"]
         if self.mode == "corpus":
             lines.append(
-                f"trainer input: {self.sentences} lines ({self.sentences_unused} beyond --max_sentences not used, "
-                f"{self.chunked_lines} long lines cut into chunks, {self.records_without_text} records without text)"
+                f"trainer input: {self.sentences} lines from {self.files} files ({self.files_whole} read to the end, "
+                f"the others' first lines in proportion to their size; {self.chunked_lines} long lines cut into "
+                f"chunks, {self.records_without_text} records without text)"
             )
         for reason, n in sorted(self.dropped.items()):
             lines.append(f"dropped {n}: {reason}")
@@ -76,25 +83,68 @@ def _record_texts(record) -> Iterator[str]:
             yield message["content"]
 
 
+def _records(path: Path) -> Iterator[tuple[bool, list[str], int]]:
+    """Per record of ``path``: (has text, its trainer lines in order, lines cut into chunks)."""
+    for _, record in iter_jsonl(path):
+        texts = [t for t in _record_texts(record) if t.strip()]
+        pieces = [_chunks(line) for text in texts for line in text.splitlines() if line.strip()]
+        yield bool(texts), [chunk for chunks in pieces for chunk in chunks], sum(len(c) > 1 for c in pieces)
+
+
+@dataclass
+class _FileSample:
+    """The lines taken from one file: always its first ones."""
+
+    path: Path
+    lines: list[str] = field(default_factory=list)
+    records_counted: int = 0  # its records already in the report's counts (a second read counts no record twice)
+    exhausted: bool = False  # read to its end
+
+
+def _take(sample: _FileSample, want: int, report: MiningReport, bar) -> None:
+    """Take up to ``want`` more lines from ``sample.path`` (after those already taken); stops reading when done."""
+    if want <= 0 or sample.exhausted:
+        return
+    skip = len(sample.lines)
+    for index, (has_text, lines, chunked) in enumerate(_records(sample.path)):
+        if index >= sample.records_counted:
+            report.records_without_text += not has_text
+            report.chunked_lines += chunked
+            sample.records_counted = index + 1
+        new = lines[skip:][:want]
+        skip = max(0, skip - len(lines))
+        sample.lines.extend(new)
+        bar.update(len(new))
+        want -= len(new)
+        if want == 0:
+            return
+    sample.exhausted = True
+
+
+def _shares(total: int, weights: list[int]) -> list[int]:
+    """``total`` split in proportion to ``weights`` (largest remainders round up; the shares sum to ``total``)."""
+    exact = [total * w / sum(weights) for w in weights]
+    shares = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (shares[i] - exact[i], i))
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
 def corpus_lines(files: list[Path], max_sentences: int, report: MiningReport) -> list[str]:
-    """The first ``max_sentences`` non-blank lines of the corpus' text fields (long lines chunked)."""
-    lines: list[str] = []
-    for path in tqdm(files, desc="reading corpus", unit="file"):
-        for _, record in iter_jsonl(path):
-            texts = [t for t in _record_texts(record) if t.strip()]
-            if not texts:
-                report.records_without_text += 1
-            for text in texts:
-                for line in text.splitlines():
-                    if not line.strip():
-                        continue
-                    chunks = _chunks(line)
-                    report.chunked_lines += len(chunks) > 1
-                    for chunk in chunks:
-                        if len(lines) < max_sentences:
-                            lines.append(chunk)
-                        else:
-                            report.sentences_unused += 1
+    """``max_sentences`` non-blank lines of the corpus' text fields (long lines chunked), sampled as the module
+    docstring says: file f gives its first lines, its share of the bytes first, then what other files left over."""
+    samples = [_FileSample(path) for path in files]
+    with tqdm(total=max_sentences, desc="reading corpus", unit="line") as bar:
+        for sample, share in zip(samples, _shares(max_sentences, [max(p.stat().st_size, 1) for p in files])):
+            _take(sample, share, report, bar)
+        taken = sum(len(sample.lines) for sample in samples)
+        for sample in samples:  # what files that ran out left over, in file order
+            before = len(sample.lines)
+            _take(sample, max_sentences - taken, report, bar)
+            taken += len(sample.lines) - before
+    report.files, report.files_whole = len(files), sum(s.exhausted for s in samples)
+    lines = [line for sample in samples for line in sample.lines]
     report.sentences = len(lines)
     return lines
 
@@ -267,7 +317,8 @@ def parse_args(argv=None) -> MineConfig:
     p.add_argument("--base_tokenizer_dir", type=Path, default=None, help="drop pieces this tokenizer already has")
     p.add_argument("--output", type=Path, required=True, help='jsonl of {"piece": ...}')
     p.add_argument("--vocab_size", type=int, default=8000, help="SentencePiece vocabulary to train (corpus mode)")
-    p.add_argument("--max_sentences", type=int, default=200_000, help="first N corpus lines used for training")
+    p.add_argument("--max_sentences", type=int, default=200_000,
+                   help="corpus lines to train on: each file's first lines, in proportion to its size")
     p.add_argument("--min_piece_chars", type=int, default=2, help="shortest piece kept (characters, marker excluded)")
     p.add_argument("--top_k", type=int, default=None, help="keep at most this many pieces")
     p.add_argument("--min_freq", type=int, default=1, help="word-list mode: lowest frequency kept")
