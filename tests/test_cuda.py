@@ -11,7 +11,9 @@ Specification (tiny LLaMA with the real SmolLM2 tokenizer, real prepared data, 4
   same batch) within 1e-4 and step 4's within 2e-3. Not bit for bit: ZeRO/Gemini keep fp32 master weights that
   the checkpoint's bf16 ``modeling/`` does not hold, and colossalai reloads them from the bf16 weights;
 - ``inference_example.py --device cuda`` and the web chat (``--device cuda``) generate on the GPU what the library
-  generates greedily on the GPU in this process.
+  generates greedily on the GPU in this process;
+- ``evaluate.py bpc --device cuda`` under ``torchrun --nproc_per_node 2`` (both processes on the one GPU) reports
+  what one process reports on the GPU.
 
 The training runs all start when the module starts (a tiny model uses a sliver of the GPU; a resume starts when
 its checkpoint is written), and the generation tests run meanwhile: the module takes about its slowest run.
@@ -216,6 +218,24 @@ def test_web_chat_streams_a_reply_generated_on_cuda(smollm2_cuda, smollm2_dir):
     finally:
         server.kill()
         server.wait()
+
+
+def test_evaluate_under_torchrun_scores_on_cuda_what_one_process_does(smollm2_dir, data_dir, tmp_path):
+    from tests.support.launch import torchrun_command, worker_env
+
+    args = ["bpc", "--model_path", str(smollm2_dir), "--data", str(data_dir / "pretrain" / "en_novel_botchan.jsonl"),
+            "--max_samples", "3", "--window", "128", "--stride", "64", "--batch_size", "2", "--device", "cuda"]
+    reports = []
+    for name, command in (("one", [sys.executable, str(REPO / "evaluate.py")]),
+                          ("two", torchrun_command([], nproc=2, entry=REPO / "evaluate.py"))):
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([*command, *args, "--output", str(out)], capture_output=True, text=True, cwd=REPO,
+                              env=worker_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports.append(json.loads(out.read_text()))
+    one, two = reports
+    assert one["tokens"] > 3 * 128 and two["tokens"] == one["tokens"] and two["characters"] == one["characters"]
+    assert two["bits"] == pytest.approx(one["bits"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ training
