@@ -6,8 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from colossal_llama.training.mixture import (Mixture, largest_remainder, parse_category_weights,
-                                             split_dataset_weight)
+from colossal_llama.training.mixture import Mixture, parse_category_weights, split_dataset_weight
+from colossal_llama.utils.apportion import largest_remainder
 from colossal_llama.utils.errors import UserInputError
 
 

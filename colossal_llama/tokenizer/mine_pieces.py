@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 from tqdm import tqdm
 
 from colossal_llama.tokenizer.base_vocab import SP_SPACE, base_vocab_texts
 from colossal_llama.tokenizer.pieces import write_pieces_file
+from colossal_llama.utils.apportion import largest_remainder
 from colossal_llama.utils.errors import DataError, UserInputError, cli_entry
 from colossal_llama.utils.jsonl import find_jsonl_files, iter_jsonl
 
@@ -121,23 +123,14 @@ def _take(sample: _FileSample, want: int, report: MiningReport, bar) -> None:
     sample.exhausted = True
 
 
-def _shares(total: int, weights: list[int]) -> list[int]:
-    """``total`` split in proportion to ``weights`` (largest remainders round up; the shares sum to ``total``)."""
-    exact = [total * w / sum(weights) for w in weights]
-    shares = [int(x) for x in exact]
-    by_remainder = sorted(range(len(weights)), key=lambda i: (shares[i] - exact[i], i))
-    for i in by_remainder[: total - sum(shares)]:
-        shares[i] += 1
-    return shares
-
-
 def corpus_lines(files: list[Path], max_sentences: int, report: MiningReport) -> list[str]:
     """``max_sentences`` non-blank lines of the corpus' text fields (long lines chunked), sampled as the module
     docstring says: file f gives its first lines, its share of the bytes first, then what other files left over."""
     samples = [_FileSample(path) for path in files]
     with tqdm(total=max_sentences, desc="reading corpus", unit="line") as bar:
-        for sample, share in zip(samples, _shares(max_sentences, [max(p.stat().st_size, 1) for p in files])):
-            _take(sample, share, report, bar)
+        sizes = np.array([max(path.stat().st_size, 1) for path in files], dtype=np.float64)
+        for sample, share in zip(samples, largest_remainder(sizes / sizes.sum(), max_sentences)):
+            _take(sample, int(share), report, bar)
         taken = sum(len(sample.lines) for sample in samples)
         for sample in samples:  # what files that ran out left over, in file order
             before = len(sample.lines)

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from colossal_llama.utils.apportion import largest_remainder
 from colossal_llama.utils.errors import UserInputError
 
 GroupKey = Tuple[int, str]  # (index of the --dataset entry, category)
@@ -83,16 +84,6 @@ def _shares(groups: Sequence[Tuple[GroupKey, int]], dataset_weights: Dict[int, f
             within = size / sum(n for _, n in mine)
         shares.append(dataset_weights.get(d, 1.0) / total_w * within)
     return shares
-
-
-def largest_remainder(shares: Sequence[float], total: int) -> np.ndarray:
-    """Integer counts summing to ``total``, each within 1 of ``share x total`` (ties to the earlier group)."""
-    exact = np.asarray(shares, dtype=np.float64) * total
-    counts = np.floor(exact).astype(np.int64)
-    leftover = total - int(counts.sum())
-    order = np.argsort(-(exact - counts), kind="stable")
-    counts[order[:leftover]] += 1
-    return counts
 
 
 def _stream(rows: np.ndarray, key: Sequence[int], start: int, count: int) -> np.ndarray:

@@ -1,0 +1,16 @@
+"""Whole counts in given proportions (replay mixtures, corpus samples)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def largest_remainder(shares: Sequence[float], total: int) -> np.ndarray:
+    """Integer counts summing to ``total``, each within 1 of ``share x total`` (ties to the earlier group)."""
+    exact = np.asarray(shares, dtype=np.float64) * total
+    counts = np.floor(exact).astype(np.int64)
+    leftover = total - int(counts.sum())
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[:leftover]] += 1
+    return counts
