@@ -124,8 +124,9 @@ def _take(sample: _FileSample, want: int, report: MiningReport, bar) -> None:
 
 
 def corpus_lines(files: list[Path], max_sentences: int, report: MiningReport) -> list[str]:
-    """``max_sentences`` non-blank lines of the corpus' text fields (long lines chunked), sampled as the module
-    docstring says: file f gives its first lines, its share of the bytes first, then what other files left over."""
+    """At most ``max_sentences`` non-blank lines of the corpus' text fields (long lines chunked; all of them when the
+    corpus has fewer), sampled as the module docstring says: file f gives its first lines, its share of the bytes
+    first, then what other files left over."""
     samples = [_FileSample(path) for path in files]
     with tqdm(total=max_sentences, desc="reading corpus", unit="line") as bar:
         sizes = np.array([max(path.stat().st_size, 1) for path in files], dtype=np.float64)
