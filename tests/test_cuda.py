@@ -13,7 +13,10 @@ Specification (tiny LLaMA with the real SmolLM2 tokenizer, real prepared data, 4
 - ``inference_example.py --device cuda`` and the web chat (``--device cuda``) generate on the GPU what the library
   generates greedily on the GPU in this process;
 - ``evaluate.py bpc --device cuda`` under ``torchrun --nproc_per_node 2`` (both processes on the one GPU) reports
-  what one process reports on the GPU.
+  what one process reports on the GPU;
+- models load straight onto the GPU through accelerate's device map (whole on GPU 0 when they fit); weights larger
+  than ``--max_gpu_memory`` are refused before any is read; with 2 GPUs, a model spread over both scores what one
+  GPU does.
 
 The training runs all start when the module starts (a tiny model uses a sliver of the GPU; a resume starts when
 its checkpoint is written), and the generation tests run meanwhile: the module takes about its slowest run.
@@ -169,6 +172,8 @@ def smollm2_cuda(smollm2_dir):
 
     model, tokenizer = load_model_and_tokenizer(smollm2_dir, device="cuda")
     assert model.device.type == "cuda"
+    assert model.hf_device_map == {"": 0}  # through the device map, whole on the first GPU: it fits
+    assert {p.device for p in model.parameters()} == {torch.device("cuda", 0)}
     return model, tokenizer
 
 
@@ -236,6 +241,37 @@ def test_evaluate_under_torchrun_scores_on_cuda_what_one_process_does(smollm2_di
     one, two = reports
     assert one["tokens"] > 3 * 128 and two["tokens"] == one["tokens"] and two["characters"] == one["characters"]
     assert two["bits"] == pytest.approx(one["bits"], rel=1e-6)
+
+
+BPC_ARGS = ["bpc", "--max_samples", "3", "--window", "128", "--stride", "64", "--batch_size", "2"]
+
+
+def test_weights_larger_than_max_gpu_memory_are_refused_before_loading(smollm2_dir):
+    from colossal_llama.inference.loading import load_model
+    from colossal_llama.inference.placement import Placement, placement_for
+    from colossal_llama.utils.errors import UserInputError
+
+    allocated = torch.cuda.memory_allocated(0)
+    with pytest.raises(UserInputError, match=r"the weights need 0.50 GiB \(float32\) but cuda:0 take\(s\) 0.06 GiB"):
+        load_model(smollm2_dir, Placement((0,), memory_limit=64 * 2 ** 20))
+    assert torch.cuda.memory_allocated(0) == allocated  # nothing was read onto the GPU
+    assert placement_for("cuda:0").budgets()[0] > 0.5 * torch.cuda.mem_get_info(0)[0]  # the default: most of it
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="spreading a model needs >= 2 GPUs")
+def test_a_model_spread_over_two_gpus_scores_what_one_gpu_does(smollm2_dir, data_dir, tmp_path):
+    """SmolLM2 in float32 (0.5 GiB) with 320 MiB a GPU: layers on cuda:0 and cuda:1, the same bits as cuda:0."""
+    reports = {}
+    for name, where in (("one", ["--device", "cuda:0"]), ("two", ["--device", "cuda", "--max_gpu_memory", "320MiB"])):
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *BPC_ARGS, "--model_path", str(smollm2_dir),
+                               "--data", str(data_dir / "pretrain" / "en_novel_botchan.jsonl"), *where,
+                               "--output", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[name] = (json.loads(out.read_text()), proc.stderr)
+    (one, _), (two, log) = reports["one"], reports["two"]
+    assert re.search(r"model weights: cuda:0 0\.\d+ GiB, cuda:1 0\.\d+ GiB", log), log[-3000:]
+    assert two["tokens"] == one["tokens"] and two["bits"] == pytest.approx(one["bits"], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -19,7 +19,8 @@ from colossal_llama.inference.chat import ChatSession, drop_empty_exchanges
 from colossal_llama.inference.cli import main as cli_main
 from colossal_llama.inference.cli import parse_args, read_prompts, sampling_from_args
 from colossal_llama.inference.generation import SamplingConfig, generate_ids, generate_stream, generate_text
-from colossal_llama.inference.loading import load_model_and_tokenizer, parse_device, resolve_device
+from colossal_llama.inference.loading import load_model_and_tokenizer
+from colossal_llama.inference.placement import parse_device, resolve_device
 from colossal_llama.inference.prompting import CHAT_CONFIG_FILE, resolve_chat_template, sft_prompt_ids
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.cli import str2bool

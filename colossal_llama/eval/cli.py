@@ -2,7 +2,8 @@
 
 Each subcommand prints a table, a one-line summary (``mc: ...`` / ``bpc: ...``) and, with ``--output``, a JSON report.
 Under ``torchrun --nproc_per_node N`` / ``colossalai run`` the batches are dealt out over the N processes (each on
-its own GPU with ``--device auto`` or ``cuda``) and rank 0 reports the combined result, the same as one process's.
+its own GPUs with ``--device auto`` or ``cuda``: a block of the machine's GPUs each, over which a model larger than
+one GPU spreads) and rank 0 reports the combined result, the same as one process's.
 """
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ COMMANDS = {"mc": (read_mc, run_mc), "bpc": (read_bpc, run_bpc)}  # (read flags 
 
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
-    from colossal_llama.inference.loading import load_model_and_tokenizer, process_device
+    from colossal_llama.inference.loading import load_model_and_tokenizer
+    from colossal_llama.inference.placement import placement_for
 
     args = build_parser().parse_args(argv)
     if args.data is None:  # resolved here, not in the parser: --help never looks for (or announces) data
@@ -127,8 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ranks = EvalRanks.join()
     logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
-    device = process_device(args.device, ranks.size, ranks.local_rank)
-    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, device)
+    placement = placement_for(args.device, ranks.local_size, ranks.local_rank, args.max_gpu_memory)
+    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, placement)
     report = run(args, inputs, model, tokenizer, ranks)
     ranks.close()
     if args.output and ranks.is_main:

@@ -29,7 +29,8 @@ class EvalRanks:
 
     rank: int = 0
     size: int = 1
-    local_rank: int = 0  # its index on its machine: which GPU it takes
+    local_rank: int = 0  # its index on its machine: which GPUs it takes
+    local_size: int = 1  # evaluating processes on its machine
 
     @classmethod
     def join(cls, environ=os.environ) -> "EvalRanks":
@@ -37,9 +38,10 @@ class EvalRanks:
         try:
             size = int(environ.get("WORLD_SIZE", "1"))
             local_rank = int(environ.get("LOCAL_RANK", "0"))
+            local_size = int(environ.get("LOCAL_WORLD_SIZE", size))
         except ValueError:
-            raise UserInputError(f"WORLD_SIZE={environ.get('WORLD_SIZE')!r} LOCAL_RANK={environ.get('LOCAL_RANK')!r}: "
-                                 "not integers") from None
+            raise UserInputError(f"WORLD_SIZE={environ.get('WORLD_SIZE')!r} LOCAL_RANK={environ.get('LOCAL_RANK')!r} "
+                                 f"LOCAL_WORLD_SIZE={environ.get('LOCAL_WORLD_SIZE')!r}: not integers") from None
         if size <= 1:
             return cls()
         if "MASTER_ADDR" not in environ or "MASTER_PORT" not in environ:
@@ -47,7 +49,7 @@ class EvalRanks:
                                  "colossalai run")
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank)
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, local_size)
 
     @property
     def is_main(self) -> bool:

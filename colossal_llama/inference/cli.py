@@ -21,6 +21,7 @@ class InferenceArgs:
     model_path: str
     tokenizer_path: Optional[str]
     device: str
+    max_gpu_memory: Optional[int]
     max_new_tokens: int
     do_sample: bool
     temperature: float
@@ -36,14 +37,23 @@ class InferenceArgs:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Which model to load and where: ``--model_path``, ``--tokenizer_path``, ``--device`` (every command that
-    runs a model: generation, chat, web chat, evaluation)."""
-    from colossal_llama.inference.loading import DEVICE_FORMS, parse_device
-
+    """Which model to load and where: ``--model_path``, ``--tokenizer_path``, ``--device``, ``--max_gpu_memory``
+    (every command that runs a model: generation, chat, web chat, evaluation)."""
     p.add_argument("--model_path", required=True, help="HF model folder (e.g. a training save's modeling/)")
     p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: --model_path)")
+    add_placement_args(p)
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--max_gpu_memory`` (see :mod:`colossal_llama.inference.placement`)."""
+    from colossal_llama.inference.placement import DEVICE_FORMS, FREE_MEMORY_SHARE, parse_device, parse_memory_size
+
     p.add_argument("--device", default="auto", type=parse_device, metavar="DEVICE",
-                   help=f"{DEVICE_FORMS}; auto = cuda if available, else cpu")
+                   help=f"{DEVICE_FORMS}; auto = cuda if available, else cpu. auto and cuda: the process's GPUs "
+                        "(all of them for one process), filled in order: a model larger than one GPU spreads")
+    p.add_argument("--max_gpu_memory", default=None, type=parse_memory_size, metavar="SIZE",
+                   help=f"weights per GPU at most, e.g. 70GiB "
+                        f"(default: {FREE_MEMORY_SHARE * 100:.0f}%% of its free memory)")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -154,12 +164,14 @@ def run_chat(args: InferenceArgs, model, tokenizer, sampling, inp=None, out=None
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
     from colossal_llama.inference.loading import load_model_and_tokenizer
+    from colossal_llama.inference.placement import placement_for
 
     args = parse_args(argv)
     if not args.chat and args.input_txt is None:
         raise UserInputError("nothing to do: pass --input_txt PROMPT_OR_FILE or --chat")
     sampling = sampling_from_args(args)
-    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, args.device)
+    placement = placement_for(args.device, memory_limit=args.max_gpu_memory)
+    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, placement)
     if args.chat:
         run_chat(args, model, tokenizer, sampling)
     else:

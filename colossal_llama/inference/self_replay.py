@@ -14,7 +14,7 @@ for ``prepare_pretrain_dataset.py --data_input_dirs OUTPUT_DIR``. Batch k is dra
 
 At scale (a 7B model, millions of tokens to replay) the batches are split over processes: under ``torchrun`` /
 ``colossalai run`` (``WORLD_SIZE``/``RANK``, or ``--num_shards``/``--shard_index``) shard i of N draws the batches
-k with ``k % N == i``, on GPU ``LOCAL_RANK`` with ``--device auto`` or ``cuda``, and writes
+k with ``k % N == i``, on its own GPUs with ``--device auto`` or ``cuda`` (:mod:`.placement`), and writes
 ``OUTPUT_DIR/self_replay.shard-IIIII-of-NNNNN.jsonl`` (published by a rename when complete); the N files together
 hold exactly the texts of a 1-shard run.
 """
@@ -52,7 +52,8 @@ class ReplayConfig:
     start_token: Optional[str] = None  # None: the tokenizer's BOS, else its EOS (the document separator)
     category: str = "self_replay"
     seed: int = 42
-    device: str = "auto"  # with several shards on a GPU machine: cuda:LOCAL_RANK
+    device: str = "auto"  # with several shards on a GPU machine: each shard's own GPUs
+    max_gpu_memory: Optional[int] = None  # bytes of weights per GPU (None: placement's default)
     overwrite: bool = False
     shard: Shard = Shard()
 
@@ -166,13 +167,15 @@ def write_self_replay(cfg: ReplayConfig) -> ReplaySummary:
     """Sample this shard's texts from the model into ``cfg.output_dir`` (written whole or not at all)."""
     from tqdm.auto import tqdm
 
-    from colossal_llama.inference.loading import load_model_and_tokenizer, process_device
+    from colossal_llama.inference.loading import load_model_and_tokenizer
+    from colossal_llama.inference.placement import placement_for
 
     cfg = cfg.validate()
     output = ReplayOutput(cfg)
     local_rank = int(os.environ.get("LOCAL_RANK", cfg.shard.index))
-    model, tokenizer = load_model_and_tokenizer(cfg.model_path,
-                                                device=process_device(cfg.device, cfg.shard.count, local_rank))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.shard.count))
+    placement = placement_for(cfg.device, local_size, local_rank, cfg.max_gpu_memory)
+    model, tokenizer = load_model_and_tokenizer(cfg.model_path, device=placement)
     start_id = start_token_id(tokenizer, cfg.start_token)
     texts = empty = tokens = characters = 0
     start = time.perf_counter()
@@ -197,7 +200,7 @@ def write_self_replay(cfg: ReplayConfig) -> ReplaySummary:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from colossal_llama.inference.loading import DEVICE_FORMS, parse_device
+    from colossal_llama.inference.cli import add_placement_args
 
     defaults = ReplayConfig(Path("."), Path("."))
     p = OneLineErrorParser(description=__doc__.splitlines()[0])
@@ -210,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token the samples start from (default: BOS, else EOS); e.g. <|endoftext|> for SmolLM2")
     p.add_argument("--category", default=defaults.category, help="category of the rows (per-category bins)")
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--device", default=defaults.device, type=parse_device, metavar="DEVICE", help=DEVICE_FORMS)
+    add_placement_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir (or this shard's file)")
     p.add_argument("--num_shards", type=int, default=None,
                    help="split the batches over N runs (default: WORLD_SIZE, else 1)")

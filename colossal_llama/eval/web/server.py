@@ -151,12 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from colossal_llama.inference.cli import sampling_from_args
     from colossal_llama.inference.loading import load_model_and_tokenizer
+    from colossal_llama.inference.placement import placement_for
     from colossal_llama.inference.prompting import resolve_chat_template
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     sampling = sampling_from_args(args)
-    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, args.device)
+    placement = placement_for(args.device, memory_limit=args.max_gpu_memory)
+    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, placement)
     template = resolve_chat_template(args.model_path, tokenizer, args.chat_template, args.system_message)
     backend = ChatBackend(model, tokenizer, template, sampling, Path(args.model_path).name, args.max_context)
     server = make_server(backend, args.host, args.port)
