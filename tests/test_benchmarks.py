@@ -44,3 +44,13 @@ def test_eval_memory_benchmark_finds_the_chunked_scoring_exact_and_the_full_logi
     (_, full, full_error), (_, chunked, chunked_error) = rows
     assert float(full.replace(",", "")) > 100 and abs(float(chunked_error)) < 1e-6  # the current way is exact
     assert abs(float(full_error)) < 1e-4
+
+
+def test_generation_batch_benchmark_times_each_batch_size_with_the_same_replies(smollm2_dir):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generation_batch.py"), "--model_path",
+                          str(smollm2_dir), "--prompts", "4", "--batch_sizes", "1,4", "--max_new_tokens", "8"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^\| (\d+) \| [\d.]+ \| [\d,.]+ \| ([\d.]+)x \| (\d+) of 4 \|$", out.stdout, re.M)
+    assert [(size, same) for size, _, same in rows] == [("1", "4"), ("4", "4")], out.stdout
+    assert rows[0][1] == "1.00"

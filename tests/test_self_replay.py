@@ -22,7 +22,8 @@ import pytest
 
 from colossal_llama.dataset.config import Shard
 from colossal_llama.inference import self_replay
-from colossal_llama.inference.self_replay import (OUTPUT_FILE, ReplayConfig, cut_at_stop, main, shard_batches,
+from colossal_llama.inference.generation import cut_at_stop
+from colossal_llama.inference.self_replay import (OUTPUT_FILE, ReplayConfig, main, shard_batches,
                                                   write_self_replay)
 from colossal_llama.utils.errors import UserInputError
 from tests.support.launch import REPO, torchrun_command, worker_env

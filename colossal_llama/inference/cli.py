@@ -1,7 +1,9 @@
 """``inference_example.py`` / ``colossal-llama-generate``: generate from a prompt, or chat in a terminal REPL.
 
 ``--input_txt`` is a path or a literal prompt: when it names an existing file, every non-blank line of that
-file is one prompt (generated one after another); otherwise the value itself is the prompt.
+file is one prompt; otherwise the value itself is the prompt. Prompts run ``--batch_size`` at a time (default 1:
+each reply streamed as it is generated); ``--output F.jsonl`` writes ``{"prompt", "response"}`` rows instead of
+printing them, published whole when every prompt is done.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ class InferenceArgs:
     input_txt: Optional[str]
     prompt_style: str
     chat: bool
+    batch_size: int
+    output: Optional[str]
+    overwrite: bool
     system_message: Optional[str]
     chat_template: Optional[str]
     max_context: Optional[int]
@@ -95,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sft = wrap in the model's chat template; pretrained = raw text continuation")
     p.add_argument("--chat", type=str2bool, nargs="?", const=True, default=False,
                    help="interactive multi-turn chat on stdin (an empty line or EOF ends it)")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="prompts generated at once (left-padded); 1 streams each reply as it is generated")
+    p.add_argument("--output", default=None, help="write the replies to this jsonl ({prompt, response} rows)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p
 
 
@@ -120,22 +129,83 @@ def read_prompts(input_txt: str) -> List[str]:
     return prompts
 
 
-def run_prompts(args: InferenceArgs, model, tokenizer, sampling, out=None) -> None:
-    """Generate for every prompt of ``--input_txt``, streaming each answer to ``out`` (default stdout)."""
-    out = out or sys.stdout
-    from colossal_llama.inference.generation import generate_stream
+def check_batch_args(args: InferenceArgs) -> None:
+    """``--batch_size`` and ``--output`` before the model loads: a reply file is never overwritten unasked."""
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch_size {args.batch_size}: must be >= 1")
+    if args.chat and (args.output is not None or args.batch_size != 1):
+        raise UserInputError("--output and --batch_size are for --input_txt prompts, not --chat")
+    if args.output is not None and Path(args.output).exists() and not args.overwrite:
+        raise UserInputError(f"--output {args.output}: already exists (pass --overwrite to replace it)")
+
+
+def prompt_ids_of(args: InferenceArgs, tokenizer, sampling):
+    """``prompt -> token ids`` for ``--prompt_style``; with ``sft`` also adds the template's stop ids to
+    ``sampling``."""
     from colossal_llama.inference.prompting import pretrained_prompt_ids, resolve_chat_template, sft_prompt_ids
 
-    template = None
-    if args.prompt_style == "sft":
-        template = resolve_chat_template(args.model_path, tokenizer, args.chat_template, args.system_message)
-        sampling.stop_token_ids = list(template.stop_token_ids)
-    for prompt in read_prompts(args.input_txt):
-        ids = sft_prompt_ids(template, prompt) if template else pretrained_prompt_ids(tokenizer, prompt)
-        print(f">>> {prompt}", file=out, flush=True)
-        for piece in generate_stream(model, tokenizer, ids, sampling):
-            print(piece, end="", file=out, flush=True)
-        print(file=out, flush=True)
+    if args.prompt_style != "sft":
+        return lambda prompt: pretrained_prompt_ids(tokenizer, prompt)
+    template = resolve_chat_template(args.model_path, tokenizer, args.chat_template, args.system_message)
+    sampling.stop_token_ids = list(template.stop_token_ids)
+    return lambda prompt: sft_prompt_ids(template, prompt)
+
+
+def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts: List[str], out=None) -> None:
+    """Generate for every prompt: to ``out`` (default stdout), each reply streamed when ``--batch_size`` is 1, or
+    to ``--output``."""
+    from colossal_llama.inference.generation import generate_batch, generate_stream
+
+    out = out or sys.stdout
+    encode = prompt_ids_of(args, tokenizer, sampling)
+    if args.output is not None:
+        return write_replies(args, model, tokenizer, sampling, [encode(p) for p in prompts], prompts, out)
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start: start + args.batch_size]
+        if len(batch) == 1:
+            print(f">>> {batch[0]}", file=out, flush=True)
+            for piece in generate_stream(model, tokenizer, encode(batch[0]), sampling):
+                print(piece, end="", file=out, flush=True)
+            print(file=out, flush=True)
+            continue
+        for prompt, ids in zip(batch, generate_batch(model, tokenizer, [encode(p) for p in batch], sampling)):
+            print(f">>> {prompt}\n{tokenizer.decode(ids, skip_special_tokens=True)}", file=out, flush=True)
+
+
+def write_replies(args: InferenceArgs, model, tokenizer, sampling, encoded: List[List[int]], prompts: List[str],
+                  out) -> None:
+    """``{"prompt", "response"}`` per prompt, in the prompts' order, to ``--output`` (written to a hidden sibling,
+    renamed when complete). Batches are formed longest prompt first, so a batch pads little. A progress bar with
+    the rate on stderr; one summary line on ``out``."""
+    import json
+    import os
+    import time
+
+    from tqdm.auto import tqdm
+
+    from colossal_llama.inference.generation import generate_batch
+    from colossal_llama.utils.output import tmp_sibling
+
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    replies: List[str] = [""] * len(encoded)
+    new_tokens, start = 0, time.perf_counter()
+    with tqdm(total=len(encoded), unit="prompt", desc="generate") as bar:
+        for first in range(0, len(order), args.batch_size):
+            batch = order[first: first + args.batch_size]
+            for i, ids in zip(batch, generate_batch(model, tokenizer, [encoded[i] for i in batch], sampling)):
+                replies[i], new_tokens = tokenizer.decode(ids, skip_special_tokens=True), new_tokens + len(ids)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
+    target = Path(args.output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = tmp_sibling(target, "partial")
+    with open(partial, "w", encoding="utf-8") as fh:
+        for prompt, reply in zip(prompts, replies):
+            fh.write(json.dumps({"prompt": prompt, "response": reply}, ensure_ascii=False) + "\n")
+    os.replace(partial, target)
+    seconds = time.perf_counter() - start
+    print(f"wrote {len(encoded)} replies ({new_tokens} new tokens, {new_tokens / max(seconds, 1e-9):,.1f} tokens/s, "
+          f"batches of {args.batch_size}) to {target}", file=out, flush=True)
 
 
 def run_chat(args: InferenceArgs, model, tokenizer, sampling, inp=None, out=None) -> None:
@@ -169,13 +239,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if not args.chat and args.input_txt is None:
         raise UserInputError("nothing to do: pass --input_txt PROMPT_OR_FILE or --chat")
+    check_batch_args(args)
+    prompts = None if args.chat else read_prompts(args.input_txt)  # a bad prompts file: before the model loads
     sampling = sampling_from_args(args)
     placement = placement_for(args.device, memory_limit=args.max_gpu_memory)
     model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, placement)
     if args.chat:
         run_chat(args, model, tokenizer, sampling)
     else:
-        run_prompts(args, model, tokenizer, sampling)
+        run_prompts(args, model, tokenizer, sampling, prompts)
     return 0
 
 

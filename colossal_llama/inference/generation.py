@@ -1,8 +1,9 @@
 """Sampling settings and (streaming) generation on top of ``model.generate``.
 
 ``generate_stream`` yields decoded text pieces as they are produced (a ``TextIteratorStreamer`` fed by a
-background thread); ``generate_text`` is the plain, blocking path. Both stop at ``stop_token_ids`` and the
-tokenizer's EOS, and both drop special tokens from the text.
+background thread); ``generate_text`` is the plain, blocking path; ``generate_batch`` runs several prompts at once
+(left-padded, the pads masked), for a file of prompts. All stop at ``stop_token_ids`` and the tokenizer's EOS, and
+drop special tokens from the text.
 """
 from __future__ import annotations
 
@@ -41,19 +42,50 @@ class SamplingConfig:
         return self
 
 
-def _generate_kwargs(model, tokenizer, input_ids: Sequence[int], config: SamplingConfig) -> dict:
-    """Arguments for ``model.generate`` for one prompt (batch of 1, no padding)."""
-    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
-    stop_ids = list(dict.fromkeys([*config.stop_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
+class RepetitionPenaltyPastPads:
+    """CTRL's repetition penalty (as transformers' ``repetition_penalty``: a seen token's logit divided by the
+    penalty when positive, multiplied when negative) over each row's real tokens only. transformers' own penalises
+    every id in the row, left pads included: with pad = EOS, a padded prompt would be pushed away from stopping.
+
+    ``pads``: (batch,) number of left pads of each row."""
+
+    def __init__(self, penalty: float, pads: torch.Tensor):
+        self.penalty, self.pads = penalty, pads
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        real = positions[None, :] >= self.pads[:, None]
+        seen = torch.where(real, input_ids, input_ids[:, -1:])  # a pad stands for the row's last token, a real one
+        logits = scores.gather(1, seen)
+        return scores.scatter(1, seen, torch.where(logits < 0, logits * self.penalty, logits / self.penalty))
+
+
+def _generate_kwargs(model, tokenizer, prompts: Sequence[Sequence[int]], config: SamplingConfig) -> dict:
+    """Arguments for ``model.generate`` for a batch of prompts, left-padded to the longest (one prompt: no pad);
+    the attention mask hides the pads, from which ``generate`` also counts the positions."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stop_ids = list(dict.fromkeys([*config.stop_token_ids, *eos]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
     kwargs = dict(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
         max_new_tokens=config.max_new_tokens,
         do_sample=config.do_sample,
         eos_token_id=stop_ids or None,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0],
-        repetition_penalty=config.repetition_penalty,
+        pad_token_id=pad_id,
+        repetition_penalty=1.0,
     )
+    if config.repetition_penalty != 1.0:
+        from transformers import LogitsProcessorList
+
+        pads = (width - torch.tensor([len(prompt) for prompt in prompts])).to(model.device)
+        kwargs["logits_processor"] = LogitsProcessorList([RepetitionPenaltyPastPads(config.repetition_penalty, pads)])
     if config.do_sample:
         kwargs.update(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
     else:  # explicit neutral values: silence warnings from a model's own sampling-flavoured generation_config
@@ -64,8 +96,27 @@ def _generate_kwargs(model, tokenizer, input_ids: Sequence[int], config: Samplin
 def generate_ids(model, tokenizer, input_ids: Sequence[int], config: SamplingConfig) -> List[int]:
     """Blocking generation: the new token ids (prompt excluded, stop token included when one was hit)."""
     with torch.inference_mode():
-        out = model.generate(**_generate_kwargs(model, tokenizer, input_ids, config))
+        out = model.generate(**_generate_kwargs(model, tokenizer, [input_ids], config))
     return out[0, len(input_ids):].tolist()
+
+
+def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> List[int]:
+    """The generated ids before the first stop id (what ``generate`` pads a finished row with is never text)."""
+    stops = set(stop_ids)
+    for i, token_id in enumerate(ids):
+        if token_id in stops:
+            return list(ids[:i])
+    return list(ids)
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], config: SamplingConfig) -> List[List[int]]:
+    """Blocking generation for several prompts at once: per prompt, its new token ids before the first stop id.
+    Greedy replies are those of :func:`generate_ids` one prompt at a time (tested); sampled ones draw differently."""
+    kwargs = _generate_kwargs(model, tokenizer, prompts, config)
+    with torch.inference_mode():
+        out = model.generate(**kwargs)
+    width = kwargs["input_ids"].shape[1]
+    return [cut_at_stop(row, kwargs["eos_token_id"] or []) for row in out[:, width:].tolist()]
 
 
 def generate_text(model, tokenizer, input_ids: Sequence[int], config: SamplingConfig) -> str:
@@ -83,7 +134,7 @@ def generate_stream(model, tokenizer, input_ids: Sequence[int], config: Sampling
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout_s)
-    kwargs = _generate_kwargs(model, tokenizer, input_ids, config)
+    kwargs = _generate_kwargs(model, tokenizer, [input_ids], config)
     failure: list = []
 
     def work():

@@ -33,6 +33,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from colossal_llama.dataset.config import SHARD_DIR, Shard, check_one_run_per_folder
+from colossal_llama.inference.generation import cut_at_stop
 from colossal_llama.utils.cli import OneLineErrorParser
 from colossal_llama.utils.errors import UserInputError, cli_entry
 
@@ -93,15 +94,6 @@ def start_token_id(tokenizer, start_token: Optional[str]) -> int:
         if token_id is not None:
             return int(token_id)
     raise UserInputError("--start_token: the tokenizer has neither a BOS nor an EOS token; name the document start")
-
-
-def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> List[int]:
-    """The generated ids before the first stop id (EOS; what ``generate`` pads with after it is never text)."""
-    stops = set(stop_ids)
-    for i, token_id in enumerate(ids):
-        if token_id in stops:
-            return list(ids[:i])
-    return list(ids)
 
 
 def shard_batches(num_texts: int, batch_size: int, shard: Shard) -> List[Tuple[int, int]]:

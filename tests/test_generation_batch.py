@@ -1,0 +1,105 @@
+"""Batched generation for a file of prompts (``inference_example.py --batch_size N [--output F.jsonl]``), on the
+real SmolLM2-135M-Instruct: a batch gives every prompt the greedy reply it gets alone (left pads masked, and not
+counted by the repetition penalty), and the reply file is written in the prompts' order, never over an old one."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from colossal_llama.inference.cli import main as cli_main
+from colossal_llama.inference.generation import SamplingConfig, cut_at_stop, generate_batch, generate_ids
+from colossal_llama.inference.loading import load_model_and_tokenizer
+from colossal_llama.inference.prompting import resolve_chat_template, sft_prompt_ids
+
+QUESTIONS = ["What is the capital of France?", "Hi", "Write one sentence about the sea, the wind and the sails "
+             "of the old ships that crossed it long ago.", "2+2?"]
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    model, tokenizer = load_model_and_tokenizer(smollm2_dir, device="cpu")
+    return model, tokenizer, resolve_chat_template(smollm2_dir, tokenizer)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_a_batch_gives_each_prompt_its_greedy_reply_alone(smollm2, penalty):
+    model, tokenizer, template = smollm2
+    config = SamplingConfig(max_new_tokens=24, do_sample=False, repetition_penalty=penalty,
+                            stop_token_ids=list(template.stop_token_ids))
+    prompts = [sft_prompt_ids(template, q) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) == len(prompts)  # every row padded differently
+    stop_ids = [*template.stop_token_ids, tokenizer.eos_token_id]
+    alone = [cut_at_stop(generate_ids(model, tokenizer, p, config), stop_ids) for p in prompts]
+    if penalty == 1.0:  # (the penalty keeps every reply from its end of turn: the prompt holds <|im_end|>)
+        assert any(len(r) < 24 for r in alone) and any(len(r) == 24 for r in alone)  # some stop early, some run on
+    assert generate_batch(model, tokenizer, prompts, config) == alone
+
+
+def test_the_repetition_penalty_counts_a_rows_real_tokens_not_its_left_pads():
+    """transformers' processor penalises every id of a row, pads included: with pad = EOS a padded prompt would be
+    pushed away from stopping. Ours penalises the tokens after each row's pads, each once."""
+    from colossal_llama.inference.generation import RepetitionPenaltyPastPads
+
+    pad = 0
+    input_ids = torch.tensor([[pad, pad, 5, 6, 5], [7, 5, 6, 8, 1]])
+    scores = torch.tensor([[4.0, 2.0, -2.0, 1.0, 1.0, 3.0, -3.0, 2.0, 6.0]]).repeat(2, 1)
+    out = RepetitionPenaltyPastPads(2.0, torch.tensor([2, 0]))(input_ids, scores.clone())
+    expected = scores.clone()
+    for row, seen in ((0, {5, 6}), (1, {7, 5, 6, 8, 1})):
+        for token in seen:
+            value = scores[row, token]
+            expected[row, token] = value * 2.0 if value < 0 else value / 2.0
+    assert torch.equal(out, expected) and out[0, pad] == 4.0  # the pad id of row 0 is not a seen token
+
+
+def test_the_repetition_penalty_of_an_unpadded_prompt_is_transformers_own(smollm2):
+    """Our penalty (which skips left pads) equals ``generate(repetition_penalty=...)`` where there is no pad."""
+    model, tokenizer, _ = smollm2
+    ids = tokenizer("The cat sat on the mat. The cat sat on the")["input_ids"]
+    ours = generate_ids(model, tokenizer, ids, SamplingConfig(max_new_tokens=20, do_sample=False,
+                                                              repetition_penalty=1.5))
+    tensor = torch.tensor([ids])
+    with torch.inference_mode():
+        theirs = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=20,
+                                do_sample=False, repetition_penalty=1.5, temperature=None, top_k=None, top_p=None,
+                                pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    plain = generate_ids(model, tokenizer, ids, SamplingConfig(max_new_tokens=20, do_sample=False))
+    assert ours == theirs[0, len(ids):].tolist() and ours != plain  # the penalty changed the reply
+
+
+def test_prompt_file_in_batches_prints_what_one_at_a_time_prints(smollm2_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(QUESTIONS) + "\n", encoding="utf-8")
+    base = ["--model_path", str(smollm2_dir), "--input_txt", str(prompts), "--do_sample", "False",
+            "--max_new_tokens", "16", "--device", "cpu"]
+    outputs = []
+    for batch_size in ("1", "3"):
+        cli_main(base + ["--batch_size", batch_size])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0].count(">>> ") == len(QUESTIONS) and outputs[1] == outputs[0]
+
+    replies = tmp_path / "out" / "replies.jsonl"
+    cli_main(base + ["--batch_size", "3", "--output", str(replies)])
+    summary = capsys.readouterr().out
+    assert summary.startswith(f"wrote {len(QUESTIONS)} replies (") and str(replies) in summary
+    rows = [json.loads(line) for line in replies.read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == QUESTIONS  # the prompts' order, though batched longest first
+    assert "".join(f">>> {r['prompt']}\n{r['response']}\n" for r in rows) == outputs[0]
+    assert [p.name for p in replies.parent.iterdir()] == ["replies.jsonl"]  # no partial file left
+
+
+def test_an_existing_reply_file_or_a_bad_batch_size_stops_before_the_model_loads(tmp_path, capsys):
+    replies = tmp_path / "replies.jsonl"
+    replies.write_text("earlier work\n", encoding="utf-8")
+    base = ["--model_path", str(tmp_path / "no_model"), "--input_txt", "hi"]
+    for extra, message in ((["--output", str(replies)], f"error: --output {replies}: already exists (pass "
+                                                        "--overwrite to replace it)"),
+                           (["--batch_size", "0"], "error: --batch_size 0: must be >= 1"),
+                           (["--chat", "--batch_size", "4"], "error: --output and --batch_size are for --input_txt")):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(base + extra)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert replies.read_text(encoding="utf-8") == "earlier work\n"
