@@ -17,10 +17,10 @@ from colossal_llama.eval.bits_per_char import IGNORE, BpcConfig, bits_per_char, 
 from colossal_llama.eval.multiple_choice import (MCConfig, answer_token_ids, build_prompt, choose_shots,
                                                  continuation_logprobs, evaluate_multiple_choice, load_mc_items,
                                                  select_items)
-from colossal_llama.eval.ranks import EvalRanks
 from colossal_llama.inference.loading import load_model_and_tokenizer
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import DataError, UserInputError
+from colossal_llama.utils.ranks import Ranks
 from tests.support.launch import torchrun_command, worker_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,18 +283,18 @@ def test_evaluate_reports_a_bad_row_as_one_line(smollm2_dir, tmp_path):
 
 def test_each_batch_is_scored_by_exactly_one_process_in_turn():
     batches = [f"b{i}" for i in range(7)]  # longest first, so dealing them in turn balances the work
-    shares = [EvalRanks(rank, 3).share(batches) for rank in range(3)]
+    shares = [Ranks(rank, 3).share(batches) for rank in range(3)]
     assert shares == [["b0", "b3", "b6"], ["b1", "b4"], ["b2", "b5"]]
-    assert EvalRanks().share(batches) == batches
-    assert EvalRanks().sum([1, 2.5]) == [1.0, 2.5] and EvalRanks().merge({3: "A"}) == {3: "A"}
+    assert Ranks().share(batches) == batches
+    assert Ranks().sum([1, 2.5]) == [1.0, 2.5] and Ranks().merge({3: "A"}) == {3: "A"}
 
 
 def test_a_world_without_a_launcher_is_one_process_and_a_half_launch_is_refused():
-    assert EvalRanks.join({}) == EvalRanks() and EvalRanks.join({"WORLD_SIZE": "1"}) == EvalRanks()
+    assert Ranks.join({}) == Ranks() and Ranks.join({"WORLD_SIZE": "1"}) == Ranks()
     with pytest.raises(UserInputError, match="WORLD_SIZE=2 without MASTER_ADDR/MASTER_PORT: launch with torchrun"):
-        EvalRanks.join({"WORLD_SIZE": "2", "RANK": "0"})
+        Ranks.join({"WORLD_SIZE": "2", "RANK": "0"})
     with pytest.raises(UserInputError, match="not integers"):
-        EvalRanks.join({"WORLD_SIZE": "two"})
+        Ranks.join({"WORLD_SIZE": "two"})
 
 
 def _evaluate(args, tmp_path, name, nproc=None):

@@ -4,6 +4,7 @@ counted by the repetition penalty), and the reply file is written in the prompts
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -103,3 +104,32 @@ def test_an_existing_reply_file_or_a_bad_batch_size_stops_before_the_model_loads
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert replies.read_text(encoding="utf-8") == "earlier work\n"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_under_torchrun_the_batches_are_dealt_out_and_rank_0_writes_what_one_process_writes(smollm2_dir, tmp_path):
+    """5 prompts in batches of 2 over 2 processes: batches 0 and 2 on rank 0, batch 1 on rank 1; the reply file and
+    the printed replies are one process's, byte for byte."""
+    import subprocess
+    import sys
+
+    from tests.support.launch import REPO, torchrun_command, worker_env
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join([*QUESTIONS, "Name a colour."]) + "\n", encoding="utf-8")
+    args = ["--model_path", str(smollm2_dir), "--input_txt", str(prompts), "--do_sample", "False",
+            "--max_new_tokens", "12", "--device", "cpu", "--batch_size", "2"]
+    entry = REPO / "inference_example.py"
+    runs = {}
+    for name, command in (("one", [sys.executable, str(entry)]), ("two", torchrun_command([], nproc=2, entry=entry))):
+        for output in ([], ["--output", str(tmp_path / f"{name}.jsonl")]):
+            proc = subprocess.run([*command, *args, *output], capture_output=True, text=True, cwd=REPO,
+                                  env=worker_env(), timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[name, bool(output)] = proc.stdout
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert runs["two", False] == runs["one", False] and runs["one", False].count(">>> ") == 5  # printed once
+    assert runs["two", True].startswith("wrote 5 replies (") and "2 processes" in runs["two", True]
+    tokens = [int(re.search(r"\((\d+) new tokens", runs[name, True]).group(1)) for name in ("one", "two")]
+    assert tokens[0] > 5 and tokens[1] == tokens[0]  # each prompt generated once, by one of the processes

@@ -16,9 +16,9 @@ from typing import List, Optional, Sequence, Tuple
 from tqdm.auto import tqdm
 
 from colossal_llama.eval.batching import right_pad, target_logprobs
-from colossal_llama.eval.ranks import EvalRanks
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import iter_jsonl
+from colossal_llama.utils.ranks import Ranks
 
 IGNORE = -100
 
@@ -102,7 +102,7 @@ def window_nll_bits(model, batch: Sequence[Tuple[list, list]], pad_id: int) -> f
 
 
 def bits_per_char(model, tokenizer, texts: Sequence[str], config: BpcConfig,
-                  ranks: EvalRanks = EvalRanks()) -> BpcResult:
+                  ranks: Ranks = Ranks()) -> BpcResult:
     """Score ``texts`` (see the module docstring). Windows of similar length are batched together; with several
     processes (``ranks``) each scores its share of the batches and every process returns the whole result."""
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

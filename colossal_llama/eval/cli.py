@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
-from colossal_llama.eval.ranks import EvalRanks
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.paths import data_root
+from colossal_llama.utils.ranks import Ranks
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -68,7 +68,7 @@ def read_mc(args):
     return config, load_mc_items(args.data)
 
 
-def run_mc(args, inputs, model, tokenizer, ranks: EvalRanks) -> dict:
+def run_mc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
     from colossal_llama.eval.multiple_choice import evaluate_multiple_choice
 
     config, items = inputs
@@ -95,7 +95,7 @@ def read_bpc(args):
     return (config, *load_texts(args.data, config.text_field, config.max_samples))
 
 
-def run_bpc(args, inputs, model, tokenizer, ranks: EvalRanks) -> dict:
+def run_bpc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
     from colossal_llama.eval.bits_per_char import bits_per_char
 
     config, texts, skipped = inputs
@@ -126,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UserInputError(f"--data {args.data}: no such file")
     read, run = COMMANDS[args.command]
     inputs = read(args)  # a bad flag or row stops the run before a (possibly 70B) model is loaded
-    ranks = EvalRanks.join()
+    ranks = Ranks.join()
     logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
     placement = placement_for(args.device, ranks.local_size, ranks.local_rank, args.max_gpu_memory)

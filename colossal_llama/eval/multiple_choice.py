@@ -34,9 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from colossal_llama.eval.batching import right_pad, target_logprobs
-from colossal_llama.eval.ranks import EvalRanks
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import iter_jsonl
+from colossal_llama.utils.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def _predict_cloze(model, tokenizer, items, prompts, pad_id: int, idx: List[int]
 
 
 def evaluate_multiple_choice(model, tokenizer, pool: Sequence[MCItem], config: MCConfig,
-                             ranks: EvalRanks = EvalRanks()) -> MCResult:
+                             ranks: Ranks = Ranks()) -> MCResult:
     """Score the selected items of ``pool`` (examples are drawn from ``pool`` too). Longest prompts first; with
     several processes (``ranks``) each scores its share of the batches and every process returns the whole
     result (each builds every prompt: the batches must be the same everywhere)."""

@@ -3,18 +3,22 @@
 ``--input_txt`` is a path or a literal prompt: when it names an existing file, every non-blank line of that
 file is one prompt; otherwise the value itself is the prompt. Prompts run ``--batch_size`` at a time (default 1:
 each reply streamed as it is generated); ``--output F.jsonl`` writes ``{"prompt", "response"}`` rows instead of
-printing them, published whole when every prompt is done.
+printing them, published whole when every prompt is done. Under ``torchrun`` / ``colossalai run`` the batches are
+dealt out over the processes (each on its own GPUs, :mod:`.placement`) and rank 0 writes (or prints) every reply,
+in the prompts' order: greedy replies are those of one process.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.cli import str2bool
+from colossal_llama.utils.errors import UserInputError, cli_entry
+from colossal_llama.utils.ranks import Ranks
 
 
 
@@ -151,15 +155,20 @@ def prompt_ids_of(args: InferenceArgs, tokenizer, sampling):
     return lambda prompt: sft_prompt_ids(template, prompt)
 
 
-def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts: List[str], out=None) -> None:
-    """Generate for every prompt: to ``out`` (default stdout), each reply streamed when ``--batch_size`` is 1, or
-    to ``--output``."""
+def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts: List[str], ranks: Ranks = Ranks(),
+                out=None) -> None:
+    """Generate for every prompt: each reply printed to ``out`` (default stdout) as its batch finishes (streamed
+    when ``--batch_size`` is 1), or, with ``--output`` or under a launcher, all of them once every process is done
+    (rank 0 writes or prints)."""
     from colossal_llama.inference.generation import generate_batch, generate_stream
 
     out = out or sys.stdout
     encode = prompt_ids_of(args, tokenizer, sampling)
-    if args.output is not None:
-        return write_replies(args, model, tokenizer, sampling, [encode(p) for p in prompts], prompts, out)
+    if args.output is not None or ranks.size > 1:
+        replies, summary = generate_all(args, model, tokenizer, sampling, [encode(p) for p in prompts], ranks)
+        if ranks.is_main:
+            write_replies(args, prompts, replies, summary, out)
+        return
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start: start + args.batch_size]
         if len(batch) == 1:
@@ -172,30 +181,48 @@ def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts: List[s
             print(f">>> {prompt}\n{tokenizer.decode(ids, skip_special_tokens=True)}", file=out, flush=True)
 
 
-def write_replies(args: InferenceArgs, model, tokenizer, sampling, encoded: List[List[int]], prompts: List[str],
-                  out) -> None:
-    """``{"prompt", "response"}`` per prompt, in the prompts' order, to ``--output`` (written to a hidden sibling,
-    renamed when complete). Batches are formed longest prompt first, so a batch pads little. A progress bar with
-    the rate on stderr; one summary line on ``out``."""
-    import json
-    import os
+def generate_all(args: InferenceArgs, model, tokenizer, sampling, encoded: List[List[int]],
+                 ranks: Ranks) -> tuple[List[str], str]:
+    """Every prompt's reply, in the prompts' order, and a summary line. Batches are formed longest prompt first
+    (a batch pads little) and dealt out over ``ranks``; a progress bar with the rate on rank 0."""
     import time
 
     from tqdm.auto import tqdm
 
     from colossal_llama.inference.generation import generate_batch
-    from colossal_llama.utils.output import tmp_sibling
 
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    replies: List[str] = [""] * len(encoded)
+    mine = ranks.share([order[i: i + args.batch_size] for i in range(0, len(order), args.batch_size)])
+    replies: Dict[int, str] = {}
     new_tokens, start = 0, time.perf_counter()
-    with tqdm(total=len(encoded), unit="prompt", desc="generate") as bar:
-        for first in range(0, len(order), args.batch_size):
-            batch = order[first: first + args.batch_size]
+    with tqdm(total=sum(map(len, mine)), unit="prompt", desc="generate", disable=not ranks.is_main) as bar:
+        for batch in mine:
             for i, ids in zip(batch, generate_batch(model, tokenizer, [encoded[i] for i in batch], sampling)):
                 replies[i], new_tokens = tokenizer.decode(ids, skip_special_tokens=True), new_tokens + len(ids)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
+    merged = ranks.merge(replies)
+    (total_tokens,) = ranks.sum([new_tokens])
+    seconds = time.perf_counter() - start
+    summary = (f"{len(encoded)} replies ({total_tokens:.0f} new tokens, {total_tokens / max(seconds, 1e-9):,.1f} "
+               f"tokens/s, batches of {args.batch_size}" + (f", {ranks.size} processes" if ranks.size > 1 else "")
+               + ")")
+    return [merged[i] for i in range(len(encoded))], summary
+
+
+def write_replies(args: InferenceArgs, prompts: List[str], replies: List[str], summary: str, out) -> None:
+    """``{"prompt", "response"}`` rows to ``--output`` (written to a hidden sibling, renamed when complete), else
+    the replies printed as one process prints them; then the summary line."""
+    import json
+    import os
+
+    from colossal_llama.utils.output import tmp_sibling
+
+    if args.output is None:
+        for prompt, reply in zip(prompts, replies):
+            print(f">>> {prompt}\n{reply}", file=out, flush=True)
+        print(summary, file=sys.stderr, flush=True)
+        return
     target = Path(args.output)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = tmp_sibling(target, "partial")
@@ -203,9 +230,7 @@ def write_replies(args: InferenceArgs, model, tokenizer, sampling, encoded: List
         for prompt, reply in zip(prompts, replies):
             fh.write(json.dumps({"prompt": prompt, "response": reply}, ensure_ascii=False) + "\n")
     os.replace(partial, target)
-    seconds = time.perf_counter() - start
-    print(f"wrote {len(encoded)} replies ({new_tokens} new tokens, {new_tokens / max(seconds, 1e-9):,.1f} tokens/s, "
-          f"batches of {args.batch_size}) to {target}", file=out, flush=True)
+    print(f"wrote {summary} to {target}", file=out, flush=True)
 
 
 def run_chat(args: InferenceArgs, model, tokenizer, sampling, inp=None, out=None) -> None:
@@ -242,12 +267,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     check_batch_args(args)
     prompts = None if args.chat else read_prompts(args.input_txt)  # a bad prompts file: before the model loads
     sampling = sampling_from_args(args)
-    placement = placement_for(args.device, memory_limit=args.max_gpu_memory)
+    ranks = Ranks.join()
+    if args.chat and ranks.size > 1:
+        raise UserInputError("--chat runs in one process: start it without torchrun / colossalai run")
+    logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    placement = placement_for(args.device, ranks.local_size, ranks.local_rank, args.max_gpu_memory)
     model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, placement)
     if args.chat:
         run_chat(args, model, tokenizer, sampling)
     else:
-        run_prompts(args, model, tokenizer, sampling, prompts)
+        run_prompts(args, model, tokenizer, sampling, prompts, ranks)
+    ranks.close()
     return 0
 
 

@@ -1,13 +1,13 @@
-"""Evaluation spread over the processes of ``torchrun`` / ``colossalai run``: each scores its share of the batches,
-and the shares are combined.
+"""Work spread over the processes of ``torchrun`` / ``colossalai run`` (evaluation, generation from a prompts file):
+each does its share of the batches, and the shares are combined.
 
-Every process forms the batches exactly as a single process does (same order, same rows) and rank r scores
-batches r, r + N, r + 2N, ... So each batch gives the numbers of a one-process run bit for bit: counts and
-predictions come out identical, bits differ only by the order of a float64 sum. The batches are sorted longest
-first, so dealing them out in turn also balances the work.
+Every process forms the batches exactly as a single process does (same order, same rows) and rank r takes
+batches r, r + N, r + 2N, ... So each batch gives what a one-process run gives: counts, predictions and replies
+come out identical, sums differ only by the order of a float64 sum. Callers sort their batches longest first, so
+dealing them out in turn also balances the work.
 
-The combining goes through a gloo process group: a few numbers (or one list of predictions) per evaluation, on the
-host, so it needs no GPU of its own and works the same on CPU and GPU machines.
+The combining goes through a gloo process group: a few numbers (or one dict of results) per run, on the host, so
+it needs no GPU of its own and works the same on CPU and GPU machines.
 """
 from __future__ import annotations
 
@@ -24,16 +24,16 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class EvalRanks:
-    """This process's place among ``size`` evaluating processes (a world of one without a launcher)."""
+class Ranks:
+    """This process's place among the ``size`` processes of a launcher (a world of one without one)."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0  # its index on its machine: which GPUs it takes
-    local_size: int = 1  # evaluating processes on its machine
+    local_size: int = 1  # the launcher's processes on its machine
 
     @classmethod
-    def join(cls, environ=os.environ) -> "EvalRanks":
+    def join(cls, environ=os.environ) -> "Ranks":
         """Join the launcher's processes (``WORLD_SIZE`` > 1: torchrun / ``colossalai run``), else a world of one."""
         try:
             size = int(environ.get("WORLD_SIZE", "1"))
@@ -57,7 +57,7 @@ class EvalRanks:
         return self.rank == 0
 
     def share(self, batches: Sequence[T]) -> List[T]:
-        """This process's batches: ``batches[rank::size]`` (every batch is scored by exactly one process)."""
+        """This process's batches: ``batches[rank::size]`` (every batch goes to exactly one process)."""
         return list(batches[self.rank::self.size])
 
     def sum(self, values: Sequence[float]) -> List[float]:
