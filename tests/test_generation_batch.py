@@ -13,6 +13,7 @@ from colossal_llama.inference.cli import main as cli_main
 from colossal_llama.inference.generation import SamplingConfig, cut_at_stop, generate_batch, generate_ids
 from colossal_llama.inference.loading import load_model_and_tokenizer
 from colossal_llama.inference.prompting import resolve_chat_template, sft_prompt_ids
+from colossal_llama.utils.errors import UserInputError
 
 QUESTIONS = ["What is the capital of France?", "Hi", "Write one sentence about the sea, the wind and the sails "
              "of the old ships that crossed it long ago.", "2+2?"]
@@ -129,7 +130,62 @@ def test_under_torchrun_the_batches_are_dealt_out_and_rank_0_writes_what_one_pro
             assert proc.returncode == 0, proc.stderr[-3000:]
             runs[name, bool(output)] = proc.stdout
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert not list(tmp_path.glob(".two.jsonl.progress-*"))  # both processes' progress removed once published
     assert runs["two", False] == runs["one", False] and runs["one", False].count(">>> ") == 5  # printed once
     assert runs["two", True].startswith("wrote 5 replies (") and "2 processes" in runs["two", True]
     tokens = [int(re.search(r"\((\d+) new tokens", runs[name, True]).group(1)) for name in ("one", "two")]
     assert tokens[0] > 5 and tokens[1] == tokens[0]  # each prompt generated once, by one of the processes
+
+
+@pytest.mark.slow
+def test_a_killed_reply_job_resumes_where_it_stopped_and_writes_what_an_unbroken_run_writes(smollm2_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from colossal_llama.inference.reply_file import progress_files
+    from tests.support.launch import REPO, worker_env
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join([*QUESTIONS, "Name a colour.", "Count to three."]) + "\n", encoding="utf-8")
+
+    def command(output):
+        return [sys.executable, str(REPO / "inference_example.py"), "--model_path", str(smollm2_dir), "--input_txt",
+                str(prompts), "--do_sample", "False", "--max_new_tokens", "16", "--device", "cpu", "--batch_size",
+                "1", "--output", str(output)]
+
+    unbroken, resumed = tmp_path / "unbroken.jsonl", tmp_path / "resumed.jsonl"
+    assert subprocess.run(command(unbroken), env=worker_env(), cwd=REPO, capture_output=True).returncode == 0
+    job = subprocess.Popen(command(resumed), env=worker_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() is None:
+        files = progress_files(resumed)
+        if files and files[0].read_text(encoding="utf-8").count("\n") >= 2:
+            job.kill()  # SIGKILL: no clean-up of any kind
+            break
+        time.sleep(0.05)
+    assert job.wait() == -9, "the job ended before it could be killed"
+    (progress,) = progress_files(resumed)
+    kept = progress.read_text(encoding="utf-8").count("\n")
+    assert not resumed.exists() and 2 <= kept < 6  # the fault happened: replies lost unless resumed
+    with open(progress, "a", encoding="utf-8") as fh:
+        fh.write('{"index": 5, "prompt": "Count to th')  # a row the kill cut short
+
+    rerun = subprocess.run(command(resumed), env=worker_env(), cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming {resumed}: {kept} of 6 replies from an interrupted run (1 row(s) cut short" in rerun.stderr
+    assert f", {kept} from an interrupted run)" in rerun.stdout
+    assert resumed.read_bytes() == unbroken.read_bytes() and progress_files(resumed) == []
+
+
+def test_progress_of_other_prompts_stops_the_run_with_the_file_and_line(tmp_path):
+    from colossal_llama.inference.reply_file import read_progress
+
+    target = tmp_path / "replies.jsonl"
+    progress = tmp_path / ".replies.jsonl.progress-00000-of-00002.jsonl"
+    progress.write_text(json.dumps({"index": 0, "prompt": "Hi", "response": "Hello"}) + "\n"
+                        + json.dumps({"index": 1, "prompt": "Bye", "response": "Ciao"}) + "\n", encoding="utf-8")
+    assert read_progress(target, ["Hi", "Bye", "More"]) == ({0: "Hello", 1: "Ciao"}, 0)
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(progress))}:2: prompt: not prompt 2 of --input_txt"):
+        read_progress(target, ["Hi", "Goodbye"])

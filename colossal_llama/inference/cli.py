@@ -14,7 +14,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from colossal_llama.utils.cli import str2bool
 from colossal_llama.utils.errors import UserInputError, cli_entry
@@ -159,16 +159,13 @@ def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts: List[s
                 out=None) -> None:
     """Generate for every prompt: each reply printed to ``out`` (default stdout) as its batch finishes (streamed
     when ``--batch_size`` is 1), or, with ``--output`` or under a launcher, all of them once every process is done
-    (rank 0 writes or prints)."""
+    (rank 0 writes or prints; :mod:`.reply_file`)."""
     from colossal_llama.inference.generation import generate_batch, generate_stream
 
     out = out or sys.stdout
     encode = prompt_ids_of(args, tokenizer, sampling)
     if args.output is not None or ranks.size > 1:
-        replies, summary = generate_all(args, model, tokenizer, sampling, [encode(p) for p in prompts], ranks)
-        if ranks.is_main:
-            write_replies(args, prompts, replies, summary, out)
-        return
+        return run_reply_job(args, model, tokenizer, sampling, prompts, [encode(p) for p in prompts], ranks, out)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start: start + args.batch_size]
         if len(batch) == 1:
@@ -181,55 +178,28 @@ def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts: List[s
             print(f">>> {prompt}\n{tokenizer.decode(ids, skip_special_tokens=True)}", file=out, flush=True)
 
 
-def generate_all(args: InferenceArgs, model, tokenizer, sampling, encoded: List[List[int]],
-                 ranks: Ranks) -> tuple[List[str], str]:
-    """Every prompt's reply, in the prompts' order, and a summary line. Batches are formed longest prompt first
-    (a batch pads little) and dealt out over ``ranks``; a progress bar with the rate on rank 0."""
-    import time
+def run_reply_job(args: InferenceArgs, model, tokenizer, sampling, prompts: List[str], encoded: List[List[int]],
+                  ranks: Ranks, out) -> None:
+    """Replies to every prompt over ``ranks``: to ``--output`` (resumed from the progress of an interrupted run),
+    else printed by rank 0 as one process prints them; then a summary line."""
+    from colossal_llama.inference import reply_file
 
-    from tqdm.auto import tqdm
-
-    from colossal_llama.inference.generation import generate_batch
-
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    mine = ranks.share([order[i: i + args.batch_size] for i in range(0, len(order), args.batch_size)])
-    replies: Dict[int, str] = {}
-    new_tokens, start = 0, time.perf_counter()
-    with tqdm(total=sum(map(len, mine)), unit="prompt", desc="generate", disable=not ranks.is_main) as bar:
-        for batch in mine:
-            for i, ids in zip(batch, generate_batch(model, tokenizer, [encoded[i] for i in batch], sampling)):
-                replies[i], new_tokens = tokenizer.decode(ids, skip_special_tokens=True), new_tokens + len(ids)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
-    merged = ranks.merge(replies)
-    (total_tokens,) = ranks.sum([new_tokens])
-    seconds = time.perf_counter() - start
-    summary = (f"{len(encoded)} replies ({total_tokens:.0f} new tokens, {total_tokens / max(seconds, 1e-9):,.1f} "
-               f"tokens/s, batches of {args.batch_size}" + (f", {ranks.size} processes" if ranks.size > 1 else "")
-               + ")")
-    return [merged[i] for i in range(len(encoded))], summary
-
-
-def write_replies(args: InferenceArgs, prompts: List[str], replies: List[str], summary: str, out) -> None:
-    """``{"prompt", "response"}`` rows to ``--output`` (written to a hidden sibling, renamed when complete), else
-    the replies printed as one process prints them; then the summary line."""
-    import json
-    import os
-
-    from colossal_llama.utils.output import tmp_sibling
-
-    if args.output is None:
+    target = Path(args.output) if args.output is not None else None
+    done = reply_file.prepare(target, prompts, args.overwrite, ranks) if target is not None else {}
+    progress = reply_file.progress_file(target, ranks) if target is not None else None
+    replies, new_tokens, seconds = reply_file.generate_replies(model, tokenizer, sampling, prompts, encoded,
+                                                               args.batch_size, ranks, done, progress)
+    if not ranks.is_main:
+        return
+    summary = (f"{len(prompts)} replies ({new_tokens} new tokens, {new_tokens / max(seconds, 1e-9):,.1f} tokens/s, "
+               f"batches of {args.batch_size}" + (f", {ranks.size} processes" if ranks.size > 1 else "")
+               + (f", {len(done)} from an interrupted run" if done else "") + ")")
+    if target is None:
         for prompt, reply in zip(prompts, replies):
             print(f">>> {prompt}\n{reply}", file=out, flush=True)
         print(summary, file=sys.stderr, flush=True)
         return
-    target = Path(args.output)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = tmp_sibling(target, "partial")
-    with open(partial, "w", encoding="utf-8") as fh:
-        for prompt, reply in zip(prompts, replies):
-            fh.write(json.dumps({"prompt": prompt, "response": reply}, ensure_ascii=False) + "\n")
-    os.replace(partial, target)
+    reply_file.publish(target, prompts, replies)
     print(f"wrote {summary} to {target}", file=out, flush=True)
 
 

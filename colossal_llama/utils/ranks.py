@@ -76,6 +76,11 @@ class Ranks:
         dist.all_gather_object(parts, part)
         return {k: v for p in parts for k, v in p.items()}
 
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+        if self.size > 1:
+            dist.barrier()
+
     def close(self) -> None:
         """Leave the process group (after every process is done with it)."""
         if self.size > 1 and dist.is_initialized():
