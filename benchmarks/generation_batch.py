@@ -5,17 +5,18 @@
 
 The prompts are the first distinct human questions of the bundled ChatterBot SFT data (real chat questions),
 wrapped in the model's chat template, answered greedily, so every batch size gives the same replies (checked: a
-row that differs is reported). Batches are formed longest prompt first, as ``--output`` does. Prints, per batch
-size, the seconds, new tokens per second and the speed-up over one prompt at a time, from one run on one machine.
+row that differs is reported). Each batch size runs what ``--output`` runs (``reply_file.generate_replies``, batches
+longest prompt first). Prints, per batch size, the seconds, new tokens per second and the speed-up over one prompt
+at a time, from one run on one machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import List
 
 from colossal_llama.utils.paths import data_root
+from colossal_llama.utils.ranks import Ranks
 
 
 def questions(count: int) -> List[str]:
@@ -30,25 +31,13 @@ def questions(count: int) -> List[str]:
     return seen
 
 
-def run(model, tokenizer, prompts: List[List[int]], batch_size: int, config) -> tuple[float, List[List[int]]]:
-    from colossal_llama.inference.generation import generate_batch
-
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    replies: List[List[int]] = [[] for _ in prompts]
-    start = time.perf_counter()
-    for first in range(0, len(order), batch_size):
-        batch = order[first: first + batch_size]
-        for i, ids in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], config)):
-            replies[i] = ids
-    return time.perf_counter() - start, replies
-
-
 def main() -> None:
     import torch
 
     from colossal_llama.inference.generation import SamplingConfig
     from colossal_llama.inference.loading import load_model_and_tokenizer
     from colossal_llama.inference.prompting import resolve_chat_template, sft_prompt_ids
+    from colossal_llama.inference.reply_file import generate_replies
     from colossal_llama.utils.paths import REPO_ROOT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,7 +50,8 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(args.model_path, device=args.device)
     template = resolve_chat_template(args.model_path, tokenizer)
     config = SamplingConfig(args.max_new_tokens, do_sample=False, stop_token_ids=list(template.stop_token_ids))
-    prompts = [sft_prompt_ids(template, q) for q in questions(args.prompts)]
+    texts = questions(args.prompts)
+    prompts = [sft_prompt_ids(template, q) for q in texts]
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), greedy, at most "
           f"{args.max_new_tokens} new tokens, {device}\n")
@@ -69,9 +59,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     baseline = reference = None
     for size in [int(s) for s in args.batch_sizes.split(",")]:
-        seconds, replies = run(model, tokenizer, prompts, size, config)
+        replies, tokens, seconds = generate_replies(model, tokenizer, config, texts, prompts, size, Ranks(), {}, None)
         baseline, reference = baseline or seconds, reference or replies
-        tokens = sum(map(len, replies))
         same = sum(a == b for a, b in zip(replies, reference))
         print(f"| {size} | {seconds:.1f} | {tokens / seconds:,.1f} | {baseline / seconds:.2f}x | "
               f"{same} of {len(prompts)} |", flush=True)

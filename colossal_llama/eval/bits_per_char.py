@@ -119,7 +119,7 @@ def bits_per_char(model, tokenizer, texts: Sequence[str], config: BpcConfig,
         pieces.extend(sliding_windows(ids, start_id, window, stride))
     pieces.sort(key=lambda p: -len(p[0]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_id
-    batches = ranks.share([pieces[i: i + config.batch_size] for i in range(0, len(pieces), config.batch_size)])
+    batches = ranks.share_batches(pieces, config.batch_size)
     scored = [sum(sum(lab != IGNORE for lab in labels) for _, labels in batch) for batch in batches]
     bits = 0.0
     with tqdm(total=sum(scored), desc="bits per char", unit="tok", disable=not ranks.is_main) as bar:

@@ -259,7 +259,7 @@ def evaluate_multiple_choice(model, tokenizer, pool: Sequence[MCItem], config: M
     predict = _predict_cloze if config.method == "cloze" else _predict_letter
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
-    batches = ranks.share([order[i: i + config.batch_size] for i in range(0, len(order), config.batch_size)])
+    batches = ranks.share_batches(order, config.batch_size)
     mine = {}
     with tqdm(total=sum(map(len, batches)), desc=f"multiple choice ({config.method})", unit="q",
               disable=not ranks.is_main) as bar:

@@ -79,7 +79,7 @@ def generate_replies(model, tokenizer, sampling, prompts: Sequence[str], encoded
     from colossal_llama.inference.generation import generate_batch
 
     order = sorted((i for i in range(len(encoded)) if i not in done), key=lambda i: -len(encoded[i]))
-    mine = ranks.share([order[i: i + batch_size] for i in range(0, len(order), batch_size)])
+    mine = ranks.share_batches(order, batch_size)
     replies: Dict[int, str] = {}
     new_tokens, start = 0, time.perf_counter()
     fh = open(progress, "a", encoding="utf-8") if progress is not None else None

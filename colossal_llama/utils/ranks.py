@@ -60,6 +60,10 @@ class Ranks:
         """This process's batches: ``batches[rank::size]`` (every batch goes to exactly one process)."""
         return list(batches[self.rank::self.size])
 
+    def share_batches(self, items: Sequence[T], batch_size: int) -> List[Sequence[T]]:
+        """``items`` cut into batches of ``batch_size`` in order (the last one shorter), then :meth:`share`."""
+        return self.share([items[i: i + batch_size] for i in range(0, len(items), batch_size)])
+
     def sum(self, values: Sequence[float]) -> List[float]:
         """Element-wise sum over the processes (float64)."""
         if self.size == 1:
