@@ -56,10 +56,10 @@ else
 fi
 
 # Hold out the last 64 rows of each pre-training file for the before/after bits-per-character evaluation.
-mkdir -p "$OUT/corpus/pretrain"
+mkdir -p "$OUT/corpus/pretrain" "$OUT/corpus/heldout"
 for f in "$DATA"/pretrain/*.jsonl; do
   head -n -64 "$f" > "$OUT/corpus/pretrain/$(basename "$f")"
-  tail -n 64 "$f" >> "$OUT/corpus/heldout.jsonl"
+  tail -n 64 "$f" > "$OUT/corpus/heldout/$(basename "$f")"
 done
 
 if [[ "$VOCAB_FROM" == wordlist ]]; then
@@ -120,7 +120,7 @@ for model in "$BASE" "$OUT/ckpt_d_sft/modeling"; do
   echo "--- $model"
   $PY inference_example.py --model_path "$model" --prompt_style sft "${GEN_TEMPLATE[@]}" --input_txt "$PROMPT" \
       --do_sample False --max_new_tokens 32
-  $PY evaluate.py bpc --model_path "$model" --data "$OUT/corpus/heldout.jsonl" --max_samples 96
+  $PY evaluate.py bpc --model_path "$model" --data "$OUT"/corpus/heldout/*.jsonl --max_samples 32  # per file, in all
   $PY evaluate.py mc --model_path "$model" --data "$DATA/eval/mmlu_test.jsonl" \
       --subjects marketing --max_per_subject 60 --k_shot 0 --method cloze
 done

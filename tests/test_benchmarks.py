@@ -54,3 +54,16 @@ def test_generation_batch_benchmark_times_each_batch_size_with_the_same_replies(
     rows = re.findall(r"^\| (\d+) \| [\d.]+ \| [\d,.]+ \| ([\d.]+)x \| (\d+) of 4 \|$", out.stdout, re.M)
     assert [(size, same) for size, _, same in rows] == [("1", "4"), ("4", "4")], out.stdout
     assert rows[0][1] == "1.00"
+
+
+def test_eval_scale_benchmark_cuts_the_same_windows_both_ways_and_streams_in_less_memory():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_scale.py"), "--copies", "1",
+                          "--chunk_tokens", "65536"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "!!" not in out.stdout, out.stdout  # the two ways cut the same windows
+    rows = {m.group(2): m for m in re.finditer(
+        r"^\| 1x \(\d+ MB\) \| ([\d,]+) \| (whole file|streamed) \| ([\d,]+) MB \| [\d.]+ \| ([\d,]+) \| ([\d.]+)x \|$",
+        out.stdout, re.M)}
+    assert set(rows) == {"whole file", "streamed"}, out.stdout
+    assert rows["whole file"].group(1) == rows["streamed"].group(1) != "0"  # the same tokens
+    assert float(rows["streamed"].group(5)) < 0.5  # a 64k-token chunk against every window of the file as lists

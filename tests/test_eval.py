@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from colossal_llama.eval import bits_per_char as bpc_module
 from colossal_llama.eval.batching import right_pad, target_logprobs
-from colossal_llama.eval.bits_per_char import IGNORE, BpcConfig, bits_per_char, load_texts, sliding_windows
+from colossal_llama.eval.bits_per_char import (IGNORE, BpcConfig, bits_per_char, iter_texts, load_texts, scan_texts,
+                                             sliding_windows)
+from colossal_llama.eval.cli import main as evaluate_main
 from colossal_llama.eval.multiple_choice import (MCConfig, answer_token_ids, build_prompt, choose_shots,
                                                  continuation_logprobs, evaluate_multiple_choice, load_mc_items,
                                                  select_items)
@@ -227,6 +230,38 @@ def test_bpc_without_sliding_equals_the_model_loss(smollm2, data_dir):
     assert result.bpc <= short.bpc < 1.5 * result.bpc
 
 
+def test_bpc_streams_the_texts_a_chunk_at_a_time_and_scores_what_one_chunk_scores(smollm2, data_dir, monkeypatch):
+    """Memory bounded by design: scoring starts once a chunk's tokens are read, not after the whole file, and the
+    chunks change nothing but the batches (every count equal, the bits within float noise)."""
+    model, tok = smollm2
+    path = data_dir / "pretrain" / "en_novel_botchan.jsonl"
+    texts, _ = load_texts(path, "target", max_samples=12)
+    tokens = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    config = BpcConfig(window=64, stride=32, batch_size=4)
+    whole = bits_per_char(model, tok, texts, config)  # one chunk: the default holds 16M tokens
+
+    monkeypatch.setattr(bpc_module, "ENCODE_GROUP", 2)
+    pulled, seen_at_forward = [], []
+
+    def streamed():
+        for text in iter_texts(path, "target", 12):
+            pulled.append(text)
+            yield text
+
+    hook = model.get_decoder().register_forward_hook(lambda *_: seen_at_forward.append(len(pulled)))
+    try:
+        chunked = bits_per_char(model, tok, streamed(), BpcConfig(window=64, stride=32, batch_size=4, chunk_tokens=300))
+    finally:
+        hook.remove()
+    first = seen_at_forward[0]
+    assert first < len(texts), "scored only after every text was read"
+    assert sum(tokens[:first - 2]) < 300 <= sum(tokens[:first])  # the chunk closed with the group that reached 300
+    assert len(set(seen_at_forward)) >= 3  # three chunks or more, each read when the previous one was scored
+    assert (chunked.texts, chunked.characters, chunked.tokens) == (whole.texts, whole.characters, whole.tokens) \
+        == (12, sum(map(len, texts)), sum(tokens))
+    assert chunked.bits == pytest.approx(whole.bits, rel=1e-5)
+
+
 def test_english_is_cheaper_than_chinese_for_smollm2(smollm2, data_dir):
     model, tok = smollm2
     en, _ = load_texts(data_dir / "pretrain" / "en_novel_botchan.jsonl", "target", max_samples=3)
@@ -249,6 +284,64 @@ def test_bpc_texts_are_validated_and_blank_ones_counted(tmp_path):
     assert load_texts(f, "target") == (["hello"], {"empty_text": 1})
     with pytest.raises(DataError, match=r":1: text: missing"):
         load_texts(f, "text")
+    scan = scan_texts(f, "target")  # the check evaluate.py makes before loading a model: counts, keeps no text
+    assert (scan.groups, scan.characters, scan.skipped) == ({None: [1, 5]}, 5, {"empty_text": 1})
+    f.write_text('{"target": "hello"}\n' * 3 + '{"target": 5}\n', encoding="utf-8")
+    assert scan_texts(f, "target", max_samples=3).groups == {None: [3, 15]}  # rows after the first 3: never read
+    with pytest.raises(DataError, match=r":4: target: expected a string"):
+        scan_texts(f, "target")
+    f.write_text('{"target": " "}\n', encoding="utf-8")
+    with pytest.raises(UserInputError, match="no non-empty 'target' texts"):
+        scan_texts(f, "target")
+
+
+def test_bpc_groups_come_from_a_field_in_the_order_they_appear(tmp_path):
+    f = tmp_path / "held_out.jsonl"
+    rows = [("news", "今天天气很好"), ("novel", "It was a dark night."), ("news", "北京"), ("novel", " ")]
+    f.write_text("".join(json.dumps({"target": t, "category": c}) + "\n" for c, t in rows), encoding="utf-8")
+    scan = scan_texts(f, "target", group_field="category")
+    assert list(scan.groups.items()) == [("news", [2, 8]), ("novel", [1, 20])] and scan.skipped == {"empty_text": 1}
+    assert list(iter_texts(f, "target", group_field="category", group="news")) == ["今天天气很好", "北京"]
+    assert list(iter_texts(f, "target", max_samples=2, group_field="category", group="news")) == ["今天天气很好"]
+    f.write_text('{"target": "a", "category": "x"}\n{"target": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r":2: category: missing \(choose the field with --group_by\)"):
+        scan_texts(f, "target", group_field="category")
+    f.write_text('{"target": "a", "category": 3}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r":1: category: expected a string, got int"):
+        scan_texts(f, "target", group_field="category")
+    f.write_text("".join(json.dumps({"target": "a", "id": str(i)}) + "\n" for i in range(1001)), encoding="utf-8")
+    with pytest.raises(UserInputError, match="--group_by id: more than 1000 values"):
+        scan_texts(f, "target", group_field="id")
+
+
+def test_evaluate_bpc_reports_each_file_and_category_and_their_total(smollm2, smollm2_dir, data_dir, tmp_path,
+                                                                     capsys):
+    """``--data zh.jsonl en.jsonl --group_by category``: each group scored on its own (what it scores alone), the
+    total the sum of the groups."""
+    model, tok = smollm2
+    zh_news = data_dir / "pretrain" / "zh_news_peoples_daily_199801.jsonl"
+    mixed = tmp_path / "mixed.jsonl"  # two categories interleaved in one file
+    with open(mixed, "w", encoding="utf-8") as fh:
+        for path in (data_dir / "pretrain" / "zh_reviews.jsonl", data_dir / "pretrain" / "en_novel_botchan.jsonl"):
+            fh.writelines(line for _, line in zip(range(2), open(path, encoding="utf-8")))
+    out = tmp_path / "bpc.json"
+    assert evaluate_main(["bpc", "--model_path", str(smollm2_dir), "--data", str(zh_news), str(mixed), "--group_by",
+                          "category", "--max_samples", "3", "--window", "128", "--stride", "64", "--device", "cpu",
+                          "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    groups = report["groups"]
+    assert list(groups) == [f"{zh_news.name}:news", "mixed.jsonl:review", "mixed.jsonl:novel"]
+    config = BpcConfig(window=128, stride=64)
+    alone = {"mixed.jsonl:novel": bits_per_char(model, tok, list(iter_texts(mixed, "target", 3, None, "category",
+                                                                           "novel")), config),
+             f"{zh_news.name}:news": bits_per_char(model, tok, load_texts(zh_news, "target", 3)[0], config)}
+    for name, result in alone.items():
+        assert groups[name]["bits"] == pytest.approx(result.bits, rel=1e-9) and groups[name]["texts"] == result.texts
+    assert [g["texts"] for g in groups.values()] == [3, 2, 1]  # --max_samples: the first 3 texts of each file
+    for key in ("bits", "characters", "tokens", "texts"):
+        assert report[key] == pytest.approx(sum(g[key] for g in groups.values()), rel=1e-12)
+    printed = capsys.readouterr().out
+    assert f"{zh_news.name}:news" in printed and f"{report['bits_per_char']:.4f} bits/char over 6 texts" in printed
 
 
 # --- CLI ----------------------------------------------------------------------------------------------

@@ -5,14 +5,21 @@ bpc = (sum over the text's tokens of -log2 p(token | preceding tokens)) / (numbe
 Each text is scored on its own, conditioned on a start token (BOS, else EOS) so that its first token is
 predicted too. Texts longer than the window are scored with a sliding window: every token is predicted
 exactly once, with at least ``window - stride`` tokens of context after the first window.
+
+Memory is bounded by design, not by the held-out set: texts stream from the file and are scored a chunk at a
+time (``chunk_tokens`` tokens, int32, with the windows as offsets into them), so a held-out split of billions of
+tokens takes the memory of one chunk. Chunk boundaries depend only on the texts, never on the number of
+processes: every process reads and tokenises each chunk, and its windows are batched (longest first) and dealt
+out exactly as one process batches them.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from colossal_llama.eval.batching import right_pad, target_logprobs
@@ -21,6 +28,7 @@ from colossal_llama.utils.jsonl import iter_jsonl
 from colossal_llama.utils.ranks import Ranks
 
 IGNORE = -100
+ENCODE_GROUP = 256  # texts per tokenizer call (the fast tokenizer encodes a list on all its threads)
 
 
 @dataclass
@@ -30,6 +38,7 @@ class BpcConfig:
     window: int = 1024  # tokens per forward (capped at the model's positions)
     stride: int = 512  # new tokens scored per window after the first
     batch_size: int = 8
+    chunk_tokens: int = 1 << 24  # tokens held at once (64 MiB as int32): a chunk is read, tokenised, then scored
 
 
 @dataclass
@@ -44,52 +53,126 @@ class BpcResult:
     def bpc(self) -> float:
         return self.bits / self.characters if self.characters else float("nan")
 
+    @classmethod
+    def total(cls, results: Iterable["BpcResult"]) -> "BpcResult":
+        """The results of several groups of texts as one (skipped counts added up)."""
+        out = cls()
+        for r in results:
+            out.bits, out.characters, out.tokens, out.texts = (out.bits + r.bits, out.characters + r.characters,
+                                                               out.tokens + r.tokens, out.texts + r.texts)
+            for reason, count in r.skipped.items():
+                out.skipped[reason] = out.skipped.get(reason, 0) + count
+        return out
+
     def to_dict(self) -> dict:
         return {"bits_per_char": self.bpc, "bits": self.bits, "characters": self.characters, "tokens": self.tokens,
                 "texts": self.texts, "chars_per_token": self.characters / max(self.tokens, 1),
                 "skipped": self.skipped}
 
 
-def load_texts(path, text_field: str, max_samples: Optional[int] = None) -> Tuple[List[str], dict]:
-    """Texts from ``text_field`` of a jsonl. Blank texts are skipped and counted; a non-string is a DataError."""
-    texts, skipped = [], {}
+# ---------------------------------------------------------------------------------------------- reading
+MAX_GROUPS = 1000  # --group_by is for categories, not for an id per row
+
+
+def _rows(path, text_field: str, max_samples: Optional[int], skipped: Optional[dict],
+          group_field: Optional[str]) -> Iterator[Tuple[Optional[str], str]]:
+    """``(group, text)`` of the first ``max_samples`` non-empty texts of a jsonl, streaming (group None without
+    ``group_field``). Blank texts are skipped and counted in ``skipped``; a missing field or a non-string is a
+    DataError naming file and line."""
+    kept = 0
     for line, row in iter_jsonl(Path(path)):
-        if max_samples is not None and len(texts) >= max_samples:
-            break
+        if max_samples is not None and kept >= max_samples:
+            return
         if not isinstance(row, dict):
             raise DataError(path, line, None, f"expected a JSON object, got {type(row).__name__}")
-        if text_field not in row:
-            raise DataError(path, line, text_field, "missing (choose the field with --text_field)")
-        value = row[text_field]
-        if not isinstance(value, str):
-            raise DataError(path, line, text_field, f"expected a string, got {type(value).__name__}")
-        if not value.strip():
-            skipped["empty_text"] = skipped.get("empty_text", 0) + 1
+        for name, flag in ((text_field, "--text_field"), (group_field, "--group_by")):
+            if name is None:
+                continue
+            if name not in row:
+                raise DataError(path, line, name, f"missing (choose the field with {flag})")
+            if not isinstance(row[name], str):
+                raise DataError(path, line, name, f"expected a string, got {type(row[name]).__name__}")
+        if not row[text_field].strip():
+            if skipped is not None:
+                skipped["empty_text"] = skipped.get("empty_text", 0) + 1
             continue
-        texts.append(value)
+        kept += 1
+        yield (row[group_field] if group_field else None), row[text_field]
+
+
+def iter_texts(path, text_field: str, max_samples: Optional[int] = None, skipped: Optional[dict] = None,
+               group_field: Optional[str] = None, group: Optional[str] = None) -> Iterator[str]:
+    """The non-empty texts of ``text_field`` of a jsonl, streaming: the first ``max_samples`` of the file, and of
+    those, with ``group_field``, the ones whose field is ``group``."""
+    for value, text in _rows(path, text_field, max_samples, skipped, group_field):
+        if value == group:
+            yield text
+
+
+@dataclass
+class TextScan:
+    """One pass over a held-out file, keeping no text: its groups (``--group_by`` values in the order they first
+    appear; one group None without it), each group's texts and characters, and the skipped counts."""
+
+    groups: Dict[Optional[str], List[int]]  # group -> [texts, characters]
+    skipped: dict
+
+    @property
+    def characters(self) -> int:
+        return sum(c for _, c in self.groups.values())
+
+
+def scan_texts(path, text_field: str, max_samples: Optional[int] = None,
+               group_field: Optional[str] = None) -> TextScan:
+    """Check every row :func:`iter_texts` would read (before a model loads); a file without a text is an error."""
+    scan = TextScan({}, {})
+    for value, text in _rows(path, text_field, max_samples, scan.skipped, group_field):
+        counts = scan.groups.setdefault(value, [0, 0])
+        counts[0], counts[1] = counts[0] + 1, counts[1] + len(text)
+        if len(scan.groups) > MAX_GROUPS:
+            raise UserInputError(f"{path}: --group_by {group_field}: more than {MAX_GROUPS} values (it is meant for "
+                                 "a field such as category)")
+    if not scan.groups:
+        raise UserInputError(f"{path}: no non-empty '{text_field}' texts")
+    return scan
+
+
+def load_texts(path, text_field: str, max_samples: Optional[int] = None) -> Tuple[List[str], dict]:
+    """All texts of a (small) file in memory, with the skipped counts: for tests and benchmarks."""
+    skipped: dict = {}
+    texts = list(iter_texts(path, text_field, max_samples, skipped))
     if not texts:
         raise UserInputError(f"{path}: no non-empty '{text_field}' texts")
     return texts, skipped
 
 
-def sliding_windows(token_ids: Sequence[int], start_id: int, window: int, stride: int) -> List[Tuple[list, list]]:
-    """Split ``[start_id] + token_ids`` into ``(input_ids, labels)`` windows of at most ``window`` tokens.
-
-    Labels are aligned with inputs (HF convention, the loss shifts them) and are -100 on context-only positions,
-    so each of ``token_ids`` is a label exactly once across all windows.
-    """
+# ---------------------------------------------------------------------------------------------- windows
+def window_spans(length: int, window: int, stride: int) -> List[Tuple[int, int, int]]:
+    """``(begin, end, scored_from)`` of the windows over a sequence of ``length`` tokens whose position 0 is the
+    start token: window = positions ``[begin, end)``, labels at ``[scored_from, end)``. Every position but 0 is
+    scored exactly once; windows after the first score at most ``stride`` new tokens."""
     if not 0 < stride <= window - 1:
         raise UserInputError(f"--stride must be in [1, window-1={window - 1}], got {stride}")
-    ids = [start_id, *token_ids]
-    pieces, scored_until = [], 1  # position 0 (the start token) is never a label
-    while scored_until < len(ids):
-        end = min(len(ids), scored_until + (window - 1 if scored_until == 1 else stride))
-        begin = max(0, end - window)
-        inputs = ids[begin:end]
-        labels = [IGNORE if begin + i < scored_until else tok for i, tok in enumerate(inputs)]
-        pieces.append((inputs, labels))
+    spans, scored_until = [], 1  # position 0 (the start token) is never a label
+    while scored_until < length:
+        end = min(length, scored_until + (window - 1 if scored_until == 1 else stride))
+        spans.append((max(0, end - window), end, scored_until))
         scored_until = end
-    return pieces
+    return spans
+
+
+def window_of(ids: Sequence[int], begin: int, end: int, scored_from: int) -> Tuple[list, list]:
+    """``(input_ids, labels)`` of one span: labels aligned with inputs (HF convention, the loss shifts them),
+    -100 on context-only positions."""
+    inputs = [int(t) for t in ids[begin:end]]
+    return inputs, [IGNORE] * (scored_from - begin) + inputs[scored_from - begin:]
+
+
+def sliding_windows(token_ids: Sequence[int], start_id: int, window: int, stride: int) -> List[Tuple[list, list]]:
+    """Split ``[start_id] + token_ids`` into ``(input_ids, labels)`` windows of at most ``window`` tokens, each of
+    ``token_ids`` a label exactly once (see :func:`window_spans`)."""
+    ids = [start_id, *token_ids]
+    return [window_of(ids, *span) for span in window_spans(len(ids), window, stride)]
 
 
 def window_nll_bits(model, batch: Sequence[Tuple[list, list]], pad_id: int) -> float:
@@ -101,30 +184,88 @@ def window_nll_bits(model, batch: Sequence[Tuple[list, list]], pad_id: int) -> f
     return -logprobs.double().sum().item() / math.log(2)
 
 
-def bits_per_char(model, tokenizer, texts: Sequence[str], config: BpcConfig,
-                  ranks: Ranks = Ranks()) -> BpcResult:
-    """Score ``texts`` (see the module docstring). Windows of similar length are batched together; with several
-    processes (``ranks``) each scores its share of the batches and every process returns the whole result."""
+# ---------------------------------------------------------------------------------------------- chunks
+@dataclass
+class Chunk:
+    """Consecutive texts, tokenised: ``ids[i]`` = start token + text i's tokens (int32), ``characters[i]`` its
+    length in characters."""
+
+    ids: List[np.ndarray] = field(default_factory=list)
+    characters: List[int] = field(default_factory=list)
+    tokens: int = 0  # sum of len(ids[i]) - 1
+
+
+def iter_chunks(texts: Iterable[str], tokenizer, start_id: int, chunk_tokens: int) -> Iterator[Chunk]:
+    """Tokenise ``texts`` ``ENCODE_GROUP`` at a time; a chunk closes after the group that takes it to
+    ``chunk_tokens`` tokens (so it holds at most ``chunk_tokens`` plus one group's tokens)."""
+    chunk, group = Chunk(), []
+
+    def encode(group: List[str]) -> None:
+        for text, ids in zip(group, tokenizer(group, add_special_tokens=False)["input_ids"]):
+            chunk.ids.append(np.asarray([start_id, *ids], dtype=np.int32))
+            chunk.characters.append(len(text))
+            chunk.tokens += len(ids)
+
+    for text in texts:
+        group.append(text)
+        if len(group) == ENCODE_GROUP:
+            encode(group)
+            group = []
+            if chunk.tokens >= chunk_tokens:
+                yield chunk
+                chunk = Chunk()
+    if group:
+        encode(group)
+    if chunk.ids:
+        yield chunk
+
+
+def chunk_windows(chunk: Chunk, window: int, stride: int) -> List[Tuple[int, int, int, int]]:
+    """``(text, begin, end, scored_from)`` of every window of the chunk, longest first (a stable sort: ties keep
+    text order), the order they are batched in."""
+    spans = [(i, *span) for i, ids in enumerate(chunk.ids) for span in window_spans(len(ids), window, stride)]
+    spans.sort(key=lambda s: s[1] - s[2])
+    return spans
+
+
+def _score_chunk(model, chunk: Chunk, window: int, stride: int, pad_id: int, config: BpcConfig, ranks: Ranks,
+                 bar) -> float:
+    """This process's share of the chunk's bits: its windows cut into batches, dealt out (batch k to rank k mod N).
+
+    The batches go in rounds of one per process; after its batch of a round, rank 0's bar counts the whole round
+    (the processes keep pace), in characters: each scored token carries its text's characters / tokens."""
+    spans, bits = chunk_windows(chunk, window, stride), 0.0
+    per_round = config.batch_size * ranks.size
+    for start in range(0, len(spans), per_round):
+        round_ = spans[start: start + per_round]
+        for batch in ranks.share_batches(round_, config.batch_size):
+            bits += window_nll_bits(model, [window_of(chunk.ids[i], b, e, s) for i, b, e, s in batch], pad_id)
+        bar.update(sum(chunk.characters[i] * (e - s) / (len(chunk.ids[i]) - 1) for i, b, e, s in round_))
+    return bits
+
+
+def bits_per_char(model, tokenizer, texts: Iterable[str], config: BpcConfig, ranks: Ranks = Ranks(),
+                  total_characters: Optional[int] = None, desc: str = "bits per char") -> BpcResult:
+    """Score ``texts`` (see the module docstring), a chunk at a time. With several processes (``ranks``) each
+    scores its share of every chunk's batches and every process returns the whole result.
+
+    ``total_characters`` sizes the progress bar (:func:`scan_texts` gives it; a list's is counted here)."""
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start_id is None:
         raise UserInputError("the tokenizer has neither a BOS nor an EOS token to start texts with")
     window = min(config.window, int(getattr(model.config, "max_position_embeddings", config.window)))
     stride = min(config.stride, window - 1)
-    result = BpcResult(texts=len(texts))
-    pieces = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        result.characters += len(text)
-        result.tokens += len(ids)
-        pieces.extend(sliding_windows(ids, start_id, window, stride))
-    pieces.sort(key=lambda p: -len(p[0]))
+    window_spans(2, window, stride)  # a bad --stride is an error before any text is read
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_id
-    batches = ranks.share_batches(pieces, config.batch_size)
-    scored = [sum(sum(lab != IGNORE for lab in labels) for _, labels in batch) for batch in batches]
-    bits = 0.0
-    with tqdm(total=sum(scored), desc="bits per char", unit="tok", disable=not ranks.is_main) as bar:
-        for batch, tokens in zip(batches, scored):
-            bits += window_nll_bits(model, batch, pad_id)
-            bar.update(tokens)
+    if total_characters is None and isinstance(texts, Sequence):
+        total_characters = sum(len(t) for t in texts)
+    result, bits = BpcResult(), 0.0
+    with tqdm(total=total_characters, desc=desc, unit="char", unit_scale=True,
+              disable=not ranks.is_main) as bar:
+        for chunk in iter_chunks(texts, tokenizer, start_id, config.chunk_tokens):
+            result.texts += len(chunk.ids)
+            result.characters += sum(chunk.characters)
+            result.tokens += chunk.tokens
+            bits += _score_chunk(model, chunk, window, stride, pad_id, config, ranks, bar)
     (result.bits,) = ranks.sum([bits])
     return result

@@ -43,9 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="letter = answer-letter logits (MMLU); cloze = answer-text likelihood per character")
     bpc = sub.add_parser("bpc", help="bits per character of held-out jsonl text")
     _common(bpc)
-    bpc.add_argument("--data", required=True, help="jsonl file of held-out text")
+    bpc.add_argument("--data", nargs="+", required=True,
+                     help="jsonl file(s) of held-out text, read as they are scored (memory does not grow with them); "
+                          "several files are reported one by one and in all")
     bpc.add_argument("--text_field", default="target")
-    bpc.add_argument("--max_samples", type=int, default=None, help="first N non-empty texts")
+    bpc.add_argument("--group_by", default=None, metavar="FIELD",
+                     help="also report each value of this field (e.g. category) on its own")
+    bpc.add_argument("--max_samples", type=int, default=None, help="first N non-empty texts of each file")
     bpc.add_argument("--window", type=int, default=1024, help="tokens per forward pass")
     bpc.add_argument("--stride", type=int, default=512, help="new tokens scored per window after the first")
     return p
@@ -86,28 +90,50 @@ def run_mc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
 
 
 def read_bpc(args):
-    """bpc's flags and texts, checked before any model loads: ``(BpcConfig, texts, skipped)``."""
-    from colossal_llama.eval.bits_per_char import BpcConfig, load_texts
+    """bpc's flags, and one pass over each file checking every row, before any model loads:
+    ``(BpcConfig, [(file, TextScan)])`` (the texts themselves are read again, streaming, while they are scored)."""
+    from colossal_llama.eval.bits_per_char import BpcConfig, scan_texts
 
     _positive("max_samples", args.max_samples)
     _positive("window", args.window, 2)
     config = BpcConfig(args.text_field, args.max_samples, args.window, args.stride, args.batch_size)
-    return (config, *load_texts(args.data, config.text_field, config.max_samples))
+    return config, [(path, scan_texts(path, config.text_field, config.max_samples, args.group_by))
+                    for path in args.data]
+
+
+def _group_name(path: str, group: Optional[str], several_files: bool) -> str:
+    file = Path(path).name
+    if group is None:
+        return file
+    return f"{file}:{group}" if several_files else group
 
 
 def run_bpc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
-    from colossal_llama.eval.bits_per_char import bits_per_char
+    """Each file (and each ``--group_by`` value) scored on its own, in the order read; the total adds them up."""
+    from colossal_llama.eval.bits_per_char import BpcResult, bits_per_char, iter_texts
 
-    config, texts, skipped = inputs
-    result = bits_per_char(model, tokenizer, texts, config, ranks)
-    result.skipped = skipped
+    config, scans = inputs
+    groups = {}
+    for path, scan in scans:
+        for group, (_, characters) in scan.groups.items():
+            name = _group_name(path, group, len(scans) > 1)
+            texts = iter_texts(path, config.text_field, config.max_samples, group_field=args.group_by, group=group)
+            groups[name] = bits_per_char(model, tokenizer, texts, config, ranks, characters, desc=f"bpc {name}")
+    result = BpcResult.total([*groups.values(), *(BpcResult(skipped=scan.skipped) for _, scan in scans)])
+    report = {**result.to_dict(), **({"groups": {n: r.to_dict() for n, r in groups.items()}} if len(groups) > 1 else {})}
     if not ranks.is_main:
-        return result.to_dict()
-    skipped_note = f", skipped {skipped}" if skipped else ""
-    print(f"bpc: {args.model_path} on {args.data}: {result.bpc:.4f} bits/char over {result.texts} texts, "
+        return report
+    if len(groups) > 1:
+        width = max(len(n) for n in groups)
+        print(f"{'group':<{width}}  {'texts':>6}  {'characters':>10}  {'tokens':>9}  chars/token  bits/char")
+        for name, r in groups.items():
+            print(f"{name:<{width}}  {r.texts:>6}  {r.characters:>10}  {r.tokens:>9}  "
+                  f"{r.characters / r.tokens:>11.2f}  {r.bpc:>9.4f}")
+    skipped_note = f", skipped {result.skipped}" if result.skipped else ""
+    print(f"bpc: {args.model_path} on {', '.join(args.data)}: {result.bpc:.4f} bits/char over {result.texts} texts, "
           f"{result.characters} chars, {result.tokens} tokens ({result.characters / result.tokens:.2f} chars/token)"
           f"{skipped_note}")
-    return result.to_dict()
+    return report
 
 
 COMMANDS = {"mc": (read_mc, run_mc), "bpc": (read_bpc, run_bpc)}  # (read flags and data, evaluate and report)
@@ -122,8 +148,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.data is None:  # resolved here, not in the parser: --help never looks for (or announces) data
         args.data = str(data_root() / "eval" / "mmlu_test.jsonl")
     _positive("batch_size", args.batch_size)
-    if not Path(args.data).is_file():
-        raise UserInputError(f"--data {args.data}: no such file")
+    for path in [args.data] if isinstance(args.data, str) else args.data:
+        if not Path(path).is_file():
+            raise UserInputError(f"--data {path}: no such file")
     read, run = COMMANDS[args.command]
     inputs = read(args)  # a bad flag or row stops the run before a (possibly 70B) model is loaded
     ranks = Ranks.join()
