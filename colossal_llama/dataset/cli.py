@@ -11,10 +11,12 @@ from pathlib import Path
 
 from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig, SFTPrepConfig, Shard
 from colossal_llama.dataset.pipeline import prepare_pretrain, prepare_sft
+from colossal_llama.utils.cli import add_flags, config_from
 from colossal_llama.utils.errors import UserInputError, cli_entry
 
 
-def _common_parser(description: str) -> argparse.ArgumentParser:
+def _common_parser(description: str, config_cls) -> argparse.ArgumentParser:
+    """Inputs, outputs and shards by hand (they become paths, a layout and a shard); the rest from ``config_cls``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--data_input_dirs", required=True, help="comma-separated dirs (or files) of jsonl[.gz|.zst]")
     p.add_argument("--tokenizer_dir", required=True)
@@ -23,23 +25,15 @@ def _common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--data_cache_dir", help="older form: cache dir (with the two below, instead of OUT)")
     p.add_argument("--data_jsonl_output_dir", help="older form: jsonl mirror dir")
     p.add_argument("--data_arrow_output_dir", help="older form: arrow dir (manifest goes to its parent)")
-    p.add_argument("--max_length", type=int, default=4096)
-    p.add_argument("--num_spliced_dataset_bins", type=int, default=10)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--num_proc", type=int, default=1, help="tokenizer worker processes")
     p.add_argument("--num_shards", type=int, default=None,
                    help="split the input documents over N independent runs (default: WORLD_SIZE, else 1)")
     p.add_argument("--shard_index", type=int, default=None, help="which shard this run writes (default: RANK)")
-    p.add_argument("--holdout_fraction", type=float, default=0.0,
-                   help="fraction of each category's documents (whole, seeded) written to OUT/eval as held-out data")
-    p.add_argument("--mirror_text", action="store_true",
-                   help="add the decoded text of every sequence to the jsonl mirror (costs about a tokenisation)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--strict", dest="strict", action="store_true", default=True,
                       help="(default) stop at the first invalid row or empty part with file:line: field")
     mode.add_argument("--skip_invalid", dest="strict", action="store_false",
                       help="skip invalid rows and empty parts, counting them by reason in the summary")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared output")
+    add_flags(p, config_cls)
     return p
 
 
@@ -59,14 +53,11 @@ def _layout(args, shard: Shard) -> OutputLayout:
     return OutputLayout(*(Path(p) for p in triple))
 
 
-def _common_kwargs(args) -> dict:
+def _config(args, config_cls, **others):
     shard = Shard.from_launcher(args.num_shards, args.shard_index)
-    return dict(
-        input_dirs=[d.strip() for d in args.data_input_dirs.split(",") if d.strip()],
-        tokenizer_dir=args.tokenizer_dir, output=_layout(args, shard), max_length=args.max_length,
-        num_bins=args.num_spliced_dataset_bins, seed=args.seed, num_proc=args.num_proc, strict=args.strict,
-        overwrite=args.overwrite, shard=shard, holdout_fraction=args.holdout_fraction, mirror_text=args.mirror_text,
-    )
+    return config_from(args, config_cls, input_dirs=[d.strip() for d in args.data_input_dirs.split(",") if d.strip()],
+                       tokenizer_dir=args.tokenizer_dir, output=_layout(args, shard), strict=args.strict, shard=shard,
+                       **others)
 
 
 def _run_cli(prepare, config) -> int:
@@ -78,28 +69,23 @@ def _run_cli(prepare, config) -> int:
 @cli_entry
 def pretrain_main(argv=None) -> int:
     """CLI of ``prepare_pretrain_dataset.py``."""
-    args = _common_parser("Tokenise and pack pre-training jsonl into arrow parts.").parse_args(argv)
-    return _run_cli(prepare_pretrain, PretrainPrepConfig(**_common_kwargs(args)))
+    p = _common_parser("Tokenise and pack pre-training jsonl into arrow parts.", PretrainPrepConfig)
+    args = p.parse_args(argv)
+    return _run_cli(prepare_pretrain, _config(args, PretrainPrepConfig))
 
 
 @cli_entry
 def sft_main(argv=None) -> int:
     """CLI of ``prepare_sft_dataset.py``."""
-    p = _common_parser("Template and tokenise SFT conversations into arrow parts.")
+    p = _common_parser("Template and tokenise SFT conversations into arrow parts.", SFTPrepConfig)
     p.add_argument("--llama_version", type=int, choices=(2, 3), default=None,
                    help="chat template llama2 or llama3 (default 3 unless --chat_template is given)")
     p.add_argument("--chat_template", choices=("llama2", "llama3", "tokenizer"), default=None,
                    help="'tokenizer' uses the tokenizer's own chat_template")
-    p.add_argument("--system_message", default=None,
-                   help="system message of conversations that do not start with their own {\"from\": \"system\"}")
-    p.add_argument("--packing", action="store_true",
-                   help="pack whole conversations into sequences of <= --max_length (position_ids restart per "
-                        "conversation)")
     args = p.parse_args(argv)
     by_version = f"llama{args.llama_version}" if args.llama_version else None
     if by_version and args.chat_template and by_version != args.chat_template:
         raise UserInputError(f"--llama_version {args.llama_version} contradicts --chat_template {args.chat_template}")
     template = args.chat_template or by_version or "llama3"
-    config = SFTPrepConfig(**_common_kwargs(args), chat_template=template, system_message=args.system_message,
-                           packing=args.packing)
+    config = _config(args, SFTPrepConfig, chat_template=template)
     return _run_cli(prepare_sft, config)

@@ -5,8 +5,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Optional
 
+from colossal_llama.utils.cli import flag
 from colossal_llama.utils.errors import UserInputError
 
 SHARD_DIR_FORMAT = "shard-{index:05d}-of-{count:05d}"
@@ -105,15 +106,19 @@ class PrepConfig:
     input_dirs: list[Path]
     tokenizer_dir: Path
     output: OutputLayout
-    max_length: int = 4096
-    num_bins: int = 10
-    seed: int = 42
-    num_proc: int = 1
+    max_length: int = flag(4096, help="tokens per sequence at most")
+    num_bins: int = flag(10, name="num_spliced_dataset_bins",
+                         help="bins (arrow parts) per output: each category is divided over all of them, so bucket "
+                              "k of training holds every category")
+    seed: int = flag(42, help="seeds the packing order and the held-out choice")
+    num_proc: int = flag(1, help="tokenizer worker processes")
     strict: bool = True          # False = --skip_invalid: bad rows and empty parts are counted, not fatal
-    overwrite: bool = False
+    overwrite: bool = flag(False, help="replace an existing prepared output")
     shard: Shard = Shard()
-    holdout_fraction: float = 0.0  # documents (per category, seeded) written to OUT/eval instead of OUT/arrow
-    mirror_text: bool = False      # the jsonl mirror also carries each sequence's decoded text (slower)
+    holdout_fraction: float = flag(0.0, help="fraction of each category's documents (whole, seeded) written to "
+                                             "OUT/eval as held-out data")
+    mirror_text: bool = flag(False, help="add the decoded text of every sequence to the jsonl mirror (costs about a "
+                                         "tokenisation)")
 
     def __post_init__(self):
         self.input_dirs = [Path(p) for p in self.input_dirs]
@@ -150,8 +155,10 @@ class SFTPrepConfig(PrepConfig):
     several whole conversations per row with ``packing``."""
 
     chat_template: str = "llama2"
-    system_message: str | None = None
-    packing: bool = False
+    system_message: Optional[str] = flag(None, help="system message of conversations that do not start with their "
+                                                    "own {\"from\": \"system\"}")
+    packing: bool = flag(False, help="pack whole conversations into sequences of <= --max_length (position_ids "
+                                     "restart per conversation)")
     kind: ClassVar[str] = "sft"
 
     @property

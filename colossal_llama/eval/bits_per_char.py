@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from colossal_llama.eval.batching import right_pad, target_logprobs
+from colossal_llama.utils.cli import flag
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import iter_jsonl
 from colossal_llama.utils.ranks import Ranks
@@ -33,12 +34,16 @@ ENCODE_GROUP = 256  # texts per tokenizer call (the fast tokenizer encodes a lis
 
 @dataclass
 class BpcConfig:
-    text_field: str = "target"
-    max_samples: Optional[int] = None  # first N non-empty texts
-    window: int = 1024  # tokens per forward (capped at the model's positions)
-    stride: int = 512  # new tokens scored per window after the first
-    batch_size: int = 8
-    chunk_tokens: int = 1 << 24  # tokens held at once (64 MiB as int32): a chunk is read, tokenised, then scored
+    """``evaluate.py bpc``'s scoring flags (this class *is* that part of its command line)."""
+
+    text_field: str = flag("target", help="the field holding the text")
+    max_samples: Optional[int] = flag(None, help="first N non-empty texts of each file")
+    window: int = flag(1024, help="tokens per forward pass (capped at the model's positions)")
+    stride: int = flag(512, help="new tokens scored per window after the first")
+    batch_size: int = flag(8, help="windows scored at once")
+    chunk_tokens: int = flag(1 << 24, help="tokens read and tokenised at a time, held as int32 (64 MiB by default): "
+                                           "memory does not grow with the files")
+    group_by: Optional[str] = flag(None, help="also report each value of this field (e.g. category) on its own")
 
 
 @dataclass
@@ -85,11 +90,11 @@ def _rows(path, text_field: str, max_samples: Optional[int], skipped: Optional[d
             return
         if not isinstance(row, dict):
             raise DataError(path, line, None, f"expected a JSON object, got {type(row).__name__}")
-        for name, flag in ((text_field, "--text_field"), (group_field, "--group_by")):
+        for name, option in ((text_field, "--text_field"), (group_field, "--group_by")):
             if name is None:
                 continue
             if name not in row:
-                raise DataError(path, line, name, f"missing (choose the field with {flag})")
+                raise DataError(path, line, name, f"missing (choose the field with {option})")
             if not isinstance(row[name], str):
                 raise DataError(path, line, name, f"expected a string, got {type(row[name]).__name__}")
         if not row[text_field].strip():

@@ -13,45 +13,37 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
+from colossal_llama.utils.cli import add_flags, config_from
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.paths import data_root
 from colossal_llama.utils.ranks import Ranks
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _subcommand(sub, name: str, help: str, config_cls) -> argparse.ArgumentParser:
+    """A subcommand with the model flags, ``--output`` and the flags of its typed config."""
     from colossal_llama.inference.cli import add_model_args
 
+    p = sub.add_parser(name, help=help)
     add_model_args(p)
-    p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--output", default=None, help="write the full report as JSON here")
+    add_flags(p, config_cls)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from colossal_llama.eval.bits_per_char import BpcConfig
+    from colossal_llama.eval.multiple_choice import MCConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    mc = sub.add_parser("mc", help="multiple-choice accuracy (MMLU format): answer-letter logits or cloze")
-    _common(mc)
+    mc = _subcommand(sub, "mc", "multiple-choice accuracy (MMLU format): answer-letter logits or cloze", MCConfig)
     mc.add_argument("--data", default=None,
                     help="jsonl with question, answer_a..answer_d, correct_answer, topic "
                          "(default: the data folder's eval/mmlu_test.jsonl)")
-    mc.add_argument("--subjects", default=None, help="comma-separated subjects (spaces or underscores); default all")
-    mc.add_argument("--max_per_subject", type=int, default=None, help="first N questions of each subject")
-    mc.add_argument("--k_shot", type=int, default=5, help="solved examples of the same subject before each question")
-    mc.add_argument("--seed", type=int, default=42, help="picks the examples")
-    mc.add_argument("--max_length", type=int, default=None, help="prompt token budget (default: model context)")
-    mc.add_argument("--method", default="letter", choices=("letter", "cloze"),
-                    help="letter = answer-letter logits (MMLU); cloze = answer-text likelihood per character")
-    bpc = sub.add_parser("bpc", help="bits per character of held-out jsonl text")
-    _common(bpc)
+    bpc = _subcommand(sub, "bpc", "bits per character of held-out jsonl text", BpcConfig)
     bpc.add_argument("--data", nargs="+", required=True,
                      help="jsonl file(s) of held-out text, read as they are scored (memory does not grow with them); "
                           "several files are reported one by one and in all")
-    bpc.add_argument("--text_field", default="target")
-    bpc.add_argument("--group_by", default=None, metavar="FIELD",
-                     help="also report each value of this field (e.g. category) on its own")
-    bpc.add_argument("--max_samples", type=int, default=None, help="first N non-empty texts of each file")
-    bpc.add_argument("--window", type=int, default=1024, help="tokens per forward pass")
-    bpc.add_argument("--stride", type=int, default=512, help="new tokens scored per window after the first")
     return p
 
 
@@ -66,10 +58,7 @@ def read_mc(args):
 
     _positive("max_per_subject", args.max_per_subject)
     _positive("k_shot", args.k_shot, 0)
-    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    config = MCConfig(args.k_shot, args.batch_size, args.seed, args.max_per_subject, subjects, args.max_length,
-                      args.method)
-    return config, load_mc_items(args.data)
+    return config_from(args, MCConfig), load_mc_items(args.data)
 
 
 def run_mc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
@@ -96,8 +85,9 @@ def read_bpc(args):
 
     _positive("max_samples", args.max_samples)
     _positive("window", args.window, 2)
-    config = BpcConfig(args.text_field, args.max_samples, args.window, args.stride, args.batch_size)
-    return config, [(path, scan_texts(path, config.text_field, config.max_samples, args.group_by))
+    _positive("chunk_tokens", args.chunk_tokens)
+    config = config_from(args, BpcConfig)
+    return config, [(path, scan_texts(path, config.text_field, config.max_samples, config.group_by))
                     for path in args.data]
 
 
@@ -117,7 +107,7 @@ def run_bpc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
     for path, scan in scans:
         for group, (_, characters) in scan.groups.items():
             name = _group_name(path, group, len(scans) > 1)
-            texts = iter_texts(path, config.text_field, config.max_samples, group_field=args.group_by, group=group)
+            texts = iter_texts(path, config.text_field, config.max_samples, group_field=config.group_by, group=group)
             groups[name] = bits_per_char(model, tokenizer, texts, config, ranks, characters, desc=f"bpc {name}")
     result = BpcResult.total([*groups.values(), *(BpcResult(skipped=scan.skipped) for _, scan in scans)])
     report = {**result.to_dict(), **({"groups": {n: r.to_dict() for n, r in groups.items()}} if len(groups) > 1 else {})}
@@ -130,7 +120,8 @@ def run_bpc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
             print(f"{name:<{width}}  {r.texts:>6}  {r.characters:>10}  {r.tokens:>9}  "
                   f"{r.characters / r.tokens:>11.2f}  {r.bpc:>9.4f}")
     skipped_note = f", skipped {result.skipped}" if result.skipped else ""
-    print(f"bpc: {args.model_path} on {', '.join(args.data)}: {result.bpc:.4f} bits/char over {result.texts} texts, "
+    data = args.data[0] if len(args.data) == 1 else f"{len(args.data)} files"
+    print(f"bpc: {args.model_path} on {data}: {result.bpc:.4f} bits/char over {result.texts} texts, "
           f"{result.characters} chars, {result.tokens} tokens ({result.characters / result.tokens:.2f} chars/token)"
           f"{skipped_note}")
     return report

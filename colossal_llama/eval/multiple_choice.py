@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from colossal_llama.eval.batching import right_pad, target_logprobs
+from colossal_llama.utils.cli import flag
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import iter_jsonl
 from colossal_llama.utils.ranks import Ranks
@@ -57,15 +58,24 @@ class MCItem:
     where: str
 
 
+def subject_list(value: str) -> Optional[List[str]]:
+    """``--subjects a,b c,d_e`` -> ``["a", "b c", "d_e"]`` (None when empty: every subject)."""
+    return [s.strip() for s in value.split(",") if s.strip()] or None
+
+
 @dataclass
 class MCConfig:
-    k_shot: int = 5
-    batch_size: int = 8
-    seed: int = 42
-    max_per_subject: Optional[int] = None  # first N items of each subject, in file order
-    subjects: Optional[List[str]] = None  # None = all
-    max_length: Optional[int] = None  # prompt token budget (default: the model's positions)
-    method: str = "letter"  # "letter" (answer-letter logits) or "cloze" (answer-text likelihood per character)
+    """``evaluate.py mc``'s scoring flags (this class *is* that part of its command line)."""
+
+    k_shot: int = flag(5, help="solved examples of the same subject before each question")
+    batch_size: int = flag(8, help="prompts scored at once")
+    seed: int = flag(42, help="picks the examples")
+    max_per_subject: Optional[int] = flag(None, help="first N questions of each subject, in file order")
+    subjects: Optional[List[str]] = flag(None, parse=subject_list,
+                                         help="comma-separated subjects (spaces or underscores); default all")
+    max_length: Optional[int] = flag(None, help="prompt token budget (default: the model's context)")
+    method: str = flag("letter", choices=("letter", "cloze"),
+                       help="letter = answer-letter logits (MMLU); cloze = answer-text likelihood per character")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from colossal_llama.utils.cli import str2bool
+from colossal_llama.utils.cli import add_flags, config_from, str2bool
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.ranks import Ranks
 
@@ -69,16 +69,10 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that chats with a model (terminal and web): model, sampling, template."""
     from colossal_llama.inference.prompting import TEMPLATE_NAMES
 
+    from colossal_llama.inference.generation import SamplingConfig
+
     add_model_args(p)
-    p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--do_sample", type=str2bool, nargs="?", const=True, default=True,
-                   help="True = sample, False = greedy")
-    p.add_argument("--temperature", type=float, default=0.3)
-    p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--repetition_penalty", type=float, default=1.0,
-                   help="> 1 makes tokens already in the prompt or reply less likely (CTRL-style; 1.0 = off); "
-                        "applies to greedy decoding too")
+    add_flags(p, SamplingConfig)
     p.add_argument("--system_message", default=None, help="system message for the chat template")
     p.add_argument("--chat_template", default=None, choices=TEMPLATE_NAMES,
                    help="template when the model folder has no colossal_llama_chat.json")
@@ -90,8 +84,7 @@ def sampling_from_args(args):
     """The validated ``SamplingConfig`` of :func:`add_generation_args`' flags."""
     from colossal_llama.inference.generation import SamplingConfig
 
-    return SamplingConfig(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p,
-                          repetition_penalty=args.repetition_penalty).validate()
+    return config_from(args, SamplingConfig).validate()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,20 +13,23 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
+from colossal_llama.utils.cli import flag
 from colossal_llama.utils.errors import UserInputError
 
 
 @dataclass
 class SamplingConfig:
-    """How to pick the next token. ``do_sample=False`` is greedy and ignores temperature/top_k/top_p."""
+    """How to pick the next token. ``do_sample=False`` is greedy and ignores temperature/top_k/top_p. The fields
+    made with ``flag`` are the sampling flags of every command that generates (this class *is* them)."""
 
-    max_new_tokens: int = 512
-    do_sample: bool = True
-    temperature: float = 0.3
-    top_k: int = 50
-    top_p: float = 0.95
-    repetition_penalty: float = 1.0  # > 1 penalises tokens already present (prompt + reply); 1.0 = off
-    stop_token_ids: List[int] = field(default_factory=list)  # extra ids that end generation (besides EOS)
+    max_new_tokens: int = flag(512, help="tokens generated at most per reply")
+    do_sample: bool = flag(True, help="True = sample, False = greedy")
+    temperature: float = flag(0.3, help="sampling temperature")
+    top_k: int = flag(50, help="sample among the k likeliest tokens (0: all)")
+    top_p: float = flag(0.95, help="sample among the likeliest tokens that make up this probability")
+    repetition_penalty: float = flag(1.0, help="> 1 makes tokens already in the prompt or reply less likely "
+                                               "(CTRL-style; 1.0 = off); applies to greedy decoding too")
+    stop_token_ids: List[int] = field(default_factory=list)  # extra ids that end generation (besides EOS); no flag
 
     def validate(self) -> "SamplingConfig":
         if self.max_new_tokens < 1:

@@ -34,7 +34,7 @@ import torch
 
 from colossal_llama.dataset.config import SHARD_DIR, Shard, check_one_run_per_folder
 from colossal_llama.inference.generation import cut_at_stop
-from colossal_llama.utils.cli import OneLineErrorParser
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,21 @@ SHARD_FILE_RE = re.compile(re.escape("self_replay.") + SHARD_DIR.pattern + re.es
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    model_path: Path
-    output_dir: Path
-    num_texts: int = 1024
-    max_new_tokens: int = 512
-    batch_size: int = 64
-    start_token: Optional[str] = None  # None: the tokenizer's BOS, else its EOS (the document separator)
-    category: str = "self_replay"
-    seed: int = 42
+    """One self-replay run; the fields made with ``flag`` are its command line (the placement flags and the shard
+    come from the shared placement flags and the launcher)."""
+
+    model_path: Path = flag(help="the base model (HF folder) to sample from")
+    output_dir: Path = flag(help=f"written: OUTPUT_DIR/{OUTPUT_FILE}")
+    num_texts: int = flag(1024, help="texts to sample")
+    max_new_tokens: int = flag(512, help="tokens a text at most")
+    batch_size: int = flag(64, help="texts sampled at once")
+    start_token: Optional[str] = flag(None, help="token the samples start from (default: BOS, else EOS); e.g. "
+                                                 "<|endoftext|> for SmolLM2")
+    category: str = flag("self_replay", help="category of the rows (per-category bins)")
+    seed: int = flag(42, help="seeds the sampling")
+    overwrite: bool = flag(False, help="replace an existing --output_dir (or this shard's file)")
     device: str = "auto"  # with several shards on a GPU machine: each shard's own GPUs
     max_gpu_memory: Optional[int] = None  # bytes of weights per GPU (None: placement's default)
-    overwrite: bool = False
     shard: Shard = Shard()
 
     def validate(self) -> "ReplayConfig":
@@ -194,19 +198,9 @@ def write_self_replay(cfg: ReplayConfig) -> ReplaySummary:
 def build_parser() -> argparse.ArgumentParser:
     from colossal_llama.inference.cli import add_placement_args
 
-    defaults = ReplayConfig(Path("."), Path("."))
     p = OneLineErrorParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model_path", required=True, type=Path, help="the base model (HF folder) to sample from")
-    p.add_argument("--output_dir", required=True, type=Path, help=f"written: OUTPUT_DIR/{OUTPUT_FILE}")
-    p.add_argument("--num_texts", type=int, default=defaults.num_texts)
-    p.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens, help="tokens a text at most")
-    p.add_argument("--batch_size", type=int, default=defaults.batch_size, help="texts sampled at once")
-    p.add_argument("--start_token", default=None,
-                   help="token the samples start from (default: BOS, else EOS); e.g. <|endoftext|> for SmolLM2")
-    p.add_argument("--category", default=defaults.category, help="category of the rows (per-category bins)")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    add_flags(p, ReplayConfig)
     add_placement_args(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir (or this shard's file)")
     p.add_argument("--num_shards", type=int, default=None,
                    help="split the batches over N runs (default: WORLD_SIZE, else 1)")
     p.add_argument("--shard_index", type=int, default=None, help="which shard this run draws (default: RANK)")
@@ -216,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = vars(build_parser().parse_args(argv))
-    shard = Shard.from_launcher(args.pop("num_shards"), args.pop("shard_index"))
-    summary = write_self_replay(ReplayConfig(**args, shard=shard))
+    args = build_parser().parse_args(argv)
+    shard = Shard.from_launcher(args.num_shards, args.shard_index)
+    config = config_from(args, ReplayConfig, device=args.device, max_gpu_memory=args.max_gpu_memory, shard=shard)
+    summary = write_self_replay(config)
     print(summary.line())
     return 0
 

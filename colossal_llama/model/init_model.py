@@ -29,6 +29,7 @@ from colossal_llama.model.checkpoint_files import WEIGHT_SUFFIXES, CheckpointLay
 from colossal_llama.model.safetensors_stream import OutputTensor, write_safetensors, write_tensor_bytes
 from colossal_llama.model.vocab_mapping import check_is_expansion, source_piece_ids
 from colossal_llama.tokenizer.loading import load_tokenizer
+from colossal_llama.utils.cli import add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.json_files import read_json
 from colossal_llama.utils.output import remove_stale_siblings, replace_dir, tmp_sibling
@@ -48,13 +49,15 @@ TMP_KIND = "tmp-init"  # the target is built in ``.{target}.tmp-init-{pid}`` bes
 
 @dataclass
 class InitModelConfig:
-    """What to convert. ``pad_vocab_to_multiple_of`` rounds the new vocabulary up (e.g. 64 for tp)."""
+    """What to convert (this class *is* the command line, under the original's flag names)."""
 
-    source_dir: Path
-    target_tokenizer_dir: Path
-    target_dir: Path
-    overwrite: bool = False
-    pad_vocab_to_multiple_of: int = 1
+    source_dir: Path = flag(name="source_model_and_tokenizer_path", help="HF folder of the source model and its "
+                                                                         "tokenizer")
+    target_tokenizer_dir: Path = flag(name="target_tokenizer_path", help="folder of the expanded tokenizer")
+    target_dir: Path = flag(name="target_model_path", help="output folder (must not exist)")
+    overwrite: bool = flag(False, help="replace --target_model_path if it exists")
+    pad_vocab_to_multiple_of: int = flag(1, help="round the new vocabulary up to a multiple of this (e.g. 64 x tp "
+                                                 "for the 3d plugin)")
 
 
 @dataclass
@@ -139,16 +142,14 @@ def resize_vocab_matrix(old_matrix: torch.Tensor, piece_ids: Sequence[Sequence[i
     return new
 
 
-def init_model_from_expanded_tokenizer(source_dir, target_tokenizer_dir, target_dir, overwrite: bool = False,
-                                       pad_vocab_to_multiple_of: int = 1) -> InitReport:
+def init_model_from_expanded_tokenizer(source_dir, target_tokenizer_dir, target_dir, **options) -> InitReport:
     """Write ``target_dir``: the model of ``source_dir`` resized and mean-initialised for the tokenizer in
     ``target_tokenizer_dir`` (an expansion of the source's tokenizer), plus that tokenizer's files.
 
     The output is written into a temporary sibling and renamed, so ``target_dir`` is complete or absent.
+    ``options``: the other fields of :class:`InitModelConfig` (``overwrite``, ``pad_vocab_to_multiple_of``).
     """
-    cfg = InitModelConfig(Path(source_dir), Path(target_tokenizer_dir), Path(target_dir), overwrite,
-                          pad_vocab_to_multiple_of)
-    return run_init(cfg)
+    return run_init(InitModelConfig(Path(source_dir), Path(target_tokenizer_dir), Path(target_dir), **options))
 
 
 def run_init(cfg: InitModelConfig) -> InitReport:
@@ -332,13 +333,7 @@ def format_report(report: InitReport) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source_model_and_tokenizer_path", required=True, type=Path,
-                        help="HF folder of the source model and its tokenizer")
-    parser.add_argument("--target_tokenizer_path", required=True, type=Path, help="folder of the expanded tokenizer")
-    parser.add_argument("--target_model_path", required=True, type=Path, help="output folder (must not exist)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --target_model_path if it exists")
-    parser.add_argument("--pad_vocab_to_multiple_of", type=int, default=1,
-                        help="round the new vocabulary up to a multiple of this (e.g. 64 x tp for the 3d plugin)")
+    add_flags(parser, InitModelConfig)
     parser.add_argument("--report_json", type=Path, default=None, help="also write the report as JSON here")
     return parser
 
@@ -347,11 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = init_model_from_expanded_tokenizer(args.source_model_and_tokenizer_path, args.target_tokenizer_path,
-                                                args.target_model_path, args.overwrite,
-                                                args.pad_vocab_to_multiple_of)
+    cfg = config_from(args, InitModelConfig)
+    report = run_init(cfg)
     print(format_report(report))
-    print(f"wrote {args.target_model_path}")
+    print(f"wrote {cfg.target_dir}")
     if args.report_json:
         args.report_json.write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
     return 0

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from colossal_llama.tokenizer.base_vocab import SP_SPACE, base_vocab_texts
 from colossal_llama.tokenizer.pieces import write_pieces_file
 from colossal_llama.utils.apportion import largest_remainder
+from colossal_llama.utils.cli import add_flags, config_from, flag
 from colossal_llama.utils.errors import DataError, UserInputError, cli_entry
 from colossal_llama.utils.jsonl import find_jsonl_files, iter_jsonl
 
@@ -268,17 +269,21 @@ def select_pieces(
 
 @dataclass
 class MineConfig:
-    output: Path
-    corpus: list[Path] = field(default_factory=list)
-    from_wordlist: Optional[Path] = None
-    base_tokenizer_dir: Optional[Path] = None
-    vocab_size: int = 8000
-    max_sentences: int = 200_000
-    min_piece_chars: int = 2
-    top_k: Optional[int] = None
-    min_freq: int = 1
-    model_type: str = "bpe"
-    character_coverage: float = 0.9995
+    """What to mine and how (this class *is* the command line)."""
+
+    output: Path = flag(help='jsonl of {"piece": ...}')
+    corpus: list[Path] = flag([], help="jsonl files or dirs (text fields are used)")
+    from_wordlist: Optional[Path] = flag(None, help="'word freq [pos]' lines, e.g. jieba_dict.txt")
+    base_tokenizer_dir: Optional[Path] = flag(None, help="drop pieces this tokenizer already has")
+    vocab_size: int = flag(8000, help="SentencePiece vocabulary to train (corpus mode)")
+    max_sentences: int = flag(200_000, help="corpus lines to train on: each file's first lines, in proportion to its "
+                                            "size")
+    min_piece_chars: int = flag(2, help="shortest piece kept (characters, marker excluded)")
+    top_k: Optional[int] = flag(None, help="keep at most this many pieces")
+    min_freq: int = flag(1, help="word-list mode: lowest frequency kept")
+    model_type: str = flag("bpe", choices=("bpe", "unigram"), help="SentencePiece model type (corpus mode)")
+    character_coverage: float = flag(0.9995, help="share of characters the trained model must cover (vocab_size "
+                                                  "must exceed the chars kept)")
 
 
 def mine_pieces(cfg: MineConfig) -> tuple[list[str], MiningReport]:
@@ -306,21 +311,8 @@ def mine_pieces(cfg: MineConfig) -> tuple[list[str], MiningReport]:
 
 def parse_args(argv=None) -> MineConfig:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", type=Path, nargs="+", default=[], help="jsonl files or dirs (text fields are used)")
-    p.add_argument("--from_wordlist", type=Path, default=None, help="'word freq [pos]' lines, e.g. jieba_dict.txt")
-    p.add_argument("--base_tokenizer_dir", type=Path, default=None, help="drop pieces this tokenizer already has")
-    p.add_argument("--output", type=Path, required=True, help='jsonl of {"piece": ...}')
-    p.add_argument("--vocab_size", type=int, default=8000, help="SentencePiece vocabulary to train (corpus mode)")
-    p.add_argument("--max_sentences", type=int, default=200_000,
-                   help="corpus lines to train on: each file's first lines, in proportion to its size")
-    p.add_argument("--min_piece_chars", type=int, default=2, help="shortest piece kept (characters, marker excluded)")
-    p.add_argument("--top_k", type=int, default=None, help="keep at most this many pieces")
-    p.add_argument("--min_freq", type=int, default=1, help="word-list mode: lowest frequency kept")
-    p.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe")
-    p.add_argument("--character_coverage", type=float, default=0.9995,
-                   help="share of characters the trained model must cover (vocab_size must exceed the chars kept)")
-    a = p.parse_args(argv)
-    return MineConfig(**vars(a))
+    add_flags(p, MineConfig)
+    return config_from(p.parse_args(argv), MineConfig)
 
 
 @cli_entry

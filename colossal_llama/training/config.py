@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from colossal_llama.utils.cli import OneLineErrorParser, str2bool
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, flag
 from colossal_llama.utils.errors import UserInputError
 
 PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "3d", "ddp")
@@ -26,17 +25,6 @@ LORA_PLUGINS = ("ddp", "zero2", "zero2_cpu")
 SP_MODES = ("split_gather", "ring", "all_to_all", "ring_attn")
 ATTENTION_CHOICES = ("auto", "flash", "flex", "sdpa")  # see colossal_llama.training.attention
 WARMUP_FRACTION = 0.025  # README: warm-up defaults to 2.5% of the optimizer steps
-
-
-def flag(default=dataclasses.MISSING, help: str = "", aliases: tuple = (), choices: Optional[tuple] = None):
-    """A :class:`TrainConfig` field that is also a command-line flag ``--<name>`` (plus ``aliases``); a field
-    without a default is a required flag."""
-    metadata = {"help": help, "aliases": aliases, "choices": choices, "required": default is dataclasses.MISSING}
-    if default is dataclasses.MISSING:
-        return field(metadata=metadata)
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -124,40 +112,11 @@ class TrainConfig:
                            "auto = when liger_kernel is installed")
 
 
-def _flag_type(annotation):
-    """(argparse type, is_bool, is_list) of a field annotation such as ``Optional[int]`` or ``List[str]``."""
-    origin = typing.get_origin(annotation)
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if origin in (list, List):
-        return args[0], False, True
-    if origin is typing.Union:
-        annotation = args[0]
-    if annotation is bool:
-        return str2bool, True, False
-    return annotation, False, False
-
-
 def build_parser() -> argparse.ArgumentParser:
     """argparse derived from :class:`TrainConfig`'s fields (names, defaults, help, aliases, choices)."""
     parser = OneLineErrorParser(
         prog="train.py", description="Continual pre-training / SFT of a LLaMA-family model with a booster plugin.")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        names = (f"--{f.name}", *meta["aliases"])
-        kind, is_bool, is_list = _flag_type(hints[f.name])
-        kwargs = {"dest": f.name, "help": meta["help"]}
-        if is_list:
-            kwargs["nargs"] = "+"
-        if meta["required"]:
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if is_bool:  # ``--flag`` alone means true; ``--flag False`` / ``--flag true`` too (older scripts)
-            kwargs.update(nargs="?", const=True, type=str2bool)
-        else:
-            kwargs.update(type=kind, choices=meta["choices"])
-        parser.add_argument(*names, **kwargs)
+    add_flags(parser, TrainConfig)
     return parser
 
 
