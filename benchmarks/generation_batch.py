@@ -5,7 +5,7 @@
 
 The prompts are the first distinct human questions of the bundled ChatterBot SFT data (real chat questions),
 wrapped in the model's chat template, answered greedily, so every batch size gives the same replies (checked: a
-row that differs is reported). Each batch size runs what ``--output`` runs (``reply_file.generate_replies``, batches
+row that differs is reported). Each batch size runs what ``--output`` runs (``reply_file.run_job``, batches
 longest prompt first). Prints, per batch size, the seconds, new tokens per second and the speed-up over one prompt
 at a time, from one run on one machine.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from typing import List
 
 from colossal_llama.utils.paths import data_root
@@ -37,7 +39,7 @@ def main() -> None:
     from colossal_llama.inference.generation import SamplingConfig
     from colossal_llama.inference.loading import load_model_and_tokenizer
     from colossal_llama.inference.prompting import resolve_chat_template, sft_prompt_ids
-    from colossal_llama.inference.reply_file import generate_replies
+    from colossal_llama.inference.reply_file import Prompts, run_job
     from colossal_llama.utils.paths import REPO_ROOT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,6 +54,9 @@ def main() -> None:
     config = SamplingConfig(args.max_new_tokens, do_sample=False, stop_token_ids=list(template.stop_token_ids))
     texts = questions(args.prompts)
     prompts = [sft_prompt_ids(template, q) for q in texts]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as fh:
+        fh.write("\n".join(texts) + "\n")
+    prompt_file = Prompts.read(fh.name)
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), greedy, at most "
           f"{args.max_new_tokens} new tokens, {device}\n")
@@ -59,11 +64,15 @@ def main() -> None:
     print("|---|---|---|---|---|")
     baseline = reference = None
     for size in [int(s) for s in args.batch_sizes.split(",")]:
-        replies, tokens, seconds = generate_replies(model, tokenizer, config, texts, prompts, size, Ranks(), {}, None)
+        rows = []
+        stats = run_job(model, tokenizer, config, prompt_file, lambda q: sft_prompt_ids(template, q), size, 4096,
+                        Ranks(), rows.extend)
+        replies, tokens, seconds = [reply for _, reply in rows], stats.new_tokens, stats.seconds
         baseline, reference = baseline or seconds, reference or replies
         same = sum(a == b for a, b in zip(replies, reference))
         print(f"| {size} | {seconds:.1f} | {tokens / seconds:,.1f} | {baseline / seconds:.2f}x | "
               f"{same} of {len(prompts)} |", flush=True)
+    os.unlink(fh.name)
 
 
 if __name__ == "__main__":

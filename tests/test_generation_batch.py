@@ -14,6 +14,7 @@ from colossal_llama.inference.generation import SamplingConfig, cut_at_stop, gen
 from colossal_llama.inference.loading import load_model_and_tokenizer
 from colossal_llama.inference.prompting import resolve_chat_template, sft_prompt_ids
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.ranks import Ranks
 
 QUESTIONS = ["What is the capital of France?", "Hi", "Write one sentence about the sea, the wind and the sails "
              "of the old ships that crossed it long ago.", "2+2?"]
@@ -138,12 +139,17 @@ def test_under_torchrun_the_batches_are_dealt_out_and_rank_0_writes_what_one_pro
 
 
 @pytest.mark.slow
-def test_a_killed_reply_job_resumes_where_it_stopped_and_writes_what_an_unbroken_run_writes(smollm2_dir, tmp_path):
+@pytest.mark.parametrize("chunk", [4096, 2])
+def test_a_killed_reply_job_resumes_where_it_stopped_and_writes_what_an_unbroken_run_writes(smollm2_dir, tmp_path,
+                                                                                            chunk):
+    """Killed inside the first chunk (chunk 4096: nothing written yet, replies in the progress file) or after a
+    chunk was written (chunk 2: rows in the partial output, more in the progress file), with a row of each cut
+    short: the rerun generates only what is missing and writes the unbroken run's file byte for byte."""
     import subprocess
     import sys
     import time
 
-    from colossal_llama.inference.reply_file import progress_files
+    from colossal_llama.inference.reply_file import partial_file, progress_files
     from tests.support.launch import REPO, worker_env
 
     prompts = tmp_path / "prompts.txt"
@@ -152,40 +158,64 @@ def test_a_killed_reply_job_resumes_where_it_stopped_and_writes_what_an_unbroken
     def command(output):
         return [sys.executable, str(REPO / "inference_example.py"), "--model_path", str(smollm2_dir), "--input_txt",
                 str(prompts), "--do_sample", "False", "--max_new_tokens", "16", "--device", "cpu", "--batch_size",
-                "1", "--output", str(output)]
+                "1", "--chunk_prompts", str(chunk), "--output", str(output)]
+
+    def lines(path):
+        return path.read_text(encoding="utf-8").count("\n") if path.exists() else 0
 
     unbroken, resumed = tmp_path / "unbroken.jsonl", tmp_path / "resumed.jsonl"
+    partial = partial_file(resumed)
     assert subprocess.run(command(unbroken), env=worker_env(), cwd=REPO, capture_output=True).returncode == 0
     job = subprocess.Popen(command(resumed), env=worker_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and job.poll() is None:
         files = progress_files(resumed)
-        if files and files[0].read_text(encoding="utf-8").count("\n") >= 2:
+        if files and lines(files[0]) >= (2 if chunk > 6 else 3) and (chunk > 6 or lines(partial) >= 2):
             job.kill()  # SIGKILL: no clean-up of any kind
             break
         time.sleep(0.05)
     assert job.wait() == -9, "the job ended before it could be killed"
     (progress,) = progress_files(resumed)
-    kept = progress.read_text(encoding="utf-8").count("\n")
+    written = lines(partial)
+    progress_rows = [json.loads(line) for line in progress.read_text(encoding="utf-8").splitlines()]
+    kept = written + sum(row["index"] >= written for row in progress_rows)
     assert not resumed.exists() and 2 <= kept < 6  # the fault happened: replies lost unless resumed
+    if chunk > 6:
+        assert written == 0  # the one chunk was never written
+    else:  # whole chunks written, in order: the start of the unbroken file
+        assert written in (2, 4) and unbroken.read_bytes().startswith(partial.read_bytes())
+        with open(partial, "a", encoding="utf-8") as fh:
+            fh.write('{"prompt": "Name a col')  # a row the kill cut short
     with open(progress, "a", encoding="utf-8") as fh:
-        fh.write('{"index": 5, "prompt": "Count to th')  # a row the kill cut short
+        fh.write('{"index": 5, "prompt": "Count to th')
 
     rerun = subprocess.run(command(resumed), env=worker_env(), cwd=REPO, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming {resumed}: {kept} of 6 replies from an interrupted run (1 row(s) cut short" in rerun.stderr
     assert f", {kept} from an interrupted run)" in rerun.stdout
-    assert resumed.read_bytes() == unbroken.read_bytes() and progress_files(resumed) == []
+    assert resumed.read_bytes() == unbroken.read_bytes()
+    assert progress_files(resumed) == [] and not partial.exists()
 
 
-def test_progress_of_other_prompts_stops_the_run_with_the_file_and_line(tmp_path):
-    from colossal_llama.inference.reply_file import read_progress
+def test_rows_of_other_prompts_stop_the_run_with_the_file_and_line(tmp_path):
+    from colossal_llama.inference.reply_file import Prompts, partial_file, prepare, read_progress
 
     target = tmp_path / "replies.jsonl"
     progress = tmp_path / ".replies.jsonl.progress-00000-of-00002.jsonl"
     progress.write_text(json.dumps({"index": 0, "prompt": "Hi", "response": "Hello"}) + "\n"
                         + json.dumps({"index": 1, "prompt": "Bye", "response": "Ciao"}) + "\n", encoding="utf-8")
-    assert read_progress(target, ["Hi", "Bye", "More"]) == ({0: "Hello", 1: "Ciao"}, 0)
+    resumed = read_progress(target, written=0)
+    assert (resumed.reply_of(0, "Hi"), resumed.reply_of(1, "Bye"), resumed.reply_of(2, "More")) == ("Hello", "Ciao",
+                                                                                                     None)
     with pytest.raises(UserInputError, match=rf"^{re.escape(str(progress))}:2: prompt: not prompt 2 of --input_txt"):
-        read_progress(target, ["Hi", "Goodbye"])
+        resumed.reply_of(1, "Goodbye")
+    assert read_progress(target, written=1).done.keys() == {1}  # rows the partial output holds are not kept
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\nGoodbye\n", encoding="utf-8")
+    partial_file(target).write_text(json.dumps({"prompt": "Hi", "response": "Hello"}) + "\n"
+                                    + json.dumps({"prompt": "Bye", "response": "Ciao"}) + "\n", encoding="utf-8")
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(partial_file(target)))}:2: prompt: not prompt 2 of"):
+        prepare(target, Prompts.read(str(prompts)), overwrite=False, ranks=Ranks())
+    prepare(target, Prompts.read(str(prompts)), overwrite=True, ranks=Ranks())  # starts afresh: nothing left
+    assert not partial_file(target).exists() and not progress.exists()

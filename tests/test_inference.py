@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from colossal_llama.eval.web.server import ChatBackend
 from colossal_llama.eval.web.server import build_parser as web_parser
 from colossal_llama.inference.chat import ChatSession, drop_empty_exchanges
 from colossal_llama.inference.cli import main as cli_main
-from colossal_llama.inference.cli import parse_args, read_prompts, sampling_from_args
+from colossal_llama.inference.cli import parse_args, sampling_from_args
+from colossal_llama.inference.reply_file import Prompts
 from colossal_llama.inference.generation import SamplingConfig, generate_ids, generate_stream, generate_text
 from colossal_llama.inference.loading import load_model_and_tokenizer
 from colossal_llama.inference.placement import parse_device, resolve_device
@@ -128,11 +130,16 @@ def test_repetition_penalty_flag_is_shared_by_generation_and_web_chat_and_valida
 def test_input_txt_is_a_file_of_prompts_or_a_literal_prompt(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("First question?\n\n  Second one  \n", encoding="utf-8")
-    assert read_prompts(str(f)) == ["First question?", "Second one"]
-    assert read_prompts("Tell me about Paris") == ["Tell me about Paris"]
+    prompts = Prompts.read(str(f))
+    assert (prompts.count, list(prompts)) == (2, ["First question?", "Second one"])
+    assert list(prompts.chunks(1)) == [(0, ["First question?"]), (1, ["Second one"])]  # read as the job goes
+    assert list(Prompts.read("Tell me about Paris")) == ["Tell me about Paris"]
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(UserInputError, match="holds no prompt"):
-        read_prompts(str(tmp_path / "empty.txt"))
+        Prompts.read(str(tmp_path / "empty.txt"))
+    f.write_bytes("First\n\nthird ok\n".encode() + b"\xff bad\n")
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(f))}:4: not valid UTF-8"):
+        Prompts.read(str(f))  # the whole file is checked before any model loads
 
 
 # --- chat template choice -----------------------------------------------------------------------------

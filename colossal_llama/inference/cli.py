@@ -3,9 +3,10 @@
 ``--input_txt`` is a path or a literal prompt: when it names an existing file, every non-blank line of that
 file is one prompt; otherwise the value itself is the prompt. Prompts run ``--batch_size`` at a time (default 1:
 each reply streamed as it is generated); ``--output F.jsonl`` writes ``{"prompt", "response"}`` rows instead of
-printing them, published whole when every prompt is done. Under ``torchrun`` / ``colossalai run`` the batches are
-dealt out over the processes (each on its own GPUs, :mod:`.placement`) and rank 0 writes (or prints) every reply,
-in the prompts' order: greedy replies are those of one process.
+printing them, ``--chunk_prompts`` prompts at a time (a resumable job, :mod:`.reply_file`), published when every
+prompt is done. Under ``torchrun`` / ``colossalai run`` the batches are dealt out over the processes (each on its
+own GPUs, :mod:`.placement`) and rank 0 writes (or prints) every reply, in the prompts' order: greedy replies are
+those of one process.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class InferenceArgs:
     prompt_style: str
     chat: bool
     batch_size: int
+    chunk_prompts: int
     output: Optional[str]
     overwrite: bool
     system_message: Optional[str]
@@ -99,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interactive multi-turn chat on stdin (an empty line or EOF ends it)")
     p.add_argument("--batch_size", type=int, default=1,
                    help="prompts generated at once (left-padded); 1 streams each reply as it is generated")
+    p.add_argument("--chunk_prompts", type=int, default=4096,
+                   help="prompts of --input_txt read, generated and written at a time (with --output or under a "
+                        "launcher): memory does not grow with the file")
     p.add_argument("--output", default=None, help="write the replies to this jsonl ({prompt, response} rows)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p
@@ -108,28 +113,11 @@ def parse_args(argv: Optional[List[str]] = None) -> InferenceArgs:
     return InferenceArgs(**vars(build_parser().parse_args(argv)))
 
 
-def read_prompts(input_txt: str) -> List[str]:
-    """One prompt per non-blank line of a file, or the literal text itself when it is not a file."""
-    path = Path(input_txt)
-    try:
-        is_file = path.is_file()
-    except OSError:  # e.g. a literal prompt longer than the OS path limit
-        is_file = False
-    if not is_file:
-        return [input_txt]
-    try:
-        prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except UnicodeDecodeError as err:
-        raise UserInputError(f"{path}: not valid UTF-8 ({err.reason})") from None
-    if not prompts:
-        raise UserInputError(f"{path}: --input_txt file holds no prompt")
-    return prompts
-
-
 def check_batch_args(args: InferenceArgs) -> None:
     """``--batch_size`` and ``--output`` before the model loads: a reply file is never overwritten unasked."""
-    if args.batch_size < 1:
-        raise UserInputError(f"--batch_size {args.batch_size}: must be >= 1")
+    for name in ("batch_size", "chunk_prompts"):
+        if getattr(args, name) < 1:
+            raise UserInputError(f"--{name} {getattr(args, name)}: must be >= 1")
     if args.chat and (args.output is not None or args.batch_size != 1):
         raise UserInputError("--output and --batch_size are for --input_txt prompts, not --chat")
     if args.output is not None and Path(args.output).exists() and not args.overwrite:
@@ -148,19 +136,17 @@ def prompt_ids_of(args: InferenceArgs, tokenizer, sampling):
     return lambda prompt: sft_prompt_ids(template, prompt)
 
 
-def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts: List[str], ranks: Ranks = Ranks(),
-                out=None) -> None:
-    """Generate for every prompt: each reply printed to ``out`` (default stdout) as its batch finishes (streamed
-    when ``--batch_size`` is 1), or, with ``--output`` or under a launcher, all of them once every process is done
-    (rank 0 writes or prints; :mod:`.reply_file`)."""
+def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts, ranks: Ranks = Ranks(), out=None) -> None:
+    """Generate for every prompt (:class:`.reply_file.Prompts`): each reply printed to ``out`` (default stdout) as
+    its batch finishes (streamed when ``--batch_size`` is 1), or, with ``--output`` or under a launcher, as a job a
+    chunk at a time (rank 0 writes or prints; :mod:`.reply_file`)."""
     from colossal_llama.inference.generation import generate_batch, generate_stream
 
     out = out or sys.stdout
     encode = prompt_ids_of(args, tokenizer, sampling)
     if args.output is not None or ranks.size > 1:
-        return run_reply_job(args, model, tokenizer, sampling, prompts, [encode(p) for p in prompts], ranks, out)
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start: start + args.batch_size]
+        return run_reply_job(args, model, tokenizer, sampling, prompts, encode, ranks, out)
+    for _, batch in prompts.chunks(args.batch_size):
         if len(batch) == 1:
             print(f">>> {batch[0]}", file=out, flush=True)
             for piece in generate_stream(model, tokenizer, encode(batch[0]), sampling):
@@ -171,28 +157,32 @@ def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts: List[s
             print(f">>> {prompt}\n{tokenizer.decode(ids, skip_special_tokens=True)}", file=out, flush=True)
 
 
-def run_reply_job(args: InferenceArgs, model, tokenizer, sampling, prompts: List[str], encoded: List[List[int]],
-                  ranks: Ranks, out) -> None:
+def run_reply_job(args: InferenceArgs, model, tokenizer, sampling, prompts, encode, ranks: Ranks, out) -> None:
     """Replies to every prompt over ``ranks``: to ``--output`` (resumed from the progress of an interrupted run),
     else printed by rank 0 as one process prints them; then a summary line."""
     from colossal_llama.inference import reply_file
 
     target = Path(args.output) if args.output is not None else None
-    done = reply_file.prepare(target, prompts, args.overwrite, ranks) if target is not None else {}
-    progress = reply_file.progress_file(target, ranks) if target is not None else None
-    replies, new_tokens, seconds = reply_file.generate_replies(model, tokenizer, sampling, prompts, encoded,
-                                                               args.batch_size, ranks, done, progress)
+    resumed = reply_file.prepare(target, prompts, args.overwrite, ranks) if target is not None else None
+    writer = reply_file.PartialWriter(target) if target is not None and ranks.is_main else None
+
+    def print_rows(rows):
+        for prompt, reply in rows:
+            print(f">>> {prompt}\n{reply}", file=out, flush=True)
+
+    stats = reply_file.run_job(model, tokenizer, sampling, prompts, encode, args.batch_size, args.chunk_prompts,
+                               ranks, writer or print_rows, resumed,
+                               reply_file.progress_file(target, ranks) if target is not None else None)
     if not ranks.is_main:
         return
-    summary = (f"{len(prompts)} replies ({new_tokens} new tokens, {new_tokens / max(seconds, 1e-9):,.1f} tokens/s, "
-               f"batches of {args.batch_size}" + (f", {ranks.size} processes" if ranks.size > 1 else "")
-               + (f", {len(done)} from an interrupted run" if done else "") + ")")
-    if target is None:
-        for prompt, reply in zip(prompts, replies):
-            print(f">>> {prompt}\n{reply}", file=out, flush=True)
+    summary = (f"{stats.replies} replies ({stats.new_tokens} new tokens, "
+               f"{stats.new_tokens / max(stats.seconds, 1e-9):,.1f} tokens/s, batches of {args.batch_size}"
+               + (f", {ranks.size} processes" if ranks.size > 1 else "")
+               + (f", {stats.resumed} from an interrupted run" if stats.resumed else "") + ")")
+    if writer is None:
         print(summary, file=sys.stderr, flush=True)
         return
-    reply_file.publish(target, prompts, replies)
+    writer.publish()
     print(f"wrote {summary} to {target}", file=out, flush=True)
 
 
@@ -221,6 +211,7 @@ def run_chat(args: InferenceArgs, model, tokenizer, sampling, inp=None, out=None
 
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
+    from colossal_llama.inference import reply_file
     from colossal_llama.inference.loading import load_model_and_tokenizer
     from colossal_llama.inference.placement import placement_for
 
@@ -228,7 +219,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.chat and args.input_txt is None:
         raise UserInputError("nothing to do: pass --input_txt PROMPT_OR_FILE or --chat")
     check_batch_args(args)
-    prompts = None if args.chat else read_prompts(args.input_txt)  # a bad prompts file: before the model loads
+    # a bad prompts file: before the model loads
+    prompts = None if args.chat else reply_file.Prompts.read(args.input_txt)
     sampling = sampling_from_args(args)
     ranks = Ranks.join()
     if args.chat and ranks.size > 1:

@@ -1,22 +1,29 @@
-"""Replies to a file of prompts, as a job: batches dealt out over the launcher's processes, progress kept on disk, and
-the reply file (``--output``, ``{"prompt", "response"}`` rows in the prompts' order) published whole at the end.
+"""Replies to a file of prompts, as a job: the prompts read a chunk at a time, each chunk's batches dealt out over the
+launcher's processes, and the reply file (``--output``, ``{"prompt", "response"}`` rows in the prompts' order)
+written a chunk at a time as the job goes, so memory does not grow with the prompts file.
 
-A job over thousands of prompts on a large model runs for hours, so a crash must not lose it. Every process appends
-the replies of each finished batch to its progress file beside the output, ``.NAME.progress-RRRRR-of-NNNNN.jsonl``
-(rows ``{"index", "prompt", "response"}``). Run the same command again and the prompts already answered are read
-back (from the progress files of any number of processes; a row cut short by the crash is dropped and counted) and
-only the others are generated; a progress row whose prompt is not the prompt at its index in ``--input_txt`` stops
-the run (the prompts file changed: ``--overwrite`` starts afresh). When every reply is in, rank 0 writes the output
-(to a hidden sibling, then renamed) and removes the progress files.
+A chunk is ``--chunk_prompts`` consecutive prompts: encoded, batched longest first (a batch pads little), the
+batches dealt out, generated; then rank 0 gathers the chunk's replies and appends them, in order, to the hidden
+``.NAME.partial`` beside the output, or prints them (under a launcher, without ``--output``). When every chunk is
+in, the partial file is renamed to the output.
+
+A job over millions of prompts runs for hours, so a crash must not lose it. Every process also appends the replies of
+each finished batch to its progress file, ``.NAME.progress-RRRRR-of-NNNNN.jsonl`` (rows ``{"index", "prompt",
+"response"}``). Run the same command again: the rows of the partial file count as done (a row cut short by the crash
+is dropped), the progress rows past them are read back (from any number of processes' files; a cut row is dropped
+and counted), and only the other prompts are generated. A written row whose prompt is not the prompt at its place in
+``--input_txt`` stops the run (the prompts file changed: ``--overwrite`` starts afresh).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.ranks import Ranks
@@ -24,6 +31,57 @@ from colossal_llama.utils.ranks import Ranks
 log = logging.getLogger(__name__)
 
 
+# ---------------------------------------------------------------------------------------------- the prompts
+@dataclass(frozen=True)
+class Prompts:
+    """``--input_txt``: one prompt per non-blank line of a file, read as the job goes, or the literal text itself
+    when it is not a file. ``count`` comes from a first pass that checks the whole file before any model loads."""
+
+    input_txt: str
+    path: Optional[Path]
+    count: int
+
+    @classmethod
+    def read(cls, input_txt: str) -> "Prompts":
+        path = Path(input_txt)
+        try:
+            is_file = path.is_file()
+        except OSError:  # e.g. a literal prompt longer than the OS path limit
+            is_file = False
+        if not is_file:
+            return cls(input_txt, None, 1)
+        count = sum(1 for _ in _prompt_lines(path))
+        if not count:
+            raise UserInputError(f"{path}: --input_txt file holds no prompt")
+        return cls(input_txt, path, count)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([self.input_txt]) if self.path is None else _prompt_lines(self.path)
+
+    def chunks(self, size: int) -> Iterator[Tuple[int, List[str]]]:
+        """``(index of the first prompt, prompts)`` of consecutive chunks of ``size`` prompts (the last shorter)."""
+        prompts, start = iter(self), 0
+        while True:
+            chunk = list(itertools.islice(prompts, size))
+            if not chunk:
+                return
+            yield start, chunk
+            start += len(chunk)
+
+
+def _prompt_lines(path: Path) -> Iterator[str]:
+    """The stripped non-blank lines of ``path``; a line that is not UTF-8 is an error naming it."""
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise UserInputError(f"{path}:{line_no}: not valid UTF-8 ({err.reason})") from None
+            if line:
+                yield line
+
+
+# ---------------------------------------------------------------------------------------------- files beside the output
 def progress_files(target: Path) -> List[Path]:
     """The progress files of ``target`` left by any run, of any number of processes."""
     return sorted(target.parent.glob(f".{target.name}.progress-*-of-*.jsonl"))
@@ -33,10 +91,47 @@ def progress_file(target: Path, ranks: Ranks) -> Path:
     return target.with_name(f".{target.name}.progress-{ranks.rank:05d}-of-{ranks.size:05d}.jsonl")
 
 
-def read_progress(target: Path, prompts: Sequence[str]) -> Tuple[Dict[int, str], int]:
-    """Replies already written by earlier runs: ``({prompt index: reply}, rows cut short)``."""
-    done: Dict[int, str] = {}
-    cut = 0
+def partial_file(target: Path) -> Path:
+    """The output being written, whole chunks in order, renamed to ``target`` when complete."""
+    return target.with_name(f".{target.name}.partial")
+
+
+def _changed(path: Path, line_no: int, index: int) -> UserInputError:
+    return UserInputError(f"{path}:{line_no}: prompt: not prompt {index + 1} of --input_txt (the prompts changed "
+                          "since the interrupted run; pass --overwrite to start afresh)")
+
+
+def _complete_lines(path: Path) -> int:
+    """Rank 0: cut ``path`` after its last complete line (a row the crash cut short is dropped); its line count."""
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        keep = data.rfind(b"\n") + 1
+        fh.truncate(keep)
+    return data.count(b"\n", 0, keep)
+
+
+@dataclass
+class Resumed:
+    """What an interrupted run left: the first ``written`` prompts are in the partial file; ``done`` has replies
+    of later prompts from the progress files, ``{index: (prompt, reply, file, line)}``."""
+
+    written: int = 0
+    done: Dict[int, tuple] = field(default_factory=dict)
+    cut: int = 0  # progress rows cut short by the interruption
+
+    def reply_of(self, index: int, prompt: str) -> Optional[str]:
+        """The reply read back for prompt ``index``, checked against the prompt now at that place."""
+        if index not in self.done:
+            return None
+        saved, reply, path, line_no = self.done[index]
+        if saved != prompt:
+            raise _changed(path, line_no, index)
+        return reply
+
+
+def read_progress(target: Path, written: int) -> Resumed:
+    """The progress rows past the first ``written`` prompts (the partial file holds those)."""
+    resumed = Resumed(written)
     for path in progress_files(target):
         with open(path, encoding="utf-8") as fh:
             for line_no, line in enumerate(fh, start=1):
@@ -44,73 +139,121 @@ def read_progress(target: Path, prompts: Sequence[str]) -> Tuple[Dict[int, str],
                     row = json.loads(line)
                     index, prompt, reply = int(row["index"]), row["prompt"], row["response"]
                 except (ValueError, KeyError, TypeError):
-                    cut += 1  # the crash cut this row short (it is the last one of its file)
+                    resumed.cut += 1  # the crash cut this row short (it is the last one of its file)
                     continue
-                if not 0 <= index < len(prompts) or prompts[index] != prompt:
-                    raise UserInputError(f"{path}:{line_no}: prompt: not prompt {index + 1} of --input_txt (the "
-                                         "prompts changed since the interrupted run; pass --overwrite to start afresh)")
-                done[index] = reply
-    return done, cut
+                if index >= written:
+                    resumed.done[index] = (prompt, reply, path, line_no)
+    return resumed
 
 
-def prepare(target: Path, prompts: Sequence[str], overwrite: bool, ranks: Ranks) -> Dict[int, str]:
-    """Before generating: with ``overwrite`` rank 0 removes earlier progress; then every process reads what is left.
-    Returns the replies already done."""
+def prepare(target: Path, prompts: Prompts, overwrite: bool, ranks: Ranks) -> Resumed:
+    """Before generating: with ``overwrite`` rank 0 removes an earlier run's files; rank 0 cuts the partial file
+    after its last whole row; then every process reads what is done and checks it against the prompts (the files
+    beside the output are on a file system every process sees, as the output is)."""
+    partial = partial_file(target)
     if ranks.is_main:
         target.parent.mkdir(parents=True, exist_ok=True)
-        for path in progress_files(target) if overwrite else ():
+        for path in [*progress_files(target), *([partial] if partial.exists() else [])] if overwrite else ():
             path.unlink()
+        if partial.exists():
+            _complete_lines(partial)
     ranks.barrier()
-    done, cut = read_progress(target, prompts)
-    if done and ranks.is_main:
-        log.info("resuming %s: %d of %d replies from an interrupted run%s", target, len(done), len(prompts),
-                 f" ({cut} row(s) cut short by the interruption dropped)" if cut else "")
-    return done
+    written = 0
+    if partial.exists():
+        now = iter(prompts)
+        with open(partial, encoding="utf-8") as fh:
+            for written, line in enumerate(fh, start=1):
+                if json.loads(line)["prompt"] != next(now, None):
+                    raise _changed(partial, written, written - 1)
+    resumed = read_progress(target, written)
+    if (written or resumed.done) and ranks.is_main:
+        log.info("resuming %s: %d of %d replies from an interrupted run%s", target, written + len(resumed.done),
+                 prompts.count, f" ({resumed.cut} row(s) cut short by the interruption dropped)" if resumed.cut else "")
+    return resumed
 
 
-def generate_replies(model, tokenizer, sampling, prompts: Sequence[str], encoded: List[List[int]], batch_size: int,
-                     ranks: Ranks, done: Dict[int, str], progress: Optional[Path]) -> Tuple[List[str], int, float]:
-    """Every prompt's reply, in the prompts' order, with the new tokens and seconds spent here (all processes).
+# ---------------------------------------------------------------------------------------------- the job
+@dataclass
+class JobStats:
+    replies: int = 0
+    resumed: int = 0  # replies read back from an interrupted run (partial file and progress files)
+    new_tokens: int = 0  # generated here, all processes
+    seconds: float = 0.0
 
-    The prompts not in ``done`` are batched longest first (a batch pads little) and dealt out over ``ranks``; each
-    finished batch is appended to ``progress`` when given. A progress bar with the rate on rank 0."""
+
+def run_job(model, tokenizer, sampling, prompts: Prompts, encode: Callable[[str], List[int]], batch_size: int,
+            chunk_prompts: int, ranks: Ranks, emit: Callable[[List[Tuple[str, str]]], None],
+            resumed: Optional[Resumed] = None, progress: Optional[Path] = None) -> JobStats:
+    """Every prompt's reply, a chunk at a time: after each chunk rank 0 calls ``emit`` with its ``(prompt, reply)``
+    rows in the prompts' order (from the first prompt past ``resumed.written``). Each finished batch is appended to
+    ``progress`` when given. A progress bar with the rate on rank 0."""
     from tqdm.auto import tqdm
 
-    from colossal_llama.inference.generation import generate_batch
-
-    order = sorted((i for i in range(len(encoded)) if i not in done), key=lambda i: -len(encoded[i]))
-    mine = ranks.share_batches(order, batch_size)
-    replies: Dict[int, str] = {}
-    new_tokens, start = 0, time.perf_counter()
+    resumed = resumed or Resumed()
+    stats, start = JobStats(prompts.count, resumed.written + len(resumed.done)), time.perf_counter()
     fh = open(progress, "a", encoding="utf-8") if progress is not None else None
     try:
-        with tqdm(total=sum(map(len, mine)), unit="prompt", desc="generate", disable=not ranks.is_main) as bar:
-            for batch in mine:
-                for i, ids in zip(batch, generate_batch(model, tokenizer, [encoded[i] for i in batch], sampling)):
-                    replies[i], new_tokens = tokenizer.decode(ids, skip_special_tokens=True), new_tokens + len(ids)
-                if fh is not None:
-                    fh.writelines(json.dumps({"index": i, "prompt": prompts[i], "response": replies[i]},
-                                             ensure_ascii=False) + "\n" for i in batch)
-                    fh.flush()
-                bar.update(len(batch))
-                bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
+        with tqdm(total=prompts.count - stats.resumed, unit="prompt", desc="generate",
+                  disable=not ranks.is_main) as bar:
+            for first, chunk in prompts.chunks(chunk_prompts):
+                if first + len(chunk) <= resumed.written:
+                    continue
+                indices = range(max(first, resumed.written), first + len(chunk))
+                replies = {i: reply for i in indices if (reply := resumed.reply_of(i, chunk[i - first])) is not None}
+                todo = [i for i in indices if i not in replies]
+                mine = _generate_chunk(model, tokenizer, sampling, chunk, first, todo, encode, batch_size, ranks, fh,
+                                       bar, stats, start)
+                replies.update(ranks.gather(mine))
+                if ranks.is_main:
+                    emit([(chunk[i - first], replies[i]) for i in indices])
     finally:
         if fh is not None:
             fh.close()
-    merged = {**done, **ranks.merge(replies)}
-    (total_tokens,) = ranks.sum([new_tokens])
-    return [merged[i] for i in range(len(encoded))], int(total_tokens), time.perf_counter() - start
+    (stats.new_tokens,) = (int(n) for n in ranks.sum([stats.new_tokens]))
+    stats.seconds = time.perf_counter() - start
+    return stats
 
 
-def publish(target: Path, prompts: Sequence[str], replies: Sequence[str]) -> None:
-    """Write the reply file (a hidden sibling renamed into place), then remove the progress files (rank 0, after
-    every process has closed its own)."""
-    from colossal_llama.utils.output import tmp_sibling
+def _generate_chunk(model, tokenizer, sampling, chunk: Sequence[str], first: int, todo: List[int], encode,
+                    batch_size: int, ranks: Ranks, fh, bar, stats: JobStats, start: float) -> Dict[int, str]:
+    """This process's share of a chunk's missing replies: longest prompts first, batches dealt out in rounds of one
+    per process (rank 0's bar counts each whole round)."""
+    from colossal_llama.inference.generation import generate_batch
 
-    partial = tmp_sibling(target, "partial")
-    with open(partial, "w", encoding="utf-8") as fh:
-        for prompt, reply in zip(prompts, replies):
-            fh.write(json.dumps({"prompt": prompt, "response": reply}, ensure_ascii=False) + "\n")
-    os.replace(partial, target)
-    for path in progress_files(target):
-        path.unlink()
+    encoded = {i: encode(chunk[i - first]) for i in todo}
+    order = sorted(todo, key=lambda i: -len(encoded[i]))
+    replies: Dict[int, str] = {}
+    per_round = batch_size * ranks.size
+    for round_start in range(0, len(order), per_round):
+        round_ = order[round_start: round_start + per_round]
+        for batch in ranks.share_batches(round_, batch_size):
+            for i, ids in zip(batch, generate_batch(model, tokenizer, [encoded[i] for i in batch], sampling)):
+                replies[i] = tokenizer.decode(ids, skip_special_tokens=True)
+                stats.new_tokens += len(ids)
+            if fh is not None:
+                fh.writelines(json.dumps({"index": i, "prompt": chunk[i - first], "response": replies[i]},
+                                         ensure_ascii=False) + "\n" for i in batch)
+                fh.flush()
+        bar.update(len(round_))
+        bar.set_postfix(tok_s=f"{stats.new_tokens / max(time.perf_counter() - start, 1e-9):,.0f}")  # this process
+    return replies
+
+
+class PartialWriter:
+    """Rank 0: appends each chunk's ``{"prompt", "response"}`` rows to the partial file (flushed: a crash keeps
+    every chunk written), then publishes it as the output and removes the progress files."""
+
+    def __init__(self, target: Path):
+        self.target, self.partial = target, partial_file(target)
+        self.fh = open(self.partial, "a", encoding="utf-8")
+
+    def __call__(self, rows: List[Tuple[str, str]]) -> None:
+        self.fh.writelines(json.dumps({"prompt": p, "response": r}, ensure_ascii=False) + "\n" for p, r in rows)
+        self.fh.flush()
+
+    def publish(self) -> None:
+        """After every process is done with its progress file."""
+        self.fh.close()
+        os.replace(self.partial, self.target)
+        for path in progress_files(self.target):
+            path.unlink()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, TypeVar
+from typing import Dict, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -79,6 +79,15 @@ class Ranks:
         parts: List[Dict[int, T]] = [{} for _ in range(self.size)]
         dist.all_gather_object(parts, part)
         return {k: v for p in parts for k, v in p.items()}
+
+    def gather(self, part: Dict[int, T]) -> Dict[int, T]:
+        """On the main process the union of every process's ``{index: value}``; elsewhere ``{}`` (bounds memory
+        where only rank 0 writes)."""
+        if self.size == 1:
+            return dict(part)
+        parts: Optional[List[Dict[int, T]]] = [{} for _ in range(self.size)] if self.is_main else None
+        dist.gather_object(part, parts, dst=0)
+        return {k: v for p in parts for k, v in p.items()} if self.is_main else {}
 
     def barrier(self) -> None:
         """Wait until every process gets here."""
