@@ -14,8 +14,8 @@ import torch
 
 from colossal_llama.eval import bits_per_char as bpc_module
 from colossal_llama.eval.batching import right_pad, target_logprobs
-from colossal_llama.eval.bits_per_char import (IGNORE, BpcConfig, bits_per_char, iter_texts, load_texts, scan_texts,
-                                             sliding_windows)
+from colossal_llama.eval.bits_per_char import (IGNORE, BpcConfig, TextScan, bits_per_char, iter_texts, load_texts,
+                                             scan_texts, sliding_windows)
 from colossal_llama.eval.cli import main as evaluate_main
 from colossal_llama.eval.multiple_choice import (MCConfig, answer_token_ids, build_prompt, choose_shots,
                                                  continuation_logprobs, evaluate_multiple_choice, load_mc_items,
@@ -342,6 +342,21 @@ def test_evaluate_bpc_reports_each_file_and_category_and_their_total(smollm2, sm
         assert report[key] == pytest.approx(sum(g[key] for g in groups.values()), rel=1e-12)
     printed = capsys.readouterr().out
     assert f"{zh_news.name}:news" in printed and f"{report['bits_per_char']:.4f} bits/char over 6 texts" in printed
+
+
+def test_bpc_names_each_file_and_value_once(tmp_path, capsys):
+    from colossal_llama.eval.cli import _group_names
+
+    one, two = TextScan({None: [1, 5]}, {}), TextScan({"news": [1, 2], "novel": [1, 3]}, {})
+    assert [n for *_, n in _group_names([("d/a.jsonl", two)])] == ["news", "novel"]
+    assert [n for *_, n in _group_names([("d/a.jsonl", two), ("e/b.jsonl", one)])] == \
+        ["a.jsonl:news", "a.jsonl:novel", "b.jsonl"]
+    assert [n for *_, n in _group_names([("d/a.jsonl", one), ("e/a.jsonl", one)])] == ["d/a.jsonl", "e/a.jsonl"]
+    f = tmp_path / "held_out.jsonl"
+    f.write_text('{"target": "text"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit):
+        evaluate_main(["bpc", "--model_path", str(tmp_path / "no_model"), "--data", str(f), str(f)])
+    assert capsys.readouterr().err == f"error: --data {f}: given twice\n"
 
 
 # --- CLI ----------------------------------------------------------------------------------------------

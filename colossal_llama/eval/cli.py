@@ -91,11 +91,13 @@ def read_bpc(args):
                     for path in args.data]
 
 
-def _group_name(path: str, group: Optional[str], several_files: bool) -> str:
-    file = Path(path).name
-    if group is None:
-        return file
-    return f"{file}:{group}" if several_files else group
+def _group_names(scans) -> List[tuple]:
+    """``(file, group, name)`` of every group to score: a file is named by its file name (by its path where two
+    share a name), a value of ``--group_by`` by itself (``file:value`` when there are several files)."""
+    names = [Path(path).name for path, _ in scans]
+    files = names if len(set(names)) == len(names) else [str(path) for path, _ in scans]
+    return [(path, group, file if group is None else f"{file}:{group}" if len(scans) > 1 else group)
+            for file, (path, scan) in zip(files, scans) for group in scan.groups]
 
 
 def run_bpc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
@@ -103,14 +105,16 @@ def run_bpc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
     from colossal_llama.eval.bits_per_char import BpcResult, bits_per_char, iter_texts
 
     config, scans = inputs
+    characters = {(path, group): counts[1] for path, scan in scans for group, counts in scan.groups.items()}
     groups = {}
-    for path, scan in scans:
-        for group, (_, characters) in scan.groups.items():
-            name = _group_name(path, group, len(scans) > 1)
-            texts = iter_texts(path, config.text_field, config.max_samples, group_field=config.group_by, group=group)
-            groups[name] = bits_per_char(model, tokenizer, texts, config, ranks, characters, desc=f"bpc {name}")
+    for path, group, name in _group_names(scans):
+        texts = iter_texts(path, config.text_field, config.max_samples, group_field=config.group_by, group=group)
+        groups[name] = bits_per_char(model, tokenizer, texts, config, ranks, characters[path, group],
+                                     desc=f"bpc {name}")
     result = BpcResult.total([*groups.values(), *(BpcResult(skipped=scan.skipped) for _, scan in scans)])
-    report = {**result.to_dict(), **({"groups": {n: r.to_dict() for n, r in groups.items()}} if len(groups) > 1 else {})}
+    report = result.to_dict()
+    if len(groups) > 1:
+        report["groups"] = {name: r.to_dict() for name, r in groups.items()}
     if not ranks.is_main:
         return report
     if len(groups) > 1:
@@ -139,9 +143,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.data is None:  # resolved here, not in the parser: --help never looks for (or announces) data
         args.data = str(data_root() / "eval" / "mmlu_test.jsonl")
     _positive("batch_size", args.batch_size)
-    for path in [args.data] if isinstance(args.data, str) else args.data:
+    files = [args.data] if isinstance(args.data, str) else args.data
+    for k, path in enumerate(files):
         if not Path(path).is_file():
             raise UserInputError(f"--data {path}: no such file")
+        if Path(path).resolve() in [Path(f).resolve() for f in files[:k]]:
+            raise UserInputError(f"--data {path}: given twice")
     read, run = COMMANDS[args.command]
     inputs = read(args)  # a bad flag or row stops the run before a (possibly 70B) model is loaded
     ranks = Ranks.join()
