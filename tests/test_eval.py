@@ -395,6 +395,8 @@ def test_each_batch_is_scored_by_exactly_one_process_in_turn():
     assert shares == [["b0", "b3", "b6"], ["b1", "b4"], ["b2", "b5"]]
     assert Ranks().share(batches) == batches
     assert Ranks(1, 2).share_batches(list(range(7)), 2) == [[2, 3], [6]]  # batches [0,1] [2,3] [4,5] [6], dealt
+    assert list(Ranks(1, 2).rounds(list(range(7)), 2)) == [([0, 1, 2, 3], [[2, 3]]), ([4, 5, 6], [[6]])]
+    assert list(Ranks(0, 2).rounds(list(range(7)), 2)) == [([0, 1, 2, 3], [[0, 1]]), ([4, 5, 6], [[4, 5]])]
     assert Ranks().sum([1, 2.5]) == [1.0, 2.5] and Ranks().merge({3: "A"}) == {3: "A"}
 
 

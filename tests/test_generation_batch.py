@@ -219,3 +219,17 @@ def test_rows_of_other_prompts_stop_the_run_with_the_file_and_line(tmp_path):
         prepare(target, Prompts.read(str(prompts)), overwrite=False, ranks=Ranks())
     prepare(target, Prompts.read(str(prompts)), overwrite=True, ranks=Ranks())  # starts afresh: nothing left
     assert not partial_file(target).exists() and not progress.exists()
+
+
+def test_a_row_cut_short_is_cut_from_the_partial_output_reading_only_its_tail(tmp_path):
+    from colossal_llama.inference.reply_file import _cut_after_last_line
+
+    partial = tmp_path / ".replies.jsonl.partial"
+    rows = "".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) + "\n" for i in range(3))
+    for cut, block in (('{"prompt": "p3", "respo', 8), ("", 8), ('{"prompt": "a long cut row' * 3, 4)):
+        partial.write_text(rows + cut, encoding="utf-8")
+        _cut_after_last_line(partial, block=block)  # blocks smaller than a row: the scan crosses several
+        assert partial.read_text(encoding="utf-8") == rows
+    partial.write_text('{"prompt": "p0", "resp', encoding="utf-8")  # not one whole row
+    _cut_after_last_line(partial, block=4)
+    assert partial.read_bytes() == b""

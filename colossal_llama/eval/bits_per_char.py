@@ -239,11 +239,9 @@ def _score_chunk(model, chunk: Chunk, window: int, stride: int, pad_id: int, con
 
     The batches go in rounds of one per process; after its batch of a round, rank 0's bar counts the whole round
     (the processes keep pace), in characters: each scored token carries its text's characters / tokens."""
-    spans, bits = chunk_windows(chunk, window, stride), 0.0
-    per_round = config.batch_size * ranks.size
-    for start in range(0, len(spans), per_round):
-        round_ = spans[start: start + per_round]
-        for batch in ranks.share_batches(round_, config.batch_size):
+    bits = 0.0
+    for round_, mine in ranks.rounds(chunk_windows(chunk, window, stride), config.batch_size):
+        for batch in mine:
             bits += window_nll_bits(model, [window_of(chunk.ids[i], b, e, s) for i, b, e, s in batch], pad_id)
         bar.update(sum(chunk.characters[i] * (e - s) / (len(chunk.ids[i]) - 1) for i, b, e, s in round_))
     return bits

@@ -101,13 +101,20 @@ def _changed(path: Path, line_no: int, index: int) -> UserInputError:
                           "since the interrupted run; pass --overwrite to start afresh)")
 
 
-def _complete_lines(path: Path) -> int:
-    """Rank 0: cut ``path`` after its last complete line (a row the crash cut short is dropped); its line count."""
+def _cut_after_last_line(path: Path, block: int = 1 << 16) -> None:
+    """Rank 0: cut ``path`` after its last complete line (a row the crash cut short is dropped), reading only its
+    tail, a block at a time backwards (the file may be the replies to millions of prompts)."""
     with open(path, "rb+") as fh:
-        data = fh.read()
-        keep = data.rfind(b"\n") + 1
-        fh.truncate(keep)
-    return data.count(b"\n", 0, keep)
+        end = fh.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - block)
+            fh.seek(start)
+            newline = fh.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                fh.truncate(start + newline + 1)
+                return
+            end = start
+        fh.truncate(0)
 
 
 @dataclass
@@ -156,7 +163,7 @@ def prepare(target: Path, prompts: Prompts, overwrite: bool, ranks: Ranks) -> Re
         for path in [*progress_files(target), *([partial] if partial.exists() else [])] if overwrite else ():
             path.unlink()
         if partial.exists():
-            _complete_lines(partial)
+            _cut_after_last_line(partial)
     ranks.barrier()
     written = 0
     if partial.exists():
@@ -223,10 +230,8 @@ def _generate_chunk(model, tokenizer, sampling, chunk: Sequence[str], first: int
     encoded = {i: encode(chunk[i - first]) for i in todo}
     order = sorted(todo, key=lambda i: -len(encoded[i]))
     replies: Dict[int, str] = {}
-    per_round = batch_size * ranks.size
-    for round_start in range(0, len(order), per_round):
-        round_ = order[round_start: round_start + per_round]
-        for batch in ranks.share_batches(round_, batch_size):
+    for round_, mine in ranks.rounds(order, batch_size):
+        for batch in mine:
             for i, ids in zip(batch, generate_batch(model, tokenizer, [encoded[i] for i in batch], sampling)):
                 replies[i] = tokenizer.decode(ids, skip_special_tokens=True)
                 stats.new_tokens += len(ids)

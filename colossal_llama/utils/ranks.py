@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, TypeVar
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -63,6 +63,14 @@ class Ranks:
     def share_batches(self, items: Sequence[T], batch_size: int) -> List[Sequence[T]]:
         """``items`` cut into batches of ``batch_size`` in order (the last one shorter), then :meth:`share`."""
         return self.share([items[i: i + batch_size] for i in range(0, len(items), batch_size)])
+
+    def rounds(self, items: Sequence[T], batch_size: int) -> Iterator[Tuple[Sequence[T], List[Sequence[T]]]]:
+        """:meth:`share_batches` a round at a time: ``(the round's items, this process's batches of them)``, a round
+        being one batch per process. The batches are the same; a caller's progress bar counts whole rounds."""
+        per_round = batch_size * self.size
+        for start in range(0, len(items), per_round):
+            round_ = items[start: start + per_round]
+            yield round_, self.share_batches(round_, batch_size)
 
     def sum(self, values: Sequence[float]) -> List[float]:
         """Element-wise sum over the processes (float64)."""
