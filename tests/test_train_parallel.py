@@ -8,7 +8,11 @@ Specification:
   warned about at start-up: not asserted here);
 - LoRA (``--lora_rank``): only adapters and, when asked, the embeddings train; zero2 gives ddp's losses; the
   final ``modeling/`` is a merged Hugging Face model equal to base + the adapters' delta;
-- ``--benchmark`` measures on random sequences and writes nothing.
+- ``--benchmark`` measures on random sequences and writes nothing;
+- ``3d`` builds the model lazily (no weights in memory until each rank materialises its part at boost, then the
+  weights are read in): the same losses, bit for bit, as loading the whole model first (``--lazy_init False``);
+  a tied LM head on the last pipeline stage gets the embedding of the weights loaded (``--pretrained`` or a next
+  stage's ``--load_checkpoint``), not a random or stale one.
 Resume of pp and LoRA runs is specified with the other crash tests (``test_train_crash.py``).
 """
 from __future__ import annotations
@@ -29,8 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 PARALLEL_RTOL = 1e-4
 
 
-def _assert_close_curves(reference, curve, rtol, name):
-    assert len(curve) == len(reference) == MAX_STEPS, name
+def _assert_close_curves(reference, curve, rtol, name, steps=MAX_STEPS):
+    assert len(curve) == len(reference) == steps, name
     for step, (a, b) in enumerate(zip(reference, curve), start=1):
         assert abs(a - b) <= rtol * abs(a), f"{name} step {step}: ddp {a!r} vs {b!r}"
 
@@ -73,6 +77,40 @@ def test_ring_attention_refuses_on_cpu_in_one_line(tiny_llama):
                         "--sp_mode", "ring_attn", "--mixed_precision", "fp32", "--zero_stage", "0"])
     with pytest.raises(UserInputError, match="--sp_mode ring_attn needs CUDA and flash attention"):
         build_parallel(cfg, cuda=False)
+
+
+# ---------------------------------------------------------------------------------------------- lazy model build
+def test_a_lazily_built_model_holds_no_weights(tiny_llama):
+    from colossalai.lazy.lazy_init import LazyTensor
+
+    from colossal_llama.training.model import load_causal_lm
+
+    model = load_causal_lm(str(tiny_llama), "sdpa", lazy_device=torch.device("cpu"))
+    params = list(model.parameters())
+    assert params and all(isinstance(p, LazyTensor) and p._materialized_data is None for p in params)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie is built, to be kept by the plugin
+
+
+def test_lazy_pipeline_build_trains_bit_for_bit_as_the_eager_one(reference_runs):
+    assert losses(reference_runs["pp2"]) == losses(reference_runs["pp2_eager"])
+    lazy_log = (reference_runs.root / "pp2.log").read_text()
+    eager_log = (reference_runs.root / "pp2_eager.log").read_text()
+    assert re.search(r"model ready: host memory peak [\d.]+ GiB .*built lazily", lazy_log)
+    assert "model ready: host memory peak" in eager_log and "built lazily" not in eager_log
+
+
+def test_next_stage_weights_reach_the_tied_head_of_the_last_pipeline_stage(reference_runs, tmp_path):
+    """Stage weights given by --load_checkpoint (a modeling/ folder of a tied model, which stores no lm_head):
+    the last pipeline stage's head must be their embedding, as under ddp, not --pretrained's."""
+    stage = reference_runs["ddp"] / "modeling"
+    first = {}
+    for name in ("ddp", "pp2"):
+        save_dir = tmp_path / name
+        train_ok(tmp_path, name, reference_runs.args(name, save_dir, "--load_checkpoint", str(stage),
+                                                     "--max_steps", "1"))
+        first[name] = losses(save_dir)
+    assert len(first["pp2"]) == 1
+    _assert_close_curves(first["ddp"], first["pp2"], PARALLEL_RTOL, "pp2 from stage weights", steps=1)
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

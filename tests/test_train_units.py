@@ -344,3 +344,18 @@ def test_latest_ignores_half_written_checkpoints(tmp_path):
     with pytest.raises(UserInputError, match="incomplete checkpoint"):
         resolve_load_target(str(tmp_path / "epoch-1_step-40"), tmp_path)
     assert resolve_load_target("latest", tmp_path / "nothing") is None
+
+
+def test_weight_names_must_be_the_models_apart_from_a_tied_head_and_old_rotary_tables():
+    from colossal_llama.training.checkpoint import check_weight_names
+
+    model = {"model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"}
+    stored = model - {"lm_head.weight"}
+    assert check_weight_names(model, stored, True, "X") == {"lm_head.weight"}  # HF writes a tied head once
+    assert check_weight_names(model, model, False, "X") == set()
+    # older transformers saved LLaMA's rotary tables (many hub folders have them); they are recomputed
+    assert check_weight_names(model, model | {"model.layers.0.self_attn.rotary_emb.inv_freq"}, False, "X") == set()
+    with pytest.raises(UserInputError, match=r"^X: weights do not match .*missing \['lm_head.weight'\]"):
+        check_weight_names(model, stored, False, "X")
+    with pytest.raises(UserInputError, match=r"unexpected \['model.layers.1.mlp.up_proj.weight'\]"):
+        check_weight_names(model, model | {"model.layers.1.mlp.up_proj.weight"}, False, "X")

@@ -148,15 +148,16 @@ def latest_checkpoint(save_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def weights_path(modeling_dir: Path) -> Path:
-    """What ``booster.load_model`` takes: the dir when sharded (index file), else the single weights file."""
+def weights_path(modeling_dir: Path, flag: str = "--load_checkpoint") -> Path:
+    """What ``booster.load_model`` takes: the dir when sharded (index file), else the single weights file.
+    ``flag``: the option that named the folder, for the error when it holds no weights."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (modeling_dir / index).is_file():
             return modeling_dir
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (modeling_dir / single).is_file():
             return modeling_dir / single
-    raise UserInputError(f"--load_checkpoint {modeling_dir}: no model weights (safetensors/bin) in this folder")
+    raise UserInputError(f"{flag} {modeling_dir}: no model weights (safetensors/bin) in this folder")
 
 
 @dataclass
@@ -201,18 +202,50 @@ def _step_of(path: Path) -> int:
     return int(match.group(2)) if match else -1
 
 
-def _saved_keys(modeling_dir: Path) -> set:
+def _saved_keys(modeling_dir: Path, flag: str) -> set:
     """Parameter names stored in a HF folder (safetensors headers or the shard index), without loading tensors."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (modeling_dir / index).is_file():
             return set(json.loads((modeling_dir / index).read_text())["weight_map"])
-    weights = weights_path(modeling_dir)
+    weights = weights_path(modeling_dir, flag)
     if weights.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(weights), framework="pt") as fh:
             return set(fh.keys())
-    return set(torch.load(weights, map_location="cpu", weights_only=True))
+    return set(torch.load(weights, map_location="cpu", weights_only=True, mmap=True))  # names only: nothing read
+
+
+def check_weight_names(expected: set, saved: set, tie_word_embeddings: bool, where: str) -> set:
+    """Refuse a weights folder whose tensor names are not the model's (one line naming ``where``); returns the
+    tied LM head names that the folder may omit (HF writes a tied ``lm_head.weight`` once, as the embedding).
+
+    Also allowed: ``rotary_emb.inv_freq`` tensors, which checkpoints saved with older transformers versions carry
+    (many LLaMA-family folders on the hub); the model recomputes them from its config, and loading skips them.
+    """
+    tied = {name for name in expected if name.endswith("lm_head.weight")} if tie_word_embeddings else set()
+    missing = expected - saved - tied
+    unexpected = {name for name in saved - expected if not name.endswith(".rotary_emb.inv_freq")}
+    if missing or unexpected:
+        raise UserInputError(f"{where}: weights do not match the model of --pretrained "
+                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return tied
+
+
+def _read_saved_tensor(modeling_dir: Path, key: str, flag: str) -> torch.Tensor:
+    """One tensor of a HF folder, read from the file that holds it (not the whole model)."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (modeling_dir / index).is_file():
+            weights = modeling_dir / json.loads((modeling_dir / index).read_text())["weight_map"][key]
+            break
+    else:
+        weights = weights_path(modeling_dir, flag)
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as fh:
+            return fh.get_tensor(key)
+    return torch.load(weights, map_location="cpu", weights_only=True, mmap=True)[key]
 
 
 # ---------------------------------------------------------------------------------------------- the checkpointer
@@ -357,8 +390,8 @@ class Checkpointer:
                         "(data position is exact)", path, state.world_size, dist.get_world_size())
         return state
 
-    def load_weights(self, modeling_dir: Path) -> None:
-        """Load a HF folder into the boosted model.
+    def load_weights(self, modeling_dir: Path, flag: str = "--load_checkpoint") -> None:
+        """Load a HF folder into the boosted model (``flag``: the option that named it, for errors).
 
         Checked by name first, because HF folders of tied-embedding models (SmolLM2) omit ``lm_head.weight``:
         the only keys allowed to be missing are parameters that share storage with a stored one.
@@ -366,18 +399,30 @@ class Checkpointer:
         verify_checkpoint_files(modeling_dir)
         if self.lora:
             lora.load_trainable(self.model.unwrap(unwrap_peft=False), modeling_dir)
-            sync_master = getattr(self.model, "update_master_params", None)  # ZeRO keeps fp32 copies of them
-            if sync_master is not None:
-                sync_master()
+            self._sync_master_weights()
             return
-        expected = set(self.files.state_keys)
-        saved = _saved_keys(modeling_dir)
-        tied = ({name for name in expected if name.endswith("lm_head.weight")}
-                if self.files.config.tie_word_embeddings else set())
-        missing, unexpected = expected - saved - tied, saved - expected
-        if missing or unexpected:
-            raise UserInputError(
-                f"--load_checkpoint {modeling_dir}: weights do not match the model of --pretrained "
-                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-            )
-        self.booster.load_model(self.model, str(weights_path(modeling_dir)), strict=False)
+        saved = _saved_keys(modeling_dir, flag)
+        tied = check_weight_names(set(self.files.state_keys), saved, self.files.config.tie_word_embeddings,
+                                  f"{flag} {modeling_dir}")
+        self.booster.load_model(self.model, str(weights_path(modeling_dir, flag)), strict=False)
+        if tied - saved:
+            self._tie_output_embedding(modeling_dir, flag, tied)
+
+    def _tie_output_embedding(self, modeling_dir: Path, flag: str, tied: set) -> None:
+        """A tied model's file has no ``lm_head.weight``. A pipeline splits the tie (the LM head lives on the last
+        stage, the embedding on the first), so the last stage reads the embedding's tensor into its head itself;
+        a model built eagerly got it from ``from_pretrained``, one built lazily would keep its random init."""
+        model = self.model.unwrap()
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is None or head.weight is None or head.weight is embedding.weight:
+            return
+        (head_key,) = tied
+        embedding_key = next(name for name in self.files.state_keys if name.endswith("embed_tokens.weight"))
+        model.load_state_dict({head_key: _read_saved_tensor(modeling_dir, embedding_key, flag)}, strict=False)
+        self._sync_master_weights()
+
+    def _sync_master_weights(self) -> None:
+        """After weights were written into the model directly: ZeRO / mixed precision keep fp32 copies of them."""
+        sync_master = getattr(self.model, "update_master_params", None)
+        if sync_master is not None:
+            sync_master()

@@ -115,3 +115,18 @@ def on_rank0(fn: Callable[[], T]) -> Optional[T]:
     if box[0] is not None:
         raise UserInputError(box[0])
     return result
+
+
+def host_memory_peaks_gib(device: torch.device) -> tuple[float, int, float]:
+    """Collective: (largest peak resident memory of any rank so far in GiB, that rank, the smallest peak).
+
+    Linux reports ``ru_maxrss`` in KiB. Building the model is where a process's host memory peaks before training
+    (the whole model in fp32 unless it is built lazily), so this is logged once the model is ready."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peaks = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(peaks, torch.tensor([peak], dtype=torch.float64, device=device))
+    values = [float(p) for p in peaks]
+    largest = max(range(len(values)), key=values.__getitem__)
+    return values[largest], largest, min(values)

@@ -18,7 +18,7 @@ from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
 from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler
 from colossal_llama.training.inputs import RunInputs, load_inputs
-from colossal_llama.training.distributed import init_distributed, on_rank0, setup_logging
+from colossal_llama.training.distributed import host_memory_peaks_gib, init_distributed, on_rank0, setup_logging
 from colossal_llama.training.metrics import RunMetrics, StepStats
 from colossal_llama.training.lora import apply_lora, vocabulary_was_expanded
 from colossal_llama.training.model import (NEFTune, apply_liger_kernels, count_parameters, freeze_non_embeddings,
@@ -94,7 +94,8 @@ def build_run(cfg: TrainConfig) -> Run:
     cfg, steps = _plan_steps(cfg, data, parallel)
     attn = choose_attention(cfg.attention, cuda, cfg.use_flash_attn, parallel.dense_mask_only)
     liger = apply_liger_kernels(cfg.liger, cuda)
-    model = _build_model(cfg, attn)
+    device = get_accelerator().get_current_device()
+    model = _build_model(cfg, attn, device if parallel.lazy_init else None)
     model_files = ModelFiles(model_config, tokenizer, data.chat_template, frozenset(model.state_dict()))
     num_params = count_parameters(model)
     model, trainable = _choose_trainable(cfg, model)
@@ -115,10 +116,15 @@ def build_run(cfg: TrainConfig) -> Run:
     neftune = NEFTune(cfg.neft_alpha, cfg.seed, parallel.layout.dp_rank) if cfg.use_neft else None
     if neftune is not None:  # on the peft model itself under LoRA (colossalai's unwrap hides it by default)
         neftune.attach(model.unwrap(unwrap_peft=False) if cfg.lora_rank else model.unwrap())
-    stepper = Stepper(booster, model, optimizer, scheduler, parallel, get_accelerator().get_current_device(),
+    stepper = Stepper(booster, model, optimizer, scheduler, parallel, device,
                       cfg.grad_clip, neftune, num_categories=len(data.categories))
     checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir), model_files,
                                 lora=cfg.lora_rank > 0, keep_last_k=cfg.keep_last_k, async_save=cfg.async_save)
+    if parallel.lazy_init and target is None:  # built without weights; a load target brings its own
+        checkpointer.load_weights(Path(cfg.pretrained), flag="--pretrained")
+    largest, rank, smallest = host_memory_peaks_gib(device)
+    log.info("model ready: host memory peak %.2f GiB (rank %d; smallest %.2f GiB)%s", largest, rank, smallest,
+             ", built lazily: each rank materialised only its part" if parallel.lazy_init else "")
     collator = PackedCollator(pad_id, cfg.max_length, cfg.padding_mode, mask_4d=needs_dense_mask(attn),
                               pad_multiple=parallel.sequence_multiple, additive_mask_dtype=parallel.additive_mask_dtype)
     validator = None
@@ -156,8 +162,8 @@ def _plan_steps(cfg: TrainConfig, data: PreparedData, parallel: Parallelism) -> 
         dropped_per_epoch=probe.dropped_per_epoch)
 
 
-def _build_model(cfg: TrainConfig, attn: str):
-    model = load_causal_lm(cfg.pretrained, attn)
+def _build_model(cfg: TrainConfig, attn: str, lazy_device: Optional[torch.device]):
+    model = load_causal_lm(cfg.pretrained, attn, lazy_device)
     model.config.use_cache = False
     if cfg.use_grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,16 +37,35 @@ def apply_liger_kernels(mode: str, cuda: bool) -> bool:
     return True
 
 
-def load_causal_lm(pretrained: str, attn_implementation: str) -> nn.Module:
-    """The model in float32 on CPU; plugins cast and move it (master weights stay fp32). With flex attention its
-    decoder builds the document mask from ``position_ids`` (:mod:`colossal_llama.training.attention`)."""
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(pretrained: str, attn_implementation: str, lazy_device: Optional[torch.device] = None) -> nn.Module:
+    """The model in float32; plugins cast and move it (master weights stay fp32). With flex attention its decoder
+    builds the document mask from ``position_ids`` (:mod:`colossal_llama.training.attention`).
+
+    ``lazy_device=None``: the weights are read now, onto the CPU (every rank holds the whole model: 4 bytes a
+    parameter, 28 GB for 7B, in each process). Else the model is built from its config under colossalai's
+    ``LazyInitContext``: no tensor is allocated here; a plugin that shards the parameters (``3d``, ``gemini``)
+    materialises each rank's part on ``lazy_device`` when it boosts the model, and the caller must then read the
+    weights into it (:meth:`~colossal_llama.training.checkpoint.Checkpointer.load_weights`: one file at a time).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from colossal_llama.training.attention import FLEX, install_document_mask
 
-    model = AutoModelForCausalLM.from_pretrained(
-        pretrained, torch_dtype=torch.float32, attn_implementation=attn_implementation
-    )
+    if lazy_device is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            pretrained, torch_dtype=torch.float32, attn_implementation=attn_implementation
+        )
+    else:
+        from colossalai.lazy import LazyInitContext
+        from transformers.modeling_utils import no_init_weights
+
+        config = AutoConfig.from_pretrained(pretrained)
+        # no_init_weights: materialising a part only allocates it (every weight is read in after; a missing one is
+        # an error there), instead of drawing random values to be overwritten
+        with LazyInitContext(default_device=lazy_device), no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32,
+                                                     attn_implementation=attn_implementation)
+            model.tie_weights()  # skipped with the initialisation; the plugins keep ties they are given
     if attn_implementation == FLEX:
         install_document_mask(model)
     return model

@@ -40,6 +40,8 @@ class Parallelism:
     # reduced, at every micro-batch)
     autocast_dtype: Optional[torch.dtype]  # ddp + bf16 runs under autocast; the other plugins cast the model
     params_replicated: bool  # every rank holds the full model (ddp, ZeRO-1/2): rank 0 can write it alone
+    lazy_init: bool  # 3d / gemini shard the parameters: the model is built without memory (LazyInitContext), each
+    # rank materialises its part at boost, and the weights are read in after (never the whole model in a process)
     optimizer_replicated: bool  # ddp: one optimizer.bin from rank 0; else colossalai's per-rank shards + index
     cpu_offload: bool  # optimizer states in host memory (zero2_cpu, 3d --zero_cpu_offload)
     pipeline_microbatch_size: int  # --pp > 1: batches go through booster.execute_pipeline (1F1B) in micro-batches
@@ -129,6 +131,7 @@ def build_parallel(cfg: TrainConfig, cuda: bool) -> Parallelism:
         no_sync_while_accumulating=ddp or (cfg.plugin == "3d" and cfg.zero_stage < 2),
         autocast_dtype=torch.bfloat16 if ddp and cfg.mixed_precision == "bf16" else None,
         params_replicated=cfg.plugin in ("ddp", "zero2", "zero2_cpu"),
+        lazy_init=cfg.lazy_init and cfg.plugin not in ("ddp", "zero2", "zero2_cpu"),
         optimizer_replicated=ddp,
         cpu_offload=cfg.plugin == "zero2_cpu" or cfg.zero_cpu_offload,
         pipeline_microbatch_size=cfg.microbatch_size if cfg.pp > 1 else 0,

@@ -39,6 +39,7 @@ LAYOUTS: Dict[str, List[str]] = {
     # pipeline: 2 stages, one dp rank: the whole global batch per step, cut into 2 pipeline micro-batches (as many
     # as stages: 1F1B's minimum; more only add gloo round trips to the test's time)
     "pp2": PP2,
+    "pp2_eager": [*PP2, "--lazy_init", "False"],  # every rank loads the whole model first (pp2 builds it lazily)
     "sp_split_gather": [*TP2, "--enable_sequence_parallelism", "--sp_mode", "split_gather"],
     "sp_all_to_all": ["--plugin", "3d", "--sp", "2", "--sp_mode", "all_to_all", "--zero_stage", "0", *DP1_BATCH],
     # 3d with ZeRO needs bf16 (colossalai keeps fp32 master weights itself); bf16 is slow on CPU: 3 steps
