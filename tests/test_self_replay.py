@@ -26,7 +26,7 @@ from colossal_llama.inference.generation import cut_at_stop
 from colossal_llama.inference.self_replay import (OUTPUT_FILE, ReplayConfig, main, shard_batches,
                                                   write_self_replay)
 from colossal_llama.utils.errors import UserInputError
-from tests.support.launch import REPO, torchrun_command, worker_env
+from tests.support.launch import REPO, torchrun_command, wait_for_lines, worker_env
 
 START = "<|endoftext|>"  # SmolLM2's document separator (its Instruct tokenizer's BOS is <|im_start|>)
 
@@ -82,7 +82,8 @@ def test_samples_without_text_are_counted_not_written(smollm2_dir, tmp_path, mon
 
     eos = load_tokenizer(smollm2_dir).eos_token_id
     assert cut_at_stop([5, 6, eos, 7], [eos]) == [5, 6] and cut_at_stop([eos, 5], [eos]) == []
-    monkeypatch.setattr(self_replay, "sample_batches", lambda *a: iter([[[], [28, 3853]], [[]]]))
+    batches = {0: [[], [28, 3853]], 1: [[]]}  # batch k -> its samples' ids
+    monkeypatch.setattr(self_replay, "sample_batch", lambda model, tok, cfg, start, k, rows: batches[k])
     summary = write_self_replay(_config(smollm2_dir, tmp_path / "out", num_texts=3))
     assert (summary.texts, summary.empty, summary.tokens) == (1, 2, 2)
     assert len(_rows(tmp_path / "out")) == 1
@@ -175,3 +176,39 @@ def test_torchrun_ranks_draw_the_shards_and_prepare_reads_them_whole(smollm2_dir
                                                output=OutputLayout.under(tmp_path / "data"), max_length=64,
                                                num_bins=1))
     assert prep.counts.documents_in == len(rows) and prep.counts.tokens_in == prep.counts.tokens_out
+
+
+@pytest.mark.slow
+def test_a_killed_run_goes_on_where_it_stopped_and_writes_the_uninterrupted_file(smollm2_dir, tmp_path):
+    """kill -9 after a few batches, a row cut short at the end of the partial file: the same command finishes the
+    run and writes the file an uninterrupted run writes, byte for byte; other settings are refused."""
+    entry = REPO / "colossal_llama" / "inference" / "self_replay.py"
+    args = [sys.executable, str(entry), "--model_path", str(smollm2_dir), "--num_texts", "16", "--batch_size", "2",
+            "--max_new_tokens", "12", "--start_token", START, "--device", "cpu", "--seed", "3"]
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*args, "--output_dir", str(out), *extra], capture_output=True, text=True, cwd=REPO,
+                              env=worker_env(), timeout=300)
+
+    whole = run(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "killed"
+    work = tmp_path / ".killed.replay-partial"
+    progress, partial = work / f".{OUTPUT_FILE}.progress", work / OUTPUT_FILE
+    proc = subprocess.Popen([*args, "--output_dir", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO, env=worker_env())
+    wait_for_lines(progress, 3, proc, timeout=240)  # the settings and 2 batches recorded
+    proc.kill()
+    assert proc.wait(timeout=60) == -9  # killed, not finished
+    recorded = len(progress.read_text().splitlines()) - 1
+    assert 2 <= recorded < 8 and not out.exists()
+    with open(partial, "a", encoding="utf-8") as fh:
+        fh.write('{"source": "", "target": "a row cut sh')  # written after the last record: cut off on resume
+
+    other = run(out, "--seed", "4")
+    assert other.returncode != 0 and f"{progress}:1: settings: seed differ" in other.stderr
+    again = run(out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(rf"resuming .*: {recorded} of 8 batches", again.stderr)
+    assert (out / OUTPUT_FILE).read_bytes() == (tmp_path / "whole" / OUTPUT_FILE).read_bytes()
+    assert not work.exists()

@@ -16,7 +16,8 @@ At scale (a 7B model, millions of tokens to replay) the batches are split over p
 ``colossalai run`` (``WORLD_SIZE``/``RANK``, or ``--num_shards``/``--shard_index``) shard i of N draws the batches
 k with ``k % N == i``, on its own GPUs with ``--device auto`` or ``cuda`` (:mod:`.placement`), and writes
 ``OUTPUT_DIR/self_replay.shard-IIIII-of-NNNNN.jsonl`` (published by a rename when complete); the N files together
-hold exactly the texts of a 1-shard run.
+hold exactly the texts of a 1-shard run. Such a job runs for hours: killed, the same command goes on from the last
+batch on disk and writes the file an uninterrupted run writes (:class:`ReplayOutput`).
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -57,7 +58,8 @@ class ReplayConfig:
                                                  "<|endoftext|> for SmolLM2")
     category: str = flag("self_replay", help="category of the rows (per-category bins)")
     seed: int = flag(42, help="seeds the sampling")
-    overwrite: bool = flag(False, help="replace an existing --output_dir (or this shard's file)")
+    overwrite: bool = flag(False, help="replace an existing --output_dir (or this shard's file), and start afresh "
+                                       "instead of finishing an interrupted run")
     device: str = "auto"  # with several shards on a GPU machine: each shard's own GPUs
     max_gpu_memory: Optional[int] = None  # bytes of weights per GPU (None: placement's default)
     shard: Shard = Shard()
@@ -78,13 +80,16 @@ class ReplaySummary:
     empty: int  # samples that ended at once (no text): skipped, counted
     tokens: int  # generated tokens of the rows written (stop tokens excluded)
     characters: int
-    seconds: float
+    seconds: float  # this run's sampling
+    sampled_tokens: int  # this run's share of ``tokens`` (less when it finished an interrupted run)
+    resumed_texts: int = 0  # rows an interrupted run had written
 
     def line(self) -> str:
         mean = self.tokens / self.texts if self.texts else 0.0
-        return (f"self-replay: {self.texts} texts, {self.tokens:,} tokens ({mean:.0f} a text), {self.characters:,} "
-                f"characters; {self.empty} empty samples skipped; {self.seconds:.1f} s "
-                f"({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s) -> {self.output}")
+        resumed = f" ({self.resumed_texts} written before an interruption)" if self.resumed_texts else ""
+        return (f"self-replay: {self.texts} texts{resumed}, {self.tokens:,} tokens ({mean:.0f} a text), "
+                f"{self.characters:,} characters; {self.empty} empty samples skipped; {self.seconds:.1f} s "
+                f"({self.sampled_tokens / max(self.seconds, 1e-9):,.0f} tokens/s) -> {self.output}")
 
 
 def start_token_id(tokenizer, start_token: Optional[str]) -> int:
@@ -107,60 +112,134 @@ def shard_batches(num_texts: int, batch_size: int, shard: Shard) -> List[Tuple[i
     return [(k, min(batch_size, num_texts - k * batch_size)) for k in range(shard.index, batches, shard.count)]
 
 
-def sample_batches(model, tokenizer, cfg: ReplayConfig, start_id: int) -> Iterator[List[List[int]]]:
-    """This shard's batches of generated ids (start token excluded, cut at EOS); over all shards
-    ``cfg.num_texts`` samples."""
+def sample_batch(model, tokenizer, cfg: ReplayConfig, start_id: int, k: int, rows: int) -> List[List[int]]:
+    """Batch ``k`` of the run: ``rows`` generated id lists (start token excluded, cut at EOS), drawn after seeding
+    with ``(seed, k)`` alone, so a batch is the same whichever shard draws it and whether or not the run resumed."""
     stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
-    for k, rows in shard_batches(cfg.num_texts, cfg.batch_size, cfg.shard):
-        torch.manual_seed(cfg.seed * 1_000_003 + k)  # generate draws from the global RNG (all devices)
-        ids = torch.full((rows, 1), start_id, dtype=torch.long, device=model.device)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-                                 eos_token_id=stop_ids or None, pad_token_id=pad_id)
-        yield [cut_at_stop(row, stop_ids) for row in out[:, 1:].tolist()]
+    torch.manual_seed(cfg.seed * 1_000_003 + k)  # generate draws from the global RNG (all devices)
+    ids = torch.full((rows, 1), start_id, dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                             eos_token_id=stop_ids or None, pad_token_id=pad_id)
+    return [cut_at_stop(row, stop_ids) for row in out[:, 1:].tolist()]
+
+
+@dataclass
+class Written:
+    """What the partial file holds: its first ``batches`` batches of this shard, ``size`` bytes, and their counts."""
+
+    batches: int = 0
+    size: int = 0
+    texts: int = 0
+    empty: int = 0
+    tokens: int = 0
+    characters: int = 0
 
 
 class ReplayOutput:
-    """Where this shard's rows go. One shard: ``OUTPUT_DIR/self_replay.jsonl``, in a temporary sibling folder
+    """Where this shard's rows go, and how an interrupted run goes on.
+
+    One shard: ``OUTPUT_DIR/self_replay.jsonl``, written in the hidden sibling folder ``.NAME.replay-partial`` and
     swapped in whole when complete. Several: ``OUTPUT_DIR/self_replay.shard-IIIII-of-NNNNN.jsonl`` (the folder is
-    shared), written as ``.NAME.partial`` (not a jsonl name: never read as data) and renamed when complete."""
+    shared), written as ``.NAME.partial`` and renamed when complete (neither is a jsonl name: never read as data).
+
+    Beside the partial file, ``.NAME.progress`` records the run's settings (first line) and, after each batch is on
+    disk, the batch count, the file's size and the counts so far. Running the same command again cuts the partial
+    file back to the last recorded batch (a batch the crash cut short is dropped) and samples only the batches
+    after it: the same texts as an uninterrupted run. Other settings are a one-line error (``--overwrite`` starts
+    afresh). A run holds a lock on the progress file: two runs never write one output.
+    """
 
     def __init__(self, cfg: ReplayConfig):
-        from colossal_llama.utils.output import clear_output_dir, remove_stale_siblings, tmp_sibling
+        from colossal_llama.utils.output import clear_output_dir
 
         self.dir, self.sharded = Path(cfg.output_dir), cfg.shard.count > 1
+        self.settings = {"model_path": str(cfg.model_path), "num_texts": cfg.num_texts, "batch_size": cfg.batch_size,
+                         "max_new_tokens": cfg.max_new_tokens, "start_token": cfg.start_token,
+                         "category": cfg.category, "seed": cfg.seed, "shard": cfg.shard.dir_name}
         if self.sharded:  # prepare reads every jsonl file under the folder: one run's shards only
             self.final = self.dir / SHARD_FILE.format(shard=cfg.shard.dir_name)
             if self.final.exists() and not cfg.overwrite:
                 raise UserInputError(f"{self.final}: already exists (pass --overwrite to replace it)")
             check_one_run_per_folder(self.dir, cfg.shard, OUTPUT_FILE, SHARD_FILE_RE, "--output_dir")
-            self.tmp_dir, self.partial = None, self.dir / f".{self.final.name}.partial"
+            self.work_dir, self.partial = None, self.dir / f".{self.final.name}.partial"
         else:
             self.final = self.dir / OUTPUT_FILE
             if not cfg.overwrite:  # refuse an existing folder now; with --overwrite it is swapped once complete
                 clear_output_dir(self.dir, overwrite=False)
-            remove_stale_siblings(self.dir, "tmp-replay")
-            self.tmp_dir = tmp_sibling(self.dir, "tmp-replay")
-            self.partial = self.tmp_dir / OUTPUT_FILE
+            self.work_dir = self.dir.with_name(f".{self.dir.name}.replay-partial")
+            self.partial = self.work_dir / OUTPUT_FILE
+        self.progress = self.partial.with_name(f".{self.final.name}.progress")
+        self._lock = None
 
-    def open(self):
+    def start(self, overwrite: bool) -> Written:
+        """Lock, then start afresh (``overwrite``, or nothing recorded yet) or go on from the last recorded batch."""
+        import fcntl
+
         self.partial.parent.mkdir(parents=True, exist_ok=True)
-        return open(self.partial, "w", encoding="utf-8")
+        self._lock = open(self.progress, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserInputError(f"{self.progress}: another self-replay run is writing this output") from None
+        written = None if overwrite else self._recorded()
+        if written is None:
+            written = Written()
+            self._lock.truncate(0)
+            self._lock.write(json.dumps({"settings": self.settings}) + "\n")
+            self._lock.flush()
+        with open(self.partial, "ab") as fh:  # a batch written after its last record is cut off
+            fh.truncate(written.size)
+        return written
+
+    def _recorded(self) -> Optional[Written]:
+        """The last batch the progress file records, checked against the settings; None when there is none."""
+        self._lock.seek(0)
+        lines = self._lock.read().splitlines()
+        if not lines:
+            return None
+        try:
+            saved = json.loads(lines[0])["settings"]
+        except (ValueError, KeyError, TypeError):
+            return None  # killed while writing the first line: nothing was sampled yet
+        changed = sorted(k for k in self.settings if saved.get(k) != self.settings[k])
+        if changed:
+            raise UserInputError(f"{self.progress}:1: settings: {', '.join(changed)} differ from the interrupted "
+                                 "run's (run it with the same settings to finish it, or pass --overwrite to start "
+                                 "afresh)")
+        written = Written()
+        for line in lines[1:]:
+            try:
+                written = Written(**json.loads(line))
+            except (ValueError, TypeError):
+                break  # the record the crash cut short (the last line)
+        if self.partial.exists() and self.partial.stat().st_size < written.size:
+            raise UserInputError(f"{self.partial}: {self.partial.stat().st_size} bytes, but {self.progress} "
+                                 f"records {written.size} (the file was changed; pass --overwrite to start afresh)")
+        return written
+
+    def record(self, written: Written) -> None:
+        """After a batch's rows are on disk (flushed and synced)."""
+        self._lock.write(json.dumps(asdict(written)) + "\n")
+        self._lock.flush()
 
     def publish(self) -> Path:
         from colossal_llama.utils.output import replace_dir
 
+        self._lock.close()
+        self.progress.unlink()
         if self.sharded:
             os.replace(self.partial, self.final)
         else:
-            replace_dir(self.tmp_dir, self.dir)
+            replace_dir(self.work_dir, self.dir)
         return self.final
 
 
 def write_self_replay(cfg: ReplayConfig) -> ReplaySummary:
-    """Sample this shard's texts from the model into ``cfg.output_dir`` (written whole or not at all)."""
+    """Sample this shard's texts from the model into ``cfg.output_dir`` (published whole when complete; an
+    interrupted run goes on where it stopped, see :class:`ReplayOutput`)."""
     from tqdm.auto import tqdm
 
     from colossal_llama.inference.loading import load_model_and_tokenizer
@@ -168,29 +247,40 @@ def write_self_replay(cfg: ReplayConfig) -> ReplaySummary:
 
     cfg = cfg.validate()
     output = ReplayOutput(cfg)
+    written = output.start(cfg.overwrite)
+    batches = shard_batches(cfg.num_texts, cfg.batch_size, cfg.shard)
+    if written.batches:
+        log.info("resuming %s: %d of %d batches (%d texts) written by an interrupted run", output.partial,
+                 written.batches, len(batches), written.texts)
     local_rank = int(os.environ.get("LOCAL_RANK", cfg.shard.index))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.shard.count))
     placement = placement_for(cfg.device, local_size, local_rank, cfg.max_gpu_memory)
     model, tokenizer = load_model_and_tokenizer(cfg.model_path, device=placement)
     start_id = start_token_id(tokenizer, cfg.start_token)
-    texts = empty = tokens = characters = 0
-    start = time.perf_counter()
-    batches = shard_batches(cfg.num_texts, cfg.batch_size, cfg.shard)
-    bar = tqdm(total=sum(rows for _, rows in batches), desc="self-replay", unit="text")
-    with output.open() as fh:
-        for batch in sample_batches(model, tokenizer, cfg, start_id):
-            for ids in batch:
+    start, new_tokens, resumed_texts = time.perf_counter(), 0, written.texts
+    todo = batches[written.batches:]
+    bar = tqdm(total=sum(rows for _, rows in todo), desc="self-replay", unit="text")
+    with open(output.partial, "a", encoding="utf-8") as fh:
+        for k, rows in todo:
+            for ids in sample_batch(model, tokenizer, cfg, start_id, k, rows):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 if not text.strip():
-                    empty += 1
+                    written.empty += 1
                     continue
                 fh.write(json.dumps({"source": "", "target": text, "category": cfg.category}, ensure_ascii=False)
                          + "\n")
-                texts, tokens, characters = texts + 1, tokens + len(ids), characters + len(text)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
+                written.texts, written.tokens = written.texts + 1, written.tokens + len(ids)
+                written.characters += len(text)
+                new_tokens += len(ids)
+            fh.flush()
+            os.fsync(fh.fileno())
+            written.batches, written.size = written.batches + 1, fh.tell()
+            output.record(written)
+            bar.update(rows)
+            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):,.0f}")
     bar.close()
-    summary = ReplaySummary(output.publish(), texts, empty, tokens, characters, time.perf_counter() - start)
+    summary = ReplaySummary(output.publish(), written.texts, written.empty, written.tokens, written.characters,
+                            time.perf_counter() - start, new_tokens, resumed_texts)
     log.info(summary.line())
     return summary
 
