@@ -95,6 +95,15 @@ def test_mining_and_self_replay_flags_default_to_their_configs():
     assert parsed == {**_defaults(ReplayConfig), "model_path": Path("m"), "output_dir": Path("o")}
 
 
+def test_init_tokenizer_flags_default_to_the_config():
+    from colossal_llama.tokenizer.init_tokenizer import InitTokenizerConfig, parse_args
+
+    required = ["--source_tokenizer_dir", "s", "--target_tokenizer_dir", "t", "--expand_tokens_file", "p.jsonl"]
+    assert parse_args(required) == InitTokenizerConfig(Path("s"), Path("t"), Path("p.jsonl"))
+    cfg = parse_args([*required, "--no_component_chars", "--report_corpus", "a", "b", "--overwrite", "False"])
+    assert (cfg.no_component_chars, cfg.report_corpus, cfg.overwrite) == (True, [Path("a"), Path("b")], False)
+
+
 def test_init_model_flags_keep_the_original_names_and_default_to_the_config():
     from colossal_llama.model.init_model import InitModelConfig, build_parser
 

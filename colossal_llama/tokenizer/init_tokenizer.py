@@ -25,7 +25,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from colossal_llama.tokenizer.base_vocab import SP_MODEL, bpe_vocab_texts, load_sp_proto, tokenizer_kind
 from colossal_llama.tokenizer.pieces import read_pieces_file
@@ -38,6 +38,7 @@ from colossal_llama.tokenizer.report_corpus import (
     sample_texts,
 )
 from colossal_llama.tokenizer.sp_expand import append_pieces
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.json_files import read_json, write_json
 
@@ -319,38 +320,30 @@ def _compare(texts, encode_a, encode_b, name_a, name_b) -> tuple[int, Optional[s
 
 @dataclass
 class InitTokenizerConfig:
-    source_tokenizer_dir: Path
-    target_tokenizer_dir: Path
-    expand_tokens_file: Path
-    overwrite: bool = False
-    report_corpus: Optional[list[Path]] = None
-    report_max_chars: int = DEFAULT_REPORT_MAX_CHARS
-    allow_mismatch: bool = False
-    add_component_chars: bool = True
-    report_json: Optional[Path] = None
+    """One expansion; its fields are the command line (each default written once, here)."""
+
+    source_tokenizer_dir: Path = flag(help="SentencePiece or HF fast tokenizer folder")
+    target_tokenizer_dir: Path = flag(help="where the expanded tokenizer is written")
+    expand_tokens_file: Path = flag(help='jsonl lines {"piece": "你好"}')
+    overwrite: bool = flag(False, help="replace the tokenizer files of an existing target")
+    report_corpus: List[Path] = flag([], help="jsonl ({source,target} or {text}) or plain text files; default: "
+                                              "bundled real pretrain corpora")
+    report_max_chars: int = flag(DEFAULT_REPORT_MAX_CHARS, help="characters sampled per language")
+    allow_mismatch: bool = flag(False, help="keep the target even if the check finds differences")
+    no_component_chars: bool = flag(False, help="SentencePiece: do not add missing single characters and bridge "
+                                                "sub-words of new pieces (HF may then disagree, and some pieces may "
+                                                "be unreachable)")
+    report_json: Optional[Path] = flag(None, help="also write the report as JSON here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    add_flags(parser, InitTokenizerConfig)
+    return parser
 
 
 def parse_args(argv=None) -> InitTokenizerConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source_tokenizer_dir", type=Path, required=True, help="SentencePiece or HF fast tokenizer folder")
-    p.add_argument("--target_tokenizer_dir", type=Path, required=True)
-    p.add_argument("--expand_tokens_file", type=Path, required=True, help='jsonl lines {"piece": "你好"}')
-    p.add_argument("--overwrite", action="store_true", help="replace the tokenizer files of an existing target")
-    p.add_argument("--report_corpus", type=Path, nargs="+", default=None,
-                   help="jsonl ({source,target} or {text}) or plain text files; default: bundled real pretrain corpora")
-    p.add_argument("--report_max_chars", type=int, default=DEFAULT_REPORT_MAX_CHARS, help="characters sampled per language")
-    p.add_argument("--allow_mismatch", action="store_true", help="keep the target even if the check finds differences")
-    p.add_argument("--no_component_chars", action="store_true",
-                   help="SentencePiece: do not add missing single characters and bridge sub-words of new pieces "
-                        "(HF may then disagree, and some pieces may be unreachable)")
-    p.add_argument("--report_json", type=Path, default=None, help="also write the report as JSON here")
-    a = p.parse_args(argv)
-    return InitTokenizerConfig(
-        source_tokenizer_dir=a.source_tokenizer_dir, target_tokenizer_dir=a.target_tokenizer_dir,
-        expand_tokens_file=a.expand_tokens_file, overwrite=a.overwrite, report_corpus=a.report_corpus,
-        report_max_chars=a.report_max_chars, allow_mismatch=a.allow_mismatch,
-        add_component_chars=not a.no_component_chars, report_json=a.report_json,
-    )
+    return config_from(build_parser().parse_args(argv), InitTokenizerConfig)
 
 
 @cli_entry
@@ -363,8 +356,8 @@ def main(argv=None) -> int:
     try:
         report = expand_tokenizer(
             cfg.source_tokenizer_dir, cfg.target_tokenizer_dir, pieces_file.pieces, cfg.overwrite,
-            duplicates=pieces_file.duplicates, report_files=cfg.report_corpus, report_max_chars=cfg.report_max_chars,
-            add_component_chars=cfg.add_component_chars, allow_mismatch=cfg.allow_mismatch,
+            duplicates=pieces_file.duplicates, report_files=cfg.report_corpus or None, report_max_chars=cfg.report_max_chars,
+            add_component_chars=not cfg.no_component_chars, allow_mismatch=cfg.allow_mismatch,
         )
     except TokenizerMismatchError as err:
         print(err.report.format())
