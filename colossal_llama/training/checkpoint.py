@@ -148,12 +148,19 @@ def latest_checkpoint(save_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def _weight_index(modeling_dir: Path) -> Optional[Path]:
+    """The shard index (``weight_map``: tensor name -> file) of a sharded HF folder, else None."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (modeling_dir / index).is_file():
+            return modeling_dir / index
+    return None
+
+
 def weights_path(modeling_dir: Path, flag: str = "--load_checkpoint") -> Path:
     """What ``booster.load_model`` takes: the dir when sharded (index file), else the single weights file.
     ``flag``: the option that named the folder, for the error when it holds no weights."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (modeling_dir / index).is_file():
-            return modeling_dir
+    if _weight_index(modeling_dir) is not None:
+        return modeling_dir
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (modeling_dir / single).is_file():
             return modeling_dir / single
@@ -204,9 +211,9 @@ def _step_of(path: Path) -> int:
 
 def _saved_keys(modeling_dir: Path, flag: str) -> set:
     """Parameter names stored in a HF folder (safetensors headers or the shard index), without loading tensors."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (modeling_dir / index).is_file():
-            return set(json.loads((modeling_dir / index).read_text())["weight_map"])
+    index = _weight_index(modeling_dir)
+    if index is not None:
+        return set(json.loads(index.read_text())["weight_map"])
     weights = weights_path(modeling_dir, flag)
     if weights.suffix == ".safetensors":
         from safetensors import safe_open
@@ -234,12 +241,9 @@ def check_weight_names(expected: set, saved: set, tie_word_embeddings: bool, whe
 
 def _read_saved_tensor(modeling_dir: Path, key: str, flag: str) -> torch.Tensor:
     """One tensor of a HF folder, read from the file that holds it (not the whole model)."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (modeling_dir / index).is_file():
-            weights = modeling_dir / json.loads((modeling_dir / index).read_text())["weight_map"][key]
-            break
-    else:
-        weights = weights_path(modeling_dir, flag)
+    index = _weight_index(modeling_dir)
+    weights = (modeling_dir / json.loads(index.read_text())["weight_map"][key] if index is not None
+               else weights_path(modeling_dir, flag))
     if weights.suffix == ".safetensors":
         from safetensors import safe_open
 

@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import math
 from typing import Optional
+from unittest import mock
 
 import numpy as np
 import torch
@@ -60,9 +61,11 @@ def load_causal_lm(pretrained: str, attn_implementation: str, lazy_device: Optio
         from transformers.modeling_utils import no_init_weights
 
         config = AutoConfig.from_pretrained(pretrained)
-        # no_init_weights: materialising a part only allocates it (every weight is read in after; a missing one is
-        # an error there), instead of drawing random values to be overwritten
-        with LazyInitContext(default_device=lazy_device), no_init_weights():
+        # No initialisation: materialising a part only allocates it (every weight is read in after; a missing one is
+        # an error there). That includes nn.Embedding zeroing its padding row, an indexed write that colossalai
+        # materialises at once: the whole embedding on every rank (4.2 GB for LLaMA-3-70B's in fp32).
+        no_padding_fill = mock.patch.object(nn.Embedding, "_fill_padding_idx_with_zero", lambda self: None)
+        with LazyInitContext(default_device=lazy_device), no_init_weights(), no_padding_fill:
             model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32,
                                                      attn_implementation=attn_implementation)
             model.tie_weights()  # skipped with the initialisation; the plugins keep ties they are given
