@@ -123,6 +123,7 @@ def build_parallel(cfg: TrainConfig, cuda: bool) -> Parallelism:
     plugin = _plugin(cfg, cuda)
     layout = _layout(plugin)
     ddp = cfg.plugin == "ddp"
+    replicated = cfg.plugin in ("ddp", "zero2", "zero2_cpu")
     return Parallelism(
         plugin=plugin,
         layout=layout,
@@ -130,8 +131,8 @@ def build_parallel(cfg: TrainConfig, cuda: bool) -> Parallelism:
         clip_in_step_loop=ddp,
         no_sync_while_accumulating=ddp or (cfg.plugin == "3d" and cfg.zero_stage < 2),
         autocast_dtype=torch.bfloat16 if ddp and cfg.mixed_precision == "bf16" else None,
-        params_replicated=cfg.plugin in ("ddp", "zero2", "zero2_cpu"),
-        lazy_init=cfg.lazy_init and cfg.plugin not in ("ddp", "zero2", "zero2_cpu"),
+        params_replicated=replicated,
+        lazy_init=cfg.lazy_init and not replicated,
         optimizer_replicated=ddp,
         cpu_offload=cfg.plugin == "zero2_cpu" or cfg.zero_cpu_offload,
         pipeline_microbatch_size=cfg.microbatch_size if cfg.pp > 1 else 0,
