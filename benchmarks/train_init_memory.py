@@ -1,19 +1,22 @@
-"""Host memory of every training rank while it builds the model: loaded whole vs built lazily (``3d``/``gemini``).
+"""Host memory of every training rank while it builds the model: loaded whole vs built lazily (``3d``/``gemini``),
+in fp32 vs in the training precision.
 
-Without lazy construction every rank first reads the whole model into host memory in fp32 (4 bytes a
-parameter: 28 GB for 7B, 280 GB for 70B, in each of a node's 8 processes) and only then does the plugin shard it.
-Built lazily (``--lazy_init``, the default for ``3d`` and ``gemini``) the model holds no memory until boost,
-each rank materialises only its tensor-parallel slice or pipeline stage, and the weights are read in one
-safetensors shard at a time.
+Loaded whole, every rank first reads the whole model into host memory (in fp32 4 bytes a parameter: 28 GB for 7B,
+280 GB for 70B, in each of a node's 8 processes) and only then does the plugin shard it. Built lazily
+(``--lazy_init``, the default for ``3d`` and ``gemini``) the model holds no memory until boost, each rank
+materialises only its tensor-parallel slice or pipeline stage, and the weights are read in one safetensors shard at
+a time. ZeRO, gemini and 3d build the model in their precision (bf16: half of fp32); ddp keeps fp32. On CUDA,
+ddp and ZeRO read the model straight onto the GPU: not measured here (CPU).
 
 The benchmark writes a checkpoint of LLaMA-2-7B's layer shape (hidden 4096, intermediate 11008, vocab 32000,
 bf16 safetensors in 1 GiB shards, like a hub download) with 2, 4 and 8 decoder layers, then starts ``train.py``
 under torchrun with 2 ranks on CPU (gloo, the test suite's colossalai CPU patches) for each layout and stops it
 once its log says the model is ready: the peak resident memory of the largest and the smallest rank then
-(``ru_maxrss``, reported by ``train.py`` itself) and the seconds from launch. Optimizer states are allocated at
-the first step, so they are not part of it.
+(``ru_maxrss``, reported by ``train.py`` itself) and the seconds from launch. Adam's moments are allocated at the
+first step, so they are not part of it; ZeRO's fp32 master copy of each rank's shard, made at boost, is (on GPUs it
+is on the GPU).
 
-    python benchmarks/train_init_memory.py                  # 2, 4 and 8 layers: about 13 minutes, 4 GB of disk
+    python benchmarks/train_init_memory.py                  # 2, 4 and 8 layers: about 17 minutes, 4 GB of disk
     python benchmarks/train_init_memory.py --layers 2       # one size
 """
 from __future__ import annotations
@@ -37,15 +40,19 @@ from init_model_memory import build_checkpoint, tensor_shapes  # noqa: E402
 from tests.support.launch import kill_launcher_and_ranks, start_training, tail  # noqa: E402
 
 READY = re.compile(r"model ready: host memory peak ([\d.]+) GiB \(rank (\d+); smallest ([\d.]+) GiB\)")
-COMMON = ["--benchmark", "--num_samples", "4", "--max_length", "32", "--batch_size", "1", "--mixed_precision",
-          "fp32", "--max_steps", "1", "--log_interval", "1"]
-LAYOUTS = [  # (name, flags)
-    ("ddp (whole model per rank)", ["--plugin", "ddp"]),
-    ("3d tp 2, loaded whole", ["--plugin", "3d", "--tp", "2", "--zero_stage", "0", "--lazy_init", "False"]),
-    ("3d tp 2, lazy", ["--plugin", "3d", "--tp", "2", "--zero_stage", "0"]),
-    ("3d pp 2, loaded whole", ["--plugin", "3d", "--pp", "2", "--zero_stage", "0", "--microbatch_size", "1",
-                               "--lazy_init", "False"]),
-    ("3d pp 2, lazy", ["--plugin", "3d", "--pp", "2", "--zero_stage", "0", "--microbatch_size", "1"]),
+COMMON = ["--benchmark", "--num_samples", "4", "--max_length", "32", "--batch_size", "1", "--max_steps", "1",
+          "--log_interval", "1"]
+FP32, BF16 = ["--mixed_precision", "fp32"], ["--mixed_precision", "bf16"]
+TP2, PP2 = ["--plugin", "3d", "--tp", "2", "--zero_stage", "0"], ["--plugin", "3d", "--pp", "2", "--zero_stage", "0",
+                                                                  "--microbatch_size", "1"]
+LAYOUTS = [  # (name, flags); ZeRO/3d read the model in their precision (bf16: 2 bytes a parameter), ddp in fp32
+    ("ddp (whole model per rank), fp32", ["--plugin", "ddp", *FP32]),
+    ("zero2, fp32", ["--plugin", "zero2", *FP32]),
+    ("zero2, bf16", ["--plugin", "zero2", *BF16]),
+    ("3d tp 2, loaded whole, fp32", [*TP2, *FP32, "--lazy_init", "False"]),
+    ("3d tp 2, lazy, fp32", [*TP2, *FP32]),
+    ("3d pp 2, loaded whole, fp32", [*PP2, *FP32, "--lazy_init", "False"]),
+    ("3d pp 2, lazy, fp32", [*PP2, *FP32]),
 ]
 
 

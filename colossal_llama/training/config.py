@@ -76,8 +76,9 @@ class TrainConfig:
                                "back the same way when flash-attn is missing")
     freeze_non_embeds_params: bool = flag(False, help="train only embed_tokens and lm_head")
     lazy_init: bool = flag(True, help="3d and gemini: build the model without memory and materialise only each rank's "
-                                      "part, then read the weights in (False: every rank first loads the whole model "
-                                      "in fp32 on the CPU); ddp and zero2 always load it whole")
+                                      "part, then read the weights in (False: every rank first reads the whole model "
+                                      "into host memory); ddp and zero2 always read it whole (on CUDA straight onto "
+                                      "the GPU)")
     tp: int = flag(1, help="tensor-parallel size (3d plugin)")
     pp: int = flag(1, help="pipeline-parallel size (3d plugin; 1F1B schedule)")
     microbatch_size: int = flag(1, help="pipeline micro-batch size: each --batch_size batch is cut into "

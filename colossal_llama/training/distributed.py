@@ -121,7 +121,8 @@ def host_memory_peaks_gib(device: torch.device) -> tuple[float, int, float]:
     """Collective: (largest peak resident memory of any rank so far in GiB, that rank, the smallest peak).
 
     Linux reports ``ru_maxrss`` in KiB. Building the model is where a process's host memory peaks before training
-    (the whole model in fp32 unless it is built lazily), so this is logged once the model is ready."""
+    (the whole model unless it is built lazily, or read straight onto the GPU), so this is logged once the model
+    is ready."""
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -95,7 +95,7 @@ def build_run(cfg: TrainConfig) -> Run:
     attn = choose_attention(cfg.attention, cuda, cfg.use_flash_attn, parallel.dense_mask_only)
     liger = apply_liger_kernels(cfg.liger, cuda)
     device = get_accelerator().get_current_device()
-    model = _build_model(cfg, attn, device if parallel.lazy_init else None)
+    model = _build_model(cfg, attn, parallel, device)
     model_files = ModelFiles(model_config, tokenizer, data.chat_template, frozenset(model.state_dict()))
     num_params = count_parameters(model)
     model, trainable = _choose_trainable(cfg, model)
@@ -123,8 +123,10 @@ def build_run(cfg: TrainConfig) -> Run:
     if parallel.lazy_init and target is None:  # built without weights; a load target brings its own
         checkpointer.load_weights(Path(cfg.pretrained), flag="--pretrained")
     largest, rank, smallest = host_memory_peaks_gib(device)
-    log.info("model ready: host memory peak %.2f GiB (rank %d; smallest %.2f GiB)%s", largest, rank, smallest,
-             ", built lazily: each rank materialised only its part" if parallel.lazy_init else "")
+    log.info("model ready: host memory peak %.2f GiB (rank %d; smallest %.2f GiB), built in %s%s", largest, rank,
+             smallest, str(parallel.param_dtype).removeprefix("torch."),
+             ", lazily: each rank materialised only its part" if parallel.lazy_init else
+             (" on the GPU" if parallel.build_on_device else ""))
     collator = PackedCollator(pad_id, cfg.max_length, cfg.padding_mode, mask_4d=needs_dense_mask(attn),
                               pad_multiple=parallel.sequence_multiple, additive_mask_dtype=parallel.additive_mask_dtype)
     validator = None
@@ -162,8 +164,9 @@ def _plan_steps(cfg: TrainConfig, data: PreparedData, parallel: Parallelism) -> 
         dropped_per_epoch=probe.dropped_per_epoch)
 
 
-def _build_model(cfg: TrainConfig, attn: str, lazy_device: Optional[torch.device]):
-    model = load_causal_lm(cfg.pretrained, attn, lazy_device)
+def _build_model(cfg: TrainConfig, attn: str, parallel: Parallelism, device: torch.device):
+    model = load_causal_lm(cfg.pretrained, attn, parallel.param_dtype,
+                           device if parallel.build_on_device else None, lazy=parallel.lazy_init)
     model.config.use_cache = False
     if cfg.use_grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -38,24 +38,28 @@ def apply_liger_kernels(mode: str, cuda: bool) -> bool:
     return True
 
 
-def load_causal_lm(pretrained: str, attn_implementation: str, lazy_device: Optional[torch.device] = None) -> nn.Module:
-    """The model in float32; plugins cast and move it (master weights stay fp32). With flex attention its decoder
-    builds the document mask from ``position_ids`` (:mod:`colossal_llama.training.attention`).
+def load_causal_lm(pretrained: str, attn_implementation: str, dtype: torch.dtype = torch.float32,
+                   device: Optional[torch.device] = None, lazy: bool = False) -> nn.Module:
+    """The model in ``dtype`` (:attr:`~colossal_llama.training.plugin.Parallelism.param_dtype`). With flex
+    attention its decoder builds the document mask from ``position_ids`` (:mod:`colossal_llama.training.attention`).
 
-    ``lazy_device=None``: the weights are read now, onto the CPU (every rank holds the whole model: 4 bytes a
-    parameter, 28 GB for 7B, in each process). Else the model is built from its config under colossalai's
-    ``LazyInitContext``: no tensor is allocated here; a plugin that shards the parameters (``3d``, ``gemini``)
-    materialises each rank's part on ``lazy_device`` when it boosts the model, and the caller must then read the
-    weights into it (:meth:`~colossal_llama.training.checkpoint.Checkpointer.load_weights`: one file at a time).
+    ``lazy=False``: the weights are read now, one safetensors file at a time, straight onto ``device`` (default
+    the CPU): every rank holds the whole model there (2 bytes a parameter in bf16: 14 GB for 7B, in each process).
+    ``lazy=True``: the model is built from its config under colossalai's ``LazyInitContext``: no tensor is
+    allocated here; a plugin that shards the parameters (``3d``, ``gemini``) materialises each rank's part on
+    ``device`` when it boosts the model, and the caller must then read the weights into it
+    (:meth:`~colossal_llama.training.checkpoint.Checkpointer.load_weights`: one file at a time).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from colossal_llama.training.attention import FLEX, install_document_mask
 
-    if lazy_device is None:
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained, torch_dtype=torch.float32, attn_implementation=attn_implementation
-        )
+    if not lazy:
+        # Built empty, then filled from the files (nothing initialised only to be overwritten); with a device, each
+        # file's tensors go straight there
+        placement = {"device_map": {"": str(device)}} if device is not None else {"low_cpu_mem_usage": True}
+        model = AutoModelForCausalLM.from_pretrained(pretrained, torch_dtype=dtype,
+                                                     attn_implementation=attn_implementation, **placement)
     else:
         from colossalai.lazy import LazyInitContext
         from transformers.modeling_utils import no_init_weights
@@ -65,8 +69,8 @@ def load_causal_lm(pretrained: str, attn_implementation: str, lazy_device: Optio
         # an error there). That includes nn.Embedding zeroing its padding row, an indexed write that colossalai
         # materialises at once: the whole embedding on every rank (4.2 GB for LLaMA-3-70B's in fp32).
         no_padding_fill = mock.patch.object(nn.Embedding, "_fill_padding_idx_with_zero", lambda self: None)
-        with LazyInitContext(default_device=lazy_device), no_init_weights(), no_padding_fill:
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32,
+        with LazyInitContext(default_device=device), no_init_weights(), no_padding_fill:
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype,
                                                      attn_implementation=attn_implementation)
             model.tie_weights()  # skipped with the initialisation; the plugins keep ties they are given
     if attn_implementation == FLEX:
