@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -157,6 +158,29 @@ def test_ten_kills_at_random_moments_resume_bitwise(reference_runs, tmp_path):
     assert_bitwise_equal(reference_runs["ddp_neft"], save_dir)
     assert [c.name for c in complete_checkpoints(save_dir)] == ["epoch-0_step-6", f"epoch-0_step-{MAX_STEPS}"]
     assert not list(save_dir.glob(TMP_PREFIX + "*"))
+
+
+def test_old_checkpoints_are_deleted_in_the_background_while_training_goes_on(reference_runs, tmp_path):
+    """Deleting a 70B run's checkpoint (a terabyte of files on a shared filesystem) can outlast what NCCL lets the
+    other ranks wait in a collective (10 minutes). With every deletion slowed down by 8 s, the run saves its next
+    checkpoint before the first deletion is done, and still ends with only the newest checkpoint, nothing left
+    over (rank 0 waited for the deletions after the last collective)."""
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("ddp", save_dir, "--keep_last_k", "1", "--max_steps", "3")
+    args[args.index("--save_interval") + 1] = "1"
+    log = train_ok(tmp_path, "slow_delete", args, env={"CL_TEST_SLOW_DELETE_S": "8"}).read_text()
+    lines = log.splitlines()
+
+    def first(pattern: str) -> int:
+        found = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+        assert found, f"no line matches {pattern!r}:\n{log[-3000:]}"
+        return found[0]
+
+    deleted_step1 = first(r"deleted \.tmp-deleting-\w+-epoch-0_step-1 in the background")
+    assert first(r"saved checkpoint .*epoch-0_step-3") < deleted_step1  # nobody waited for the deletion
+    assert first(r"--keep_last_k 1: deleting .*epoch-0_step-1") < first(r"saved checkpoint .*epoch-0_step-2")
+    assert [c.name for c in complete_checkpoints(save_dir)] == ["epoch-0_step-3"]
+    assert not list(save_dir.glob(TMP_PREFIX + "*")) and (save_dir / "modeling").is_dir()
 
 
 # ---------------------------------------------------------------------------------------------- one run per save_dir

@@ -3,7 +3,9 @@
 Atomicity: every rank writes into ``save_dir/.tmp-epoch-E_step-S``; after a barrier rank 0 writes
 ``running_states.json`` last, fsyncs the tree and renames it into place. A crash at any point before the rename
 leaves only a ``.tmp-*`` dir, which is never mistaken for a checkpoint (a complete one has
-``running_states.json`` and no ``.tmp-`` prefix) and is removed when the next run takes the save dir.
+``running_states.json`` and no ``.tmp-`` prefix) and is removed when the next run takes the save dir. Rank 0
+deletes folders (older checkpoints, leftovers) through the run's :class:`~colossal_llama.training.trash.Trash`:
+renamed aside at once, deleted in the background, so no rank waits for it in a collective.
 
 ``modeling/`` is a full Hugging Face folder (config, safetensors, tokenizer), so it doubles as the input of the
 next training stage (``--load_checkpoint .../modeling`` loads weights only) and of inference.
@@ -18,7 +20,6 @@ import logging
 import os
 import random
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE
+from colossal_llama.training.trash import Trash
 from colossal_llama.training import lora
 from colossal_llama.training.checkpoint_files import verify_checkpoint_files
 from colossal_llama.training.plugin import Parallelism
@@ -96,14 +98,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rank 0: fsync ``tmp`` and rename it to ``final`` (replacing an older ``final``)."""
+def _publish(tmp: Path, final: Path, trash: Trash) -> None:
+    """Rank 0: fsync ``tmp`` and rename it to ``final`` (an older ``final`` goes to the trash)."""
     _fsync_tree(tmp)
-    if final.exists():  # e.g. a checkpoint of the same step re-done after a resume
-        stale = final.with_name(TMP_PREFIX + "old-" + final.name)
-        shutil.rmtree(stale, ignore_errors=True)
-        final.rename(stale)
-        shutil.rmtree(stale)
+    trash.discard(final)  # e.g. a checkpoint of the same step re-done after a resume
     tmp.rename(final)
     _fsync_dir(final.parent)
 
@@ -260,8 +258,10 @@ class Checkpointer:
     """
 
     def __init__(self, booster, model, optimizer, scheduler, parallel: Parallelism, save_dir: Path,
-                 files: ModelFiles, lora: bool = False, keep_last_k: Optional[int] = None, async_save: bool = False):
+                 files: ModelFiles, trash: Trash, lora: bool = False, keep_last_k: Optional[int] = None,
+                 async_save: bool = False):
         self.booster, self.model, self.optimizer, self.scheduler = booster, model, optimizer, scheduler
+        self.trash = trash  # rank 0 deletes through it, in the background
         self.parallel = parallel
         self.save_dir = Path(save_dir)
         self.files = files
@@ -299,7 +299,7 @@ class Checkpointer:
         dist.barrier()  # every rank's shards and RNG are on disk
         if dist.get_rank() == 0:
             write_json(tmp / RUNNING_STATES, asdict(state))  # written last: its presence marks completeness
-            _publish(tmp, final)
+            _publish(tmp, final, self.trash)
             self._rotate()
         dist.barrier()
         return final
@@ -307,15 +307,13 @@ class Checkpointer:
     def _rotate(self) -> None:
         """Rank 0, after a checkpoint became complete: keep the newest ``keep_last_k`` complete checkpoints.
 
-        An old checkpoint is first renamed to a ``.tmp-`` name (one atomic step: from then on it is not a
-        checkpoint), then deleted; a crash in between leaves a leftover the next run removes."""
+        An old checkpoint is renamed to a ``.tmp-`` name at once (one atomic step: from then on it is not a
+        checkpoint) and deleted in the background; a crash in between leaves a leftover the next run removes."""
         if not self.keep_last_k:
             return
         for old in complete_checkpoints(self.save_dir)[:-self.keep_last_k]:
-            doomed = old.with_name(f"{TMP_PREFIX}deleting-{old.name}")
-            old.rename(doomed)
-            shutil.rmtree(doomed)
-            log.info("--keep_last_k %d: deleted %s", self.keep_last_k, old)
+            self.trash.discard(old)
+            log.info("--keep_last_k %d: deleting %s", self.keep_last_k, old)
 
     def save_final(self) -> Path:
         """``save_dir/modeling`` as a HF folder loadable by ``AutoModelForCausalLM.from_pretrained``."""
@@ -330,7 +328,7 @@ class Checkpointer:
             self._save_weights(tmp)
         dist.barrier()
         if dist.get_rank() == 0:
-            _publish(tmp, final)
+            _publish(tmp, final, self.trash)
         dist.barrier()
         return final
 
@@ -338,7 +336,7 @@ class Checkpointer:
         """A fresh empty ``save_dir/.tmp-<name>`` (rank 0 clears leftovers of a crashed save)."""
         tmp = self.save_dir / (TMP_PREFIX + name)
         if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.trash.discard(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
         return tmp

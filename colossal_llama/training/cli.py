@@ -24,12 +24,11 @@ USER_ERROR_EXIT = 2
 
 def run_cli(argv: Optional[List[str]] = None) -> int:
     from colossal_llama.training.config import parse_config
-    from colossal_llama.training.distributed import shutdown, stop_with_launcher
+    from colossal_llama.training.distributed import stop_with_launcher
     from colossal_llama.training.loop import train
 
     stop_with_launcher()
     train(parse_config(argv))
-    shutdown()  # only after success: a barrier with a crashed peer would hang (torchrun stops the others)
     return 0
 
 

@@ -12,13 +12,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from colossal_llama.training.attention import choose_attention, needs_dense_mask
-from colossal_llama.training.checkpoint import (Checkpointer, LoadTarget, ModelFiles, RunningState, resolve_load_target,
-                                                verify_checkpoint)
+from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTarget, ModelFiles, RunningState,
+                                                resolve_load_target, verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
 from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler
 from colossal_llama.training.inputs import RunInputs, load_inputs
-from colossal_llama.training.distributed import host_memory_peaks_gib, init_distributed, on_rank0, setup_logging
+from colossal_llama.training.distributed import (host_memory_peaks_gib, init_distributed, on_rank0, setup_logging,
+                                                 shutdown)
 from colossal_llama.training.metrics import RunMetrics, StepStats
 from colossal_llama.training.lora import apply_lora, vocabulary_was_expanded
 from colossal_llama.training.model import (NEFTune, apply_liger_kernels, count_parameters, freeze_non_embeddings,
@@ -28,6 +29,7 @@ from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
 from colossal_llama.training.run_dir import RUN_CONFIG, SaveDirLock, claim_save_dir, release_lock
 from colossal_llama.training.step import Stepper
+from colossal_llama.training.trash import Trash
 from colossal_llama.training.validation import Validator
 from colossal_llama.utils.errors import UserInputError
 
@@ -58,13 +60,14 @@ class Run:
                                 layout.dp_size, c.seed, c.shuffle_buckets, epoch, start_offset, self.inputs.mixture)
 
 
-def claim(cfg: TrainConfig) -> tuple[Optional[LoadTarget], Optional[SaveDirLock]]:
-    """Collective, before anything is built: rank 0 locks --save_dir and refuses to clobber an earlier run; then
-    --load_checkpoint is resolved and a checkpoint to resume is checked for damaged files."""
+def claim(cfg: TrainConfig, trash: Trash) -> tuple[Optional[LoadTarget], Optional[SaveDirLock]]:
+    """Collective, before anything is built: rank 0 locks --save_dir and refuses to clobber an earlier run (what
+    it removes goes to ``trash``); then --load_checkpoint is resolved and a checkpoint to resume is checked for
+    damaged files."""
     save_dir = Path(cfg.save_dir)
     target = resolve_load_target(cfg.load_checkpoint, save_dir)
     resuming = cfg.load_checkpoint == "latest" or (target is not None and target.kind == "resume")
-    lock = on_rank0(lambda: claim_save_dir(save_dir, resuming, cfg.overwrite))
+    lock = on_rank0(lambda: claim_save_dir(save_dir, resuming, cfg.overwrite, trash))
     target = resolve_load_target(cfg.load_checkpoint, save_dir)  # "latest" must not see what --overwrite removed
     if target is not None and target.kind == "resume":
         on_rank0(lambda: verify_checkpoint(target.path))
@@ -80,7 +83,8 @@ def build_run(cfg: TrainConfig) -> Run:
 
     cuda = init_distributed(cfg.seed)
     cfg = resolve_for_device(cfg, cuda)
-    target, lock = (None, None) if cfg.benchmark else claim(cfg)
+    trash = Trash(TMP_PREFIX)
+    target, lock = (None, None) if cfg.benchmark else claim(cfg, trash)
     if cfg.lora_rank and target is not None and target.kind == "weights":
         raise UserInputError(f"--load_checkpoint {target.path} with --lora_rank: give that folder as --pretrained "
                              "(LoRA adapters sit on top of the weights the model is built from)")
@@ -118,7 +122,7 @@ def build_run(cfg: TrainConfig) -> Run:
         neftune.attach(model.unwrap(unwrap_peft=False) if cfg.lora_rank else model.unwrap())
     stepper = Stepper(booster, model, optimizer, scheduler, parallel, device,
                       cfg.grad_clip, neftune, num_categories=len(data.categories))
-    checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir), model_files,
+    checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir), model_files, trash,
                                 lora=cfg.lora_rank > 0, keep_last_k=cfg.keep_last_k, async_save=cfg.async_save)
     if parallel.lazy_init and target is None:  # built without weights; a load target brings its own
         checkpointer.load_weights(Path(cfg.pretrained), flag="--pretrained")
@@ -231,11 +235,17 @@ def micro_batch_groups(run: Run, epoch: int, offset: int) -> Iterator[List[dict]
 
 
 def train(cfg: TrainConfig) -> Optional[Path]:
-    """Train per ``cfg``; returns the final HF model dir (``save_dir/modeling``)."""
+    """Train per ``cfg``, then leave the process group; returns the final HF model dir (``save_dir/modeling``).
+
+    Rank 0 waits for its background deletions only after the last collective (no rank waits for them), and keeps
+    the save dir locked until they are done."""
     setup_logging()
     run = build_run(cfg)
     try:
-        return _train(run)
+        final = _train(run)
+        shutdown()  # only after success: a barrier with a crashed peer would hang (torchrun stops the others)
+        run.checkpointer.trash.wait()
+        return final
     finally:
         if run.lock is not None:
             release_lock(run.lock)

@@ -6,7 +6,8 @@ process dies, however it dies, so a lock left by a dead run is simply taken over
 The file records who holds it (host, pid, start time) for the refusal message of a second run.
 
 While the lock is held no other run can be writing to ``save_dir``, so every ``.tmp-*`` folder found there is a
-leftover of a crashed save and is removed.
+leftover of a crashed save and is removed. Folders are removed through the run's :class:`Trash` (renamed aside at
+once, deleted in the background): the other ranks do not wait for it.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from typing import Optional
 
 from colossal_llama.training.checkpoint import CHECKPOINT_RE, FINAL_MODEL, TMP_PREFIX, complete_checkpoints
 from colossal_llama.training.metrics import EVAL_LOG, LOSS_LOG
+from colossal_llama.training.trash import Trash
 from colossal_llama.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -93,17 +94,18 @@ def earlier_run_evidence(save_dir: Path) -> Optional[Path]:
     return None
 
 
-def check_not_clobbering(save_dir: Path, resuming: bool, overwrite: bool) -> None:
-    """Refuse to start afresh over an earlier run unless ``overwrite``; with it, remove that run first."""
+def check_not_clobbering(save_dir: Path, resuming: bool, overwrite: bool, trash: Trash) -> None:
+    """Refuse to start afresh over an earlier run unless ``overwrite``; with it, remove that run first (its folders
+    through ``trash``)."""
     evidence = earlier_run_evidence(save_dir)
     if evidence is None or resuming:
         return
     if not overwrite:
         raise UserInputError(f"--save_dir {save_dir}: holds an earlier run ({evidence}); continue it with "
                              "--load_checkpoint latest, or pass --overwrite to delete it and start afresh")
-    removed = [p for p in save_dir.iterdir() if p.name != LOCK_FILE and _belongs_to_a_run(p)]
+    removed = [p for p in save_dir.iterdir() if p.name != LOCK_FILE and _belongs_to_a_run(p) and not trash.holds(p)]
     for path in removed:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        trash.discard(path) if path.is_dir() else path.unlink()
     log.warning("--overwrite: removed the earlier run in %s (%d entries: %s)", save_dir, len(removed),
                 ", ".join(sorted(p.name for p in removed)))
 
@@ -113,23 +115,24 @@ def _belongs_to_a_run(path: Path) -> bool:
             or path.name in (FINAL_MODEL, LOSS_LOG, EVAL_LOG, RUN_CONFIG))
 
 
-def remove_leftovers(save_dir: Path) -> list[str]:
-    """Remove ``.tmp-*`` folders (half-written saves of crashed runs); call only while holding the lock."""
-    removed = sorted(p.name for p in save_dir.glob(TMP_PREFIX + "*"))
+def remove_leftovers(save_dir: Path, trash: Trash) -> list[str]:
+    """Remove ``.tmp-*`` folders (half-written saves and unfinished deletions of crashed runs) through ``trash``;
+    call only while holding the lock."""
+    removed = sorted(p.name for p in save_dir.glob(TMP_PREFIX + "*") if not trash.holds(p))
     for name in removed:
-        shutil.rmtree(save_dir / name, ignore_errors=True)
+        trash.discard(save_dir / name)
     if removed:
         log.info("%s: removed %d half-written folders of an interrupted run: %s", save_dir, len(removed),
                  ", ".join(removed))
     return removed
 
 
-def claim_save_dir(save_dir: Path, resuming: bool, overwrite: bool) -> SaveDirLock:
+def claim_save_dir(save_dir: Path, resuming: bool, overwrite: bool, trash: Trash) -> SaveDirLock:
     """Rank 0, before anything is written: lock, refuse or clear an earlier run, remove leftovers."""
     lock = acquire_lock(save_dir)
     try:
-        check_not_clobbering(save_dir, resuming, overwrite)
-        remove_leftovers(save_dir)
+        check_not_clobbering(save_dir, resuming, overwrite, trash)
+        remove_leftovers(save_dir, trash)
     except BaseException:
         release_lock(lock)
         raise

@@ -7,6 +7,8 @@ Fault injection (tests of crash safety), read from the environment:
   rank wrote its shards into the ``.tmp-`` dir and just before the rename that would publish it.
 - ``CL_TEST_HOLD_AT_STEP=S``: rank 0 stops for good right after logging step S (before that step's checkpoint,
   if any); the other ranks wait for it in the next collective. A run that stays alive as long as a test needs.
+- ``CL_TEST_SLOW_DELETE_S=T``: every folder deletion of the save dir's trash takes T seconds more (the deletion of
+  a terabyte checkpoint on a shared filesystem, in small).
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ def _install_kill_during_save(step: int) -> None:
 
     publish = checkpoint._publish
 
-    def publish_or_die(tmp: Path, final: Path) -> None:
+    def publish_or_die(tmp: Path, final: Path, trash) -> None:
         if final.name.endswith(f"_step-{step}"):
             os.kill(os.getpid(), signal.SIGKILL)  # mid-save: shards on disk, not yet renamed into place
-        publish(tmp, final)
+        publish(tmp, final, trash)
 
     checkpoint._publish = publish_or_die
 
@@ -48,6 +50,20 @@ def _install_hold_at_step(step: int) -> None:
     metrics.RunMetrics.record = record_then_maybe_hold
 
 
+def _install_slow_delete(seconds: float) -> None:
+    import time
+
+    from colossal_llama.training import trash
+
+    remove_tree = trash._remove_tree
+
+    def slow_remove_tree(path: Path) -> None:
+        time.sleep(seconds)
+        remove_tree(path)
+
+    trash._remove_tree = slow_remove_tree
+
+
 def main() -> None:
     from colossal_llama.training.cli import main as train_main, quiet_library_warnings
 
@@ -57,6 +73,8 @@ def main() -> None:
         _install_kill_during_save(int(os.environ["CL_TEST_KILL_DURING_SAVE_STEP"]))
     if os.environ.get("CL_TEST_HOLD_AT_STEP"):
         _install_hold_at_step(int(os.environ["CL_TEST_HOLD_AT_STEP"]))
+    if os.environ.get("CL_TEST_SLOW_DELETE_S"):
+        _install_slow_delete(float(os.environ["CL_TEST_SLOW_DELETE_S"]))
 
     train_main(sys.argv[1:])
 
