@@ -183,6 +183,27 @@ def test_old_checkpoints_are_deleted_in_the_background_while_training_goes_on(re
     assert not list(save_dir.glob(TMP_PREFIX + "*")) and (save_dir / "modeling").is_dir()
 
 
+def test_a_rank_left_waiting_fails_after_dist_timeout_minutes(reference_runs, tmp_path):
+    """3d tp 2: rank 0 stops for good after step 2; rank 1 waits for it in a collective of the plugin's tensor-parallel
+    group, a group colossalai makes itself. With --dist_timeout_minutes 0.1 it gives up after about 6 s and the
+    launcher stops the job (gloo's default would be 30 minutes)."""
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("3d_tp2", save_dir, "--dist_timeout_minutes", "0.1")
+    proc = start_training(args, tmp_path / "held.log", env={"CL_TEST_HOLD_AT_STEP": "2"})
+    try:
+        assert wait_for_lines(save_dir / "losses.jsonl", 2, proc) == 2 and proc.poll() is None  # rank 0 is held
+        held_at = time.monotonic()
+        code = proc.wait(timeout=120)
+    except BaseException:
+        kill_launcher_and_ranks(proc)
+        raise
+    waited = time.monotonic() - held_at
+    log = (tmp_path / "held.log").read_text(errors="replace")
+    assert code != 0 and re.search(r"[Tt]imed out", log), tail(tmp_path / "held.log")
+    assert 5 < waited < 60, waited
+    assert _loss_lines(save_dir) == 2 and not alive(rank_processes(proc))
+
+
 # ---------------------------------------------------------------------------------------------- one run per save_dir
 def test_second_run_is_refused_and_a_dead_launchers_ranks_stop(reference_runs, tmp_path):
     save_dir = tmp_path / "ckpt"

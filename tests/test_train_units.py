@@ -54,6 +54,7 @@ def test_warmup_defaults_to_2_5_percent_of_steps(tiny_llama):
 @pytest.mark.parametrize("flags, message", [
     (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
     (["--tp", "2"], "needs --plugin 3d"),
+    (["--dist_timeout_minutes", "0"], r"^--dist_timeout_minutes 0.0: must be > 0$"),
     (["--plugin", "zero3"], r"^train.py: argument --plugin: invalid choice: 'zero3'"),
     (["--use_neft", "maybe"], r"argument --use_neft/--use_neftune: expected a boolean .*, got 'maybe' \(see --help\)$"),
 ])

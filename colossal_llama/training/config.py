@@ -93,6 +93,11 @@ class TrainConfig:
                           help="NEFTune: uniform noise on input embeddings while training")
     neft_alpha: float = flag(5.0, help="NEFTune noise scale alpha")
     seed: int = flag(42, help="seed of the data order, the model's RNG and NEFTune's noise")
+    dist_timeout_minutes: Optional[float] = flag(
+        None, help="how long a rank waits for the others in a collective before the job fails, in every process "
+                   "group (the world's and the plugin's tp/pp/dp groups); default torch's: 10 minutes on NCCL, 30 on "
+                   "gloo. Raise it when one rank may work alone for longer (writing a large checkpoint to a slow "
+                   "filesystem)")
     shuffle_buckets: bool = flag(False, help="shuffle all sequences globally instead of walking buckets in order")
     max_steps: Optional[int] = flag(None, help="stop after this many optimizer steps")
     log_interval: int = flag(10, help="log a line every N optimizer steps")
@@ -143,6 +148,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UserInputError(f"--{name} {getattr(cfg, name)}: must be >= 1")
     if cfg.lr <= 0:
         raise UserInputError(f"--lr {cfg.lr}: must be > 0")
+    if cfg.dist_timeout_minutes is not None and not cfg.dist_timeout_minutes > 0:
+        raise UserInputError(f"--dist_timeout_minutes {cfg.dist_timeout_minutes}: must be > 0")
     if cfg.keep_last_k is not None and cfg.keep_last_k < 1:
         raise UserInputError(f"--keep_last_k {cfg.keep_last_k}: must be >= 1 (leave it out to keep every checkpoint)")
     if cfg.max_steps is not None and cfg.max_steps < 1:

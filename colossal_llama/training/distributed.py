@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import timedelta
 from typing import Callable, Optional, TypeVar
 
 import torch
@@ -22,12 +23,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(seed: int) -> bool:
+def set_collective_timeout(minutes: Optional[float]) -> None:
+    """Every process group made after this waits at most ``minutes`` in a collective (None: torch's defaults).
+
+    colossalai makes the world group and its plugins' tp/pp/dp groups without a timeout, and torch then takes the
+    default from ``distributed_c10d``'s module globals, read when each group is made; so those are set here, before
+    any group exists (a ``timeout`` given to the world group alone would leave the plugins' groups at 10 minutes)."""
+    if minutes is None:
+        return
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(minutes=minutes)
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def init_distributed(seed: int, timeout_minutes: Optional[float] = None) -> bool:
     """Join the process group (nccl on CUDA, gloo on CPU) and seed python/numpy/torch; returns ``cuda``.
 
-    A plain ``python train.py`` (no launcher) runs as a world of one on localhost.
+    A plain ``python train.py`` (no launcher) runs as a world of one on localhost. ``timeout_minutes``: see
+    :func:`set_collective_timeout`.
     """
     import colossalai
+
+    set_collective_timeout(timeout_minutes)
 
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)

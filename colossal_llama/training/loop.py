@@ -81,7 +81,7 @@ def build_run(cfg: TrainConfig) -> Run:
 
     from colossal_llama.tokenizer.loading import load_tokenizer
 
-    cuda = init_distributed(cfg.seed)
+    cuda = init_distributed(cfg.seed, cfg.dist_timeout_minutes)
     cfg = resolve_for_device(cfg, cuda)
     trash = Trash(TMP_PREFIX)
     target, lock = (None, None) if cfg.benchmark else claim(cfg, trash)

@@ -44,7 +44,7 @@ def _install_hold_at_step(step: int) -> None:
 
     def record_then_maybe_hold(self, stats) -> None:
         record(self, stats)
-        if stats.step == step:
+        if stats.step == step and os.environ.get("RANK", "0") == "0":
             time.sleep(3600)
 
     metrics.RunMetrics.record = record_then_maybe_hold
