@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 
 from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE
-from colossal_llama.training.trash import Trash
 from colossal_llama.training import lora
 from colossal_llama.training.checkpoint_files import verify_checkpoint_files
 from colossal_llama.training.plugin import Parallelism
+from colossal_llama.training.trash import Trash
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.json_files import write_json
 
