@@ -2,7 +2,8 @@
 
 Specification (tiny LLaMA with the real SmolLM2 tokenizer, real prepared data, 4 optimizer steps of 4 packed rows):
 - each of the six plugins (ddp, zero2, zero2_cpu, gemini, gemini_auto, 3d) trains in bf16, really as itself (the
-  plugin class in its run plan), with per-step losses within 2 % of ddp's;
+  plugin class in its run plan), with per-step losses within 2 % of ddp's; ddp and ZeRO read the model straight
+  onto the GPU (ddp in fp32, ZeRO in bf16), gemini and 3d build it lazily in bf16 (the run's "model ready" line);
 - fp16 with loss scaling (zero2) runs: finite losses, and its first loss (before any update) within 2 % of ddp's;
 - attention: ``auto`` trains with FlexAttention and its document mask when flash-attn is absent, and gives the
   same per-step losses as the dense-mask sdpa path within 1e-2; Liger kernels on vs off likewise;
@@ -284,6 +285,12 @@ def test_each_plugin_trains_in_bf16_within_2_percent_of_ddp(runs, plugin):
         assert abs(b - a) <= 0.02 * abs(a), f"{plugin} step {step}: ddp {a:.4f} vs {b:.4f}"
     assert got[-1] < got[0], f"{plugin} did not learn: {got}"
     assert plan(runs, plugin)["plugin_class"] == PLUGIN_CLASS[plugin]
+    # built where and in what it trains: ddp/ZeRO read whole straight onto the GPU (ddp in fp32, it autocasts),
+    # gemini/3d built lazily in bf16
+    built = {"ddp": "float32 on the GPU", "zero2": "bfloat16 on the GPU", "zero2_cpu": "bfloat16 on the GPU"}
+    expected = built.get(plugin, "bfloat16, lazily")
+    log = runs[plugin]["log"]
+    assert re.search(rf"model ready: host memory peak [\d.]+ GiB .*built in {expected}", log.read_text()), tail(log)
 
 
 def test_fp16_with_loss_scaling_runs(runs):

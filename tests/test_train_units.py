@@ -362,10 +362,10 @@ def test_weight_names_must_be_the_models_apart_from_a_tied_head_and_old_rotary_t
         check_weight_names(model, model | {"model.layers.1.mlp.up_proj.weight"}, False, "X")
 
 
-@pytest.mark.parametrize("plugin, precision, dtype", [("ddp", "bf16", torch.float32), ("ddp", "fp32", torch.float32),
-                                                      ("zero2", "bf16", torch.bfloat16), ("zero2_cpu", "fp16", torch.float16),
-                                                      ("3d", "bf16", torch.bfloat16), ("gemini", "bf16", torch.bfloat16),
-                                                      ("zero2", "fp32", torch.float32)])
+@pytest.mark.parametrize("plugin, precision, dtype", [
+    ("ddp", "bf16", torch.float32), ("ddp", "fp32", torch.float32), ("zero2", "bf16", torch.bfloat16),
+    ("zero2_cpu", "fp16", torch.float16), ("3d", "bf16", torch.bfloat16), ("gemini", "bf16", torch.bfloat16),
+    ("zero2", "fp32", torch.float32)])
 def test_the_model_is_built_in_the_precision_the_plugin_casts_it_to(tiny_llama, plugin, precision, dtype):
     from colossal_llama.training.plugin import param_dtype
 
@@ -385,7 +385,8 @@ def test_a_model_read_in_bf16_is_the_fp32_one_cast(tiny_llama):
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}  # read in bf16, not cast after
     cast, read = fp32.to(torch.bfloat16).state_dict(), bf16.state_dict()
     assert cast.keys() == read.keys()
-    different = [name for name in cast if cast[name].dtype != read[name].dtype or not torch.equal(cast[name], read[name])]
+    different = [name for name in cast
+                 if cast[name].dtype != read[name].dtype or not torch.equal(cast[name], read[name])]
     assert not different, different
     assert bf16.lm_head.weight is bf16.model.embed_tokens.weight
     # read straight onto a device (ddp and ZeRO on CUDA: no whole copy in host memory); here the CPU stands in
