@@ -392,3 +392,25 @@ def test_a_model_read_in_bf16_is_the_fp32_one_cast(tiny_llama):
     # read straight onto a device (ddp and ZeRO on CUDA: no whole copy in host memory); here the CPU stands in
     on_device = load_causal_lm(str(tiny_llama), "sdpa", torch.bfloat16, device=torch.device("cpu")).state_dict()
     assert all(torch.equal(on_device[name], read[name]) for name in read) and on_device.keys() == read.keys()
+
+
+def test_the_trash_renames_aside_at_once_and_deletes_in_the_background(tmp_path, monkeypatch):
+    import threading
+
+    from colossal_llama.training import trash as trash_module
+
+    release = threading.Event()
+    remove_tree = trash_module._remove_tree
+    monkeypatch.setattr(trash_module, "_remove_tree", lambda path: (release.wait(30), remove_tree(path)))
+    old = tmp_path / "epoch-0_step-1"
+    (old / "modeling").mkdir(parents=True)
+    leftover = tmp_path / ".tmp-deleting-0123abcd-epoch-0_step-0"  # left aside by a crashed run
+    leftover.mkdir()
+    trash = trash_module.Trash(".tmp-")
+    aside = trash.discard(old)
+    assert not old.exists() and aside.is_dir() and aside.name.startswith(".tmp-deleting-")  # aside, not yet deleted
+    assert trash.holds(aside) and trash.discard(aside) is None and trash.discard(tmp_path / "missing") is None
+    assert trash.discard(leftover) == leftover  # not renamed again
+    release.set()
+    trash.wait()
+    assert not aside.exists() and not leftover.exists() and trash.deleted == 2 and list(tmp_path.iterdir()) == []

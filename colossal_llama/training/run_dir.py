@@ -105,7 +105,10 @@ def check_not_clobbering(save_dir: Path, resuming: bool, overwrite: bool, trash:
                              "--load_checkpoint latest, or pass --overwrite to delete it and start afresh")
     removed = [p for p in save_dir.iterdir() if p.name != LOCK_FILE and _belongs_to_a_run(p) and not trash.holds(p)]
     for path in removed:
-        trash.discard(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            trash.discard(path)
+        else:
+            path.unlink()
     log.warning("--overwrite: removed the earlier run in %s (%d entries: %s)", save_dir, len(removed),
                 ", ".join(sorted(p.name for p in removed)))
 

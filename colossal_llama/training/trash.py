@@ -45,11 +45,14 @@ class Trash:
 
     def discard(self, path: Path) -> Optional[Path]:
         """Rename ``path`` aside now and delete it in the background; returns the name it now has (None when it
-        did not exist). A path this trash already holds is left as it is."""
+        did not exist). A path this trash already holds is left as it is; one already aside is not renamed again
+        (a run that crashes again and again while deleting must not grow the name)."""
         if self.holds(path) or not path.exists():
             return None
-        aside = path.with_name(f"{self.prefix}deleting-{uuid.uuid4().hex[:8]}-{path.name}")
-        path.rename(aside)
+        aside = path
+        if not path.name.startswith(self.prefix + "deleting-"):  # one a crashed run left aside keeps its name
+            aside = path.with_name(f"{self.prefix}deleting-{uuid.uuid4().hex[:8]}-{path.name}")
+            path.rename(aside)
         with self._lock:
             self._held.add(aside)
         if self._thread is None:
