@@ -32,7 +32,7 @@ class Trash:
     daemon thread (started on first use). Errors are logged, never raised: what is left is a leftover."""
 
     def __init__(self, prefix: str):
-        self.prefix = prefix
+        self.aside_prefix = prefix + "deleting-"  # what a folder set aside is called: <this><random>-<its name>
         self._queue: "queue.Queue[Optional[Path]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._held: Set[Path] = set()  # renamed, not yet deleted
@@ -50,8 +50,8 @@ class Trash:
         if self.holds(path) or not path.exists():
             return None
         aside = path
-        if not path.name.startswith(self.prefix + "deleting-"):  # one a crashed run left aside keeps its name
-            aside = path.with_name(f"{self.prefix}deleting-{uuid.uuid4().hex[:8]}-{path.name}")
+        if not path.name.startswith(self.aside_prefix):  # one a crashed run left aside keeps its name
+            aside = path.with_name(f"{self.aside_prefix}{uuid.uuid4().hex[:8]}-{path.name}")
             path.rename(aside)
         with self._lock:
             self._held.add(aside)
