@@ -194,6 +194,21 @@ def test_buckets_are_walked_in_order_and_reshuffled_each_epoch():
     assert sorted(mixed) == list(range(15)) and max(mixed[:5]) >= 5  # buckets no longer contiguous
 
 
+def test_the_epoch_order_takes_4_bytes_a_sequence_and_is_the_order_checkpoints_were_made_with():
+    """Checkpoints of earlier versions resume at the same sample: the order is still numpy's permutation per bucket
+    (``start + permutation(size)``), now shuffled in place in 4-byte indices."""
+    sizes = [1000, 1, 0, 2345]
+    for shuffle in (False, True):
+        rng = np.random.default_rng([7, 2])
+        if shuffle:
+            previous = rng.permutation(sum(sizes))
+        else:
+            starts = np.cumsum([0, *sizes[:-1]])
+            previous = np.concatenate([start + rng.permutation(size) for start, size in zip(starts, sizes)])
+        order = epoch_order(sizes, seed=7, epoch=2, shuffle_buckets=shuffle)
+        assert order.itemsize == 4 and np.array_equal(order, previous), shuffle
+
+
 def test_sampler_splits_each_global_batch_across_ranks_and_resumes_exactly():
     sizes = [11, 10]
     common = dict(bucket_sizes=sizes, micro_batch=2, accumulation_steps=2, dp_size=2, seed=3, shuffle_buckets=False)

@@ -232,17 +232,23 @@ def load_training_data(dataset_args: Sequence[str], tokenizer, model_vocab_rows:
 def epoch_order(bucket_sizes: Sequence[int], seed: int, epoch: int, shuffle_buckets: bool) -> np.ndarray:
     """Indices of one epoch: bucket 0 shuffled, then bucket 1 shuffled, ... or one global shuffle.
 
-    Pure function of its arguments (the reason resume is exact); different epochs give different orders.
+    Pure function of its arguments (the reason resume is exact); different epochs give different orders. Built in
+    place as 4-byte indices (8 with 2**32 sequences or more), each bucket's ``arange`` shuffled where it lies: the
+    same order as ``start + rng.permutation(size)`` per bucket (numpy's permutation is that shuffle), without its
+    int64 arrays and their concatenation (24 M sequences, 100 B tokens of 4,096: 96 MB a rank instead of 384 MB
+    at the peak).
     """
     total = int(sum(bucket_sizes))
+    order = np.arange(total, dtype=np.uint32 if total < 2**32 else np.int64)
     rng = np.random.default_rng([seed, epoch])
     if shuffle_buckets:
-        return rng.permutation(total)
-    order, start = [], 0
+        rng.shuffle(order)
+        return order
+    start = 0
     for size in bucket_sizes:
-        order.append(start + rng.permutation(size))
+        rng.shuffle(order[start:start + size])
         start += size
-    return np.concatenate(order)
+    return order
 
 
 @dataclass
