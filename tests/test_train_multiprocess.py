@@ -5,6 +5,8 @@ Specification:
 - ddp, zero2, zero2_cpu (optimizer states offloaded) and 3d (tp=2) give the same per-step losses for the same
   global batch, and each really ran as itself: the plugin class and offload recorded in the run plan, the
   checkpoint layout only that plugin writes, and a loss curve that is not bit-identical to ddp's;
+- the loss computed in chunks of scored positions trains as transformers' loss over the full logits does (the
+  run plan says which loss each layout used);
 - NEFTune really perturbs training (the curve differs from plain ddp);
 - a ``modeling/`` folder given to ``--load_checkpoint`` starts a new stage from those weights.
 Crash safety (kills, resume, locks, damaged files) is specified in ``test_train_crash.py``.
@@ -16,7 +18,7 @@ import json
 import pytest
 
 from colossal_llama.training.checkpoint import latest_checkpoint
-from tests.support.train_runs import MAX_STEPS, losses, train_ok
+from tests.support.train_runs import LOSS_CHUNK, MAX_STEPS, losses, train_ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -71,6 +73,21 @@ def test_plugins_match_ddp_and_really_ran(reference_runs, name):
         for relative in files:
             assert (checkpoint / relative).is_file(), f"{run}: {relative} missing in {checkpoint}"
     assert not (latest_checkpoint(reference_runs[name]) / "optimizer" / "optimizer.bin").exists()
+
+
+def test_the_chunked_loss_trains_as_transformers_full_logits_loss(reference_runs):
+    """Every layout of these tests computes the loss in chunks of LOSS_CHUNK scored positions (several per
+    micro-batch); this is the same ddp run with transformers' loss over the full logits."""
+    chunked, full = losses(reference_runs["ddp"]), losses(reference_runs["ddp_full_logits"])
+    assert len(chunked) == len(full) == MAX_STEPS
+    for step, (a, b) in enumerate(zip(full, chunked), start=1):
+        assert abs(a - b) <= LAYOUT_RTOL * abs(a), f"step {step}: full logits {a!r} vs chunked {b!r}"
+    assert chunked != full, "bit-identical curves: did the chunked loss run at all?"  # its sums run in another order
+    plans = {run: json.loads(reference_runs.config(run).read_text())["plan"] for run in ("ddp", "ddp_full_logits",
+                                                                                         "zero2", "3d_tp2")}
+    assert {run: (plan["loss"], plan["loss_chunk_tokens"]) for run, plan in plans.items()} == {
+        "ddp": ("scored_chunks", LOSS_CHUNK), "zero2": ("scored_chunks", LOSS_CHUNK),
+        "ddp_full_logits": ("transformers", 0), "3d_tp2": ("colossalai", 0)}
 
 
 def test_neftune_changes_the_loss_curve(reference_runs):

@@ -119,6 +119,11 @@ class TrainConfig:
     liger: str = flag("auto", choices=("auto", "on", "off"),
                       help="Liger fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA; "
                            "auto = when liger_kernel is installed")
+    loss_chunk_tokens: Optional[int] = flag(
+        None, help="the loss runs the LM head on scored positions only, this many at a time, recomputing each chunk's "
+                   "logits in the backward pass (never the whole (tokens x vocab) logits); default: a chunk's float32 "
+                   "logits take 256 MiB (523 positions at a 128k vocabulary); 0: transformers' loss over the full "
+                   "logits. Not with Liger (its fused loss chunks itself) nor --tp/--pp/--sp (colossalai's loss)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +155,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserInputError(f"--lr {cfg.lr}: must be > 0")
     if cfg.dist_timeout_minutes is not None and not cfg.dist_timeout_minutes > 0:
         raise UserInputError(f"--dist_timeout_minutes {cfg.dist_timeout_minutes}: must be > 0")
+    if cfg.loss_chunk_tokens is not None and cfg.loss_chunk_tokens < 0:
+        raise UserInputError(f"--loss_chunk_tokens {cfg.loss_chunk_tokens}: must be >= 0 (0: transformers' loss)")
     if cfg.keep_last_k is not None and cfg.keep_last_k < 1:
         raise UserInputError(f"--keep_last_k {cfg.keep_last_k}: must be >= 1 (leave it out to keep every checkpoint)")
     if cfg.max_steps is not None and cfg.max_steps < 1:

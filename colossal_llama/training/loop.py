@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from colossal_llama.model.scored_loss import install_scored_loss
 from colossal_llama.training.attention import choose_attention, needs_dense_mask
 from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTarget, ModelFiles, RunningState,
                                                 resolve_load_target, verify_checkpoint)
@@ -22,8 +23,8 @@ from colossal_llama.training.distributed import (host_memory_peaks_gib, init_dis
                                                  shutdown)
 from colossal_llama.training.metrics import RunMetrics, StepStats
 from colossal_llama.training.lora import apply_lora, vocabulary_was_expanded
-from colossal_llama.training.model import (NEFTune, apply_liger_kernels, count_parameters, freeze_non_embeddings,
-                                           load_causal_lm)
+from colossal_llama.training.model import (NEFTune, apply_liger_kernels, choose_loss, count_parameters,
+                                           freeze_non_embeddings, load_causal_lm)
 from colossal_llama.training.optim import WarmupCosineLR, build_optimizer
 from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
@@ -98,14 +99,16 @@ def build_run(cfg: TrainConfig) -> Run:
     cfg, steps = _plan_steps(cfg, data, parallel)
     attn = choose_attention(cfg.attention, cuda, cfg.use_flash_attn, parallel.dense_mask_only)
     liger = apply_liger_kernels(cfg.liger, cuda)
+    loss, loss_chunk = choose_loss(cfg.loss_chunk_tokens, liger, parallel.forward_is_the_models,
+                                   model_config.vocab_size)
     device = get_accelerator().get_current_device()
-    model = _build_model(cfg, attn, parallel, device)
+    model = _build_model(cfg, attn, parallel, device, loss_chunk)
     model_files = ModelFiles(model_config, tokenizer, data.chat_template, frozenset(model.state_dict()))
     num_params = count_parameters(model)
     model, trainable = _choose_trainable(cfg, model)
     plan = RunPlan(**steps, world_size=dist.get_world_size(), dp_size=parallel.layout.dp_size,
                    plugin_class=parallel.plugin_class, cpu_offload=parallel.cpu_offload, attn_implementation=attn,
-                   liger=liger, num_parameters=num_params, trainable_parameters=trainable)
+                   liger=liger, loss=loss, loss_chunk_tokens=loss_chunk, num_parameters=num_params, trainable_parameters=trainable)
     _log_plan(cfg, plan, data)
     if dist.get_rank() == 0 and not cfg.benchmark:
         write_run_config(cfg, plan, Path(cfg.save_dir) / RUN_CONFIG)
@@ -168,10 +171,14 @@ def _plan_steps(cfg: TrainConfig, data: PreparedData, parallel: Parallelism) -> 
         dropped_per_epoch=probe.dropped_per_epoch)
 
 
-def _build_model(cfg: TrainConfig, attn: str, parallel: Parallelism, device: torch.device):
+def _build_model(cfg: TrainConfig, attn: str, parallel: Parallelism, device: torch.device, loss_chunk: int):
+    """The model to boost; ``loss_chunk`` > 0: its loss runs the LM head on scored positions in chunks of that
+    many (before LoRA wraps it, so the adapters' forward calls it)."""
     model = load_causal_lm(cfg.pretrained, attn, parallel.param_dtype,
                            device if parallel.build_on_device else None, lazy=parallel.lazy_init)
     model.config.use_cache = False
+    if loss_chunk:
+        install_scored_loss(model, loss_chunk)
     if cfg.use_grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora_rank:  # frozen inputs to checkpointed blocks still need a graph for the adapters inside
@@ -198,10 +205,17 @@ def _log_plan(cfg: TrainConfig, plan: RunPlan, data: PreparedData) -> None:
              "%d sequences/epoch skipped (epoch tail smaller than a global batch)",
              sum(data.bucket_sizes), len(data.bucket_sizes), plan.global_batch, plan.steps_per_epoch,
              plan.total_steps, plan.dropped_per_epoch)
-    log.info("plugin %s (%s%s), precision %s, attention %s, world %d (dp %d), %d of %d parameters train",
+    log.info("plugin %s (%s%s), precision %s, attention %s, loss %s, world %d (dp %d), %d of %d parameters train",
              cfg.plugin, plan.plugin_class, ", optimizer offloaded to CPU" if plan.cpu_offload else "",
-             cfg.mixed_precision, plan.attn_implementation, plan.world_size, plan.dp_size,
+             cfg.mixed_precision, plan.attn_implementation, _loss_words(plan), plan.world_size, plan.dp_size,
              plan.trainable_parameters, plan.num_parameters)
+
+
+def _loss_words(plan: RunPlan) -> str:
+    if plan.loss == "scored_chunks":
+        return f"on scored positions, {plan.loss_chunk_tokens} per LM-head call"
+    return {"liger": "Liger fused linear cross-entropy", "colossalai": "colossalai's vocabulary-parallel",
+            "transformers": "transformers' (full logits)"}[plan.loss]
 
 
 def start_state(run: Run) -> RunningState:

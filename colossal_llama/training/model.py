@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from colossal_llama.model.scored_loss import default_chunk_tokens
+
 log = logging.getLogger(__name__)
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
@@ -36,6 +38,24 @@ def apply_liger_kernels(mode: str, cuda: bool) -> bool:
                                 fused_linear_cross_entropy=True)
     log.info("Liger fused kernels on (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)")
     return True
+
+
+LOSSES = ("liger", "colossalai", "transformers", "scored_chunks")  # RunPlan.loss: which code computes the loss
+
+
+def choose_loss(chunk_tokens: Optional[int], liger: bool, forward_is_the_models: bool,
+                vocab_size: int) -> tuple[str, int]:
+    """``(loss, chunk)``: which of :data:`LOSSES` trains, and for ``scored_chunks`` the positions per LM-head call
+    (:mod:`colossal_llama.model.scored_loss`; 0 otherwise). Liger's fused loss and colossalai's vocabulary-parallel
+    one (tensor/pipeline/sequence parallelism replace the model's forward) come first; ``--loss_chunk_tokens 0``
+    keeps transformers' loss over the full logits."""
+    loss = ("liger" if liger else "colossalai" if not forward_is_the_models else
+            "transformers" if chunk_tokens == 0 else "scored_chunks")
+    if chunk_tokens and loss != "scored_chunks":
+        log.warning("--loss_chunk_tokens %d has no effect: the %s loss trains", chunk_tokens, loss)
+    if loss != "scored_chunks":
+        return loss, 0
+    return loss, chunk_tokens or default_chunk_tokens(vocab_size)
 
 
 def load_causal_lm(pretrained: str, attn_implementation: str, dtype: torch.dtype = torch.float32,

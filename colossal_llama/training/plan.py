@@ -28,6 +28,8 @@ class RunPlan:
     # model
     attn_implementation: str
     liger: bool
+    loss: str  # which code computes the loss (colossal_llama.training.model.LOSSES)
+    loss_chunk_tokens: int  # scored_chunks: positions per LM-head call; 0 for the other losses
     num_parameters: int
     trainable_parameters: int
 

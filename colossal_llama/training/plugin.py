@@ -53,6 +53,8 @@ class Parallelism:
     sequence_multiple: int  # padded sequence lengths must divide by this (sequence parallelism splits them)
     additive_mask_dtype: Optional[torch.dtype]  # sequence parallelism: colossalai's attention adds the mask
     dense_mask_only: bool  # pipeline / sequence parallelism: colossalai's forwards take a dense mask, nothing else
+    forward_is_the_models: bool  # the model's own (transformers) forward runs and computes the loss; tensor,
+    # pipeline and sequence parallelism replace it with colossalai's (vocabulary-parallel cross-entropy)
 
     @property
     def plugin_class(self) -> str:
@@ -154,4 +156,5 @@ def build_parallel(cfg: TrainConfig, cuda: bool) -> Parallelism:
         sequence_multiple=max(cfg.tp, cfg.sp) if sequence_parallel(cfg) else 1,
         additive_mask_dtype=PRECISION_DTYPES[cfg.mixed_precision] if sequence_parallel(cfg) else None,
         dense_mask_only=cfg.pp > 1 or sequence_parallel(cfg),
+        forward_is_the_models=not (cfg.tp > 1 or cfg.pp > 1 or sequence_parallel(cfg)),
     )

@@ -23,12 +23,16 @@ NEFT = ["--use_neft"]
 RECOMPUTE = ["--use_grad_checkpoint"]
 TP2 = ["--plugin", "3d", "--tp", "2", "--zero_stage", "0", *DP1_BATCH]
 PP2 = ["--plugin", "3d", "--pp", "2", "--zero_stage", "0", "--batch_size", "4", "--microbatch_size", "2"]
+# Several LM-head calls per micro-batch (about 100 scored tokens), so every layout that computes the loss itself
+# trains through the chunked loss and its recomputation; tp/pp/sp runs use colossalai's loss (and log that)
+LOSS_CHUNK = 32
 LORA_RANK = 8
 LORA = ["--lora_rank", str(LORA_RANK), "--lora_alpha", "16", "--lora_train_embeddings", "on"]
 
 # name -> the flags that differ between reference runs
 LAYOUTS: Dict[str, List[str]] = {
     "ddp": ["--plugin", "ddp", *DP2_BATCH],
+    "ddp_full_logits": ["--plugin", "ddp", *DP2_BATCH, "--loss_chunk_tokens", "0"],  # transformers' own loss
     "zero2": ["--plugin", "zero2", *DP2_BATCH],
     "zero2_cpu": ["--plugin", "zero2_cpu", *DP2_BATCH],
     "3d_tp2": TP2,
@@ -54,7 +58,7 @@ def train_args(model: Path, data: Path, save_dir: Path, *extra: str) -> List[str
     return ["--pretrained", str(model), "--dataset", str(data / "arrow"), "--save_dir", str(save_dir),
             "--max_length", "128", "--max_steps", str(MAX_STEPS), "--save_interval", str(SAVE_INTERVAL),
             "--lr", "2e-3", "--warmup_steps", "2", "--log_interval", "4", "--mixed_precision", "fp32",
-            *validation_args(data), *extra]
+            "--loss_chunk_tokens", str(LOSS_CHUNK), *validation_args(data), *extra]
 
 
 def validation_args(data: Path) -> List[str]:
