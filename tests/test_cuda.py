@@ -6,7 +6,8 @@ Specification (tiny LLaMA with the real SmolLM2 tokenizer, real prepared data, 4
   onto the GPU (ddp in fp32, ZeRO in bf16), gemini and 3d build it lazily in bf16 (the run's "model ready" line);
 - fp16 with loss scaling (zero2) runs: finite losses, and its first loss (before any update) within 2 % of ddp's;
 - attention: ``auto`` trains with FlexAttention and its document mask when flash-attn is absent, and gives the
-  same per-step losses as the dense-mask sdpa path within 1e-2; Liger kernels on vs off likewise;
+  same per-step losses as the dense-mask sdpa path within 1e-2; Liger kernels on vs off likewise (off: the loss on
+  scored positions in chunks, on the GPU);
 - ``--load_checkpoint`` of step 2 resumes zero2 and gemini (ColossalAI issue 5597: the original's gemini resume
   hangs): steps 3-4 see the same data (token counts) and schedule (lr) exactly, step 3's loss (same bf16 weights,
   same batch) within 1e-4 and step 4's within 2e-3. Not bit for bit: ZeRO/Gemini keep fp32 master weights that
@@ -315,6 +316,8 @@ def test_auto_attention_is_flex_without_flash_attn_and_matches_sdpa(runs):
 def test_liger_on_and_off_give_the_same_losses(runs):
     assert plan(runs, "ddp")["liger"] is True, "liger_kernel is not installed: the kit is incomplete"
     assert plan(runs, "ddp_no_liger")["liger"] is False
+    # without Liger the loss runs on scored positions in chunks (its CUDA path), with it Liger's fused loss
+    assert (plan(runs, "ddp")["loss"], plan(runs, "ddp_no_liger")["loss"]) == ("liger", "scored_chunks")
     on, off = losses(finished(runs, "ddp")), losses(finished(runs, "ddp_no_liger"))
     for step, (a, b) in enumerate(zip(on, off), start=1):
         assert abs(a - b) <= 1e-2, f"step {step}: Liger {a:.5f} vs plain {b:.5f}"
