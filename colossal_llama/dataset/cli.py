@@ -11,13 +11,13 @@ from pathlib import Path
 
 from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig, SFTPrepConfig, Shard
 from colossal_llama.dataset.pipeline import prepare_pretrain, prepare_sft
-from colossal_llama.utils.cli import add_flags, config_from
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from
 from colossal_llama.utils.errors import UserInputError, cli_entry
 
 
 def _common_parser(description: str, config_cls) -> argparse.ArgumentParser:
     """Inputs, outputs and shards by hand (they become paths, a layout and a shard); the rest from ``config_cls``."""
-    p = argparse.ArgumentParser(description=description)
+    p = OneLineErrorParser(description=description)
     p.add_argument("--data_input_dirs", required=True, help="comma-separated dirs (or files) of jsonl[.gz|.zst]")
     p.add_argument("--tokenizer_dir", required=True)
     p.add_argument("--data_output_dirs", help="OUT: writes OUT/{cache,jsonl,arrow} and OUT/manifest.json "

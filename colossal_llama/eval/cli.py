@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
-from colossal_llama.utils.cli import add_flags, config_from
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.paths import data_root
 from colossal_llama.utils.ranks import Ranks
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from colossal_llama.eval.bits_per_char import BpcConfig
     from colossal_llama.eval.multiple_choice import MCConfig
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     mc = _subcommand(sub, "mc", "multiple-choice accuracy (MMLU format): answer-letter logits or cloze", MCConfig)
     mc.add_argument("--data", default=None,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from colossal_llama.utils.cli import add_flags, config_from, str2bool
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, str2bool
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.ranks import Ranks
 
@@ -92,7 +92,7 @@ def sampling_from_args(args):
 def build_parser() -> argparse.ArgumentParser:
     from colossal_llama.inference.prompting import PROMPT_STYLES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_args(p)
     p.add_argument("--input_txt", default=None, help="a prompt, or a file with one prompt per line")
     p.add_argument("--prompt_style", default="sft", choices=PROMPT_STYLES,

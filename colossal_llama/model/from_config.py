@@ -5,11 +5,11 @@ the rest of the pipeline then runs unchanged on a real tokenizer and real text.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from colossal_llama.tokenizer.loading import load_tokenizer
+from colossal_llama.utils.cli import OneLineErrorParser
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.output import clear_output_dir
 
@@ -69,7 +69,7 @@ def save_llama_from_config(tokenizer_dir: Path, output_dir: Path, shape: str = "
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer_dir", required=True, type=Path)
     parser.add_argument("--output_dir", required=True, type=Path)
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))

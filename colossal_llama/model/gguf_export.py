@@ -5,13 +5,13 @@ models arrive. Quantised GGUF tensors are dequantised by transformers' GGUF load
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import traceback
 from pathlib import Path
 
 import torch
 
+from colossal_llama.utils.cli import OneLineErrorParser
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.output import clear_output_dir, remove_stale_siblings, replace_dir, tmp_sibling
 
@@ -101,7 +101,7 @@ def normalise_gguf_tokenizer(gguf_tokenizer, config):
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf_file", required=True, type=Path)
     parser.add_argument("--output_dir", required=True, type=Path)
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))

@@ -29,7 +29,7 @@ from colossal_llama.model.checkpoint_files import WEIGHT_SUFFIXES, CheckpointLay
 from colossal_llama.model.safetensors_stream import OutputTensor, write_safetensors, write_tensor_bytes
 from colossal_llama.model.vocab_mapping import check_is_expansion, source_piece_ids
 from colossal_llama.tokenizer.loading import load_tokenizer
-from colossal_llama.utils.cli import add_flags, config_from, flag
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.json_files import read_json
 from colossal_llama.utils.output import remove_stale_siblings, replace_dir, tmp_sibling
@@ -332,7 +332,7 @@ def format_report(report: InitReport) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     add_flags(parser, InitModelConfig)
     parser.add_argument("--report_json", type=Path, default=None, help="also write the report as JSON here")
     return parser

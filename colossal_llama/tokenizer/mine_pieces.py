@@ -22,7 +22,6 @@ be cut out of "expect" and English would encode worse.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 from collections import Counter
@@ -36,7 +35,7 @@ from tqdm import tqdm
 from colossal_llama.tokenizer.base_vocab import SP_SPACE, base_vocab_texts
 from colossal_llama.tokenizer.pieces import write_pieces_file
 from colossal_llama.utils.apportion import largest_remainder
-from colossal_llama.utils.cli import add_flags, config_from, flag
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import DataError, UserInputError, cli_entry
 from colossal_llama.utils.jsonl import find_jsonl_files, iter_jsonl
 
@@ -310,7 +309,7 @@ def mine_pieces(cfg: MineConfig) -> tuple[list[str], MiningReport]:
 
 
 def parse_args(argv=None) -> MineConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(description=__doc__.splitlines()[0])
     add_flags(p, MineConfig)
     return config_from(p.parse_args(argv), MineConfig)
 

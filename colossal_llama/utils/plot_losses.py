@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from colossal_llama.utils.cli import OneLineErrorParser
 from colossal_llama.utils.errors import UserInputError, cli_entry
 
 TAGS = {  # tag -> y-axis label, in subplot order
@@ -99,7 +100,7 @@ def plot_scalars(series: Dict[str, Series], output, title: Optional[str] = None)
 
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log_dir", required=True, help="TensorBoard dir written by train.py --tensorboard_dir")
     p.add_argument("--output", default=None, help="PNG path (default: <log_dir>/losses.png)")
     p.add_argument("--title", default=None)

@@ -27,6 +27,7 @@ from typing import Iterator, List, Optional
 from colossal_llama.inference.chat import drop_empty_exchanges, fit_history
 from colossal_llama.inference.generation import SamplingConfig, generate_stream
 from colossal_llama.inference.loading import context_length
+from colossal_llama.utils.cli import OneLineErrorParser
 from colossal_llama.utils.errors import UserInputError, cli_entry
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The generation CLI's model, sampling and template flags, plus ``--host`` and ``--port``."""
     from colossal_llama.inference.cli import add_generation_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_args(p)
     p.add_argument("--host", default="127.0.0.1", help="keep the default unless you mean to expose the model")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
