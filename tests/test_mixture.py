@@ -83,3 +83,41 @@ def test_a_down_weighted_group_shows_new_rows_each_epoch():
 def test_largest_remainder_is_exact_to_one():
     counts = largest_remainder([0.5, 0.3333, 0.1667], 10)
     assert counts.sum() == 10 and all(abs(c - s * 10) < 1 for c, s in zip(counts, [0.5, 0.3333, 0.1667]))
+
+
+def _order_as_first_released(mixture, seed: int, epoch: int, shuffle_buckets: bool) -> np.ndarray:
+    """The order as the mixture first drew it (int64 permutations and copies): checkpoints made then resume at a
+    sample index into this order, so it must never change."""
+    import zlib
+
+    def stream(rows, key, start, count):
+        n = len(rows)
+        first, last = start // n, (start + count - 1) // n
+        cycles = [rows[np.random.default_rng([*key, c]).permutation(n)] for c in range(first, last + 1)]
+        return np.concatenate(cycles)[start - first * n: start - first * n + count] if count else rows[:0]
+
+    order = []
+    for k, groups in enumerate(mixture.buckets):
+        counts = largest_remainder([g.share for g in groups], sum(len(g.rows) for g in groups))
+        rows = np.concatenate([stream(g.rows, [seed, k, g.key[0], zlib.crc32(g.key[1].encode())], epoch * n, n)
+                               for g, n in zip(groups, counts)])
+        order.append(rows[np.random.default_rng([seed, epoch, k]).permutation(len(rows))])
+    everything = np.concatenate(order)
+    return everything[np.random.default_rng([seed, epoch]).permutation(len(everything))] if shuffle_buckets else everything
+
+
+@pytest.mark.parametrize("dataset_weights, category_weights", [({0: 0.7, 1: 0.3}, {}), ({}, {"zh": 1, "en": 0.2}),
+                                                               ({0: 3.0, 1: 0.01}, {"zh": 0, "en": 1})])
+def test_the_order_is_the_first_releases_in_4_byte_indices(dataset_weights, category_weights):
+    buckets = [_groups({(0, "zh"): 600, (0, "en"): 300, (1, "zh"): 100}),
+               _groups({(0, "zh"): 4, (1, "en"): 3}, start=1000),
+               _groups({(0, "en"): 1500, (1, "zh"): 1000}, start=1007)]
+    if category_weights:
+        for groups in buckets:  # every category of the data needs a weight
+            assert {key[1] for key, _ in groups} <= set(category_weights)
+    mixture = Mixture.build(buckets, dataset_weights, category_weights)
+    for epoch in (0, 1, 5):
+        for shuffle in (False, True):
+            order = mixture.epoch_order(seed=3, epoch=epoch, shuffle_buckets=shuffle)
+            assert order.itemsize == 4
+            assert np.array_equal(order, _order_as_first_released(mixture, 3, epoch, shuffle)), (epoch, shuffle)

@@ -21,7 +21,7 @@ import numpy as np
 
 from colossal_llama.dataset.manifest import Manifest
 from colossal_llama.dataset.prepared import manifest_path_of, read_manifest, resolve_parts, split_of
-from colossal_llama.training.mixture import Mixture, split_dataset_weight
+from colossal_llama.training.mixture import Mixture, row_index_dtype, split_dataset_weight
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
 
@@ -58,7 +58,7 @@ class PreparedData:
         """Per bucket, ``((source, category), row indices)`` of every group present (for :mod:`mixture`)."""
         groups, start = [], 0
         for size in self.bucket_sizes:
-            rows = np.arange(start, start + size)
+            rows = np.arange(start, start + size, dtype=row_index_dtype(sum(self.bucket_sizes)))
             keys = self.row_source[start:start + size].astype(np.int64) * 65536 + self.row_category[start:start + size]
             bucket = []
             for key in np.unique(keys):
@@ -239,7 +239,7 @@ def epoch_order(bucket_sizes: Sequence[int], seed: int, epoch: int, shuffle_buck
     at the peak).
     """
     total = int(sum(bucket_sizes))
-    order = np.arange(total, dtype=np.uint32 if total < 2**32 else np.int64)
+    order = np.arange(total, dtype=row_index_dtype(total))
     rng = np.random.default_rng([seed, epoch])
     if shuffle_buckets:
         rng.shuffle(order)

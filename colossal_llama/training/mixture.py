@@ -29,6 +29,11 @@ from colossal_llama.utils.errors import UserInputError
 GroupKey = Tuple[int, str]  # (index of the --dataset entry, category)
 
 
+def row_index_dtype(num_rows: int) -> np.dtype:
+    """Row indices take 4 bytes up to 2**32 rows (17 T tokens in sequences of 4,096), else 8."""
+    return np.dtype(np.uint32 if num_rows < 2**32 else np.int64)
+
+
 def split_dataset_weight(arg: str) -> Tuple[str, Optional[float]]:
     """``"DIR:0.3"`` -> ``("DIR", 0.3)``; ``"DIR"`` -> ``("DIR", None)`` (a path may itself hold ``:``; only a
     numeric suffix is a weight)."""
@@ -92,8 +97,16 @@ def _stream(rows: np.ndarray, key: Sequence[int], start: int, count: int) -> np.
         return rows[:0]
     n = len(rows)
     first, last = start // n, (start + count - 1) // n
-    cycles = [rows[np.random.default_rng([*key, cycle]).permutation(n)] for cycle in range(first, last + 1)]
+    cycles = [_shuffled(rows, np.random.default_rng([*key, cycle])) for cycle in range(first, last + 1)]
     return np.concatenate(cycles)[start - first * n: start - first * n + count]
+
+
+def _shuffled(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``rows[rng.permutation(len(rows))]``, without the int64 permutation: numpy's in-place shuffle moves items
+    exactly as that permutation does."""
+    out = rows.copy()
+    rng.shuffle(out)
+    return out
 
 
 class Mixture:
@@ -125,15 +138,22 @@ class Mixture:
         return [sum(len(g.rows) for g in groups) for groups in self.buckets]
 
     def epoch_order(self, seed: int, epoch: int, shuffle_buckets: bool) -> np.ndarray:
-        order = []
-        for k, groups in enumerate(self.buckets):
-            size = sum(len(g.rows) for g in groups)
-            counts = largest_remainder([g.share for g in groups], size)
-            drawn = [_stream(g.rows, [seed, k, g.key[0], zlib.crc32(g.key[1].encode())], epoch * n, n)
-                     for g, n in zip(groups, counts)]
-            rows = np.concatenate(drawn) if drawn else np.zeros(0, dtype=np.int64)
-            order.append(rows[np.random.default_rng([seed, epoch, k]).permutation(len(rows))])
-        everything = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+        """The epoch's row indices, bucket by bucket: each bucket's draws from its groups, shuffled (then all of
+        them, with ``shuffle_buckets``). Written in place into one array of 4-byte indices; each shuffle is numpy's
+        in-place one, which moves items exactly as indexing with ``permutation(n)`` did, so the order is the one
+        earlier versions drew (their checkpoints resume at the same sample) without their int64 copies."""
+        counts = [largest_remainder([g.share for g in groups], sum(len(g.rows) for g in groups))
+                  for groups in self.buckets]
+        order = np.empty(sum(int(c.sum()) for c in counts), dtype=row_index_dtype(sum(self.bucket_sizes)))
+        start = 0
+        for k, (groups, bucket_counts) in enumerate(zip(self.buckets, counts)):
+            bucket = order[start:start + int(bucket_counts.sum())]
+            at = 0
+            for g, n in zip(groups, bucket_counts):
+                bucket[at:at + n] = _stream(g.rows, [seed, k, g.key[0], zlib.crc32(g.key[1].encode())], epoch * n, n)
+                at += n
+            np.random.default_rng([seed, epoch, k]).shuffle(bucket)
+            start += len(bucket)
         if shuffle_buckets:
-            everything = everything[np.random.default_rng([seed, epoch]).permutation(len(everything))]
-        return everything
+            np.random.default_rng([seed, epoch]).shuffle(order)
+        return order
