@@ -32,7 +32,7 @@ import pytest
 from colossal_llama.training.metrics import read_loss_log
 from tests.support.launch import free_port, kill_processes, tail
 from tests.support.sshd import SshServer, sshd_missing, start_sshd
-from tests.support.train_runs import DP2_BATCH, train_args, train_ok
+from tests.support.train_runs import DP2_BATCH, LOSS_CHUNK, train_args, train_ok
 
 REPO = Path(__file__).resolve().parents[1]
 NODES = ("127.0.0.2", "127.0.0.3")
@@ -166,7 +166,7 @@ def test_train_example_sh_hostfile_over_ssh(tmp_path, sshd, single_node, tiny_ll
         "PRETRAINED": str(tiny_llama), "DATASET": str(prepared_pretrain / "arrow"), "SAVE_DIR": str(save_dir),
         "PLUGIN": "ddp", "BATCH_SIZE": "1", "ACCUMULATION_STEPS": "2", "MAX_LENGTH": "128", "LR": "2e-3",
         "MAX_STEPS": str(STEPS), "MIXED_PRECISION": "fp32",
-        "EXTRA_ARGS": "--warmup_steps 2 --log_interval 4",
+        "EXTRA_ARGS": f"--warmup_steps 2 --log_interval 4 --loss_chunk_tokens {LOSS_CHUNK}",
     })
     before = len(sshd.sessions())
     rc = launch(["bash", str(REPO / "train.example.sh")], env, tmp_path / "launch.log", sshd)
