@@ -94,7 +94,8 @@ def main() -> None:
         way, vocab, batch, length = args.measure
         print(json.dumps(measure(args.model_path, way, int(vocab), int(batch), int(length))))
         return
-    print("| vocabulary | batch x length | loss | extra peak memory | seconds | loss value | memory vs full | time vs full |")
+    print("| vocabulary | batch x length | loss | extra peak memory | seconds | loss value | memory vs full "
+          "| time vs full |")
     print("|---|---|---|---|---|---|---|---|")
     for vocab in (int(v) for v in args.vocabs.split(",")):
         for shape in args.shapes.split(","):

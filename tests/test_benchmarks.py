@@ -74,7 +74,8 @@ def test_train_loss_memory_benchmark_gives_the_same_loss_both_ways(smollm2_dir):
                           str(smollm2_dir), "--shapes", "1x256", "--vocabs", "49152"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = re.findall(r"^\| 49,152 \| 1 x 256 \| (full logits|scored positions, 1,365 a call) \| [\d,]+ MB \| [\d.]+ \| "
+    rows = re.findall(r"^\| 49,152 \| 1 x 256 \| (full logits|scored positions, 1,365 a call) \| [\d,]+ MB \| "
+                      r"[\d.]+ \| "
                       r"([\d.]+) \| [\d.]+x \| [\d.]+x \|$", out.stdout, re.M)
     assert [way for way, _ in rows] == ["full logits", "scored positions, 1,365 a call"], out.stdout
     assert abs(float(rows[0][1]) - float(rows[1][1])) < 1e-5 and float(rows[0][1]) < 6  # a real model on real text

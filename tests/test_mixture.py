@@ -103,7 +103,9 @@ def _order_as_first_released(mixture, seed: int, epoch: int, shuffle_buckets: bo
                                for g, n in zip(groups, counts)])
         order.append(rows[np.random.default_rng([seed, epoch, k]).permutation(len(rows))])
     everything = np.concatenate(order)
-    return everything[np.random.default_rng([seed, epoch]).permutation(len(everything))] if shuffle_buckets else everything
+    if shuffle_buckets:
+        everything = everything[np.random.default_rng([seed, epoch]).permutation(len(everything))]
+    return everything
 
 
 @pytest.mark.parametrize("dataset_weights, category_weights", [({0: 0.7, 1: 0.3}, {}), ({}, {"zh": 1, "en": 0.2}),

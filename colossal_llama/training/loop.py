@@ -108,7 +108,8 @@ def build_run(cfg: TrainConfig) -> Run:
     model, trainable = _choose_trainable(cfg, model)
     plan = RunPlan(**steps, world_size=dist.get_world_size(), dp_size=parallel.layout.dp_size,
                    plugin_class=parallel.plugin_class, cpu_offload=parallel.cpu_offload, attn_implementation=attn,
-                   liger=liger, loss=loss, loss_chunk_tokens=loss_chunk, num_parameters=num_params, trainable_parameters=trainable)
+                   liger=liger, loss=loss, loss_chunk_tokens=loss_chunk, num_parameters=num_params,
+                   trainable_parameters=trainable)
     _log_plan(cfg, plan, data)
     if dist.get_rank() == 0 and not cfg.benchmark:
         write_run_config(cfg, plan, Path(cfg.save_dir) / RUN_CONFIG)
