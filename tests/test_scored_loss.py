@@ -57,9 +57,9 @@ def test_the_scored_loss_is_transformers_loss_with_its_gradients(prepared_pretra
 def test_the_lm_head_sees_scored_positions_only_a_chunk_at_a_time(prepared_pretrain, tiny_llama):
     batch = _real_batch(prepared_pretrain)
     scored = count_loss_tokens(batch["labels"])
-    tokens, vocab = batch["input_ids"].numel(), len(_model(tiny_llama).get_output_embeddings().weight)
-    assert scored < tokens - 20  # the batch really has unscored positions
     model, chunk = _model(tiny_llama), 64
+    tokens, vocab = batch["input_ids"].numel(), len(model.get_output_embeddings().weight)
+    assert scored < tokens - 20  # the batch really has unscored positions
     install_scored_loss(model, chunk)
     calls = []
     model.get_output_embeddings().register_forward_hook(lambda mod, args, out: calls.append(len(args[0])))

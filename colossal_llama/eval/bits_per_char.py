@@ -23,12 +23,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from colossal_llama.eval.batching import right_pad, target_logprobs
+from colossal_llama.model.scored_loss import IGNORE_INDEX as IGNORE, scored_positions
 from colossal_llama.utils.cli import flag
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import iter_jsonl
 from colossal_llama.utils.ranks import Ranks
 
-IGNORE = -100
 ENCODE_GROUP = 256  # texts per tokenizer call (the fast tokenizer encodes a list on all its threads)
 
 
@@ -184,8 +184,8 @@ def window_nll_bits(model, batch: Sequence[Tuple[list, list]], pad_id: int) -> f
     """Sum over the batch of -log2 p(label) (right-padded; padded and -100 positions contribute nothing)."""
     input_ids = right_pad([inp for inp, _ in batch], pad_id)  # no attention mask: see eval/batching.py
     labels = right_pad([lab for _, lab in batch], IGNORE)
-    rows, positions = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)  # position p predicts the token at p + 1
-    logprobs = target_logprobs(model, input_ids, rows, positions, labels[rows, positions + 1])
+    rows, positions, targets = scored_positions(labels)  # position p predicts the token at p + 1
+    logprobs = target_logprobs(model, input_ids, rows, positions, targets)
     return -logprobs.double().sum().item() / math.log(2)
 
 

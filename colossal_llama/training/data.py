@@ -56,9 +56,9 @@ class PreparedData:
 
     def bucket_groups(self) -> List[List[tuple]]:
         """Per bucket, ``((source, category), row indices)`` of every group present (for :mod:`mixture`)."""
-        groups, start = [], 0
+        groups, start, dtype = [], 0, row_index_dtype(sum(self.bucket_sizes))
         for size in self.bucket_sizes:
-            rows = np.arange(start, start + size, dtype=row_index_dtype(sum(self.bucket_sizes)))
+            rows = np.arange(start, start + size, dtype=dtype)
             keys = self.row_source[start:start + size].astype(np.int64) * 65536 + self.row_category[start:start + size]
             bucket = []
             for key in np.unique(keys):

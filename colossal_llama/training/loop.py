@@ -23,7 +23,7 @@ from colossal_llama.training.distributed import (host_memory_peaks_gib, init_dis
                                                  shutdown)
 from colossal_llama.training.metrics import RunMetrics, StepStats
 from colossal_llama.training.lora import apply_lora, vocabulary_was_expanded
-from colossal_llama.training.model import (NEFTune, apply_liger_kernels, choose_loss, count_parameters,
+from colossal_llama.training.model import (LOSSES, NEFTune, apply_liger_kernels, choose_loss, count_parameters,
                                            freeze_non_embeddings, load_causal_lm)
 from colossal_llama.training.optim import WarmupCosineLR, build_optimizer
 from colossal_llama.training.plan import RunPlan, write_run_config
@@ -213,10 +213,8 @@ def _log_plan(cfg: TrainConfig, plan: RunPlan, data: PreparedData) -> None:
 
 
 def _loss_words(plan: RunPlan) -> str:
-    if plan.loss == "scored_chunks":
-        return f"on scored positions, {plan.loss_chunk_tokens} per LM-head call"
-    return {"liger": "Liger fused linear cross-entropy", "colossalai": "colossalai's vocabulary-parallel",
-            "transformers": "transformers' (full logits)"}[plan.loss]
+    chunks = f", {plan.loss_chunk_tokens} per LM-head call" if plan.loss_chunk_tokens else ""
+    return LOSSES[plan.loss] + chunks
 
 
 def start_state(run: Run) -> RunningState:

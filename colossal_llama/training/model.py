@@ -40,7 +40,9 @@ def apply_liger_kernels(mode: str, cuda: bool) -> bool:
     return True
 
 
-LOSSES = ("liger", "colossalai", "transformers", "scored_chunks")  # RunPlan.loss: which code computes the loss
+# RunPlan.loss: which code computes the loss, and how the run's log names it
+LOSSES = {"liger": "Liger fused linear cross-entropy", "colossalai": "colossalai's vocabulary-parallel",
+          "transformers": "transformers' (full logits)", "scored_chunks": "on scored positions"}
 
 
 def choose_loss(chunk_tokens: Optional[int], liger: bool, forward_is_the_models: bool,

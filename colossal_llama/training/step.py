@@ -55,7 +55,7 @@ class Stepper:
     def _loss_sum(self, out, n_tokens: int) -> torch.Tensor:
         """Sum (not mean) of the token losses of one micro-batch; 0 with a graph when it has no loss tokens."""
         if n_tokens == 0:  # HF's mean over zero tokens is NaN; keep every parameter in the graph for DDP
-            if out.logits is None:  # Liger's fused loss returns no logits
+            if out.logits is None:  # Liger's fused loss and the chunked one return no logits
                 return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
             return out.logits.float().sum() * 0.0
         return out.loss.float() * n_tokens
