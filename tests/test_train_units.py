@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from colossal_llama.training.checkpoint import latest_checkpoint, resolve_load_target
-from colossal_llama.training.collate import IGNORE_INDEX, PackedCollator, block_causal_mask
+from colossal_llama.training.collate import PackedCollator, block_causal_mask
+from colossal_llama.utils.labels import IGNORE_INDEX
 from colossal_llama.training.config import parse_config, resolve_warmup
 from colossal_llama.dataset.prepared import read_manifest
 from colossal_llama.training.data import (StepBatchSampler, check_manifest_against_model, collect_parts,

@@ -43,7 +43,7 @@ def _planned_loss_tokens(model, data, split: str) -> int:
     """Loss tokens (shifted: a row's first label predicts nothing) of the batches validation plans (EVAL's 8 batches
     of DP2_BATCH's 1 row) over ``split`` of ``data``."""
     from colossal_llama.tokenizer.loading import load_tokenizer
-    from colossal_llama.training.collate import IGNORE_INDEX
+    from colossal_llama.utils.labels import IGNORE_INDEX
     from colossal_llama.training.data import load_training_data
     from colossal_llama.training.validation import batch_plan
 

@@ -29,9 +29,9 @@ from typing import Sequence
 import jinja2
 
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.labels import IGNORE_INDEX
 
 SYSTEM, HUMAN, ASSISTANT = "system", "human", "assistant"
-IGNORE_INDEX = -100
 TEMPLATE_NAMES = ("llama2", "llama3", "tokenizer")
 # Written next to a trained model (training copies the manifest's ``chat_template`` block), read by inference.
 CHAT_CONFIG_FILE = "colossal_llama_chat.json"

@@ -26,7 +26,7 @@ import datasets
 from datasets import Dataset
 from datasets.arrow_writer import ArrowWriter
 
-from colossal_llama.dataset.chat_templates import IGNORE_INDEX
+from colossal_llama.utils.labels import IGNORE_INDEX
 from colossal_llama.dataset.records import BATCH_LINES, RowBatch
 from colossal_llama.dataset.tokenization import RAW_FEATURES, TOKENIZED_FEATURES
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 from datasets import DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
-from colossal_llama.dataset.chat_templates import IGNORE_INDEX
+from colossal_llama.utils.labels import IGNORE_INDEX
 from colossal_llama.dataset.packing import Plan
 from colossal_llama.dataset.token_cache import TokenCache
 

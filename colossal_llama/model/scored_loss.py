@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from colossal_llama.utils.labels import IGNORE_INDEX
+
 # A chunk's float32 logits take at most this many elements (256 MiB) unless the caller picks the chunk itself
 CHUNK_LOGIT_ELEMENTS = 1 << 26
 

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from colossal_llama.utils.labels import IGNORE_INDEX
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from colossal_llama.training.collate import IGNORE_INDEX
+from colossal_llama.utils.labels import IGNORE_INDEX
 
 ALL = "all"
 
