@@ -36,13 +36,13 @@ def _windows(tokenizer, batch: int, window: int) -> list:
 def _full_logits_bits(model, batch, pad_id: int) -> float:
     """The previous scoring: logits at every position, then ``cross_entropy`` over the whole batch."""
     from colossal_llama.eval.batching import right_pad
-    from colossal_llama.eval.bits_per_char import IGNORE
+    from colossal_llama.utils.labels import IGNORE_INDEX
 
     input_ids = right_pad([inp for inp, _ in batch], pad_id)
-    labels = right_pad([lab for _, lab in batch], IGNORE)
+    labels = right_pad([lab for _, lab in batch], IGNORE_INDEX)
     with torch.inference_mode():
         logits = model(input_ids=input_ids).logits
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE,
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX,
                               reduction="sum")
     return nll.item() / math.log(2)
 
@@ -50,16 +50,16 @@ def _full_logits_bits(model, batch, pad_id: int) -> float:
 def _exact_bits(model, batch, pad_id: int) -> float:
     """The reference: the same float32 logits, normalised in float64 (one row at a time, to bound memory)."""
     from colossal_llama.eval.batching import right_pad
-    from colossal_llama.eval.bits_per_char import IGNORE
+    from colossal_llama.utils.labels import IGNORE_INDEX
 
     input_ids = right_pad([inp for inp, _ in batch], pad_id)
-    labels = right_pad([lab for _, lab in batch], IGNORE)
+    labels = right_pad([lab for _, lab in batch], IGNORE_INDEX)
     nats = 0.0
     with torch.inference_mode():
         hidden = model.get_decoder()(input_ids=input_ids)[0]
         for row, row_labels in zip(hidden, labels):
             logprobs = torch.log_softmax(model.get_output_embeddings()(row[:-1]).double(), dim=-1)
-            scored = row_labels[1:] != IGNORE
+            scored = row_labels[1:] != IGNORE_INDEX
             nats -= logprobs[scored].gather(-1, row_labels[1:][scored, None]).sum().item()
     return nats / math.log(2)
 

@@ -69,6 +69,17 @@ def test_eval_scale_benchmark_cuts_the_same_windows_both_ways_and_streams_in_les
     assert float(rows["streamed"].group(5)) < 0.5  # a 64k-token chunk against every window of the file as lists
 
 
+def test_eval_tokenise_ranks_benchmark_splits_the_texts_and_cuts_the_same_chunks():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_tokenise_ranks.py"), "--processes", "2",
+                          "--max_lines", "3000", "--repeats", "1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "!!" not in out.stdout, out.stdout  # the same chunks both ways, in every process
+    row = re.search(r"^\| 2 \| ([\d,]+) \| [\d.]+ -> [\d.]+ \| [\d.]+x \| [\d.]+ -> [\d.]+ \| [\d.]+x \| "
+                    r"3,000 -> 1,536/1,464 \|$", out.stdout, re.M)
+    assert row and int(row.group(1).replace(",", "")) > 100_000, out.stdout
+
+
 def test_train_loss_memory_benchmark_gives_the_same_loss_both_ways(smollm2_dir):
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_loss_memory.py"), "--model_path",
                           str(smollm2_dir), "--shapes", "1x256", "--vocabs", "49152"],

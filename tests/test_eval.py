@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from colossal_llama.eval import bits_per_char as bpc_module
 from colossal_llama.eval.batching import right_pad, target_logprobs
-from colossal_llama.eval.bits_per_char import (IGNORE, BpcConfig, TextScan, bits_per_char, iter_texts, load_texts,
+from colossal_llama.eval.bits_per_char import (BpcConfig, TextScan, bits_per_char, iter_chunks, iter_texts, load_texts,
                                              scan_texts, sliding_windows)
 from colossal_llama.eval.cli import main as evaluate_main
 from colossal_llama.eval.multiple_choice import (MCConfig, answer_token_ids, build_prompt, choose_shots,
@@ -23,7 +24,9 @@ from colossal_llama.eval.multiple_choice import (MCConfig, answer_token_ids, bui
 from colossal_llama.inference.loading import load_model_and_tokenizer
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import DataError, UserInputError
+from colossal_llama.utils.labels import IGNORE_INDEX
 from colossal_llama.utils.ranks import Ranks
+from tests.support.gloo_world import run_in_gloo_world
 from tests.support.launch import torchrun_command, worker_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,11 +209,11 @@ def test_the_lm_head_runs_only_at_scored_positions_a_chunk_at_a_time(smollm2, da
 def test_sliding_windows_label_every_token_exactly_once():
     tokens = list(range(100, 337))
     windows = sliding_windows(tokens, start_id=1, window=64, stride=16)
-    labelled = [t for _, labels in windows for t in labels if t != IGNORE]
+    labelled = [t for _, labels in windows for t in labels if t != IGNORE_INDEX]
     assert labelled == tokens
     assert all(len(inp) <= 64 and len(inp) == len(lab) for inp, lab in windows)
-    assert all(sum(l == IGNORE for l in lab) >= 64 - 16 for _, lab in windows[1:])  # context kept
-    assert sliding_windows(tokens[:10], 1, 64, 16) == [([1, *tokens[:10]], [IGNORE, *tokens[:10]])]
+    assert all(sum(l == IGNORE_INDEX for l in lab) >= 64 - 16 for _, lab in windows[1:])  # context kept
+    assert sliding_windows(tokens[:10], 1, 64, 16) == [([1, *tokens[:10]], [IGNORE_INDEX, *tokens[:10]])]
 
 
 def test_bpc_without_sliding_equals_the_model_loss(smollm2, data_dir):
@@ -406,6 +409,37 @@ def test_a_world_without_a_launcher_is_one_process_and_a_half_launch_is_refused(
         Ranks.join({"WORLD_SIZE": "2", "RANK": "0"})
     with pytest.raises(UserInputError, match="not integers"):
         Ranks.join({"WORLD_SIZE": "two"})
+
+
+def _chunks_tokenised_in_turn(ranks: Ranks, tokenizer_dir: Path, path: Path, group: int, chunk_tokens: int):
+    """(every chunk as lists, the texts this process passed to the tokenizer), ``group`` texts per tokenizer call."""
+    bpc_module.ENCODE_GROUP = group
+    tokenizer = load_tokenizer(tokenizer_dir)
+    encoded = []
+
+    def counting_tokenizer(texts, **kwargs):
+        encoded.extend(texts)
+        return tokenizer(texts, **kwargs)
+
+    chunks = [([ids.tolist() for ids in c.ids], c.characters, c.tokens) for c in
+              iter_chunks(iter_texts(path, "target", 40), counting_tokenizer, tokenizer.bos_token_id, chunk_tokens,
+                          ranks)]
+    return chunks, len(encoded)
+
+
+@pytest.mark.multiprocess
+def test_processes_tokenise_the_texts_in_turn_and_each_holds_the_chunks_one_process_holds(smollm2_dir, data_dir):
+    """64 processes do not each tokenise the whole held-out set: groups of texts are dealt out, their ids
+    exchanged. 40 texts in groups of 3 (13 full, 1 of one text), 2 processes: rank 0 encodes groups 0, 2, .., 12
+    (21 texts), rank 1 groups 1, 3, .., 13 (19 texts), and both get every chunk exactly as one process cuts it."""
+    path = data_dir / "pretrain" / "en_novel_botchan.jsonl"
+    alone, encoded_alone = _chunks_tokenised_in_turn(Ranks(), smollm2_dir, path, 3, 700)
+    assert encoded_alone == 40 and len(alone) >= 3
+    closed_after = np.cumsum([len(ids) for ids, _, _ in alone])
+    assert any(n % 6 == 3 for n in closed_after[:-1])  # a chunk closes in the middle of a round of two groups
+    results = run_in_gloo_world(_chunks_tokenised_in_turn, 2, smollm2_dir, path, 3, 700)
+    assert [encoded for _, encoded in results] == [21, 19]
+    assert all(chunks == alone for chunks, _ in results)
 
 
 def _evaluate(args, tmp_path, name, nproc=None):

@@ -9,8 +9,9 @@ exactly once, with at least ``window - stride`` tokens of context after the firs
 Memory is bounded by design, not by the held-out set: texts stream from the file and are scored a chunk at a
 time (``chunk_tokens`` tokens, int32, with the windows as offsets into them), so a held-out split of billions of
 tokens takes the memory of one chunk. Chunk boundaries depend only on the texts, never on the number of
-processes: every process reads and tokenises each chunk, and its windows are batched (longest first) and dealt
-out exactly as one process batches them.
+processes: every process reads every text, the tokenising is shared (groups of texts dealt out in turn, their
+token ids exchanged, so each process encodes 1/N of the texts and holds each chunk whole), and a chunk's windows
+are batched (longest first) and dealt out exactly as one process batches them.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from colossal_llama.eval.batching import right_pad, target_logprobs
-from colossal_llama.model.scored_loss import IGNORE_INDEX as IGNORE, scored_positions
+from colossal_llama.model.scored_loss import scored_positions
 from colossal_llama.utils.cli import flag
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import iter_jsonl
+from colossal_llama.utils.labels import IGNORE_INDEX
 from colossal_llama.utils.ranks import Ranks
 
 ENCODE_GROUP = 256  # texts per tokenizer call (the fast tokenizer encodes a list on all its threads)
@@ -170,7 +172,7 @@ def window_of(ids: Sequence[int], begin: int, end: int, scored_from: int) -> Tup
     """``(input_ids, labels)`` of one span: labels aligned with inputs (HF convention, the loss shifts them),
     -100 on context-only positions."""
     inputs = [int(t) for t in ids[begin:end]]
-    return inputs, [IGNORE] * (scored_from - begin) + inputs[scored_from - begin:]
+    return inputs, [IGNORE_INDEX] * (scored_from - begin) + inputs[scored_from - begin:]
 
 
 def sliding_windows(token_ids: Sequence[int], start_id: int, window: int, stride: int) -> List[Tuple[list, list]]:
@@ -183,7 +185,7 @@ def sliding_windows(token_ids: Sequence[int], start_id: int, window: int, stride
 def window_nll_bits(model, batch: Sequence[Tuple[list, list]], pad_id: int) -> float:
     """Sum over the batch of -log2 p(label) (right-padded; padded and -100 positions contribute nothing)."""
     input_ids = right_pad([inp for inp, _ in batch], pad_id)  # no attention mask: see eval/batching.py
-    labels = right_pad([lab for _, lab in batch], IGNORE)
+    labels = right_pad([lab for _, lab in batch], IGNORE_INDEX)
     rows, positions, targets = scored_positions(labels)  # position p predicts the token at p + 1
     logprobs = target_logprobs(model, input_ids, rows, positions, targets)
     return -logprobs.double().sum().item() / math.log(2)
@@ -200,27 +202,70 @@ class Chunk:
     tokens: int = 0  # sum of len(ids[i]) - 1
 
 
-def iter_chunks(texts: Iterable[str], tokenizer, start_id: int, chunk_tokens: int) -> Iterator[Chunk]:
-    """Tokenise ``texts`` ``ENCODE_GROUP`` at a time; a chunk closes after the group that takes it to
-    ``chunk_tokens`` tokens (so it holds at most ``chunk_tokens`` plus one group's tokens)."""
-    chunk, group = Chunk(), []
-
-    def encode(group: List[str]) -> None:
-        for text, ids in zip(group, tokenizer(group, add_special_tokens=False)["input_ids"]):
-            chunk.ids.append(np.asarray([start_id, *ids], dtype=np.int32))
-            chunk.characters.append(len(text))
-            chunk.tokens += len(ids)
-
+def _groups(texts: Iterable[str], size: int) -> Iterator[List[str]]:
+    """``texts`` in consecutive lists of ``size`` (the last one shorter)."""
+    group: List[str] = []
     for text in texts:
         group.append(text)
-        if len(group) == ENCODE_GROUP:
-            encode(group)
+        if len(group) == size:
+            yield group
             group = []
-            if chunk.tokens >= chunk_tokens:
-                yield chunk
-                chunk = Chunk()
     if group:
-        encode(group)
+        yield group
+
+
+def _encode(group: Sequence[str], tokenizer, start_id: int) -> List[np.ndarray]:
+    """Start token + tokens of each text, int32 (one tokenizer call: a fast tokenizer uses all its threads)."""
+    if not group:
+        return []
+    return [np.asarray([start_id, *ids], dtype=np.int32)
+            for ids in tokenizer(list(group), add_special_tokens=False)["input_ids"]]
+
+
+def encoded_groups(texts: Iterable[str], tokenizer, start_id: int,
+                   ranks: Ranks = Ranks()) -> Iterator[Tuple[List[np.ndarray], List[int]]]:
+    """``(ids, characters)`` of consecutive groups of ``ENCODE_GROUP`` texts, in order, on every process.
+
+    The groups go in rounds of one per process: process r encodes group r of a round, then the round's ids are
+    exchanged, so N processes each tokenise 1/N of the texts (each still reads them all: their characters, and
+    the same rounds everywhere)."""
+    round_: List[List[str]] = []
+    for group in _groups(texts, ENCODE_GROUP):
+        round_.append(group)
+        if len(round_) == ranks.size:
+            yield from _exchange_round(round_, tokenizer, start_id, ranks)
+            round_ = []
+    if round_:
+        yield from _exchange_round(round_, tokenizer, start_id, ranks)
+
+
+def _exchange_round(round_: List[List[str]], tokenizer, start_id: int,
+                    ranks: Ranks) -> Iterator[Tuple[List[np.ndarray], List[int]]]:
+    mine = _encode(round_[ranks.rank] if ranks.rank < len(round_) else [], tokenizer, start_id)
+    if ranks.size == 1:
+        yield mine, [len(text) for text in round_[0]]
+        return
+    # each process's texts as one int32 array, [lengths of its texts..., their ids...] (its texts are counted
+    # in round_), exchanged as raw tensors
+    packed = np.concatenate([np.asarray([len(a) for a in mine], dtype=np.int32), *mine])
+    for group, part in zip(round_, ranks.exchange_int32(packed)):
+        lengths, ids = part[:len(group)], part[len(group):]
+        yield np.split(ids, np.cumsum(lengths)[:-1]), [len(text) for text in group]
+
+
+def iter_chunks(texts: Iterable[str], tokenizer, start_id: int, chunk_tokens: int,
+                ranks: Ranks = Ranks()) -> Iterator[Chunk]:
+    """``texts`` tokenised (:func:`encoded_groups`) and cut into chunks: a chunk closes after the group that takes
+    it to ``chunk_tokens`` tokens, so the chunks are the same for any number of processes. A chunk holds at most
+    ``chunk_tokens`` plus one group's tokens; with N processes up to N - 1 more groups wait for the next one."""
+    chunk = Chunk()
+    for ids, characters in encoded_groups(texts, tokenizer, start_id, ranks):
+        chunk.ids.extend(ids)
+        chunk.characters.extend(characters)
+        chunk.tokens += sum(len(a) - 1 for a in ids)
+        if chunk.tokens >= chunk_tokens:
+            yield chunk
+            chunk = Chunk()
     if chunk.ids:
         yield chunk
 
@@ -265,7 +310,7 @@ def bits_per_char(model, tokenizer, texts: Iterable[str], config: BpcConfig, ran
     result, bits = BpcResult(), 0.0
     with tqdm(total=total_characters, desc=desc, unit="char", unit_scale=True,
               disable=not ranks.is_main) as bar:
-        for chunk in iter_chunks(texts, tokenizer, start_id, config.chunk_tokens):
+        for chunk in iter_chunks(texts, tokenizer, start_id, config.chunk_tokens, ranks):
             result.texts += len(chunk.ids)
             result.characters += sum(chunk.characters)
             result.tokens += chunk.tokens
