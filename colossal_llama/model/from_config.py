@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from colossal_llama.tokenizer.loading import load_tokenizer
-from colossal_llama.utils.cli import OneLineErrorParser
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.output import clear_output_dir
 
@@ -54,7 +54,7 @@ def build_llama(tokenizer, shape: LlamaShape, seed: int = 0, torch_dtype: str = 
     return LlamaForCausalLM(config).to(getattr(torch, torch_dtype))
 
 
-def save_llama_from_config(tokenizer_dir: Path, output_dir: Path, shape: str = "small", seed: int = 0) -> Path:
+def save_llama_from_config(tokenizer_dir: Path, output_dir: Path, shape: str, seed: int = 0) -> Path:
     """Write model + tokenizer into ``output_dir`` (must not exist); returns it."""
     if shape not in SHAPES:
         raise UserInputError(f"--shape {shape}: expected one of {', '.join(SHAPES)}")
@@ -67,17 +67,24 @@ def save_llama_from_config(tokenizer_dir: Path, output_dir: Path, shape: str = "
     return Path(output_dir)
 
 
+@dataclass
+class FromConfigConfig:
+    """``python -m colossal_llama.model.from_config``'s flags (this class *is* its command line)."""
+
+    tokenizer_dir: Path = flag(help="the tokenizer the model is built for (its vocabulary and special ids)")
+    output_dir: Path = flag(help="the Hugging Face folder to write (must not exist)")
+    shape: str = flag("small", choices=tuple(sorted(SHAPES)), help="a named size (see SHAPES)")
+    seed: int = flag(0, help="seed of the random initialisation")
+    overwrite: bool = flag(False, help="replace --output_dir if it exists")
+
+
 @cli_entry
 def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer_dir", required=True, type=Path)
-    parser.add_argument("--output_dir", required=True, type=Path)
-    parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    clear_output_dir(args.output_dir, args.overwrite)
-    save_llama_from_config(args.tokenizer_dir, args.output_dir, args.shape, args.seed)
+    add_flags(parser, FromConfigConfig)
+    cfg = config_from(parser.parse_args(argv), FromConfigConfig)
+    clear_output_dir(cfg.output_dir, cfg.overwrite)
+    save_llama_from_config(cfg.tokenizer_dir, cfg.output_dir, cfg.shape, cfg.seed)
     return 0
 
 

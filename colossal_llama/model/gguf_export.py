@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import shutil
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from colossal_llama.utils.cli import OneLineErrorParser
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.output import clear_output_dir, remove_stale_siblings, replace_dir, tmp_sibling
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DTYPE = "float32"  # exact for every GGUF tensor type (dequantised weights are float32)
 GGUF_MAGIC = b"GGUF"
 TMP_KIND = "tmp-export"
 
 
-def export_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path:
+def export_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str = DEFAULT_DTYPE) -> Path:
     """Write model (safetensors) and tokenizer from ``gguf_path`` into ``out_dir``; returns ``out_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,7 +65,8 @@ def check_gguf_magic(path: Path) -> None:
 def _load_error(path: Path, err: Exception) -> UserInputError:
     """The file named in one line: a failure inside the GGUF parser means a damaged file (a cut-off download
     typically fails reshaping the last tensors), anything else that transformers cannot load it."""
-    parser_failed = any(Path(frame.filename).name == "gguf_reader.py" for frame in traceback.extract_tb(err.__traceback__))
+    parser_failed = any(Path(frame.filename).name == "gguf_reader.py"
+                        for frame in traceback.extract_tb(err.__traceback__))
     what = "truncated or corrupt GGUF file" if parser_failed else "cannot load this GGUF model"
     first_line = (str(err).strip().splitlines() or [""])[0]
     return UserInputError(f"{path}: {what} ({type(err).__name__}: {first_line})")
@@ -99,17 +102,24 @@ def normalise_gguf_tokenizer(gguf_tokenizer, config):
     )
 
 
+@dataclass
+class GgufExportConfig:
+    """``colossal-llama-export-gguf``'s flags (this class *is* its command line)."""
+
+    gguf_file: Path = flag(help="the .gguf checkpoint")
+    output_dir: Path = flag(help="the Hugging Face folder to write (must not exist)")
+    dtype: str = flag(DEFAULT_DTYPE, choices=tuple(sorted(_DTYPES)), help="precision of the written weights")
+    overwrite: bool = flag(False, help="replace --output_dir if it exists")
+
+
 @cli_entry
 def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf_file", required=True, type=Path)
-    parser.add_argument("--output_dir", required=True, type=Path)
-    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    clear_output_dir(args.output_dir, args.overwrite)
-    export_gguf_to_hf(args.gguf_file, args.output_dir, args.dtype)
-    print(f"wrote {args.output_dir}")
+    add_flags(parser, GgufExportConfig)
+    cfg = config_from(parser.parse_args(argv), GgufExportConfig)
+    clear_output_dir(cfg.output_dir, cfg.overwrite)
+    export_gguf_to_hf(cfg.gguf_file, cfg.output_dir, cfg.dtype)
+    print(f"wrote {cfg.output_dir}")
     return 0
 
 

@@ -51,8 +51,14 @@ def choose_loss(chunk_tokens: Optional[int], liger: bool, forward_is_the_models:
     (:mod:`colossal_llama.model.scored_loss`; 0 otherwise). Liger's fused loss and colossalai's vocabulary-parallel
     one (tensor/pipeline/sequence parallelism replace the model's forward) come first; ``--loss_chunk_tokens 0``
     keeps transformers' loss over the full logits."""
-    loss = ("liger" if liger else "colossalai" if not forward_is_the_models else
-            "transformers" if chunk_tokens == 0 else "scored_chunks")
+    if liger:
+        loss = "liger"
+    elif not forward_is_the_models:
+        loss = "colossalai"
+    elif chunk_tokens == 0:
+        loss = "transformers"
+    else:
+        loss = "scored_chunks"
     if chunk_tokens and loss != "scored_chunks":
         log.warning("--loss_chunk_tokens %d has no effect: the %s loss trains", chunk_tokens, loss)
     if loss != "scored_chunks":

@@ -9,10 +9,11 @@ the run logged, one subplot each, against the training step; validation (``eval/
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from colossal_llama.utils.cli import OneLineErrorParser
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
 
 TAGS = {  # tag -> y-axis label, in subplot order
@@ -98,15 +99,22 @@ def plot_scalars(series: Dict[str, Series], output, title: Optional[str] = None)
     return output
 
 
+@dataclass
+class PlotConfig:
+    """``colossal-llama-plot-losses``'s flags (this class *is* its command line)."""
+
+    log_dir: Path = flag(help="TensorBoard dir written by train.py --tensorboard_dir")
+    output: Optional[Path] = flag(None, help="PNG path (default: <log_dir>/losses.png)")
+    title: Optional[str] = flag(None, help="the figure's title")
+
+
 @cli_entry
 def main(argv: Optional[List[str]] = None) -> int:
     p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--log_dir", required=True, help="TensorBoard dir written by train.py --tensorboard_dir")
-    p.add_argument("--output", default=None, help="PNG path (default: <log_dir>/losses.png)")
-    p.add_argument("--title", default=None)
-    args = p.parse_args(argv)
-    series = read_scalars(args.log_dir)
-    out = plot_scalars(series, args.output or Path(args.log_dir) / "losses.png", args.title)
+    add_flags(p, PlotConfig)
+    cfg = config_from(p.parse_args(argv), PlotConfig)
+    series = read_scalars(cfg.log_dir)
+    out = plot_scalars(series, cfg.output or cfg.log_dir / "losses.png", cfg.title)
     summary = ", ".join(f"{tag} {len(pts)} points (steps {pts[0][0]}..{pts[-1][0]})" for tag, pts in series.items())
     print(f"wrote {out}: {summary}")
     return 0
