@@ -202,6 +202,25 @@ def verify_checkpoint(path: Path) -> None:
         raise UserInputError(f"{err}: checkpoint {path} is damaged; {way_on}") from None
 
 
+def check_resume_kind(path: Path, lora_rank: int) -> None:
+    """A one-line error when checkpoint ``path`` and this run disagree on LoRA: a LoRA run's checkpoint holds only
+    the adapters (and trained embeddings) of one rank, a full run's the whole model."""
+    modeling = path / FINAL_MODEL
+    if not (modeling / lora.TRAINABLE_FILE).is_file():
+        if lora_rank:
+            raise UserInputError(f"--load_checkpoint {path}: a full run's checkpoint, and this run has --lora_rank "
+                                 f"{lora_rank}: resume it without --lora_rank, or train LoRA on its weights as a new "
+                                 f"stage with --pretrained {modeling}")
+        return
+    saved_rank = json.loads((modeling / "adapter_config.json").read_text(encoding="utf-8")).get("r")
+    if not lora_rank:
+        raise UserInputError(f"--load_checkpoint {path}: a LoRA run's checkpoint (adapters of rank {saved_rank} "
+                             f"only): resume it with --lora_rank {saved_rank} and the --pretrained it trained on")
+    if saved_rank != lora_rank:
+        raise UserInputError(f"--load_checkpoint {path}: its adapters have rank {saved_rank}, this run "
+                             f"--lora_rank {lora_rank}: resume with --lora_rank {saved_rank}")
+
+
 def _step_of(path: Path) -> int:
     match = CHECKPOINT_RE.match(path.name)
     return int(match.group(2)) if match else -1
