@@ -9,8 +9,8 @@ Specification:
   launcher's own report; the lock of a dead run is taken over with a warning;
 - a finished run is never restarted over without ``--overwrite``;
 - a damaged checkpoint file is named in a one-line error, with the older complete checkpoint to use instead;
-- a checkpoint resumes on another number of ranks at the same sample; one that disagrees with the run on LoRA is
-  named in a one-line error.
+- a checkpoint resumes on another number of ranks, or another layout, at the same sample; one that disagrees with
+  the run on LoRA, or holds weights of another model than --pretrained, is named in a one-line error.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from colossal_llama.training.checkpoint import (TMP_PREFIX, check_resume_kind, complete_checkpoints, latest_checkpoint,
-                                                verify_checkpoint)
+from colossal_llama.training.checkpoint import (TMP_PREFIX, check_resume_kind, check_same_model, complete_checkpoints,
+                                                latest_checkpoint, verify_checkpoint)
 from colossal_llama.training.metrics import read_loss_log
 from colossal_llama.utils.errors import UserInputError
 from tests.support.launch import (alive, kill_launcher_and_ranks, rank_processes, run_training, start_training, tail,
@@ -356,3 +356,30 @@ def test_a_checkpoint_and_a_run_that_disagree_on_lora_stop_with_one_line(referen
                       f"--lora_rank 8: resume it without --lora_rank, or train LoRA on its weights as a new stage "
                       f"with --pretrained {save_dir / full.name / 'modeling'}"], text[-3000:]
     assert text.splitlines()[0] == errors[0]  # checked before anything is built: the very first line
+
+
+def test_weights_of_another_model_than_pretrained_stop_with_one_line(reference_runs, tmp_path):
+    """Another size of the same family (LLaMA-2 7B and 13B share their tokenizer, so the data and tokenizer checks
+    pass): named by the two config.json files before anything is built, for a checkpoint and for a modeling/
+    folder of a new stage (it was torch's size-mismatch traceback from inside the load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    other = tmp_path / "other-size"
+    shutil.copytree(reference_runs.model, other)  # its tokenizer; the model is replaced by one of other shapes
+    config = AutoConfig.from_pretrained(other)
+    trained = config.intermediate_size
+    config.intermediate_size = trained + 32
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    checkpoint = reference_runs["ddp"] / "epoch-0_step-3"
+    check_same_model(checkpoint / "modeling", str(reference_runs.model))
+    for target in (checkpoint, checkpoint / "modeling"):
+        save_dir = tmp_path / f"ckpt-{target.name}"
+        proc = run_training(train_args(other, reference_runs.data, save_dir, *LAYOUTS["ddp"], "--load_checkpoint",
+                                       str(target)), tmp_path / f"{target.name}.log")
+        text = (tmp_path / f"{target.name}.log").read_text()
+        assert proc.returncode != 0
+        errors = [line for line in text.splitlines() if line.startswith("error")]
+        assert errors == [f"error: --load_checkpoint {checkpoint / 'modeling'}: its weights are of another model "
+                          f"than --pretrained {other} (intermediate_size {trained} vs {trained + 32}): pass the "
+                          "--pretrained they were trained from"], text[-3000:]
+        assert text.splitlines()[0] == errors[0]  # checked before anything is built: the very first line

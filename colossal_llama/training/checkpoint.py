@@ -202,6 +202,31 @@ def verify_checkpoint(path: Path) -> None:
         raise UserInputError(f"{err}: checkpoint {path} is damaged; {way_on}") from None
 
 
+# config.json keys that fix the shapes of a model's weights (and so whether a checkpoint's weights fit it)
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def _config_json(folder: Path) -> Optional[dict]:
+    path = folder / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def check_same_model(modeling_dir: Path, pretrained: str) -> None:
+    """A one-line error when the weights in ``modeling_dir`` (a checkpoint's ``modeling/`` or a folder to start a
+    stage from) belong to a model of other shapes than ``--pretrained``'s, by their ``config.json`` (e.g. the base
+    model given after a vocabulary expansion): loading them would fail deep in torch with a size mismatch.
+    Skipped when either has no ``config.json`` (a hub id: the weight names are still checked when loading)."""
+    saved, base = _config_json(modeling_dir), _config_json(Path(pretrained))
+    if saved is None or base is None:
+        return
+    differ = [f"{key} {saved[key]} vs {base[key]}" for key in SHAPE_KEYS
+              if key in saved and key in base and saved[key] != base[key]]
+    if differ:
+        raise UserInputError(f"--load_checkpoint {modeling_dir}: its weights are of another model than --pretrained "
+                             f"{pretrained} ({', '.join(differ)}): pass the --pretrained they were trained from")
+
+
 def check_resume_kind(path: Path, lora_rank: int) -> None:
     """A one-line error when checkpoint ``path`` and this run disagree on LoRA: a LoRA run's checkpoint holds only
     the adapters (and trained embeddings) of one rank, a full run's the whole model."""
