@@ -120,11 +120,27 @@ def test_a_checkpoint_resumes_on_other_ranks_at_the_same_sample(reference_runs, 
     log = train_ok(tmp_path, "resumed", args, nproc=nproc).read_text()
     if nproc == 1:
         assert "saved with 2 ranks, running 1: RNG streams restart from the seed (data position is exact)" in log
+    assert "epoch order is not the checkpoint's" not in log
     assert f"resumed from {save_dir / 'epoch-0_step-3'}: epoch 0, step 3, sample offset 12" in log
     ref, got = read_loss_log(reference / "losses.jsonl"), read_loss_log(save_dir / "losses.jsonl")
     assert [r["step"] for r in got] == list(range(1, MAX_STEPS + 1))
     assert [r["tokens"] for r in got] == [r["tokens"] for r in ref]  # the same sequences, step by step
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-6)  # measured: <= 5.3e-8
+
+
+def test_a_resume_in_another_epoch_order_says_so(reference_runs, tmp_path):
+    """The sample offset counts sequences of the checkpoint's epoch order; resumed with another seed (or other
+    data, or other mixture weights) it would silently repeat some sequences and skip others: the run says what
+    changed and what it means, and records the new order's inputs in its next checkpoint."""
+    save_dir = tmp_path / "ckpt"
+    _copy_checkpoint_3(reference_runs["ddp"], save_dir)
+    saved = json.loads((save_dir / "epoch-0_step-3" / "running_states.json").read_text())["data_order"]
+    assert saved["seed"] == 42 and sum(saved["bucket_sizes"]) > 1000 and saved["mixture"] is None
+    log = train_ok(tmp_path, "resumed", reference_runs.args("ddp", save_dir, *LATEST, "--seed", "7")).read_text()
+    assert ("the epoch order is not the checkpoint's (seed 42 -> 7): its 12 sequences of epoch 0 are counted in "
+            "the new order, so some may come again and others not at all this epoch") in log
+    assert json.loads((save_dir / "epoch-0_step-6" / "running_states.json").read_text())["data_order"] == \
+        {**saved, "seed": 7}
 
 
 # ---------------------------------------------------------------------------------------------- random kills

@@ -430,3 +430,18 @@ def test_the_trash_renames_aside_at_once_and_deletes_in_the_background(tmp_path,
     release.set()
     trash.wait()
     assert not aside.exists() and not leftover.exists() and trash.deleted == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_change_of_epoch_order_is_described_in_words():
+    from colossal_llama.training.inputs import epoch_order_changes
+
+    saved = {"seed": 42, "shuffle_buckets": False, "bucket_sizes": [600, 647], "mixture": None}
+    assert epoch_order_changes(saved, dict(saved)) == []
+    assert epoch_order_changes(saved, {**saved, "seed": 7, "shuffle_buckets": True}) == \
+        ["seed 42 -> 7", "shuffle_buckets False -> True"]
+    assert epoch_order_changes(saved, {**saved, "bucket_sizes": [600, 700, 10]}) == \
+        ["data 1,247 sequences in 2 buckets -> 1,310 in 3"]
+    assert epoch_order_changes(saved, {**saved, "bucket_sizes": [647, 600]}) == \
+        ["data 1,247 sequences in 2 buckets -> 1,247 in 2 (other bucket sizes)"]
+    assert epoch_order_changes(saved, {**saved, "mixture": [[[0, "news", 600, 1.0]]]}) == \
+        ["mixture groups or shares (--category_weights, --dataset weights)"]

@@ -58,6 +58,7 @@ class RunningState:
     global_batch: int
     world_size: int
     category_tokens: Optional[dict] = None  # input tokens seen per category so far (the mixture's realisation)
+    data_order: Optional[dict] = None  # what the epoch order is drawn from (training.inputs.epoch_order_inputs)
 
 
 def checkpoint_name(epoch: int, step: int) -> str:

@@ -1,6 +1,7 @@
 """What a run reads: the training data (with its replay mixture, if any) and the held-out data for validation."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import List, Optional
@@ -59,3 +60,26 @@ def _mixture(cfg: TrainConfig, train: PreparedData) -> Optional[Mixture]:
     log.info("replay mixture (share of every epoch's sequences): %s", ", ".join(
         f"{cfg.dataset[d]} / {c}: {n / total:.1%}" for (d, c), n in sorted(shares.items())))
     return mixture
+
+
+def epoch_order_inputs(cfg: TrainConfig, inputs: RunInputs) -> dict:
+    """What every epoch's order is a function of besides the epoch number (the sampler draws it from these alone):
+    the seed, ``--shuffle_buckets``, the bucket sizes and the mixture's groups and shares. Checkpoints record it,
+    so a resume can say when the order it goes on in is not the one its sample offset counts in. JSON types."""
+    mixture = None if inputs.mixture is None else [[[g.key[0], g.key[1], len(g.rows), g.share] for g in groups]
+                                                   for groups in inputs.mixture.buckets]
+    return json.loads(json.dumps({"seed": cfg.seed, "shuffle_buckets": cfg.shuffle_buckets,
+                                  "bucket_sizes": [int(n) for n in inputs.train.bucket_sizes], "mixture": mixture}))
+
+
+def epoch_order_changes(saved: dict, now: dict) -> List[str]:
+    """What differs between two :func:`epoch_order_inputs`, in words (empty: the same order)."""
+    changes = [f"{key} {saved.get(key)} -> {now[key]}" for key in ("seed", "shuffle_buckets")
+               if saved.get(key) != now[key]]
+    before, after = saved.get("bucket_sizes") or [], now["bucket_sizes"]
+    if before != after:
+        changes.append(f"data {sum(before):,} sequences in {len(before)} buckets -> {sum(after):,} in {len(after)}"
+                       + ("" if (sum(before), len(before)) != (sum(after), len(after)) else " (other bucket sizes)"))
+    if saved.get("mixture") != now["mixture"]:
+        changes.append("mixture groups or shares (--category_weights, --dataset weights)")
+    return changes

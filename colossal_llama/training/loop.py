@@ -19,7 +19,7 @@ from colossal_llama.training.checkpoint import (FINAL_MODEL, TMP_PREFIX, Checkpo
 from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
 from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler
-from colossal_llama.training.inputs import RunInputs, load_inputs
+from colossal_llama.training.inputs import RunInputs, epoch_order_changes, epoch_order_inputs, load_inputs
 from colossal_llama.training.distributed import (host_memory_peaks_gib, init_distributed, on_rank0, setup_logging,
                                                  shutdown)
 from colossal_llama.training.metrics import RunMetrics, StepStats
@@ -226,16 +226,23 @@ def _loss_words(plan: RunPlan) -> str:
 def start_state(run: Run) -> RunningState:
     """Where training starts: step 0, or the data position of the resumed checkpoint."""
     fresh = RunningState(epoch=0, step=0, sample_offset=0, global_batch=run.plan.global_batch,
-                         world_size=run.plan.world_size)
+                         world_size=run.plan.world_size, data_order=epoch_order_inputs(run.cfg, run.inputs))
     state = run.checkpointer.restore(run.target)
     if state is None:
         return fresh
     if state.global_batch != fresh.global_batch:
         log.warning("global batch changed from %d to %d: resuming at sample %d of epoch %d",
                     state.global_batch, fresh.global_batch, state.sample_offset, state.epoch)
+    changes = epoch_order_changes(state.data_order, fresh.data_order) if state.data_order else []
+    if changes:
+        log.warning("the epoch order is not the checkpoint's (%s): its %d sequences of epoch %d are counted in the "
+                    "new order, so some may come again and others not at all this epoch (to go on exactly, resume "
+                    "with the checkpoint's seed, data and weights)", "; ".join(changes), state.sample_offset,
+                    state.epoch)
     log.info("resumed from %s: epoch %d, step %d, sample offset %d", run.target.path, state.epoch, state.step,
              state.sample_offset)
-    return dataclasses.replace(state, global_batch=fresh.global_batch, world_size=fresh.world_size)
+    return dataclasses.replace(state, global_batch=fresh.global_batch, world_size=fresh.world_size,
+                               data_order=fresh.data_order)
 
 
 def micro_batch_groups(run: Run, epoch: int, offset: int) -> Iterator[List[dict]]:
