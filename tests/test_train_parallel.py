@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
 
 from colossal_llama.training.checkpoint import latest_checkpoint
+from colossal_llama.utils.errors import UserInputError
 from tests.support.train_runs import LORA_RANK, MAX_STEPS, losses, train_ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -160,6 +162,34 @@ def test_lora_final_model_is_base_plus_the_adapter_delta(reference_runs, tiny_ll
     assert not torch.equal(embed, base["model.embed_tokens.weight"])
     untouched = "model.layers.0.input_layernorm.weight"
     assert torch.equal(merged[untouched], base[untouched])
+
+
+def test_any_checkpoint_of_a_lora_run_loads_for_inference_with_its_adapters_merged(reference_runs, tmp_path):
+    """``inference_example.py`` / ``evaluate.py`` on ``epoch-E_step-S/modeling`` of a LoRA run (adapters only):
+    the base named in its adapter_config.json with the adapters merged in. The last checkpoint's model is the run's
+    merged final model; an earlier one is another model; a base that is not there is one line."""
+    from colossal_llama.inference.loading import load_model_and_tokenizer
+    from colossal_llama.inference.placement import placement_for
+
+    run, cpu = reference_runs["lora_ddp"], placement_for("cpu")
+    final, _ = load_model_and_tokenizer(run / "modeling", device=cpu)
+    last, tokenizer = load_model_and_tokenizer(run / f"epoch-0_step-{MAX_STEPS}" / "modeling", device=cpu)
+    earlier, _ = load_model_and_tokenizer(run / "epoch-0_step-3" / "modeling", device=cpu)
+    assert type(last) is type(final)  # a plain transformers model, no peft wrapper left
+    for (name, got), (_, want) in zip(last.state_dict().items(), final.state_dict().items(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
+    ids = torch.tensor([tokenizer("The cat sat on the mat.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(last(ids).logits, final(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(earlier(ids).logits, final(ids).logits, atol=1e-3)
+    moved = tmp_path / "moved"
+    shutil.copytree(run / "epoch-0_step-3" / "modeling", moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserInputError, match=re.escape(f"{moved}: a LoRA checkpoint (adapters only) of the base model "
+                                                       f"'{tmp_path / 'gone'}', which is not a model folder")):
+        load_model_and_tokenizer(moved, device=cpu)
 
 
 def test_benchmark_measures_random_sequences_and_writes_nothing(tiny_llama, tmp_path):

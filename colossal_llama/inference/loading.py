@@ -9,12 +9,14 @@ import torch
 
 from colossal_llama.inference.placement import Placement, device_map, log_device_map, placement_for
 from colossal_llama.model.checkpoint_files import check_checkpoint
+from colossal_llama.model.lora_checkpoint import is_lora_checkpoint, lora_base, merge_into
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import UserInputError
 
 
 def load_model(model_path, placement: Placement):
-    """``AutoModelForCausalLM`` from an HF folder in its saved dtype, in eval mode, placed by ``placement``.
+    """``AutoModelForCausalLM`` from an HF folder in its saved dtype, in eval mode, placed by ``placement``; from a
+    LoRA run's checkpoint (``modeling/`` with adapters only), its base model with the adapters merged in.
 
     On GPUs the weights go straight from the files to their GPU (accelerate's device map, planned before any is
     read), never through a whole copy in host memory. Half-precision weights are upcast to float32 on CPU: many
@@ -26,6 +28,8 @@ def load_model(model_path, placement: Placement):
     path = Path(model_path)
     if not (path / "config.json").is_file():
         raise UserInputError(f"{path}: not a model folder (no config.json)")
+    if is_lora_checkpoint(path):  # a LoRA run's checkpoint: its base, the adapters merged in where it is placed
+        return merge_into(load_model(lora_base(path), placement), path).eval()
     check_checkpoint(path)
     try:
         where = {} if placement.on_cpu else {"device_map": device_map(AutoConfig.from_pretrained(path), placement,

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE
+from colossal_llama.model.lora_checkpoint import is_lora_checkpoint
 from colossal_llama.training import lora
 from colossal_llama.training.checkpoint_files import verify_checkpoint_files
 from colossal_llama.training.plugin import Parallelism
@@ -232,7 +233,7 @@ def check_resume_kind(path: Path, lora_rank: int) -> None:
     """A one-line error when checkpoint ``path`` and this run disagree on LoRA: a LoRA run's checkpoint holds only
     the adapters (and trained embeddings) of one rank, a full run's the whole model."""
     modeling = path / FINAL_MODEL
-    if not (modeling / lora.TRAINABLE_FILE).is_file():
+    if not is_lora_checkpoint(modeling):
         if lora_rank:
             raise UserInputError(f"--load_checkpoint {path}: a full run's checkpoint, and this run has --lora_rank "
                                  f"{lora_rank}: resume it without --lora_rank, or train LoRA on its weights as a new "

@@ -3,8 +3,9 @@ vocabulary expansion, ``embed_tokens`` / ``lm_head`` trained in full so the new 
 Chinese-LLaMA-Alpaca recipe).
 
 Checkpoints hold only what trains: ``modeling/lora_trainable.safetensors`` (adapter matrices and, when on, the
-embeddings) with peft's ``adapter_config.json``; the frozen base comes from ``--pretrained`` on resume. The final
-``save_dir/modeling`` is the base with the adapters merged in: a plain Hugging Face model.
+embeddings) with peft's ``adapter_config.json`` (:mod:`colossal_llama.model.lora_checkpoint`, which inference
+loads them with); the frozen base comes from ``--pretrained`` on resume. The final ``save_dir/modeling`` is the
+base with the adapters merged in: a plain Hugging Face model.
 """
 from __future__ import annotations
 
@@ -15,13 +16,11 @@ import torch
 from torch import nn
 
 from colossal_llama.model.init_model import BASE_VOCAB_KEY
+from colossal_llama.model.lora_checkpoint import TRAINABLE_FILE
 from colossal_llama.training.config import LORA_TARGETS
 from colossal_llama.training.model import EMBEDDING_MODULES
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.json_files import read_json
-
-TRAINABLE_FILE = "lora_trainable.safetensors"
-
 
 def vocabulary_was_expanded(model_dir: Path) -> bool:
     """Whether ``model_dir`` came out of ``init_model.py`` with more rows than its base model had."""
