@@ -26,9 +26,9 @@ import datasets
 from datasets import Dataset
 from datasets.arrow_writer import ArrowWriter
 
-from colossal_llama.utils.labels import IGNORE_INDEX
 from colossal_llama.dataset.records import BATCH_LINES, RowBatch
 from colossal_llama.dataset.tokenization import RAW_FEATURES, TOKENIZED_FEATURES
+from colossal_llama.utils.labels import IGNORE_INDEX
 
 FIRST_BLOCK_BYTES = 1 << 20     # the first block is small (tokenising starts early), each next one twice as big...
 RAW_BLOCK_BYTES = 4 << 20       # ...up to this, one process (bounds the raw pages mapped at a time)

@@ -15,9 +15,9 @@ import pyarrow as pa
 from datasets import DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
-from colossal_llama.utils.labels import IGNORE_INDEX
 from colossal_llama.dataset.packing import Plan
 from colossal_llama.dataset.token_cache import TokenCache
+from colossal_llama.utils.labels import IGNORE_INDEX
 
 WRITE_BATCH_TOKENS = 1 << 18
 DATA_FILE = "data-00000-of-00001.arrow"

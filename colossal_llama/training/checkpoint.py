@@ -35,7 +35,7 @@ from colossal_llama.training.checkpoint_files import verify_checkpoint_files
 from colossal_llama.training.plugin import Parallelism
 from colossal_llama.training.trash import Trash
 from colossal_llama.utils.errors import UserInputError
-from colossal_llama.utils.json_files import write_json
+from colossal_llama.utils.json_files import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -209,17 +209,12 @@ SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
 
 
-def _config_json(folder: Path) -> Optional[dict]:
-    path = folder / "config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def check_same_model(modeling_dir: Path, pretrained: str) -> None:
     """A one-line error when the weights in ``modeling_dir`` (a checkpoint's ``modeling/`` or a folder to start a
     stage from) belong to a model of other shapes than ``--pretrained``'s, by their ``config.json`` (e.g. the base
     model given after a vocabulary expansion): loading them would fail deep in torch with a size mismatch.
     Skipped when either has no ``config.json`` (a hub id: the weight names are still checked when loading)."""
-    saved, base = _config_json(modeling_dir), _config_json(Path(pretrained))
+    saved, base = (read_json(Path(folder) / "config.json", missing_ok=True) for folder in (modeling_dir, pretrained))
     if saved is None or base is None:
         return
     differ = [f"{key} {saved[key]} vs {base[key]}" for key in SHAPE_KEYS
@@ -239,7 +234,7 @@ def check_resume_kind(path: Path, lora_rank: int) -> None:
                                  f"{lora_rank}: resume it without --lora_rank, or train LoRA on its weights as a new "
                                  f"stage with --pretrained {modeling}")
         return
-    saved_rank = json.loads((modeling / "adapter_config.json").read_text(encoding="utf-8")).get("r")
+    saved_rank = read_json(modeling / "adapter_config.json").get("r")
     if not lora_rank:
         raise UserInputError(f"--load_checkpoint {path}: a LoRA run's checkpoint (adapters of rank {saved_rank} "
                              f"only): resume it with --lora_rank {saved_rank} and the --pretrained it trained on")
@@ -368,7 +363,8 @@ class Checkpointer:
         tmp = self._fresh_tmp(FINAL_MODEL)
         if self.lora:
             if dist.get_rank() == 0:  # merging rewrites the weights in place: the run is over
-                lora.merged_model(self.model.unwrap(unwrap_peft=False)).save_pretrained(str(tmp), safe_serialization=True)
+                merged = lora.merged_model(self.model.unwrap(unwrap_peft=False))
+                merged.save_pretrained(str(tmp), safe_serialization=True)
                 self.files.write(tmp)
         else:
             self._save_weights(tmp)

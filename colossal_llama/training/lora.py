@@ -22,6 +22,7 @@ from colossal_llama.training.model import EMBEDDING_MODULES
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.json_files import read_json
 
+
 def vocabulary_was_expanded(model_dir: Path) -> bool:
     """Whether ``model_dir`` came out of ``init_model.py`` with more rows than its base model had."""
     config = read_json(Path(model_dir) / "config.json")
