@@ -113,3 +113,23 @@ def test_init_model_flags_keep_the_original_names_and_default_to_the_config():
     args = build_parser().parse_args(["--source_model_and_tokenizer_path", "s", "--target_tokenizer_path", "t",
                                       "--target_model_path", "m", "--overwrite", "--pad_vocab_to_multiple_of", "64"])
     assert config_from(args, InitModelConfig) == InitModelConfig(Path("s"), Path("t"), Path("m"), True, 64)
+
+
+def test_export_model_from_config_and_plot_flags_default_to_their_configs(monkeypatch):
+    from colossal_llama.model import from_config, gguf_export
+    from colossal_llama.utils import plot_losses
+
+    calls = []
+    for module, name in ((gguf_export, "export_gguf_to_hf"), (from_config, "save_llama_from_config")):
+        monkeypatch.setattr(module, name, lambda *args: calls.append(args))
+        monkeypatch.setattr(module, "clear_output_dir", lambda *args: None)
+    monkeypatch.setattr(plot_losses, "read_scalars", lambda log_dir: {"train/loss": [(1, 2.0)]})
+    monkeypatch.setattr(plot_losses, "plot_scalars", lambda series, output, title: calls.append((output, title))
+                        or output)
+    assert gguf_export.main(["--gguf_file", "m.gguf", "--output_dir", "o"]) == 0
+    assert from_config.main(["--tokenizer_dir", "t", "--output_dir", "o"]) == 0
+    assert plot_losses.main(["--log_dir", "runs"]) == 0
+    assert calls == [(Path("m.gguf"), Path("o"), gguf_export.DEFAULT_DTYPE), (Path("t"), Path("o"), "small", 0),
+                     (Path("runs") / "losses.png", None)]
+    assert (_defaults(gguf_export.GgufExportConfig)["dtype"], _defaults(from_config.FromConfigConfig)["shape"]) == \
+        ("float32", "small")
