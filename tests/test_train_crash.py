@@ -26,8 +26,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from colossal_llama.training.checkpoint import (TMP_PREFIX, check_resume_kind, check_same_model, complete_checkpoints,
-                                                latest_checkpoint, verify_checkpoint)
+from colossal_llama.training.checkpoint import (TMP_PREFIX, LoadTarget, check_lora_matches, check_same_model,
+                                                complete_checkpoints, latest_checkpoint, verify_checkpoint)
 from colossal_llama.training.metrics import read_loss_log
 from colossal_llama.utils.errors import UserInputError
 from tests.support.launch import (alive, kill_launcher_and_ranks, rank_processes, run_training, start_training, tail,
@@ -349,11 +349,19 @@ def test_a_checkpoint_and_a_run_that_disagree_on_lora_stop_with_one_line(referen
     """A LoRA run's checkpoint holds only adapters (of one rank), a full run's the whole model: resuming one with
     the other's flags is named before anything is built (it was a traceback, or "no model weights")."""
     full, adapters = reference_runs["ddp"] / "epoch-0_step-3", reference_runs["lora_ddp"] / "epoch-0_step-3"
+
+    def check_resume_kind(checkpoint: Path, lora_rank: int) -> None:
+        check_lora_matches(LoadTarget("resume", checkpoint), lora_rank)
+
     check_resume_kind(full, 0)
     check_resume_kind(adapters, LORA_RANK)
-    with pytest.raises(UserInputError, match=re.escape(f"a full run's checkpoint, and this run has --lora_rank 8: resume "
-                                                       f"it without --lora_rank, or train LoRA on its weights as a new "
-                                                       f"stage with --pretrained {full / 'modeling'}")):
+    check_lora_matches(LoadTarget("weights", full / "modeling"), 0)
+    with pytest.raises(UserInputError, match=re.escape(f"--load_checkpoint {full / 'modeling'} with --lora_rank: give "
+                                                       "that folder as --pretrained")):
+        check_lora_matches(LoadTarget("weights", full / "modeling"), LORA_RANK)
+    with pytest.raises(UserInputError, match=re.escape(f"a full run's checkpoint, and this run has --lora_rank 8: "
+                                                       f"resume it without --lora_rank, or train LoRA on its weights as "
+                                                       f"a new stage with --pretrained {full / 'modeling'}")):
         check_resume_kind(full, LORA_RANK)
     with pytest.raises(UserInputError, match=r"a LoRA run's checkpoint \(adapters of rank 8 only\): resume it with "
                                              r"--lora_rank 8 and the --pretrained it trained on$"):

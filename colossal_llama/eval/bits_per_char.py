@@ -242,9 +242,6 @@ def encoded_groups(texts: Iterable[str], tokenizer, start_id: int,
 def _exchange_round(round_: List[List[str]], tokenizer, start_id: int,
                     ranks: Ranks) -> Iterator[Tuple[List[np.ndarray], List[int]]]:
     mine = _encode(round_[ranks.rank] if ranks.rank < len(round_) else [], tokenizer, start_id)
-    if ranks.size == 1:
-        yield mine, [len(text) for text in round_[0]]
-        return
     # each process's texts as one int32 array, [lengths of its texts..., their ids...] (its texts are counted
     # in round_), exchanged as raw tensors
     packed = np.concatenate([np.asarray([len(a) for a in mine], dtype=np.int32), *mine])

@@ -54,7 +54,7 @@ def build_llama(tokenizer, shape: LlamaShape, seed: int = 0, torch_dtype: str = 
     return LlamaForCausalLM(config).to(getattr(torch, torch_dtype))
 
 
-def save_llama_from_config(tokenizer_dir: Path, output_dir: Path, shape: str, seed: int = 0) -> Path:
+def save_llama_from_config(tokenizer_dir: Path, output_dir: Path, shape: str, seed: int) -> Path:
     """Write model + tokenizer into ``output_dir`` (must not exist); returns it."""
     if shape not in SHAPES:
         raise UserInputError(f"--shape {shape}: expected one of {', '.join(SHAPES)}")

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE
-from colossal_llama.model.lora_checkpoint import is_lora_checkpoint
+from colossal_llama.model.lora_checkpoint import ADAPTER_CONFIG, is_lora_checkpoint
 from colossal_llama.training import lora
 from colossal_llama.training.checkpoint_files import verify_checkpoint_files
 from colossal_llama.training.plugin import Parallelism
@@ -172,6 +172,11 @@ class LoadTarget:
     kind: str  # "resume" (full checkpoint) or "weights" (a modeling/ folder: next training stage)
     path: Path
 
+    @property
+    def modeling_dir(self) -> Path:
+        """The folder of the weights to load: the checkpoint's ``modeling/``, or the folder itself."""
+        return self.path / FINAL_MODEL if self.kind == "resume" else self.path
+
 
 def resolve_load_target(load_checkpoint: Optional[str], save_dir: Path) -> Optional[LoadTarget]:
     if load_checkpoint is None:
@@ -224,17 +229,23 @@ def check_same_model(modeling_dir: Path, pretrained: str) -> None:
                              f"{pretrained} ({', '.join(differ)}): pass the --pretrained they were trained from")
 
 
-def check_resume_kind(path: Path, lora_rank: int) -> None:
-    """A one-line error when checkpoint ``path`` and this run disagree on LoRA: a LoRA run's checkpoint holds only
-    the adapters (and trained embeddings) of one rank, a full run's the whole model."""
-    modeling = path / FINAL_MODEL
+def check_lora_matches(target: LoadTarget, lora_rank: int) -> None:
+    """A one-line error when what ``target`` holds and this run disagree on LoRA: a LoRA run's checkpoint holds
+    only the adapters (and trained embeddings) of one rank, a full run's the whole model; a weights-only folder
+    is the model LoRA adapters would sit on, so it is ``--pretrained``."""
+    path, modeling = target.path, target.modeling_dir
+    if target.kind == "weights":
+        if lora_rank:
+            raise UserInputError(f"--load_checkpoint {path} with --lora_rank: give that folder as --pretrained "
+                                 "(LoRA adapters sit on top of the weights the model is built from)")
+        return
     if not is_lora_checkpoint(modeling):
         if lora_rank:
             raise UserInputError(f"--load_checkpoint {path}: a full run's checkpoint, and this run has --lora_rank "
                                  f"{lora_rank}: resume it without --lora_rank, or train LoRA on its weights as a new "
                                  f"stage with --pretrained {modeling}")
         return
-    saved_rank = read_json(modeling / "adapter_config.json").get("r")
+    saved_rank = read_json(modeling / ADAPTER_CONFIG).get("r")
     if not lora_rank:
         raise UserInputError(f"--load_checkpoint {path}: a LoRA run's checkpoint (adapters of rank {saved_rank} "
                              f"only): resume it with --lora_rank {saved_rank} and the --pretrained it trained on")
@@ -416,13 +427,12 @@ class Checkpointer:
         the saved data position). A resumed checkpoint was checked by :func:`verify_checkpoint` already."""
         if target is None:
             return None
+        self.load_weights(target.modeling_dir)
         if target.kind == "weights":
-            self.load_weights(target.path)
             log.info("loaded weights from %s (new stage: optimizer, schedule and data start fresh)", target.path)
             return None
         path = target.path
         state = RunningState(**json.loads((path / RUNNING_STATES).read_text(encoding="utf-8")))
-        self.load_weights(path / FINAL_MODEL)
         single = path / "optimizer" / "optimizer.bin"
         self.booster.load_optimizer(self.optimizer, str(single if single.is_file() else path / "optimizer"))
         self.booster.load_lr_scheduler(self.scheduler, str(path / "lr_scheduler"))

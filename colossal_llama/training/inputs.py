@@ -1,7 +1,6 @@
 """What a run reads: the training data (with its replay mixture, if any) and the held-out data for validation."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import List, Optional
@@ -66,10 +65,10 @@ def epoch_order_inputs(cfg: TrainConfig, inputs: RunInputs) -> dict:
     """What every epoch's order is a function of besides the epoch number (the sampler draws it from these alone):
     the seed, ``--shuffle_buckets``, the bucket sizes and the mixture's groups and shares. Checkpoints record it,
     so a resume can say when the order it goes on in is not the one its sample offset counts in. JSON types."""
-    mixture = None if inputs.mixture is None else [[[g.key[0], g.key[1], len(g.rows), g.share] for g in groups]
-                                                   for groups in inputs.mixture.buckets]
-    return json.loads(json.dumps({"seed": cfg.seed, "shuffle_buckets": cfg.shuffle_buckets,
-                                  "bucket_sizes": [int(n) for n in inputs.train.bucket_sizes], "mixture": mixture}))
+    mixture = None if inputs.mixture is None else [[[g.key[0], g.key[1], len(g.rows), float(g.share)]
+                                                    for g in groups] for groups in inputs.mixture.buckets]
+    return {"seed": cfg.seed, "shuffle_buckets": cfg.shuffle_buckets,
+            "bucket_sizes": [int(n) for n in inputs.train.bucket_sizes], "mixture": mixture}
 
 
 def epoch_order_changes(saved: dict, now: dict) -> List[str]:

@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 
 from colossal_llama.model.scored_loss import install_scored_loss
 from colossal_llama.training.attention import choose_attention, needs_dense_mask
-from colossal_llama.training.checkpoint import (FINAL_MODEL, TMP_PREFIX, Checkpointer, LoadTarget, ModelFiles,
-                                                RunningState, check_resume_kind, check_same_model,
-                                                resolve_load_target, verify_checkpoint)
+from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTarget, ModelFiles, RunningState,
+                                                check_lora_matches, check_same_model, resolve_load_target,
+                                                verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
 from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler
@@ -65,8 +65,7 @@ class Run:
 def claim(cfg: TrainConfig, trash: Trash) -> tuple[Optional[LoadTarget], Optional[SaveDirLock]]:
     """Collective, before anything is built: rank 0 locks --save_dir and refuses to clobber an earlier run (what
     it removes goes to ``trash``); then --load_checkpoint is resolved and a checkpoint to resume is checked for
-    damaged files and for LoRA (adapters only) against this run's --lora_rank; the weights to load must be of
-    --pretrained's shapes."""
+    damaged files; what it holds must agree with this run's --lora_rank and be of --pretrained's shapes."""
     save_dir = Path(cfg.save_dir)
     target = resolve_load_target(cfg.load_checkpoint, save_dir)
     resuming = cfg.load_checkpoint == "latest" or (target is not None and target.kind == "resume")
@@ -74,10 +73,9 @@ def claim(cfg: TrainConfig, trash: Trash) -> tuple[Optional[LoadTarget], Optiona
     target = resolve_load_target(cfg.load_checkpoint, save_dir)  # "latest" must not see what --overwrite removed
     if target is not None and target.kind == "resume":
         on_rank0(lambda: verify_checkpoint(target.path))
-        on_rank0(lambda: check_resume_kind(target.path, cfg.lora_rank))
     if target is not None:
-        on_rank0(lambda: check_same_model(target.path / FINAL_MODEL if target.kind == "resume" else target.path,
-                                          cfg.pretrained))
+        on_rank0(lambda: check_lora_matches(target, cfg.lora_rank))
+        on_rank0(lambda: check_same_model(target.modeling_dir, cfg.pretrained))
     return target, lock
 
 
@@ -92,9 +90,6 @@ def build_run(cfg: TrainConfig) -> Run:
     cfg = resolve_for_device(cfg, cuda)
     trash = Trash(TMP_PREFIX)
     target, lock = (None, None) if cfg.benchmark else claim(cfg, trash)
-    if cfg.lora_rank and target is not None and target.kind == "weights":
-        raise UserInputError(f"--load_checkpoint {target.path} with --lora_rank: give that folder as --pretrained "
-                             "(LoRA adapters sit on top of the weights the model is built from)")
     tokenizer = load_tokenizer(cfg.pretrained)
     pad_id = pad_token_id(tokenizer, cfg.pad_token)
     model_config = AutoConfig.from_pretrained(cfg.pretrained)

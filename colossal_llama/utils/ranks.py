@@ -81,14 +81,6 @@ class Ranks:
         dist.all_reduce(total)
         return total.tolist()
 
-    def exchange(self, part: T) -> List[T]:
-        """Every process's ``part`` (any picklable value), in rank order, on every process."""
-        if self.size == 1:
-            return [part]
-        parts: List[Optional[T]] = [None] * self.size
-        dist.all_gather_object(parts, part)
-        return parts
-
     def exchange_int32(self, part: np.ndarray) -> List[np.ndarray]:
         """Every process's 1-D int32 array (lengths may differ), in rank order, on every process: two all-gathers
         of raw tensors (the lengths, then the arrays padded to the longest), nothing pickled."""
@@ -105,7 +97,11 @@ class Ranks:
 
     def merge(self, part: Dict[int, T]) -> Dict[int, T]:
         """The union of every process's ``{index: value}`` (each index comes from one process)."""
-        return {k: v for p in self.exchange(part) for k, v in p.items()}
+        if self.size == 1:
+            return dict(part)
+        parts: List[Dict[int, T]] = [{} for _ in range(self.size)]
+        dist.all_gather_object(parts, part)
+        return {k: v for p in parts for k, v in p.items()}
 
     def gather(self, part: Dict[int, T]) -> Dict[int, T]:
         """On the main process the union of every process's ``{index: value}``; elsewhere ``{}`` (bounds memory
