@@ -35,6 +35,12 @@ ZERO_STAGE=${ZERO_STAGE:-1}
 EXTRA_ARGS=${EXTRA_ARGS:-}                                # e.g. "--use_flash_attn --use_grad_checkpoint"
 LOAD_CHECKPOINT=${LOAD_CHECKPOINT:-}                      # a checkpoint dir, a modeling/ dir, or "latest"
 
+# A scheduler stops a job with SIGTERM (preemption, scancel, an eviction); torchrun forwards it to every rank,
+# which finish their step, save a checkpoint there and exit (train.py --stop_signals). torchrun kills them this many
+# seconds later: room for a step and a checkpoint save. It also forwards SIGUSR1 (SLURM's --signal=USR1@T).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+
 read -r -a datasets <<< "$DATASET"
 args=(--pretrained "$PRETRAINED" --dataset "${datasets[@]}" --plugin "$PLUGIN" --save_dir "$SAVE_DIR"
       --tensorboard_dir "$SAVE_DIR/tensorboard" --config_file "$SAVE_DIR/config.json"
@@ -65,6 +71,7 @@ if [[ $rc != 0 ]]; then
   # Every rank of a failed run exits; the launcher then prints its own report (ChildFailedError, per-rank exit
   # codes). The reason is further up: train.py prints a user error once, as a line starting with "error".
   echo "train.example.sh: training failed (exit $rc). The reason is the first line starting with 'error' above;" \
-       "the launcher's report after it only lists the ranks that stopped." >&2
+       "the launcher's report after it only lists the ranks that stopped. A run stopped by a signal says" \
+       "'stopped by SIG...' instead, after saving a checkpoint: LOAD_CHECKPOINT=latest goes on from it." >&2
 fi
 exit $rc

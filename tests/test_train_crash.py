@@ -5,6 +5,8 @@ Specification:
   middle of a checkpoint save - resumes with ``--load_checkpoint latest`` to a ``losses.jsonl`` equal to the
   uninterrupted run's bit for bit; with NEFTune on, under ddp and zero2, with and without recomputation;
 - the ranks of a run whose launcher alone was killed stop at once (they never go on writing checkpoints);
+- a SIGTERM to the launcher (a scheduler stopping the job) or to one rank alone stops every rank at the same step,
+  with a checkpoint of that step, exit code 143, and a resume equal to the uninterrupted run bit for bit;
 - one run per ``--save_dir``: a second run is refused with one line naming the holder, printed once, before the
   launcher's own report; the lock of a dead run is taken over with a warning;
 - a finished run is never restarted over without ``--overwrite``;
@@ -207,6 +209,50 @@ def test_ten_kills_at_random_moments_resume_bitwise(reference_runs, tmp_path):
     assert_bitwise_equal(reference_runs["ddp_neft"], save_dir)
     assert [c.name for c in complete_checkpoints(save_dir)] == ["epoch-0_step-6", f"epoch-0_step-{MAX_STEPS}"]
     assert not list(save_dir.glob(TMP_PREFIX + "*"))
+
+
+# ---------------------------------------------------------------------------------------------- stop on a signal
+def _rank_pid(proc, rank: int) -> int:
+    found = [p.pid for p in rank_processes(proc) if p.environ().get("RANK") == str(rank)]
+    assert len(found) == 1, f"rank {rank} of torchrun {proc.pid}: {found}"
+    return found[0]
+
+
+@pytest.mark.parametrize("target, after_step", [("launcher", SAVE_INTERVAL), ("rank 1", SAVE_INTERVAL + 1)])
+def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_to_resume(reference_runs, tmp_path, target,
+                                                                            after_step):
+    """What a scheduler does before it kills a job (preemption, scancel, an eviction): SIGTERM to torchrun, which
+    forwards it to every rank, here while step 3's checkpoint is being saved; or SIGTERM to rank 1 alone (one node
+    of many preempted) during step 5, which rank 0 learns from that step's all-reduce. Every rank stops at the same
+    step, after a checkpoint of it (saved once), and exits with 143 (128 + SIGTERM); the resumed run equals the
+    uninterrupted one bit for bit. Each rank waits 2 s after logging a step (the signal lands in that wait)."""
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("ddp", save_dir)
+    proc = start_training(args, tmp_path / "stopped.log",
+                          env={"CL_TEST_SLOW_STEP_S": "2", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"})
+    try:
+        assert wait_for_lines(save_dir / "losses.jsonl", after_step, proc) == after_step and proc.poll() is None
+        os.kill(proc.pid if target == "launcher" else _rank_pid(proc, 1), signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    except BaseException:
+        kill_launcher_and_ranks(proc)
+        raise
+    log = (tmp_path / "stopped.log").read_text(errors="replace")
+    stop_step = SAVE_INTERVAL if target == "launcher" else after_step + 1
+    assert code != 0 and _loss_lines(save_dir) == stop_step < MAX_STEPS, tail(tmp_path / "stopped.log")
+    assert not (save_dir / "modeling").exists()  # the run did not finish: the signal stopped it
+    assert "received SIGTERM" in log and ("[rank 0] received" in log) == (target == "launcher")
+    for rank in (0, 1):
+        assert re.search(rf"\[rank {rank}\] .*stopped by SIGTERM after step {stop_step} of {MAX_STEPS}, [\d.]+ s after "
+                         "the signal: resume with --load_checkpoint latest", log), tail(tmp_path / "stopped.log")
+    if target == "rank 1":  # torchrun reports the ranks' own exit codes
+        assert "exitcode  : 143" in log, tail(tmp_path / "stopped.log")
+    assert [c.name for c in complete_checkpoints(save_dir)] == sorted(
+        {f"epoch-0_step-{SAVE_INTERVAL}", f"epoch-0_step-{stop_step}"})
+    assert log.count(f"saved checkpoint {save_dir / f'epoch-0_step-{stop_step}'}") == 1
+    resumed = train_ok(tmp_path, "resumed", args + LATEST).read_text()
+    assert f"resumed from {save_dir / f'epoch-0_step-{stop_step}'}" in resumed
+    assert_bitwise_equal(reference_runs["ddp"], save_dir)
 
 
 def test_old_checkpoints_are_deleted_in_the_background_while_training_goes_on(reference_runs, tmp_path):

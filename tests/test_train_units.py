@@ -58,10 +58,42 @@ def test_warmup_defaults_to_2_5_percent_of_steps(tiny_llama):
     (["--dist_timeout_minutes", "0"], r"^--dist_timeout_minutes 0.0: must be > 0$"),
     (["--plugin", "zero3"], r"^train.py: argument --plugin: invalid choice: 'zero3'"),
     (["--use_neft", "maybe"], r"argument --use_neft/--use_neftune: expected a boolean .*, got 'maybe' \(see --help\)$"),
+    (["--stop_signals", "SIGTERM,SIGKILL"], r"^--stop_signals SIGTERM,SIGKILL: SIGKILL is not a signal to stop on"),
+    (["--stop_signals", "int"], r"^--stop_signals int: INT is not a signal to stop on"),
 ])
 def test_bad_flags_are_one_line_errors(tiny_llama, flags, message):
     with pytest.raises(UserInputError, match=message):
         parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", *flags])
+
+
+def test_stop_signals_default_to_term_and_usr1_and_take_short_names_or_none(tiny_llama):
+    def signals(*flags):
+        return parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", *flags]).stop_signals
+
+    assert signals() == ["SIGTERM", "SIGUSR1"]
+    assert signals("--stop_signals", "term, usr2,SIGTERM") == ["SIGTERM", "SIGUSR2"]
+    assert signals("--stop_signals", "none") == []
+
+
+def test_a_stop_signal_is_recorded_once_and_the_handlers_are_put_back():
+    import os
+    import signal
+
+    from colossal_llama.training.stop_signals import StoppedBySignal, StopRequest
+
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopRequest(["SIGUSR1", "SIGUSR2"])
+    stop.install()
+    try:
+        assert stop.vote == 0.0
+        os.kill(os.getpid(), signal.SIGUSR2)  # the handler runs before the next bytecode: the process lives on
+        os.kill(os.getpid(), signal.SIGUSR1)  # a second signal is ignored
+        assert (stop.received, stop.vote) == (signal.SIGUSR2, 1.0)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) is before
+    stopped = StoppedBySignal(signal.SIGTERM, 5)
+    assert (stopped.exit_code, stopped.signal_name) == (143, "SIGTERM")
 
 
 def test_checkpoints_at_intervals_at_the_end_and_after_every_epoch():

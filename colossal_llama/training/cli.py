@@ -26,9 +26,13 @@ def run_cli(argv: Optional[List[str]] = None) -> int:
     from colossal_llama.training.config import parse_config
     from colossal_llama.training.distributed import stop_with_launcher
     from colossal_llama.training.loop import train
+    from colossal_llama.training.stop_signals import StoppedBySignal
 
     stop_with_launcher()
-    train(parse_config(argv))
+    try:
+        train(parse_config(argv))
+    except StoppedBySignal as stopped:  # checkpoint saved: the exit code of a process the signal killed
+        return stopped.exit_code
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -25,6 +26,22 @@ LORA_PLUGINS = ("ddp", "zero2", "zero2_cpu")
 SP_MODES = ("split_gather", "ring", "all_to_all", "ring_attn")
 ATTENTION_CHOICES = ("auto", "flash", "flex", "sdpa")  # see colossal_llama.training.attention
 WARMUP_FRACTION = 0.025  # README: warm-up defaults to 2.5% of the optimizer steps
+UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")  # and SIGINT (Ctrl-C) keeps meaning "stop now"
+
+
+def parse_signal_names(text: str) -> List[str]:
+    """``--stop_signals SIGTERM,SIGUSR1`` (also ``term,usr1``) -> canonical names; ``none`` or empty: off."""
+    names: List[str] = []
+    for word in (w.strip().upper() for w in text.split(",")):
+        if not word or word == "NONE":
+            continue
+        name = word if word.startswith("SIG") else f"SIG{word}"
+        if name in (*UNCATCHABLE_SIGNALS, "SIGINT") or name not in signal.Signals.__members__:
+            raise UserInputError(f"--stop_signals {text}: {word} is not a signal to stop on (e.g. SIGTERM,SIGUSR1; "
+                                 "none turns the clean stop off)")
+        if name not in names:
+            names.append(name)
+    return names
 
 
 @dataclass
@@ -115,6 +132,12 @@ class TrainConfig:
                                                   "--save_interval steps and at the end)")
     benchmark: bool = flag(False, help="measure throughput on --num_samples random sequences of --max_length tokens "
                                        "(no dataset, no checkpoints): tokens/s, MFU and peak memory every step")
+    stop_signals: List[str] = flag(
+        ["SIGTERM", "SIGUSR1"], parse=parse_signal_names,
+        help="signals that stop the run cleanly (comma-separated; none: off): the step in flight finishes, every rank "
+             "stops at the same step, saves a checkpoint and exits with 128 + the signal's number; resume with "
+             "--load_checkpoint latest. torchrun forwards SIGTERM to every rank and kills them "
+             "TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (default 30): set it to cover a step and a checkpoint save")
     num_samples: int = flag(500, help="sequences of the --benchmark dataset")
     liger: str = flag("auto", choices=("auto", "on", "off"),
                       help="Liger fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA; "

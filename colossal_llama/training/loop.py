@@ -31,6 +31,7 @@ from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
 from colossal_llama.training.run_dir import RUN_CONFIG, SaveDirLock, claim_save_dir, release_lock
 from colossal_llama.training.step import Stepper
+from colossal_llama.training.stop_signals import StoppedBySignal, StopRequest
 from colossal_llama.training.trash import Trash
 from colossal_llama.training.validation import Validator
 from colossal_llama.utils.errors import UserInputError
@@ -257,19 +258,30 @@ def micro_batch_groups(run: Run, epoch: int, offset: int) -> Iterator[List[dict]
 
 def train(cfg: TrainConfig) -> Optional[Path]:
     """Train per ``cfg``, then leave the process group; returns the final HF model dir (``save_dir/modeling``).
+    Raises :class:`StoppedBySignal` on every rank when a signal of ``--stop_signals`` stopped the run (after its
+    checkpoint).
 
     Rank 0 waits for its background deletions only after the last collective (no rank waits for them), and keeps
     the save dir locked until they are done."""
     setup_logging()
     run = build_run(cfg)
     try:
-        final = _train(run)
-        shutdown()  # only after success: a barrier with a crashed peer would hang (torchrun stops the others)
-        run.checkpointer.trash.wait()
+        try:
+            final = _train(run)
+        except StoppedBySignal:
+            _leave(run)  # every rank agreed to stop and is here: the barrier cannot hang
+            raise
+        _leave(run)
         return final
     finally:
         if run.lock is not None:
             release_lock(run.lock)
+
+
+def _leave(run: Run) -> None:
+    """Only after success or an agreed stop: a barrier with a crashed peer would hang (torchrun stops the others)."""
+    shutdown()
+    run.checkpointer.trash.wait()
 
 
 def checkpoint_due(step: int, total_steps: int, save_interval: int, epoch_done: bool, skip_save_each_epoch: bool) -> bool:
@@ -279,21 +291,37 @@ def checkpoint_due(step: int, total_steps: int, save_interval: int, epoch_done: 
 
 
 def _train(run: Run) -> Optional[Path]:
-    cfg, plan, s = run.cfg, run.plan, run.stepper
     state = start_state(run)
-    s.model.train()
-    saving = not cfg.benchmark  # a benchmark writes neither checkpoints nor a model
+    run.stepper.model.train()
+    saving = not run.cfg.benchmark  # a benchmark writes neither checkpoints nor a model
+    stop = StopRequest(run.cfg.stop_signals)
+    stop.install()  # before: a signal kills at once (nothing trained yet)
+    try:
+        _walk_steps(run, state, stop, saving)
+        if not saving:
+            return None
+        final = run.checkpointer.save_final()  # a signal now is too late to stop anything: the run ends anyway
+        log.info("saved the trained model (HF format) to %s", final)
+        return final
+    finally:
+        stop.uninstall()
+
+
+def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) -> None:
+    """The steps from ``state`` to the end; raises :class:`StoppedBySignal` when the ranks agreed to stop."""
+    cfg, plan = run.cfg, run.plan
     metrics = RunMetrics(dist.get_rank() == 0, Path(cfg.save_dir) if saving else None, cfg.tensorboard_dir,
                          plan.total_steps, state.step, 1 if cfg.benchmark else cfg.log_interval,
                          plan.num_parameters, run.cuda, run.data.categories, state.category_tokens)
-    eval_interval = cfg.eval_interval or cfg.save_interval
     try:
         if run.validator is not None and state.step == 0:
             metrics.record_eval(0, run.validator.run())
+        if stop.agreed(run.stepper.device):  # came during start-up validation: nothing trained, nothing to save
+            _stop(run, stop, state, saved=True)
         while state.step < plan.total_steps and state.epoch < cfg.num_epochs:
             epoch = state.epoch
             for group in micro_batch_groups(run, epoch, state.sample_offset):
-                result = s.step(group, state.step + 1)
+                result = run.stepper.step(group, state.step + 1, stop.vote)
                 state.step += 1
                 state.sample_offset += state.global_batch
                 metrics.record(StepStats(state.step, epoch, result.loss, result.lr, result.grad_norm, result.tokens,
@@ -302,19 +330,39 @@ def _train(run: Run) -> Optional[Path]:
                 epoch_done = state.sample_offset >= plan.steps_per_epoch * state.global_batch
                 if epoch_done:  # the next step starts the next epoch at its first sample
                     state.epoch, state.sample_offset = epoch + 1, 0
-                if run.validator is not None and (state.step % eval_interval == 0 or state.step == plan.total_steps):
-                    metrics.record_eval(state.step, run.validator.run())
-                if saving and checkpoint_due(state.step, plan.total_steps, cfg.save_interval, epoch_done,
-                                             cfg.skip_save_each_epoch):
-                    log.info("saved checkpoint %s", run.checkpointer.save(state))
+                _after_step(run, state, metrics, epoch_done, result.stop_votes > 0, stop, saving)
                 if state.step >= plan.total_steps:
                     break
             if state.step < plan.total_steps and state.epoch == epoch:  # resumed past the last full global batch
                 state.epoch, state.sample_offset = epoch + 1, 0
     finally:
         metrics.close()
-    if not saving:
-        return None
-    final = run.checkpointer.save_final()
-    log.info("saved the trained model (HF format) to %s", final)
-    return final
+
+
+def _after_step(run: Run, state: RunningState, metrics: RunMetrics, epoch_done: bool, stopping: bool,
+                stop: StopRequest, saving: bool) -> None:
+    """Validation and a checkpoint when due, then the stop once the ranks agreed to one: ``stopping`` (the step's
+    all-reduce carried a vote), or a signal that came during the validation or the save (either can take minutes)."""
+    cfg, plan = run.cfg, run.plan
+    validated = saved = False
+    eval_due = state.step % (cfg.eval_interval or cfg.save_interval) == 0 or state.step == plan.total_steps
+    if not stopping and run.validator is not None and eval_due:
+        metrics.record_eval(state.step, run.validator.run())
+        validated = True
+    if saving and (stopping or checkpoint_due(state.step, plan.total_steps, cfg.save_interval, epoch_done,
+                                              cfg.skip_save_each_epoch)):
+        log.info("saved checkpoint %s", run.checkpointer.save(state))
+        saved = True
+    if stopping or ((validated or saved) and stop.agreed(run.stepper.device)):
+        _stop(run, stop, state, saved=saved or not saving)
+
+
+def _stop(run: Run, stop: StopRequest, state: RunningState, saved: bool) -> None:
+    """Collective, once the ranks agreed to stop: save a checkpoint of this step unless ``saved`` (already, or
+    nothing to save), then raise :class:`StoppedBySignal` on every rank."""
+    if not saved:
+        log.info("saved checkpoint %s", run.checkpointer.save(state))
+    stopped, seconds = stop.stopped(state.step, run.stepper.device)
+    log.warning("stopped by %s after step %d of %d, %.1f s after the signal: resume with --load_checkpoint latest",
+                stopped.signal_name, state.step, run.plan.total_steps, seconds)
+    raise stopped

@@ -30,6 +30,7 @@ class StepResult:
     tokens: int
     seconds: float
     category_tokens: List[int] = field(default_factory=list)  # input tokens per category (global batch)
+    stop_votes: int = 0  # ranks that asked to stop (a signal; the same number on every rank)
 
 
 @dataclass
@@ -111,8 +112,9 @@ class Stepper:
             return float(self._pipeline(batch, scale=1.0, train=False)), n_tokens
         return float(self._forward_loss_sum(batch, n_tokens)), n_tokens
 
-    def step(self, micro_batches: List[dict], step: int) -> StepResult:
-        """Optimizer step number ``step`` (1-based) over this rank's ``micro_batches``."""
+    def step(self, micro_batches: List[dict], step: int, stop_vote: float = 0.0) -> StepResult:
+        """Optimizer step number ``step`` (1-based) over this rank's ``micro_batches``; ``stop_vote`` (1: this rank
+        was asked to stop) is summed over the ranks in the step's last all-reduce, so every rank learns it at once."""
         start = time.perf_counter()
         local_tokens = [count_loss_tokens(b["labels"]) for b in micro_batches]
         input_tokens = sum(int(b["lengths"].sum()) for b in micro_batches)
@@ -136,10 +138,11 @@ class Stepper:
         if not self.parallel.clip_in_step_loop:
             grad_norm = self._plugin_grad_norm()
         reported = loss_sum.item() if self.parallel.reports_loss else 0.0
-        (total_loss,) = self._all_reduce([reported])  # world: brings the last pipeline stage's loss to rank 0
+        # world: brings the last pipeline stage's loss to rank 0, and every rank's stop vote to all
+        total_loss, stop_votes = self._all_reduce([reported, stop_vote])
         return StepResult(loss=total_loss / max(global_loss_tokens, 1.0), grad_norm=grad_norm, lr=lr,
                           tokens=int(global_input_tokens), seconds=time.perf_counter() - start,
-                          category_tokens=[int(t) for t in category_tokens])
+                          category_tokens=[int(t) for t in category_tokens], stop_votes=int(stop_votes))
 
     def _category_tokens(self, micro_batches: List[dict]) -> List[float]:
         if not self.num_categories:
