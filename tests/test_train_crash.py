@@ -7,6 +7,8 @@ Specification:
 - the ranks of a run whose launcher alone was killed stop at once (they never go on writing checkpoints);
 - a SIGTERM to the launcher (a scheduler stopping the job) or to one rank alone stops every rank at the same step,
   with a checkpoint of that step, exit code 143, and a resume equal to the uninterrupted run bit for bit;
+- a run whose loss or gradient norm turns nan stops at that step with one line naming the newest checkpoint, and
+  nothing nan is ever recorded or saved;
 - one run per ``--save_dir``: a second run is refused with one line naming the holder, printed once, before the
   launcher's own report; the lock of a dead run is taken over with a warning;
 - a finished run is never restarted over without ``--overwrite``;
@@ -17,6 +19,7 @@ Specification:
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -253,6 +256,38 @@ def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_to_resume(refer
     resumed = train_ok(tmp_path, "resumed", args + LATEST).read_text()
     assert f"resumed from {save_dir / f'epoch-0_step-{stop_step}'}" in resumed
     assert_bitwise_equal(reference_runs["ddp"], save_dir)
+
+
+# ---------------------------------------------------------------------------------------------- a diverged run
+@pytest.mark.parametrize("layout, applied", [("ddp", False), ("zero2", True)])
+def test_a_run_that_diverges_stops_before_anything_nan_is_saved(reference_runs, tmp_path, layout, applied):
+    """--lr 1e4 without warm-up: the gradient norm turns nan a few steps in (step 4 here). Before, the run went on
+    to the end with exit code 0, writing nan losses, nan checkpoints (rotation would have deleted the good ones)
+    and a nan final model. ddp measures the norm before the optimizer step (which is then not taken); zero2 inside
+    it, so that step is applied, but never saved."""
+    import torch
+    from safetensors.torch import load_file
+
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args(layout, save_dir)
+    args[args.index("--lr") + 1], args[args.index("--warmup_steps") + 1] = "1e4", "0"
+    proc = run_training(args, tmp_path / "diverged.log")
+    log = (tmp_path / "diverged.log").read_text(errors="replace")
+    errors = [line for line in log.splitlines() if line.startswith("error")]
+    assert proc.returncode != 0 and len(errors) == 1, tail(tmp_path / "diverged.log")
+    found = re.match(r"error: step (\d+): the (loss|gradient norm) is (nan|inf)", errors[0])
+    assert found, errors[0]
+    step = int(found.group(1))
+    records = read_loss_log(save_dir / "losses.jsonl")
+    assert len(records) == step - 1 and SAVE_INTERVAL < step <= MAX_STEPS  # the fault came, after a checkpoint
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    newest = latest_checkpoint(save_dir)
+    assert newest.name == f"epoch-0_step-{SAVE_INTERVAL}" and not (save_dir / "modeling").exists()
+    assert (f"The newest checkpoint is {newest}: resume from it (--load_checkpoint {newest}) with a lower --lr (now "
+            "10000) or more --warmup_steps (now 0)") in errors[0]
+    assert ("the optimizer had applied it" if applied else "before the optimizer applies it") in errors[0]
+    saved = list(save_dir.rglob("*.safetensors"))
+    assert saved and all(torch.isfinite(t).all() for f in saved for t in load_file(f).values())
 
 
 def test_old_checkpoints_are_deleted_in_the_background_while_training_goes_on(reference_runs, tmp_path):

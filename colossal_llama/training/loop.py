@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from colossal_llama.model.scored_loss import install_scored_loss
 from colossal_llama.training.attention import choose_attention, needs_dense_mask
 from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTarget, ModelFiles, RunningState,
-                                                check_lora_matches, check_same_model, resolve_load_target,
-                                                verify_checkpoint)
+                                                check_lora_matches, check_same_model, latest_checkpoint,
+                                                resolve_load_target, verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
 from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler
@@ -30,7 +30,7 @@ from colossal_llama.training.optim import WarmupCosineLR, build_optimizer
 from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
 from colossal_llama.training.run_dir import RUN_CONFIG, SaveDirLock, claim_save_dir, release_lock
-from colossal_llama.training.step import Stepper
+from colossal_llama.training.step import NonFiniteStep, Stepper
 from colossal_llama.training.stop_signals import StoppedBySignal, StopRequest
 from colossal_llama.training.trash import Trash
 from colossal_llama.training.validation import Validator
@@ -321,7 +321,10 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
         while state.step < plan.total_steps and state.epoch < cfg.num_epochs:
             epoch = state.epoch
             for group in micro_batch_groups(run, epoch, state.sample_offset):
-                result = run.stepper.step(group, state.step + 1, stop.vote)
+                try:
+                    result = run.stepper.step(group, state.step + 1, stop.vote)
+                except NonFiniteStep as broken:
+                    raise diverged_error(broken, run.cfg, saving) from None
                 state.step += 1
                 state.sample_offset += state.global_batch
                 metrics.record(StepStats(state.step, epoch, result.loss, result.lr, result.grad_norm, result.tokens,
@@ -337,6 +340,19 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
                 state.epoch, state.sample_offset = epoch + 1, 0
     finally:
         metrics.close()
+
+
+def diverged_error(broken: NonFiniteStep, cfg: TrainConfig, saving: bool) -> UserInputError:
+    """The one line a run stops with when a step's loss or gradient norm is not finite: nothing of that step is
+    recorded or saved, so every checkpoint holds finite weights; it names the newest one to go back to."""
+    applied = ("the optimizer had applied it (the plugin measures the norm inside its step), so the run stops "
+               "without saving anything of it" if broken.applied else
+               "the run stops before the optimizer applies it, and saves nothing of it")
+    newest = latest_checkpoint(Path(cfg.save_dir)) if saving else None
+    back = (f"The newest checkpoint is {newest}: resume from it (--load_checkpoint {newest})" if newest else
+            "No checkpoint was saved before it: start again")
+    return UserInputError(f"step {broken.step}: {broken}: the run diverged (or this step's data broke it); {applied}. "
+                          f"{back} with a lower --lr (now {cfg.lr:g}) or more --warmup_steps (now {cfg.warmup_steps})")
 
 
 def _after_step(run: Run, state: RunningState, metrics: RunMetrics, epoch_done: bool, stopping: bool,

@@ -35,6 +35,7 @@ class Parallelism:
     layout: ParallelLayout
     booster_mixed_precision: Optional[str]  # what Booster(mixed_precision=...) takes (ddp + fp16 only)
     clip_in_step_loop: bool  # ddp: clip in the loop; ZeRO / gemini / 3d optimizers clip inside step() (max_norm)
+    loss_scaling: bool  # fp16: the optimizer skips a step whose gradients overflow, so an infinite norm is normal
     no_sync_while_accumulating: bool  # skip gradient synchronisation on all but the last micro-batch (ddp; 3d
     # with ZeRO 0/1, where it also keeps colossalai from re-reducing sequence-parallel partial gradients, already
     # reduced, at every micro-batch)
@@ -143,6 +144,7 @@ def build_parallel(cfg: TrainConfig, cuda: bool) -> Parallelism:
         layout=layout,
         booster_mixed_precision="fp16" if ddp and cfg.mixed_precision == "fp16" else None,
         clip_in_step_loop=ddp,
+        loss_scaling=cfg.mixed_precision == "fp16",
         no_sync_while_accumulating=ddp or (cfg.plugin == "3d" and cfg.zero_stage < 2),
         autocast_dtype=torch.bfloat16 if ddp and cfg.mixed_precision == "bf16" else None,
         params_replicated=replicated,

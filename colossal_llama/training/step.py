@@ -8,6 +8,7 @@ lets the plugins be compared step for step.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -31,6 +32,16 @@ class StepResult:
     seconds: float
     category_tokens: List[int] = field(default_factory=list)  # input tokens per category (global batch)
     stop_votes: int = 0  # ranks that asked to stop (a signal; the same number on every rank)
+
+
+class NonFiniteStep(Exception):
+    """The loss or the gradient norm of optimizer step ``step`` is not finite (the same on every rank: both are
+    global). ``applied``: the optimizer took the step already (plugins that measure the norm inside their step)."""
+
+    def __init__(self, step: int, loss: float, grad_norm: Optional[float], applied: bool):
+        self.step, self.loss, self.grad_norm, self.applied = step, loss, grad_norm, applied
+        super().__init__(f"the loss is {loss} (gradient norm {grad_norm})" if not math.isfinite(loss) else
+                         f"the gradient norm is {grad_norm} (loss {loss:.6g})")
 
 
 @dataclass
@@ -131,18 +142,29 @@ class Stepper:
         else:
             loss_sum = self._accumulate(micro_batches, local_tokens, scale)
         grad_norm = self._clip() if self.parallel.clip_in_step_loop else None
+        reported = loss_sum.item() if self.parallel.reports_loss else 0.0
+        # world: brings the last pipeline stage's loss to every rank, and every rank's stop vote to all; before the
+        # optimizer step, so that a non-finite loss never reaches the weights
+        total_loss, stop_votes = self._all_reduce([reported, stop_vote])
+        loss = total_loss / max(global_loss_tokens, 1.0)
+        self._check_finite(step, loss, grad_norm, applied=False)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
         if not self.parallel.clip_in_step_loop:
             grad_norm = self._plugin_grad_norm()
-        reported = loss_sum.item() if self.parallel.reports_loss else 0.0
-        # world: brings the last pipeline stage's loss to rank 0, and every rank's stop vote to all
-        total_loss, stop_votes = self._all_reduce([reported, stop_vote])
-        return StepResult(loss=total_loss / max(global_loss_tokens, 1.0), grad_norm=grad_norm, lr=lr,
-                          tokens=int(global_input_tokens), seconds=time.perf_counter() - start,
-                          category_tokens=[int(t) for t in category_tokens], stop_votes=int(stop_votes))
+            self._check_finite(step, loss, grad_norm, applied=True)
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=int(global_input_tokens),
+                          seconds=time.perf_counter() - start, category_tokens=[int(t) for t in category_tokens],
+                          stop_votes=int(stop_votes))
+
+    def _check_finite(self, step: int, loss: float, grad_norm: Optional[float], applied: bool) -> None:
+        """Raise :class:`NonFiniteStep` on a nan/inf loss, or gradient norm (unless fp16's loss scaler skips such
+        steps itself): a diverged run must stop before its weights, and then its checkpoints, are nan."""
+        norm_broken = grad_norm is not None and not math.isfinite(grad_norm) and not self.parallel.loss_scaling
+        if not math.isfinite(loss) or norm_broken:
+            raise NonFiniteStep(step, loss, grad_norm, applied)
 
     def _category_tokens(self, micro_batches: List[dict]) -> List[float]:
         if not self.num_categories:
