@@ -9,6 +9,8 @@ Specification:
   with a checkpoint of that step, exit code 143, and a resume equal to the uninterrupted run bit for bit;
 - a run whose loss or gradient norm turns nan stops at that step with one line naming the newest checkpoint, and
   nothing nan is ever recorded or saved;
+- a save that runs out of disk space stops with one line (what a checkpoint takes, what is free), after a warning
+  at the checkpoint before it; with space freed, the run resumes to the uninterrupted run's losses;
 - one run per ``--save_dir``: a second run is refused with one line naming the holder, printed once, before the
   launcher's own report; the lock of a dead run is taken over with a warning;
 - a finished run is never restarted over without ``--overwrite``;
@@ -25,6 +27,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -33,6 +36,7 @@ import pytest
 
 from colossal_llama.training.checkpoint import (TMP_PREFIX, LoadTarget, check_lora_matches, check_same_model,
                                                 complete_checkpoints, latest_checkpoint, verify_checkpoint)
+from colossal_llama.training.disk_space import free_bytes, tree_bytes
 from colossal_llama.training.metrics import read_loss_log
 from colossal_llama.utils.errors import UserInputError
 from tests.support.launch import (alive, kill_launcher_and_ranks, rank_processes, run_training, start_training, tail,
@@ -288,6 +292,61 @@ def test_a_run_that_diverges_stops_before_anything_nan_is_saved(reference_runs, 
     assert ("the optimizer had applied it" if applied else "before the optimizer applies it") in errors[0]
     saved = list(save_dir.rglob("*.safetensors"))
     assert saved and all(torch.isfinite(t).all() for f in saved for t in load_file(f).values())
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """``mount(bytes)``: a tmpfs of that size at ``tmp_path/small_fs`` (mounted again to resize it), unmounted after
+    the test. Mounting needs root (or CAP_SYS_ADMIN): skipped where that is refused."""
+    point = tmp_path / "small_fs"
+    point.mkdir()
+    mounted = []
+
+    def mount(size: int) -> Path:
+        options = f"size={size // 1024 + 1}k" + (",remount" if mounted else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(size)
+        return point
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", "--lazy", str(point)], check=True)
+
+
+def test_a_full_disk_is_said_a_checkpoint_ahead_then_in_one_line_and_the_run_resumes(reference_runs, tmp_path,
+                                                                                     small_filesystem):
+    """--save_dir on a filesystem with room for 1.5 checkpoints: after checkpoint 3 the run warns that the next will
+    not fit; checkpoint 6 runs out of space (torch.save and safetensors raise their own exceptions) and the run
+    stops with one line; once the filesystem is made larger, --load_checkpoint latest goes on to the end and
+    equals the uninterrupted run."""
+    one_checkpoint = tree_bytes(reference_runs["ddp"] / f"epoch-0_step-{SAVE_INTERVAL}")
+    save_dir = small_filesystem(int(1.5 * one_checkpoint)) / "ckpt"
+    args = reference_runs.args("ddp", save_dir)
+    proc = run_training(args, tmp_path / "full.log")
+    log = (tmp_path / "full.log").read_text(errors="replace")
+    full_step = 2 * SAVE_INTERVAL
+    assert proc.returncode != 0 and (save_dir / f".tmp-epoch-0_step-{full_step}").is_dir(), tail(tmp_path / "full.log")
+    assert free_bytes(save_dir) < 2**20  # the fault: the filesystem really is full
+    assert re.search(rf"--save_dir {save_dir}: the next checkpoint \(about [\d.]+ MiB\) will not fit in the "
+                     r"[\d.]+ MiB free", log), tail(tmp_path / "full.log")
+    errors = [line for line in log.splitlines() if line.startswith("error")]
+    assert errors and re.fullmatch(
+        rf"error: --save_dir {save_dir}: no space left while saving epoch-0_step-{full_step} \(a checkpoint takes "
+        r"about [\d.]+ MiB, measured; [\d.]+ (bytes|KiB) free now\): free space or set --keep_last_k, then resume "
+        "with --load_checkpoint latest", errors[0]), errors
+    assert latest_checkpoint(save_dir).name == f"epoch-0_step-{SAVE_INTERVAL}"
+    estimate = float(re.search(r"checkpoints: about ([\d.]+) MiB each \(estimated from the parameters\)", log)[1])
+    assert 0.85 < estimate * 2**20 / one_checkpoint < 1.0  # the weights and Adam's states; the tokenizer not counted
+
+    small_filesystem(4 * one_checkpoint)  # space freed
+    resumed = train_ok(tmp_path, "resumed", args + LATEST).read_text()
+    assert f"resumed from {save_dir / f'epoch-0_step-{SAVE_INTERVAL}'}" in resumed
+    assert_bitwise_equal(reference_runs["ddp"], save_dir)
+    assert not list(save_dir.glob(TMP_PREFIX + "*"))
 
 
 def test_old_checkpoints_are_deleted_in_the_background_while_training_goes_on(reference_runs, tmp_path):

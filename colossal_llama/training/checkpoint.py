@@ -15,11 +15,13 @@ data position (:class:`RunningState`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,6 +34,7 @@ from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE
 from colossal_llama.model.lora_checkpoint import ADAPTER_CONFIG, is_lora_checkpoint
 from colossal_llama.training import lora
 from colossal_llama.training.checkpoint_files import verify_checkpoint_files
+from colossal_llama.training.disk_space import CheckpointRoom, out_of_space, tree_bytes
 from colossal_llama.training.plugin import Parallelism
 from colossal_llama.training.trash import Trash
 from colossal_llama.utils.errors import UserInputError
@@ -310,17 +313,19 @@ class Checkpointer:
     """
 
     def __init__(self, booster, model, optimizer, scheduler, parallel: Parallelism, save_dir: Path,
-                 files: ModelFiles, trash: Trash, lora: bool = False, keep_last_k: Optional[int] = None,
-                 async_save: bool = False):
+                 files: ModelFiles, trash: Trash, room: CheckpointRoom, lora: bool = False,
+                 keep_last_k: Optional[int] = None, async_save: bool = False):
         self.booster, self.model, self.optimizer, self.scheduler = booster, model, optimizer, scheduler
         self.trash = trash  # rank 0 deletes through it, in the background
+        self.room = room  # what a checkpoint takes and what the filesystem has free (rank 0 reports)
         self.parallel = parallel
         self.save_dir = Path(save_dir)
         self.files = files
         self.lora = lora  # checkpoints hold the trainable LoRA state; the final model is merged
         self.keep_last_k = keep_last_k  # complete checkpoints kept (older ones deleted once a newer is complete)
         self.async_save = async_save  # optimizer states written in the background (colossalai, CUDA)
-        self._pending: Optional[tuple[Path, Path, RunningState]] = None  # written, not yet published
+        # written, not yet published: (tmp folder, final path, state, time.monotonic() when the save began)
+        self._pending: Optional[tuple[Path, Path, RunningState, float]] = None
 
     # ------------------------------------------------------------------ saving
     def save(self, state: RunningState) -> Path:
@@ -330,55 +335,73 @@ class Checkpointer:
         self.complete_pending()
         name = checkpoint_name(state.epoch, state.step)
         final = self.save_dir / name
-        tmp = self._fresh_tmp(name)
-        self._save_weights(tmp / FINAL_MODEL)
-        self._save_optimizer(tmp / "optimizer")
-        self.booster.save_lr_scheduler(self.scheduler, str(tmp / "lr_scheduler"))
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(capture_rng(), tmp / "rng" / f"rank-{dist.get_rank():05d}.pt")
-        self._pending = (tmp, final, state)
-        if not self.async_save:
-            self.complete_pending()
+        with self._one_line_when_full(name):
+            started = time.monotonic()
+            tmp = self._fresh_tmp(name)
+            self._save_weights(tmp / FINAL_MODEL)
+            self._save_optimizer(tmp / "optimizer")
+            self.booster.save_lr_scheduler(self.scheduler, str(tmp / "lr_scheduler"))
+            (tmp / "rng").mkdir(exist_ok=True)
+            torch.save(capture_rng(), tmp / "rng" / f"rank-{dist.get_rank():05d}.pt")
+            self._pending = (tmp, final, state, started)
+            if not self.async_save:
+                self.complete_pending()
         return final
+
+    @contextlib.contextmanager
+    def _one_line_when_full(self, name: str):
+        """A write that failed for want of space becomes one line (see :mod:`~colossal_llama.training.disk_space`)."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - torch.save says RuntimeError, safetensors SafetensorError
+            if out_of_space(err, self.save_dir):
+                raise UserInputError(self.room.no_room(name)) from None
+            raise
 
     def complete_pending(self) -> Optional[Path]:
         """Publish the checkpoint whose files are being written, after waiting for them; rotate old ones."""
         if self._pending is None:
             return None
-        tmp, final, state = self._pending
+        tmp, final, state, started = self._pending
         self._pending = None
         self.booster.checkpoint_io._sync_io()  # background writers of --async_save (none otherwise)
         dist.barrier()  # every rank's shards and RNG are on disk
         if dist.get_rank() == 0:
             write_json(tmp / RUNNING_STATES, asdict(state))  # written last: its presence marks completeness
             _publish(tmp, final, self.trash)
-            self._rotate()
+            returning = self._rotate()
+            self.room.after_save(final, time.monotonic() - started, returning)
         dist.barrier()
         return final
 
-    def _rotate(self) -> None:
-        """Rank 0, after a checkpoint became complete: keep the newest ``keep_last_k`` complete checkpoints.
+    def _rotate(self) -> int:
+        """Rank 0, after a checkpoint became complete: keep the newest ``keep_last_k`` complete checkpoints;
+        returns the bytes of those it deletes.
 
         An old checkpoint is renamed to a ``.tmp-`` name at once (one atomic step: from then on it is not a
         checkpoint) and deleted in the background; a crash in between leaves a leftover the next run removes."""
         if not self.keep_last_k:
-            return
+            return 0
+        returning = 0
         for old in complete_checkpoints(self.save_dir)[:-self.keep_last_k]:
+            returning += tree_bytes(old)
             self.trash.discard(old)
             log.info("--keep_last_k %d: deleting %s", self.keep_last_k, old)
+        return returning
 
     def save_final(self) -> Path:
         """``save_dir/modeling`` as a HF folder loadable by ``AutoModelForCausalLM.from_pretrained``."""
         self.complete_pending()
         final = self.save_dir / FINAL_MODEL
-        tmp = self._fresh_tmp(FINAL_MODEL)
-        if self.lora:
-            if dist.get_rank() == 0:  # merging rewrites the weights in place: the run is over
-                merged = lora.merged_model(self.model.unwrap(unwrap_peft=False))
-                merged.save_pretrained(str(tmp), safe_serialization=True)
-                self.files.write(tmp)
-        else:
-            self._save_weights(tmp)
+        with self._one_line_when_full(FINAL_MODEL):
+            tmp = self._fresh_tmp(FINAL_MODEL)
+            if self.lora:
+                if dist.get_rank() == 0:  # merging rewrites the weights in place: the run is over
+                    merged = lora.merged_model(self.model.unwrap(unwrap_peft=False))
+                    merged.save_pretrained(str(tmp), safe_serialization=True)
+                    self.files.write(tmp)
+            else:
+                self._save_weights(tmp)
         dist.barrier()
         if dist.get_rank() == 0:
             _publish(tmp, final, self.trash)

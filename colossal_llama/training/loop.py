@@ -20,6 +20,7 @@ from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
 from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler
 from colossal_llama.training.inputs import RunInputs, epoch_order_changes, epoch_order_inputs, load_inputs
+from colossal_llama.training.disk_space import CheckpointRoom, checkpoint_estimate
 from colossal_llama.training.distributed import (host_memory_peaks_gib, init_distributed, on_rank0, setup_logging,
                                                  shutdown)
 from colossal_llama.training.metrics import RunMetrics, StepStats
@@ -128,8 +129,12 @@ def build_run(cfg: TrainConfig) -> Run:
         neftune.attach(model.unwrap(unwrap_peft=False) if cfg.lora_rank else model.unwrap())
     stepper = Stepper(booster, model, optimizer, scheduler, parallel, device,
                       cfg.grad_clip, neftune, num_categories=len(data.categories))
+    room = CheckpointRoom(Path(cfg.save_dir), checkpoint_estimate(num_params, trainable, parallel.param_dtype.itemsize,
+                                                                 lora=cfg.lora_rank > 0))
+    if dist.get_rank() == 0 and not cfg.benchmark:
+        room.report_at_start()
     checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir), model_files, trash,
-                                lora=cfg.lora_rank > 0, keep_last_k=cfg.keep_last_k, async_save=cfg.async_save)
+                                room, lora=cfg.lora_rank > 0, keep_last_k=cfg.keep_last_k, async_save=cfg.async_save)
     if parallel.lazy_init and target is None:  # built without weights; a load target brings its own
         checkpointer.load_weights(Path(cfg.pretrained), flag="--pretrained")
     largest, rank, smallest = host_memory_peaks_gib(device)
