@@ -38,6 +38,7 @@ from colossal_llama.training.checkpoint import (TMP_PREFIX, LoadTarget, check_lo
                                                 complete_checkpoints, latest_checkpoint, verify_checkpoint)
 from colossal_llama.training.disk_space import free_bytes, tree_bytes
 from colossal_llama.training.metrics import read_loss_log
+from colossal_llama.training.optim import warmup_cosine_factor
 from colossal_llama.utils.errors import UserInputError
 from tests.support.launch import (alive, kill_launcher_and_ranks, rank_processes, run_training, start_training, tail,
                                   wait_for_lines)
@@ -150,6 +151,25 @@ def test_a_resume_in_another_epoch_order_says_so(reference_runs, tmp_path):
             "the new order, so some may come again and others not at all this epoch") in log
     assert json.loads((save_dir / "epoch-0_step-6" / "running_states.json").read_text())["data_order"] == \
         {**saved, "seed": 7}
+
+
+def test_a_resume_with_another_lr_follows_it_from_the_next_step_and_says_so(reference_runs, tmp_path):
+    """A checkpoint holds the lr schedule and weight decay it was made with, and loading it used to put them back
+    silently: a resume with --lr 4e-3 trained on at the checkpoint's 2e-3. Now the flags hold from the next step
+    (zero2: the optimizer colossalai wraps is the one the schedule sets): step 4 starts from the checkpoint's
+    weights (its loss is the uninterrupted run's) and trains at 4e-3 x the schedule's factor, so step 5 differs."""
+    save_dir = tmp_path / "ckpt"
+    reference = reference_runs["zero2"]
+    _copy_checkpoint_3(reference, save_dir)
+    log = train_ok(tmp_path, "resumed", reference_runs.args("zero2", save_dir, *LATEST, "--lr", "4e-3")).read_text()
+    expected_lr = 4e-3 * warmup_cosine_factor(SAVE_INTERVAL, 2, MAX_STEPS)
+    assert (f"the optimizer settings are not the checkpoint's (lr 0.002 -> 0.004): this run's hold from step "
+            f"{SAVE_INTERVAL + 1} on (the next step's lr {expected_lr:.4g}; {expected_lr / 2:.4g} with the "
+            "checkpoint's)") in log
+    ref, got = read_loss_log(reference / "losses.jsonl"), read_loss_log(save_dir / "losses.jsonl")
+    step4, step5 = SAVE_INTERVAL, SAVE_INTERVAL + 1  # 0-based indices of steps 4 and 5
+    assert got[step4]["loss"] == ref[step4]["loss"] and got[step4]["lr"] == pytest.approx(expected_lr, rel=1e-12)
+    assert got[step5]["loss"] != ref[step5]["loss"]
 
 
 # ---------------------------------------------------------------------------------------------- random kills

@@ -331,6 +331,40 @@ def test_warmup_then_cosine_to_a_tenth_and_exact_resume():
     assert lrs(sched2, opt2, 13) == rest and first[0] == 1e-3 / 4
 
 
+def test_a_resumed_schedule_takes_this_runs_lr_steps_and_weight_decay_and_names_the_changes():
+    from colossal_llama.training.optim import follow_settings, param_groups, settings_of
+
+    model = torch.nn.Linear(4, 4)  # a weight (decayed) and a bias (not)
+
+    def schedule(lr: float, weight_decay: float, total: int) -> WarmupCosineLR:
+        return WarmupCosineLR(torch.optim.AdamW(param_groups(model, weight_decay), lr=lr), 2, total)
+
+    def walked(sched: WarmupCosineLR, steps: int) -> WarmupCosineLR:
+        for _ in range(steps):
+            sched.optimizer.step()
+            sched.step()
+        return sched
+
+    old = walked(schedule(1e-3, 0.1, 8), 5)
+    resumed = schedule(2e-3, 0.01, 16)
+    wanted = settings_of(resumed)
+    resumed.optimizer.load_state_dict(old.optimizer.state_dict())
+    resumed.load_state_dict(old.state_dict())
+    assert settings_of(resumed) == settings_of(old)  # what loading a checkpoint does by itself
+    changes, saved_lr, next_lr = follow_settings(resumed, wanted)
+    assert changes == ["total steps 8 -> 16", "lr 0.001 -> 0.002", "weight decay 0.1 -> 0.01"]
+    fresh = walked(schedule(2e-3, 0.01, 16), 5)
+    assert (saved_lr, next_lr) == (old.get_last_lr()[0], fresh.get_last_lr()[0])
+    assert [(g["lr"], g["weight_decay"]) for g in resumed.optimizer.param_groups] == \
+        [(g["lr"], g["weight_decay"]) for g in fresh.optimizer.param_groups]
+    assert walked(resumed, 3).get_last_lr() == walked(fresh, 3).get_last_lr()
+
+    same = schedule(1e-3, 0.1, 8)
+    unchanged = settings_of(same)
+    same.load_state_dict(old.state_dict())
+    assert follow_settings(same, unchanged) == ([], old.get_last_lr()[0], old.get_last_lr()[0])
+
+
 def test_neftune_adds_bounded_noise_only_in_training(tiny_llama):
     from transformers import AutoModelForCausalLM
 

@@ -35,6 +35,7 @@ from colossal_llama.model.lora_checkpoint import ADAPTER_CONFIG, is_lora_checkpo
 from colossal_llama.training import lora
 from colossal_llama.training.checkpoint_files import verify_checkpoint_files
 from colossal_llama.training.disk_space import CheckpointRoom, out_of_space, tree_bytes
+from colossal_llama.training.optim import follow_settings, settings_of
 from colossal_llama.training.plugin import Parallelism
 from colossal_llama.training.trash import Trash
 from colossal_llama.utils.errors import UserInputError
@@ -457,8 +458,14 @@ class Checkpointer:
         path = target.path
         state = RunningState(**json.loads((path / RUNNING_STATES).read_text(encoding="utf-8")))
         single = path / "optimizer" / "optimizer.bin"
+        wanted = settings_of(self.scheduler)  # this run's flags, before the checkpoint's values replace them
         self.booster.load_optimizer(self.optimizer, str(single if single.is_file() else path / "optimizer"))
         self.booster.load_lr_scheduler(self.scheduler, str(path / "lr_scheduler"))
+        changes, saved_lr, next_lr = follow_settings(self.scheduler, wanted)
+        if changes:
+            log.warning("the optimizer settings are not the checkpoint's (%s): this run's hold from step %d on (the "
+                        "next step's lr %.4g; %.4g with the checkpoint's)", "; ".join(changes), state.step + 1,
+                        next_lr, saved_lr)
         rng_file = path / "rng" / f"rank-{dist.get_rank():05d}.pt"
         if state.world_size == dist.get_world_size() and rng_file.is_file():
             restore_rng(torch.load(rng_file, weights_only=False))

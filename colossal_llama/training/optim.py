@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import List
+from dataclasses import dataclass
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -59,3 +60,46 @@ class WarmupCosineLR(LRScheduler):
     def get_lr(self) -> List[float]:
         factor = warmup_cosine_factor(self.last_epoch, self.warmup_steps, self.total_steps, self.min_ratio)
         return [base_lr * factor for base_lr in self.base_lrs]
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """What comes from the flags (``--lr``, ``--warmup_steps``, the steps planned, ``--weight_decay``) and what a
+    checkpoint also holds: loading one puts its values back into the scheduler and the param groups."""
+
+    warmup_steps: int
+    total_steps: int
+    base_lrs: Tuple[float, ...]
+    weight_decays: Tuple[float, ...]
+
+    def differences(self, other: "OptimizerSettings") -> List[str]:
+        """What changes from ``self`` to ``other``, in words (the first param group: the decayed one)."""
+        pairs = (("total steps", self.total_steps, other.total_steps),
+                 ("warm-up steps", self.warmup_steps, other.warmup_steps),
+                 ("lr", self.base_lrs[0], other.base_lrs[0]),
+                 ("weight decay", self.weight_decays[0], other.weight_decays[0]))
+        return [f"{name} {old:g} -> {new:g}" for name, old, new in pairs if old != new]
+
+
+def settings_of(scheduler: WarmupCosineLR) -> OptimizerSettings:
+    return OptimizerSettings(scheduler.warmup_steps, scheduler.total_steps, tuple(scheduler.base_lrs),
+                             tuple(group["weight_decay"] for group in scheduler.optimizer.param_groups))
+
+
+def follow_settings(scheduler: WarmupCosineLR, wanted: OptimizerSettings) -> Tuple[List[str], float, float]:
+    """After a checkpoint's optimizer and scheduler states were loaded into ``scheduler`` (and its optimizer): make
+    ``wanted`` (this run's flags) hold from the next step on; the steps taken and Adam's moments stay the
+    checkpoint's. Returns (the changes in words, empty when none; the next step's lr under the checkpoint's
+    settings; under ``wanted``)."""
+    saved = settings_of(scheduler)
+    saved_next = scheduler.get_last_lr()[0]
+    changes = saved.differences(wanted)
+    if saved != wanted:
+        scheduler.warmup_steps, scheduler.total_steps = wanted.warmup_steps, wanted.total_steps
+        scheduler.base_lrs = list(wanted.base_lrs)
+        lrs = scheduler.get_lr()  # the closed form at the steps taken (last_epoch)
+        for group, lr, decay in zip(scheduler.optimizer.param_groups, lrs, wanted.weight_decays):
+            group["lr"], group["weight_decay"] = lr, decay
+        scheduler._last_lr = lrs
+    return changes, saved_next, scheduler.get_last_lr()[0]
+
