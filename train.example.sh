@@ -37,9 +37,10 @@ LOAD_CHECKPOINT=${LOAD_CHECKPOINT:-}                      # a checkpoint dir, a 
 
 # A scheduler stops a job with SIGTERM (preemption, scancel, an eviction); torchrun forwards it to every rank,
 # which finish their step, save a checkpoint there and exit (train.py --stop_signals). torchrun kills them this many
-# seconds later: room for a step and a checkpoint save. It also forwards SIGUSR1 (SLURM's --signal=USR1@T).
+# seconds later: room for a step and a checkpoint save. PET_SIGNALS_TO_HANDLE (torchrun's --signals_to_handle) makes it
+# forward SIGUSR1 too (SLURM's --signal=USR1@T).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
-export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 
 read -r -a datasets <<< "$DATASET"
 args=(--pretrained "$PRETRAINED" --dataset "${datasets[@]}" --plugin "$PLUGIN" --save_dir "$SAVE_DIR"

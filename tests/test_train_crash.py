@@ -40,7 +40,7 @@ from colossal_llama.training.disk_space import free_bytes, tree_bytes
 from colossal_llama.training.metrics import read_loss_log
 from colossal_llama.training.optim import warmup_cosine_factor
 from colossal_llama.utils.errors import UserInputError
-from tests.support.launch import (alive, kill_launcher_and_ranks, rank_processes, run_training, start_training, tail,
+from tests.support.launch import (alive, free_port, kill_launcher_and_ranks, rank_processes, run_training, start_training, tail,
                                   wait_for_lines)
 from tests.support.train_runs import (DP1_BATCH, LAYOUTS, LORA_RANK, MAX_STEPS, SAVE_INTERVAL, assert_bitwise_equal,
                                      train_args, train_ok)
@@ -245,40 +245,70 @@ def _rank_pid(proc, rank: int) -> int:
     return found[0]
 
 
-@pytest.mark.parametrize("target, after_step", [("launcher", SAVE_INTERVAL), ("rank 1", SAVE_INTERVAL + 1)])
-def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_to_resume(reference_runs, tmp_path, target,
+@pytest.mark.parametrize("target, sig, after_step", [("launcher", signal.SIGTERM, SAVE_INTERVAL),
+                                                     ("rank 1", signal.SIGTERM, SAVE_INTERVAL + 1),
+                                                     ("launcher", signal.SIGUSR1, SAVE_INTERVAL + 1)])
+def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_to_resume(reference_runs, tmp_path, target, sig,
                                                                             after_step):
     """What a scheduler does before it kills a job (preemption, scancel, an eviction): SIGTERM to torchrun, which
     forwards it to every rank, here while step 3's checkpoint is being saved; or SIGTERM to rank 1 alone (one node
-    of many preempted) during step 5, which rank 0 learns from that step's all-reduce. Every rank stops at the same
-    step, after a checkpoint of it (saved once), and exits with 143 (128 + SIGTERM); the resumed run equals the
-    uninterrupted one bit for bit. Each rank waits 2 s after logging a step (the signal lands in that wait)."""
+    of many preempted) during step 5, which rank 0 learns from that step's all-reduce; or SIGUSR1 (SLURM's warning
+    before a time limit), which torchrun forwards when PET_SIGNALS_TO_HANDLE names it, as
+    train.example.sh does. Every rank stops at the same step, after a checkpoint of it (saved once), and exits with
+    128 + the signal; the resumed run equals the uninterrupted one bit for bit. Each rank waits 2 s after logging a
+    step (the signal lands in that wait)."""
     save_dir = tmp_path / "ckpt"
     args = reference_runs.args("ddp", save_dir)
-    proc = start_training(args, tmp_path / "stopped.log",
-                          env={"CL_TEST_SLOW_STEP_S": "2", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"})
+    env = {"CL_TEST_SLOW_STEP_S": "2", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120",
+           "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+    proc = start_training(args, tmp_path / "stopped.log", env=env)
     try:
         assert wait_for_lines(save_dir / "losses.jsonl", after_step, proc) == after_step and proc.poll() is None
-        os.kill(proc.pid if target == "launcher" else _rank_pid(proc, 1), signal.SIGTERM)
+        os.kill(proc.pid if target == "launcher" else _rank_pid(proc, 1), sig)
         code = proc.wait(timeout=120)
     except BaseException:
         kill_launcher_and_ranks(proc)
         raise
     log = (tmp_path / "stopped.log").read_text(errors="replace")
-    stop_step = SAVE_INTERVAL if target == "launcher" else after_step + 1
+    stop_step = after_step if after_step == SAVE_INTERVAL else after_step + 1
     assert code != 0 and _loss_lines(save_dir) == stop_step < MAX_STEPS, tail(tmp_path / "stopped.log")
     assert not (save_dir / "modeling").exists()  # the run did not finish: the signal stopped it
-    assert "received SIGTERM" in log and ("[rank 0] received" in log) == (target == "launcher")
+    assert f"received {sig.name}" in log and ("[rank 0] received" in log) == (target == "launcher")
     for rank in (0, 1):
-        assert re.search(rf"\[rank {rank}\] .*stopped by SIGTERM after step {stop_step} of {MAX_STEPS}, [\d.]+ s after "
-                         "the signal: resume with --load_checkpoint latest", log), tail(tmp_path / "stopped.log")
+        assert re.search(rf"\[rank {rank}\] .*stopped by {sig.name} after step {stop_step} of {MAX_STEPS}, [\d.]+ s "
+                         "after the signal: resume with --load_checkpoint latest", log), tail(tmp_path / "stopped.log")
     if target == "rank 1":  # torchrun reports the ranks' own exit codes
-        assert "exitcode  : 143" in log, tail(tmp_path / "stopped.log")
+        assert f"exitcode  : {128 + sig}" in log, tail(tmp_path / "stopped.log")
     assert [c.name for c in complete_checkpoints(save_dir)] == sorted(
         {f"epoch-0_step-{SAVE_INTERVAL}", f"epoch-0_step-{stop_step}"})
     assert log.count(f"saved checkpoint {save_dir / f'epoch-0_step-{stop_step}'}") == 1
     resumed = train_ok(tmp_path, "resumed", args + LATEST).read_text()
     assert f"resumed from {save_dir / f'epoch-0_step-{stop_step}'}" in resumed
+    assert_bitwise_equal(reference_runs["ddp"], save_dir)
+
+
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_torchrun_restarts_a_crashed_run_from_its_newest_checkpoint(reference_runs, tmp_path, rendezvous):
+    """Automatic recovery: torchrun --max_restarts 1 and --load_checkpoint latest from the first start. Rank 1 is
+    killed (SIGKILL) after step 5; torchrun stops rank 0, starts both again with the same command, and they resume
+    from checkpoint 3 to the end: exit code 0 and the uninterrupted run's losses. Static rendezvous (a master
+    address and port: what colossalai run uses) and c10d's. torchrun gives the new ranks the store of the dead
+    ones: their process group keys now carry the restart count (without, the new ranks read the dead ones'
+    addresses and fail to connect)."""
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("ddp", save_dir, *LATEST)
+    launcher = ["--max_restarts", "1"]
+    if rendezvous == "c10d":
+        launcher += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}"]
+    proc = run_training(args, tmp_path / "restarted.log", env={"CL_TEST_DIE_AT_STEP": str(SAVE_INTERVAL + 2)},
+                        launcher_args=launcher)
+    log = (tmp_path / "restarted.log").read_text(errors="replace")
+    assert proc.returncode == 0, tail(tmp_path / "restarted.log")
+    assert re.search(r"failed \(exitcode: (-9|1)\) local_rank", log), tail(tmp_path / "restarted.log")  # a rank died
+    assert "dropped 2 records after step 3 (steps redone after resume)" in log  # steps 4 and 5 ran before it
+    assert "no complete checkpoint in" in log  # the first incarnation started afresh
+    assert log.index(f"saved checkpoint {save_dir / f'epoch-0_step-{SAVE_INTERVAL}'}") < log.index(
+        f"resumed from {save_dir / f'epoch-0_step-{SAVE_INTERVAL}'}")
     assert_bitwise_equal(reference_runs["ddp"], save_dir)
 
 

@@ -44,8 +44,6 @@ def init_distributed(seed: int, timeout_minutes: Optional[float] = None) -> bool
     A plain ``python train.py`` (no launcher) runs as a world of one on localhost. ``timeout_minutes``: see
     :func:`set_collective_timeout`.
     """
-    import colossalai
-
     set_collective_timeout(timeout_minutes)
 
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
@@ -55,8 +53,31 @@ def init_distributed(seed: int, timeout_minutes: Optional[float] = None) -> bool
             raise UserInputError("MASTER_PORT is not set: launch with torchrun or colossalai run")
         os.environ["MASTER_PORT"] = str(_free_port())
     cuda = torch.cuda.is_available()
-    colossalai.launch_from_torch(backend="nccl" if cuda else "gloo", seed=seed, verbose=False)
+    _join_process_group("nccl" if cuda else "gloo")
+    from colossalai.accelerator import get_accelerator
+    from colossalai.utils import set_seed
+
+    accelerator = get_accelerator()
+    if accelerator.support_set_device:
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    set_seed(seed)
+    torch._dynamo.config.optimize_ddp = dist.get_world_size() > 1  # as colossalai's launch sets it
     return cuda
+
+
+def _join_process_group(backend: str) -> None:
+    """``init_process_group`` (what ``colossalai.launch_from_torch`` does, and then device and seed), on the
+    launcher's store under a prefix of this incarnation of the workers: torchrun ``--max_restarts`` starts the ranks
+    again on the *same* store, and without the prefix the new ranks read the dead ones' addresses from it and fail
+    to connect ("Gloo connectFullMesh failed ... Connection refused")."""
+    from torch.distributed import distributed_c10d
+
+    # the store waits as long as the collectives (--dist_timeout_minutes, else torch's default for the backend)
+    timeout = distributed_c10d._get_default_timeout(backend)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"colossal_llama/attempt-{attempt}", store), rank=rank,
+                            world_size=world_size, timeout=timeout)
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import psutil
 
@@ -21,11 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(args: List[str], nproc: int = 2, entry: Path = TRAIN_ENTRY) -> List[str]:
-    """``entry args`` on ``nproc`` local ranks (default entry: train.py with the colossalai CPU patches)."""
+def torchrun_command(args: List[str], nproc: int = 2, entry: Path = TRAIN_ENTRY,
+                     launcher_args: Sequence[str] = ()) -> List[str]:
+    """``entry args`` on ``nproc`` local ranks (default entry: train.py with the colossalai CPU patches);
+    ``launcher_args``: torchrun's own options (e.g. ``--max_restarts 1``)."""
     # torchrun's module, not its console script: an image may keep python and its scripts in different folders
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), str(entry), *args]
+    # a rendezvous endpoint replaces the static master address (an explicit one would override its stores)
+    master = [] if "--rdzv_endpoint" in launcher_args else ["--master_addr", "127.0.0.1", "--master_port",
+                                                              str(free_port())]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *master, *launcher_args,
+            str(entry), *args]
 
 
 def worker_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -39,11 +44,11 @@ def worker_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 def run_training(train_args: List[str], log_path: Path, nproc: int = 2, env: Optional[Dict[str, str]] = None,
-                 timeout: float = 300) -> subprocess.CompletedProcess:
+                 timeout: float = 300, launcher_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """Run to completion; stdout+stderr go to ``log_path`` (read it in assertion messages)."""
     with open(log_path, "w") as log:
-        return subprocess.run(torchrun_command(train_args, nproc), stdout=log, stderr=subprocess.STDOUT,
-                              env=worker_env(env), cwd=REPO, timeout=timeout)
+        return subprocess.run(torchrun_command(train_args, nproc, launcher_args=launcher_args), stdout=log,
+                              stderr=subprocess.STDOUT, env=worker_env(env), cwd=REPO, timeout=timeout)
 
 
 def start_training(train_args: List[str], log_path: Path, nproc: int = 2,

@@ -7,6 +7,8 @@ Fault injection (tests of crash safety), read from the environment:
   rank wrote its shards into the ``.tmp-`` dir and just before the rename that would publish it.
 - ``CL_TEST_HOLD_AT_STEP=S``: rank 0 stops for good right after logging step S (before that step's checkpoint,
   if any); the other ranks wait for it in the next collective. A run that stays alive as long as a test needs.
+- ``CL_TEST_DIE_AT_STEP=S``: rank 1 SIGKILLs itself right after step S, in torchrun's first incarnation of the
+  workers only (``TORCHELASTIC_RESTART_COUNT`` 0): a crash that ``torchrun --max_restarts`` recovers from.
 - ``CL_TEST_SLOW_STEP_S=T``: every rank waits T seconds after logging each step (time for a test to send a signal
   between a step and what follows it: validation, a checkpoint save, the next step).
 - ``CL_TEST_SLOW_DELETE_S=T``: every folder deletion of the save dir's trash takes T seconds more (the deletion of
@@ -52,6 +54,19 @@ def _install_hold_at_step(step: int) -> None:
     metrics.RunMetrics.record = record_then_maybe_hold
 
 
+def _install_die_at_step(step: int) -> None:
+    from colossal_llama.training import metrics
+
+    record = metrics.RunMetrics.record
+
+    def record_then_maybe_die(self, stats) -> None:
+        record(self, stats)
+        if stats.step == step and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    metrics.RunMetrics.record = record_then_maybe_die
+
+
 def _install_slow_steps(seconds: float) -> None:
     import time
 
@@ -89,6 +104,8 @@ def main() -> None:
         _install_kill_during_save(int(os.environ["CL_TEST_KILL_DURING_SAVE_STEP"]))
     if os.environ.get("CL_TEST_HOLD_AT_STEP"):
         _install_hold_at_step(int(os.environ["CL_TEST_HOLD_AT_STEP"]))
+    if os.environ.get("CL_TEST_DIE_AT_STEP"):
+        _install_die_at_step(int(os.environ["CL_TEST_DIE_AT_STEP"]))
     if os.environ.get("CL_TEST_SLOW_STEP_S"):
         _install_slow_steps(float(os.environ["CL_TEST_SLOW_STEP_S"]))
     if os.environ.get("CL_TEST_SLOW_DELETE_S"):
