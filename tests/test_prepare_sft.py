@@ -39,6 +39,24 @@ def _run(data_dir, tokenizer_dir, out, template, max_length=4096, **kw) -> PrepS
     return prepare_sft(config)
 
 
+@pytest.mark.parametrize("template", ["llama2", "llama3"])
+@pytest.mark.parametrize("tokenizer_fixture", ["smollm2_dir", "mistral_dir"])
+def test_turns_are_encoded_in_the_rust_backend_exactly_as_the_tokenizer_encodes_them(conversations, request, template,
+                                                                                     tokenizer_fixture):
+    """SFT preparation encodes every turn; a fast tokenizer's Rust backend does it without the Python wrapper's
+    per-call work (1.6x faster preparation of the chatterbot corpus) and must give ``tokenizer(text)``'s ids:
+    every real conversation, and multi-turn ones with a system message, both ways."""
+    tokenizer = load_tokenizer(request.getfixturevalue(tokenizer_fixture))
+    fast, wrapped = get_chat_template(template, tokenizer), get_chat_template(template, tokenizer)
+    wrapped._backend = None  # the tokenizer's own __call__
+    assert fast._backend is not None
+    valid = [m for m in conversations.values() if all(turn["content"].strip() for turn in m)]
+    system = [{"from": "system", "content": "你是一个乐于助人的助手。"}]
+    multi_turn = [system + [turn for m in valid[i: i + 3] for turn in m] for i in range(0, 300, 3)]
+    for messages in valid + multi_turn:
+        assert fast.encode_conversation(messages) == wrapped.encode_conversation(messages)
+
+
 def _prepare(data_dir, tokenizer_dir, out, template, max_length=4096, **kw) -> Manifest:
     return _run(data_dir, tokenizer_dir, out, template, max_length, **kw).manifest
 
