@@ -70,7 +70,7 @@ def test_stop_signals_default_to_term_and_usr1_and_take_short_names_or_none(tiny
     def signals(*flags):
         return parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", *flags]).stop_signals
 
-    assert signals() == ["SIGTERM", "SIGUSR1"]
+    assert signals() == ["SIGTERM", "SIGUSR1", "SIGHUP"]
     assert signals("--stop_signals", "term, usr2,SIGTERM") == ["SIGTERM", "SIGUSR2"]
     assert signals("--stop_signals", "none") == []
 

@@ -133,8 +133,9 @@ class TrainConfig:
     benchmark: bool = flag(False, help="measure throughput on --num_samples random sequences of --max_length tokens "
                                        "(no dataset, no checkpoints): tokens/s, MFU and peak memory every step")
     stop_signals: List[str] = flag(
-        ["SIGTERM", "SIGUSR1"], parse=parse_signal_names,
-        help="signals that stop the run cleanly (comma-separated; none: off): the step in flight finishes, every rank "
+        ["SIGTERM", "SIGUSR1", "SIGHUP"], parse=parse_signal_names,
+        help="signals that stop the run cleanly (comma-separated; none: off; SIGHUP: the terminal of the launch was "
+             "lost): the step in flight finishes, every rank "
              "stops at the same step, saves a checkpoint and exits with 128 + the signal's number; resume with "
              "--load_checkpoint latest. torchrun forwards SIGTERM to every rank and kills them "
              "TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (default 30): set it to cover a step and a checkpoint save")

@@ -1,9 +1,9 @@
 """Room for checkpoints on the filesystem of ``--save_dir`` (rank 0).
 
 A checkpoint of LLaMA-2-7B takes about 63 GiB (bf16 weights and two fp32 Adam states: 10 bytes a parameter), one
-of a 70B model about 640 GiB, and a run that fills its disk does so at a checkpoint, hours in. So the run says what checkpoints take and
-what is free: at start (estimated from the parameters), and after every checkpoint (measured), with a warning as
-soon as the next one will not fit, a save interval before it fails. A save that runs out of space anyway stops with
+of a 70B model about 640 GiB, and a run that fills its disk does so at a checkpoint, hours in. So the run says what
+checkpoints take and what is free: at start (estimated from the parameters), and after every checkpoint
+(measured), with a warning as soon as the next one will not fit, a save interval before it fails. A save that runs out of space anyway stops with
 one line naming the checkpoint, what it needs and what is free (instead of ``OSError: [Errno 28]`` from inside
 torch or colossalai); its half-written folder is removed when the next run takes the save dir.
 """

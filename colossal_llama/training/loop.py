@@ -329,7 +329,7 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
                 try:
                     result = run.stepper.step(group, state.step + 1, stop.vote)
                 except NonFiniteStep as broken:
-                    raise diverged_error(broken, run.cfg, saving) from None
+                    raise _diverged_error(broken, run.cfg, saving) from None
                 state.step += 1
                 state.sample_offset += state.global_batch
                 metrics.record(StepStats(state.step, epoch, result.loss, result.lr, result.grad_norm, result.tokens,
@@ -347,7 +347,7 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
         metrics.close()
 
 
-def diverged_error(broken: NonFiniteStep, cfg: TrainConfig, saving: bool) -> UserInputError:
+def _diverged_error(broken: NonFiniteStep, cfg: TrainConfig, saving: bool) -> UserInputError:
     """The one line a run stops with when a step's loss or gradient norm is not finite: nothing of that step is
     recorded or saved, so every checkpoint holds finite weights; it names the newest one to go back to."""
     applied = ("the optimizer had applied it (the plugin measures the norm inside its step), so the run stops "
