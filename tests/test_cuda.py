@@ -286,6 +286,7 @@ def test_each_plugin_trains_in_bf16_within_2_percent_of_ddp(runs, plugin):
         assert abs(b - a) <= 0.02 * abs(a), f"{plugin} step {step}: ddp {a:.4f} vs {b:.4f}"
     assert got[-1] < got[0], f"{plugin} did not learn: {got}"
     assert plan(runs, plugin)["plugin_class"] == PLUGIN_CLASS[plugin]
+    assert plan(runs, plugin)["cpu_offload"] == (plugin == "zero2_cpu")  # zero2 and zero2_cpu share a class
     # built where and in what it trains: ddp/ZeRO read whole straight onto the GPU (ddp in fp32, it autocasts),
     # gemini/3d built lazily in bf16
     built = {"ddp": "float32 on the GPU", "zero2": "bfloat16 on the GPU", "zero2_cpu": "bfloat16 on the GPU"}
@@ -309,6 +310,7 @@ def test_auto_attention_is_flex_without_flash_attn_and_matches_sdpa(runs):
     assert chosen == (FLASH if flash_attn_installed() else FLEX)
     assert plan(runs, "ddp_sdpa")["attn_implementation"] == "sdpa"
     fast, dense = losses(finished(runs, "ddp")), losses(finished(runs, "ddp_sdpa"))
+    assert len(fast) == len(dense) == STEPS, (fast, dense)
     for step, (a, b) in enumerate(zip(fast, dense), start=1):
         assert abs(a - b) <= 1e-2, f"step {step}: {chosen} {a:.5f} vs sdpa {b:.5f}"
 
@@ -319,6 +321,7 @@ def test_liger_on_and_off_give_the_same_losses(runs):
     # without Liger the loss runs on scored positions in chunks (its CUDA path), with it Liger's fused loss
     assert (plan(runs, "ddp")["loss"], plan(runs, "ddp_no_liger")["loss"]) == ("liger", "scored_chunks")
     on, off = losses(finished(runs, "ddp")), losses(finished(runs, "ddp_no_liger"))
+    assert len(on) == len(off) == STEPS, (on, off)
     for step, (a, b) in enumerate(zip(on, off), start=1):
         assert abs(a - b) <= 1e-2, f"step {step}: Liger {a:.5f} vs plain {b:.5f}"
 
@@ -349,5 +352,8 @@ def test_ring_attention_sequence_parallelism_matches_ddp(runs, tmp_path, tiny_ll
     proc = run_training(args, tmp_path / "ring.log", nproc=2)
     assert proc.returncode == 0, tail(tmp_path / "ring.log")
     ddp, ring = losses(finished(runs, "ddp")), losses(read_loss_log(tmp_path / "ring" / "losses.jsonl"))
+    assert len(ring) == len(ddp) == STEPS, ring
+    ring_plan = json.loads((tmp_path / "ring" / "train_config.json").read_text())["plan"]
+    assert (ring_plan["sequence_parallelism"], ring_plan["sp_size"]) == ("ring_attn", 2), ring_plan
     for step, (a, b) in enumerate(zip(ddp, ring), start=1):
         assert abs(b - a) <= 0.02 * abs(a), f"ring_attn step {step}: ddp {a:.4f} vs {b:.4f}"

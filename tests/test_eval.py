@@ -19,8 +19,8 @@ from colossal_llama.eval.bits_per_char import (BpcConfig, TextScan, bits_per_cha
                                              scan_texts, sliding_windows)
 from colossal_llama.eval.cli import main as evaluate_main
 from colossal_llama.eval.multiple_choice import (MCConfig, answer_token_ids, build_prompt, choose_shots,
-                                                 continuation_logprobs, evaluate_multiple_choice, load_mc_items,
-                                                 select_items)
+                                                 continuation_logprobs, evaluate_multiple_choice, last_token_logits,
+                                                 load_mc_items, select_items)
 from colossal_llama.inference.loading import load_model_and_tokenizer
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import DataError, UserInputError
@@ -118,12 +118,16 @@ def test_smollm2_mmlu_subset_batched_scores_equal_one_by_one_full_logits(smollm2
     assert result.total == 6 and len(result.predictions) == 6
     items = select_items(mmlu, config)
     letters = answer_token_ids(tok, build_prompt(items[0], []))
-    for it, pred in zip(items, result.predictions):
-        ids = tok(build_prompt(it, choose_shots(it, mmlu, 1, seed=0)), return_tensors="pt")["input_ids"]
+    prompts = [tok(build_prompt(it, choose_shots(it, mmlu, 1, seed=0)))["input_ids"] for it in items]
+    batched = last_token_logits(model, prompts[:4], tok.eos_token_id)[:, letters]  # right-padded, one batch
+    assert [pred["where"] for pred in result.predictions] == [it.where for it in items]
+    for k, (it, pred) in enumerate(zip(items, result.predictions)):
         with torch.inference_mode():
-            logits = model(input_ids=ids).logits[0, -1, letters]
+            logits = model(input_ids=torch.tensor([prompts[k]])).logits[0, -1, letters]
         assert pred["predicted"] == "ABCD"[int(logits.argmax())], it.where
         assert pred["correct"] == (pred["predicted"] == "ABCD"[it.answer])
+        if k < 4:  # the padding leaks nothing into the four letters' logits
+            torch.testing.assert_close(batched[k], logits.float(), rtol=1e-4, atol=1e-4)
     report = result.to_dict()
     assert report["overall"]["accuracy"] == sum(p["correct"] for p in result.predictions) / 6
     print(f"SmolLM2-135M high school geography 1-shot: {result.accuracy:.1%} ({result.correct}/6)")
@@ -466,12 +470,15 @@ def test_torchrun_ranks_share_the_batches_and_report_what_one_process_reports(sm
     windows = sum(len(sliding_windows(tokenizer(t, add_special_tokens=False)["input_ids"], 0, 96, 48)) for t in texts)
     assert math.ceil(windows / 3) % 2 == 1 and windows > 6  # an odd number of batches: unequal shares (3 and 2)
     one, two = _evaluate(bpc, tmp_path, "bpc1"), _evaluate(bpc, tmp_path, "bpc2", nproc=2)
-    assert {k: v for k, v in two.items() if k not in ("bits", "bits_per_char")} == \
-        {k: v for k, v in one.items() if k not in ("bits", "bits_per_char")}
+    shared = ("bits", "bits_per_char", "batches_per_process")
+    assert {k: v for k, v in two.items() if k not in shared} == {k: v for k, v in one.items() if k not in shared}
     assert two["bits"] == pytest.approx(one["bits"], rel=1e-12)  # each batch bit-identical; only the sum's order
+    batches = math.ceil(windows / 3)  # what each process did, not only what rank 0 reported
+    assert (one["batches_per_process"], two["batches_per_process"]) == ([batches], [batches // 2 + 1, batches // 2])
     mc = ["mc", "--model_path", str(smollm2_dir), "--subjects", "marketing", "--max_per_subject", "7", "--k_shot",
           "1", "--batch_size", "2", "--method", "cloze", "--device", "cpu"]
     one, two = _evaluate(mc, tmp_path, "mc1"), _evaluate(mc, tmp_path, "mc2", nproc=2)
+    assert (one.pop("batches_per_process"), two.pop("batches_per_process")) == ([4], [2, 2])  # 7 items in 2s
     assert len(one["predictions"]) == 7 and two == one
 
 

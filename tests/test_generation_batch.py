@@ -133,7 +133,8 @@ def test_under_torchrun_the_batches_are_dealt_out_and_rank_0_writes_what_one_pro
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     assert not list(tmp_path.glob(".two.jsonl.progress-*"))  # both processes' progress removed once published
     assert runs["two", False] == runs["one", False] and runs["one", False].count(">>> ") == 5  # printed once
-    assert runs["two", True].startswith("wrote 5 replies (") and "2 processes" in runs["two", True]
+    # batches 0 and 2 (of 2, 2 and 1 prompts) on rank 0, batch 1 on rank 1
+    assert runs["two", True].startswith("wrote 5 replies (") and "2 processes (batches 2, 1)" in runs["two", True]
     tokens = [int(re.search(r"\((\d+) new tokens", runs[name, True]).group(1)) for name in ("one", "two")]
     assert tokens[0] > 5 and tokens[1] == tokens[0]  # each prompt generated once, by one of the processes
 

@@ -47,6 +47,7 @@ def test_each_call_carries_at_most_64_mib_with_the_tracked_files(carried):
     loads = [sum(p.stat().st_size for p in files_of(f)) for f in folders]
     for folder, load in zip(folders, loads):
         assert load + tracked + gpu_pack.MARGIN <= gpu_pack.CALL_LIMIT, f"{folder}: {load + tracked} bytes"
+    assert gpu_pack.CALL_LIMIT == 64 * 2**20 and gpu_pack.MARGIN > 0  # the device's limit, not the code's own figure
     assert max(loads) - min(loads) < 1 << 16, loads  # spread evenly: the GGUF tops every call up to the same load
 
 

@@ -81,8 +81,11 @@ def _error_line(main, capsys, *args) -> str:
     with pytest.raises(SystemExit) as exc:
         _run(main, *args)
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    stderr = capsys.readouterr().err
+    err = stderr.strip().splitlines()
     assert err[-1].startswith("error: ")
+    # one line: no traceback, no other error line (progress bars may come before it)
+    assert "Traceback" not in stderr and sum(line.startswith("error") for line in err) == 1, stderr[-2000:]
     return err[-1][len("error: "):]
 
 

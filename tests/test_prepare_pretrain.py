@@ -216,9 +216,11 @@ def test_cli_with_older_output_flags(tmp_path, inputs, mistral_dir, capsys):
     with pytest.raises(SystemExit) as exc:  # a second run must not silently mix with the first
         pretrain_main(argv)
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    stderr = capsys.readouterr().err
+    err = stderr.strip().splitlines()
     manifest_path = tmp_path / "prep" / "manifest.json"
     assert err[-1] == f"error: {manifest_path}: output already exists (pass --overwrite to replace it)"
+    assert "Traceback" not in stderr and sum(line.startswith("error") for line in err) == 1
     assert pretrain_main(argv + ["--overwrite", "--seed", "5", "--mirror_text"]) == 0
     assert load_manifest(part_dirs(a)[0]).seed == 5
     rows = load_part(part_dirs(a)[0])["input_ids"]

@@ -40,10 +40,10 @@ from colossal_llama.training.disk_space import free_bytes, tree_bytes
 from colossal_llama.training.metrics import read_loss_log
 from colossal_llama.training.optim import warmup_cosine_factor
 from colossal_llama.utils.errors import UserInputError
-from tests.support.launch import (alive, free_port, kill_launcher_and_ranks, rank_processes, run_training, start_training, tail,
-                                  wait_for_lines)
+from tests.support.launch import (alive, free_port, kill_launcher_and_ranks, rank_processes, run_training,
+                                  start_training, tail, wait_for_lines)
 from tests.support.train_runs import (DP1_BATCH, LAYOUTS, LORA_RANK, MAX_STEPS, SAVE_INTERVAL, assert_bitwise_equal,
-                                     train_args, train_ok)
+                                     assert_resumed, train_args, train_ok)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -82,7 +82,9 @@ def test_kill9_during_checkpoint_save_leaves_no_complete_checkpoint(reference_ru
     assert proc.returncode != 0
     assert "Signal 9 (SIGKILL) received" in (tmp_path / "killed.log").read_text()  # the injected kill
     half_written = save_dir / f".tmp-epoch-0_step-{crash_step}"
-    assert (half_written / "modeling").is_dir() and (half_written / "optimizer").is_dir()
+    assert (half_written / "modeling").is_dir() and (half_written / "running_states.json").is_file()
+    complete = reference_runs["zero2"] / f"epoch-0_step-{crash_step}" / "optimizer"
+    assert sorted(p.name for p in (half_written / "optimizer").iterdir()) == sorted(p.name for p in complete.iterdir())
     assert not (save_dir / f"epoch-0_step-{crash_step}").exists()
     assert latest_checkpoint(save_dir).name == f"epoch-0_step-{SAVE_INTERVAL}"
     log = train_ok(tmp_path, "resumed", args + LATEST).read_text()
@@ -101,7 +103,8 @@ def test_resume_from_a_copied_checkpoint_is_bitwise(reference_runs, tmp_path, la
     reference = reference_runs[layout]
     save_dir = tmp_path / "ckpt"
     _copy_checkpoint_3(reference, save_dir)
-    train_ok(tmp_path, "resumed", reference_runs.args(layout, save_dir, *LATEST))
+    log = train_ok(tmp_path, "resumed", reference_runs.args(layout, save_dir, *LATEST)).read_text()
+    assert_resumed(log, save_dir / f"epoch-0_step-{SAVE_INTERVAL}")  # not a fresh run that happens to match
     assert_bitwise_equal(reference, save_dir)
 
 
@@ -196,7 +199,8 @@ def _wait_for_moment(proc, save_dir: Path, moment: str, rng: random.Random, star
         if moment == "step" and log.is_file() and log.stat().st_ino != log_inode and _loss_lines(save_dir) >= target:
             time.sleep(rng.uniform(0, 0.8))
             return True
-        if moment == "save" and any(p.stat().st_mtime >= started for p in save_dir.glob(TMP_PREFIX + "*")):
+        # a checkpoint being written (.tmp-epoch-*), not an old one being deleted (.tmp-deleting-*)
+        if moment == "save" and any(p.stat().st_mtime >= started for p in save_dir.glob(TMP_PREFIX + "epoch-*")):
             return True
         time.sleep(0.01)
     raise TimeoutError(f"{moment} never came")
@@ -232,7 +236,11 @@ def test_ten_kills_at_random_moments_resume_bitwise(reference_runs, tmp_path):
         kill_launcher_and_ranks(proc)
         kills.append((moment, _loss_lines(save_dir)))
     assert len(kills) >= 10, f"seed {seed}: only {len(kills)} kills: {kills}"
-    train_ok(tmp_path, "final", args)
+    assert {moment for moment, _ in kills} == {"startup", "step", "save"}, f"seed {seed}: {kills}"
+    newest = latest_checkpoint(save_dir)
+    final = train_ok(tmp_path, "final", args).read_text()
+    if newest is not None:  # the last run goes on from the kills' newest checkpoint
+        assert_resumed(final, newest)
     assert_bitwise_equal(reference_runs["ddp_neft"], save_dir)
     assert [c.name for c in complete_checkpoints(save_dir)] == ["epoch-0_step-6", f"epoch-0_step-{MAX_STEPS}"]
     assert not list(save_dir.glob(TMP_PREFIX + "*"))
@@ -276,7 +284,8 @@ def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_to_resume(refer
     assert f"received {sig.name}" in log and ("[rank 0] received" in log) == (target == "launcher")
     for rank in (0, 1):
         assert re.search(rf"\[rank {rank}\] .*stopped by {sig.name} after step {stop_step} of {MAX_STEPS}, [\d.]+ s "
-                         "after the signal: resume with --load_checkpoint latest", log), tail(tmp_path / "stopped.log")
+                         rf"after the signal, exit code {128 + sig}: resume with --load_checkpoint latest", log), \
+            tail(tmp_path / "stopped.log")
     if target == "rank 1":  # torchrun reports the ranks' own exit codes
         assert f"exitcode  : {128 + sig}" in log, tail(tmp_path / "stopped.log")
     assert [c.name for c in complete_checkpoints(save_dir)] == sorted(
@@ -381,10 +390,16 @@ def test_a_full_disk_is_said_a_checkpoint_ahead_then_in_one_line_and_the_run_res
     full_step = 2 * SAVE_INTERVAL
     assert proc.returncode != 0 and (save_dir / f".tmp-epoch-0_step-{full_step}").is_dir(), tail(tmp_path / "full.log")
     assert free_bytes(save_dir) < 2**20  # the fault: the filesystem really is full
-    assert re.search(rf"--save_dir {save_dir}: the next checkpoint \(about [\d.]+ MiB\) will not fit in the "
-                     r"[\d.]+ MiB free", log), tail(tmp_path / "full.log")
+    warned = re.search(rf"--save_dir {save_dir}: the next checkpoint \(about [\d.]+ MiB\) will not fit in the "
+                       r"[\d.]+ MiB free", log)
+    assert warned, tail(tmp_path / "full.log")
     errors = [line for line in log.splitlines() if line.startswith("error")]
-    assert errors and re.fullmatch(
+    # said a checkpoint ahead: when checkpoint 3 was measured (within its save), long before the save that failed
+    assert log.index(f"checkpoint epoch-0_step-{SAVE_INTERVAL}: ") < warned.start() < log.index(
+        f"saved checkpoint {save_dir / f'epoch-0_step-{SAVE_INTERVAL}'}")
+    assert errors and warned.start() < log.index(errors[0])
+    assert all("no space left while saving" in line for line in errors), errors  # the ranks that hit it, alike
+    assert re.fullmatch(
         rf"error: --save_dir {save_dir}: no space left while saving epoch-0_step-{full_step} \(a checkpoint takes "
         r"about [\d.]+ MiB, measured; [\d.]+ (bytes|KiB) free now\): free space or set --keep_last_k, then resume "
         "with --load_checkpoint latest", errors[0]), errors
@@ -465,12 +480,11 @@ def test_second_run_is_refused_and_a_dead_launchers_ranks_stop(reference_runs, t
     first.wait(timeout=60)
     _gone, still = psutil.wait_procs(ranks, timeout=15)
     assert not alive(still), "ranks went on training after their launcher died"
-    lines = _loss_lines(save_dir)
-    time.sleep(2)
-    assert _loss_lines(save_dir) == lines and latest_checkpoint(save_dir).name == f"epoch-0_step-{SAVE_INTERVAL}"
+    assert latest_checkpoint(save_dir).name == f"epoch-0_step-{SAVE_INTERVAL}"
 
     log = train_ok(tmp_path, "third", args + LATEST).read_text()
     assert f"took over the lock left by pid {holder} on host" in log
+    assert_resumed(log, save_dir / f"epoch-0_step-{SAVE_INTERVAL}")
     assert_bitwise_equal(reference_runs["ddp"], save_dir)
 
 

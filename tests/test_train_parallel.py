@@ -46,6 +46,12 @@ def test_pipeline_and_sequence_parallel_match_ddp(reference_runs, name):
     _assert_close_curves(losses(reference_runs["ddp"]), losses(reference_runs[name]), PARALLEL_RTOL, name)
     plan = json.loads(reference_runs.config(name).read_text())["plan"]
     assert plan["plugin_class"] == "HybridParallelPlugin" and plan["global_batch"] == 4
+    # the layout colossalai really built (sequence parallelism silently off would match ddp too)
+    assert {k: plan[k] for k in ("tp_size", "pp_size", "sequence_parallelism", "sp_size")} == {
+        "pp2": {"tp_size": 1, "pp_size": 2, "sequence_parallelism": None, "sp_size": 1},
+        "sp_split_gather": {"tp_size": 2, "pp_size": 1, "sequence_parallelism": "split_gather", "sp_size": 1},
+        "sp_all_to_all": {"tp_size": 1, "pp_size": 1, "sequence_parallelism": "all_to_all", "sp_size": 2},
+    }[name]
     # sharded weights: each pipeline stage / tensor-parallel rank wrote its part
     assert (latest_checkpoint(reference_runs[name]) / "modeling" / "pytorch_model.bin.index.json").is_file()
 

@@ -18,7 +18,7 @@ import shutil
 import pytest
 
 from colossal_llama.training.metrics import read_loss_log
-from tests.support.train_runs import DP2_BATCH, PP2, TP2, assert_bitwise_equal, train_args, train_ok
+from tests.support.train_runs import DP2_BATCH, PP2, TP2, assert_bitwise_equal, assert_resumed, train_args, train_ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -130,9 +130,14 @@ def test_category_weights_set_the_mix_and_resume_exactly(tmp_path, tiny_llama, p
     shutil.copytree(tmp_path / "full" / "epoch-0_step-3", resumed / "epoch-0_step-3")
     (resumed / "losses.jsonl").write_text("".join((tmp_path / "full" / "losses.jsonl").read_text()
                                                   .splitlines(keepends=True)[:3]))
+    # a mark in the checkpoint's running totals: a resume carries it on, a fresh start would not
+    states_file = resumed / "epoch-0_step-3" / "running_states.json"
+    marked = json.loads(states_file.read_text())
+    marked["category_tokens"]["review"] += 1_000_000
+    states_file.write_text(json.dumps(marked))
     resume_args = train_args(tiny_llama, prepared_with_heldout, resumed, "--plugin", "ddp", *DP2_BATCH,
                              "--category_weights", weights, "--eval_batches", "0", "--load_checkpoint", "latest")
-    train_ok(tmp_path, "resumed", resume_args)
+    assert_resumed(train_ok(tmp_path, "resumed", resume_args).read_text(), resumed / "epoch-0_step-3")
     assert_bitwise_equal(tmp_path / "full", resumed)
     final = json.loads((resumed / "epoch-0_step-8" / "running_states.json").read_text())
-    assert final["category_tokens"] == seen  # the running totals carried across the resume
+    assert final["category_tokens"] == {**seen, "review": seen["review"] + 1_000_000}  # carried across the resume

@@ -15,6 +15,7 @@ are batched (longest first) and dealt out exactly as one process batches them.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class BpcResult:
     tokens: int = 0
     texts: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> count
+    batches_per_process: List[int] = field(default_factory=list)  # in rank order (one process: [all of them])
 
     @property
     def bpc(self) -> float:
@@ -69,12 +71,15 @@ class BpcResult:
                                                                out.tokens + r.tokens, out.texts + r.texts)
             for reason, count in r.skipped.items():
                 out.skipped[reason] = out.skipped.get(reason, 0) + count
+            if r.batches_per_process:
+                out.batches_per_process = [a + b for a, b in itertools.zip_longest(
+                    out.batches_per_process, r.batches_per_process, fillvalue=0)]
         return out
 
     def to_dict(self) -> dict:
         return {"bits_per_char": self.bpc, "bits": self.bits, "characters": self.characters, "tokens": self.tokens,
                 "texts": self.texts, "chars_per_token": self.characters / max(self.tokens, 1),
-                "skipped": self.skipped}
+                "skipped": self.skipped, "batches_per_process": self.batches_per_process}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -276,17 +281,19 @@ def chunk_windows(chunk: Chunk, window: int, stride: int) -> List[Tuple[int, int
 
 
 def _score_chunk(model, chunk: Chunk, window: int, stride: int, pad_id: int, config: BpcConfig, ranks: Ranks,
-                 bar) -> float:
-    """This process's share of the chunk's bits: its windows cut into batches, dealt out (batch k to rank k mod N).
+                 bar) -> Tuple[float, int]:
+    """This process's share of the chunk's bits, and its number of batches: the windows cut into batches, dealt out
+    (batch k to rank k mod N).
 
     The batches go in rounds of one per process; after its batch of a round, rank 0's bar counts the whole round
     (the processes keep pace), in characters: each scored token carries its text's characters / tokens."""
-    bits = 0.0
+    bits, batches = 0.0, 0
     for round_, mine in ranks.rounds(chunk_windows(chunk, window, stride), config.batch_size):
         for batch in mine:
             bits += window_nll_bits(model, [window_of(chunk.ids[i], b, e, s) for i, b, e, s in batch], pad_id)
+        batches += len(mine)
         bar.update(sum(chunk.characters[i] * (e - s) / (len(chunk.ids[i]) - 1) for i, b, e, s in round_))
-    return bits
+    return bits, batches
 
 
 def bits_per_char(model, tokenizer, texts: Iterable[str], config: BpcConfig, ranks: Ranks = Ranks(),
@@ -304,13 +311,15 @@ def bits_per_char(model, tokenizer, texts: Iterable[str], config: BpcConfig, ran
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_id
     if total_characters is None and isinstance(texts, Sequence):
         total_characters = sum(len(t) for t in texts)
-    result, bits = BpcResult(), 0.0
+    result, bits, batches = BpcResult(), 0.0, 0
     with tqdm(total=total_characters, desc=desc, unit="char", unit_scale=True,
               disable=not ranks.is_main) as bar:
         for chunk in iter_chunks(texts, tokenizer, start_id, config.chunk_tokens, ranks):
             result.texts += len(chunk.ids)
             result.characters += sum(chunk.characters)
             result.tokens += chunk.tokens
-            bits += _score_chunk(model, chunk, window, stride, pad_id, config, ranks, bar)
+            chunk_bits, chunk_batches = _score_chunk(model, chunk, window, stride, pad_id, config, ranks, bar)
+            bits, batches = bits + chunk_bits, batches + chunk_batches
     (result.bits,) = ranks.sum([bits])
+    result.batches_per_process = ranks.per_process(batches)
     return result

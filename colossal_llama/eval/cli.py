@@ -75,7 +75,13 @@ def run_mc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
         print(f"{name:<{width}}  {row['correct']:>7}  {row['total']:>5}  {row['accuracy']:>8.1%}")
     print(f"mc: {args.model_path} accuracy {result.accuracy:.1%} ({result.correct}/{result.total}) "
           f"over {len(report['subjects'])} subject(s), {args.k_shot}-shot {args.method}, chance 25.0%")
+    _print_shares(result.batches_per_process)
     return report
+
+
+def _print_shares(batches_per_process: List[int]) -> None:
+    if len(batches_per_process) > 1:
+        print(f"batches per process (rank order): {', '.join(map(str, batches_per_process))}")
 
 
 def read_bpc(args):
@@ -128,6 +134,7 @@ def run_bpc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
     print(f"bpc: {args.model_path} on {data}: {result.bpc:.4f} bits/char over {result.texts} texts, "
           f"{result.characters} chars, {result.tokens} tokens ({result.characters / result.tokens:.2f} chars/token)"
           f"{skipped_note}")
+    _print_shares(result.batches_per_process)
     return report
 
 

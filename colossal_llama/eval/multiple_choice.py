@@ -85,6 +85,7 @@ class MCResult:
     per_subject: Dict[str, Dict[str, int]] = field(default_factory=dict)
     predictions: List[dict] = field(default_factory=list)
     shots_reduced: int = 0  # prompts that had to drop examples to fit max_length
+    batches_per_process: List[int] = field(default_factory=list)  # in rank order (one process: [all of them])
 
     @property
     def correct(self) -> int:
@@ -101,7 +102,8 @@ class MCResult:
     def to_dict(self) -> dict:
         subjects = {s: {**c, "accuracy": c["correct"] / c["total"]} for s, c in sorted(self.per_subject.items())}
         return {"overall": {"correct": self.correct, "total": self.total, "accuracy": self.accuracy},
-                "subjects": subjects, "shots_reduced": self.shots_reduced, "predictions": self.predictions}
+                "subjects": subjects, "shots_reduced": self.shots_reduced,
+                "batches_per_process": self.batches_per_process, "predictions": self.predictions}
 
 
 def normalize_subject(name: str) -> str:
@@ -277,6 +279,7 @@ def evaluate_multiple_choice(model, tokenizer, pool: Sequence[MCItem], config: M
             mine.update(zip(idx, predict(model, tokenizer, items, prompts, pad_id, idx)))
             bar.update(len(idx))
     predicted = ranks.merge(mine)
+    result.batches_per_process = ranks.per_process(len(batches))
     for i, it in enumerate(items):
         choice = predicted[i]
         counts = result.per_subject.setdefault(it.subject, {"correct": 0, "total": 0})

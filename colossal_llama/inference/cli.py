@@ -177,7 +177,8 @@ def run_reply_job(args: InferenceArgs, model, tokenizer, sampling, prompts, enco
         return
     summary = (f"{stats.replies} replies ({stats.new_tokens} new tokens, "
                f"{stats.new_tokens / max(stats.seconds, 1e-9):,.1f} tokens/s, batches of {args.batch_size}"
-               + (f", {ranks.size} processes" if ranks.size > 1 else "")
+               + (f", {ranks.size} processes (batches {', '.join(map(str, stats.batches_per_process))})"
+                  if ranks.size > 1 else "")
                + (f", {stats.resumed} from an interrupted run" if stats.resumed else "") + ")")
     if writer is None:
         print(summary, file=sys.stderr, flush=True)

@@ -110,7 +110,8 @@ def build_run(cfg: TrainConfig) -> Run:
     num_params = count_parameters(model)
     model, trainable = _choose_trainable(cfg, model)
     plan = RunPlan(**steps, world_size=dist.get_world_size(), dp_size=parallel.layout.dp_size,
-                   plugin_class=parallel.plugin_class, cpu_offload=parallel.cpu_offload, attn_implementation=attn,
+                   plugin_class=parallel.plugin_class, cpu_offload=parallel.cpu_offload, **parallel.sizes,
+                   attn_implementation=attn,
                    liger=liger, loss=loss, loss_chunk_tokens=loss_chunk, num_parameters=num_params,
                    trainable_parameters=trainable)
     _log_plan(cfg, plan, data)
@@ -384,6 +385,7 @@ def _stop(run: Run, stop: StopRequest, state: RunningState, saved: bool) -> None
     if not saved:
         log.info("saved checkpoint %s", run.checkpointer.save(state))
     stopped, seconds = stop.stopped(state.step, run.stepper.device)
-    log.warning("stopped by %s after step %d of %d, %.1f s after the signal: resume with --load_checkpoint latest",
-                stopped.signal_name, state.step, run.plan.total_steps, seconds)
+    log.warning("stopped by %s after step %d of %d, %.1f s after the signal, exit code %d: resume with "
+                "--load_checkpoint latest", stopped.signal_name, state.step, run.plan.total_steps, seconds,
+                stopped.exit_code)
     raise stopped

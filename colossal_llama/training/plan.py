@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from colossal_llama.training.config import TrainConfig
 from colossal_llama.utils.json_files import write_json
@@ -25,6 +26,10 @@ class RunPlan:
     dp_size: int
     plugin_class: str  # the colossalai plugin that really runs (TorchDDPPlugin, LowLevelZeroPlugin, ...)
     cpu_offload: bool
+    tp_size: int  # tensor- and pipeline-parallel sizes of the plugin that runs
+    pp_size: int
+    sequence_parallelism: Optional[str]  # its sequence-parallel mode (split_gather, all_to_all, ...), None when off
+    sp_size: int  # ranks that split a sequence in all_to_all / ring_attn (1 otherwise: the others use the tp group)
     # model
     attn_implementation: str
     liger: bool

@@ -61,6 +61,15 @@ class Parallelism:
     def plugin_class(self) -> str:
         return type(self.plugin).__name__
 
+    @property
+    def sizes(self) -> dict:
+        """What the built plugin really splits over: tensor- and pipeline-parallel sizes, and its sequence-parallel
+        mode (None when off) and size (read from colossalai's objects, not from the flags)."""
+        shard = getattr(self.plugin, "shard_config", None)
+        sequence = shard.sequence_parallelism_mode if shard is not None and shard.enable_sequence_parallelism else None
+        return {"tp_size": getattr(self.plugin, "tp_size", 1), "pp_size": getattr(self.plugin, "pp_size", 1),
+                "sequence_parallelism": sequence, "sp_size": getattr(self.plugin, "sp_size", 1) if sequence else 1}
+
 
 def _plugin(cfg: TrainConfig, cuda: bool):
     from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin

@@ -81,6 +81,15 @@ class Ranks:
         dist.all_reduce(total)
         return total.tolist()
 
+    def per_process(self, count: int) -> List[int]:
+        """Every process's ``count`` (e.g. the batches it did), in rank order: what each one's share really was."""
+        if self.size == 1:
+            return [int(count)]
+        counts = torch.zeros(self.size, dtype=torch.int64)
+        counts[self.rank] = int(count)
+        dist.all_reduce(counts)
+        return counts.tolist()
+
     def exchange_int32(self, part: np.ndarray) -> List[np.ndarray]:
         """Every process's 1-D int32 array (lengths may differ), in rank order, on every process: two all-gathers
         of raw tensors (the lengths, then the arrays padded to the longest), nothing pickled."""

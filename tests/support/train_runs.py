@@ -81,6 +81,13 @@ def losses(save_dir: Path) -> List[float]:
     return [r["loss"] for r in read_loss_log(Path(save_dir) / "losses.jsonl")]
 
 
+def assert_resumed(log: str, checkpoint: Path) -> None:
+    """The run whose log is ``log`` resumed from ``checkpoint``: a run that started afresh writes the same losses
+    (training is deterministic), so equal records alone do not show a resume."""
+    assert f"resumed from {checkpoint}: " in log, log[-3000:]
+    assert "starting from scratch" not in log
+
+
 def assert_bitwise_equal(reference: Path, resumed: Path) -> None:
     """Every record of ``losses.jsonl`` (loss, lr, grad norm, tokens) equal, float for float."""
     ref, got = read_loss_log(reference / "losses.jsonl"), read_loss_log(resumed / "losses.jsonl")
