@@ -87,13 +87,17 @@ def restore_rng(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- file system
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (so the rename publishes durable contents)."""
+def _fsync_tree(root: Path) -> int:
+    """fsync every file and directory under ``root`` (so the rename publishes durable contents); returns the bytes
+    of its files (measured on the way: the walk opens every file anyway)."""
+    total = 0
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as fh:
                 os.fsync(fh.fileno())
+                total += os.fstat(fh.fileno()).st_size
         _fsync_dir(Path(dirpath))
+    return total
 
 
 def _fsync_dir(path: Path) -> None:
@@ -104,12 +108,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _publish(tmp: Path, final: Path, trash: Trash) -> None:
-    """Rank 0: fsync ``tmp`` and rename it to ``final`` (an older ``final`` goes to the trash)."""
-    _fsync_tree(tmp)
+def _publish(tmp: Path, final: Path, trash: Trash) -> int:
+    """Rank 0: fsync ``tmp`` and rename it to ``final`` (an older ``final`` goes to the trash); returns its bytes."""
+    size = _fsync_tree(tmp)
     trash.discard(final)  # e.g. a checkpoint of the same step re-done after a resume
     tmp.rename(final)
     _fsync_dir(final.parent)
+    return size
 
 
 # ---------------------------------------------------------------------------------------------- model files
@@ -369,9 +374,9 @@ class Checkpointer:
         dist.barrier()  # every rank's shards and RNG are on disk
         if dist.get_rank() == 0:
             write_json(tmp / RUNNING_STATES, asdict(state))  # written last: its presence marks completeness
-            _publish(tmp, final, self.trash)
+            size = _publish(tmp, final, self.trash)
             returning = self._rotate()
-            self.room.after_save(final, time.monotonic() - started, returning)
+            self.room.after_save(final.name, size, time.monotonic() - started, returning)
         dist.barrier()
         return final
 

@@ -26,7 +26,8 @@ LORA_PLUGINS = ("ddp", "zero2", "zero2_cpu")
 SP_MODES = ("split_gather", "ring", "all_to_all", "ring_attn")
 ATTENTION_CHOICES = ("auto", "flash", "flex", "sdpa")  # see colossal_llama.training.attention
 WARMUP_FRACTION = 0.025  # README: warm-up defaults to 2.5% of the optimizer steps
-UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")  # and SIGINT (Ctrl-C) keeps meaning "stop now"
+# never stop signals: SIGKILL and SIGSTOP cannot be caught, and SIGINT (Ctrl-C) keeps meaning "stop now"
+NOT_STOP_SIGNALS = ("SIGKILL", "SIGSTOP", "SIGINT")
 
 
 def parse_signal_names(text: str) -> List[str]:
@@ -36,7 +37,7 @@ def parse_signal_names(text: str) -> List[str]:
         if not word or word == "NONE":
             continue
         name = word if word.startswith("SIG") else f"SIG{word}"
-        if name in (*UNCATCHABLE_SIGNALS, "SIGINT") or name not in signal.Signals.__members__:
+        if name in NOT_STOP_SIGNALS or name not in signal.Signals.__members__:
             raise UserInputError(f"--stop_signals {text}: {word} is not a signal to stop on (e.g. SIGTERM,SIGUSR1; "
                                  "none turns the clean stop off)")
         if name not in names:

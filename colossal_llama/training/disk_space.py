@@ -89,12 +89,12 @@ class CheckpointRoom:
                         "free space or choose another --save_dir", self.save_dir, size_words(free),
                         size_words(self.expected))
 
-    def after_save(self, checkpoint: Path, seconds: float, returning: int) -> None:
-        """Measure ``checkpoint`` (just published); ``returning``: bytes of older checkpoints being deleted."""
-        size = tree_bytes(checkpoint)
+    def after_save(self, name: str, size: int, seconds: float, returning: int) -> None:
+        """Checkpoint ``name`` (just published) took ``size`` bytes; ``returning``: bytes of older checkpoints being
+        deleted."""
         self.expected, self.measured = size, True
         free = free_bytes(self.save_dir)
-        log.info("checkpoint %s: %s in %.1f s (%s/s); %s free on the filesystem of --save_dir%s", checkpoint.name,
+        log.info("checkpoint %s: %s in %.1f s (%s/s); %s free on the filesystem of --save_dir%s", name,
                  size_words(size), seconds, size_words(size / max(seconds, 1e-9)), size_words(free),
                  f" (+{size_words(returning)} being deleted)" if returning else "")
         if free + returning < size:

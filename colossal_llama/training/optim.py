@@ -102,4 +102,3 @@ def follow_settings(scheduler: WarmupCosineLR, wanted: OptimizerSettings) -> Tup
             group["lr"], group["weight_decay"] = lr, decay
         scheduler._last_lr = lrs
     return changes, saved_next, scheduler.get_last_lr()[0]
-

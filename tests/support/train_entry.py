@@ -31,54 +31,49 @@ def _install_kill_during_save(step: int) -> None:
 
     publish = checkpoint._publish
 
-    def publish_or_die(tmp: Path, final: Path, trash) -> None:
+    def publish_or_die(tmp: Path, final: Path, trash) -> int:
         if final.name.endswith(f"_step-{step}"):
             os.kill(os.getpid(), signal.SIGKILL)  # mid-save: shards on disk, not yet renamed into place
-        publish(tmp, final, trash)
+        return publish(tmp, final, trash)
 
     checkpoint._publish = publish_or_die
+
+
+def _after_each_step(action) -> None:
+    """Call ``action(step)`` on every rank right after the step is logged (``RunMetrics.record``)."""
+    from colossal_llama.training import metrics
+
+    record = metrics.RunMetrics.record
+
+    def record_then_act(self, stats) -> None:
+        record(self, stats)
+        action(stats.step)
+
+    metrics.RunMetrics.record = record_then_act
 
 
 def _install_hold_at_step(step: int) -> None:
     import time
 
-    from colossal_llama.training import metrics
-
-    record = metrics.RunMetrics.record
-
-    def record_then_maybe_hold(self, stats) -> None:
-        record(self, stats)
-        if stats.step == step and os.environ.get("RANK", "0") == "0":
+    def hold(done: int) -> None:
+        if done == step and os.environ.get("RANK", "0") == "0":
             time.sleep(3600)
 
-    metrics.RunMetrics.record = record_then_maybe_hold
+    _after_each_step(hold)
 
 
 def _install_die_at_step(step: int) -> None:
-    from colossal_llama.training import metrics
-
-    record = metrics.RunMetrics.record
-
-    def record_then_maybe_die(self, stats) -> None:
-        record(self, stats)
-        if stats.step == step and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    def die(done: int) -> None:
+        if done == step and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    metrics.RunMetrics.record = record_then_maybe_die
+    _after_each_step(die)
 
 
 def _install_slow_steps(seconds: float) -> None:
     import time
 
-    from colossal_llama.training import metrics
-
-    record = metrics.RunMetrics.record
-
-    def record_then_wait(self, stats) -> None:
-        record(self, stats)
-        time.sleep(seconds)
-
-    metrics.RunMetrics.record = record_then_wait
+    _after_each_step(lambda _done: time.sleep(seconds))
 
 
 def _install_slow_delete(seconds: float) -> None:
