@@ -90,3 +90,14 @@ def test_train_loss_memory_benchmark_gives_the_same_loss_both_ways(smollm2_dir):
                       r"([\d.]+) \| [\d.]+x \| [\d.]+x \|$", out.stdout, re.M)
     assert [way for way, _ in rows] == ["full logits", "scored positions, 1,365 a call"], out.stdout
     assert abs(float(rows[0][1]) - float(rows[1][1])) < 1e-5 and float(rows[0][1]) < 6  # a real model on real text
+
+
+def test_sft_templates_benchmark_prepares_the_same_conversations_with_each_template(smollm2_dir):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sft_templates.py"), "--smollm2_dir",
+                          str(smollm2_dir), "--copies", "1", "--repeats", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^(llama2|llama3|tokenizer) +([\d,]+) +([\d,]+) +[\d.]+ +[\d,]+ +([\d.]+)x$", out.stdout, re.M)
+    assert [name for name, *_ in rows] == ["llama2", "llama3", "tokenizer"], out.stdout
+    assert len({conversations for _, conversations, _, _ in rows}) == 1 and rows[0][1] != "0"  # the same rows
+    assert rows[1][3] == "1.00" and all(int(tokens.replace(",", "")) > 0 for _, _, tokens, _ in rows)

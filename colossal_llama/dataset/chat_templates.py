@@ -285,14 +285,36 @@ class TokenizerTemplate(ChatTemplate):
         self.stop_token_ids = sorted(ids | ({tokenizer.eos_token_id} - {None}))
 
     def _render(self, messages, generation_prompt: bool) -> str:
-        system = self.system_of(messages)
-        chat = [{"role": "system", "content": system}] if system else []
-        chat += [{"role": "user" if m["from"] == HUMAN else "assistant", "content": m["content"]}
-                 for m in split_system(messages)[1]]
+        return self._render_many([messages], generation_prompt)[0]
+
+    def _render_many(self, conversations, generation_prompt: bool) -> list[str]:
+        """The template's text of each conversation: one ``apply_chat_template`` call for all of them (its per-call
+        work, e.g. gathering the special tokens, is then done once)."""
+        chats = []
+        for messages in conversations:
+            system = self.system_of(messages)
+            chat = [{"role": "system", "content": system}] if system else []
+            chats.append(chat + [{"role": "user" if m["from"] == HUMAN else "assistant", "content": m["content"]}
+                                 for m in split_system(messages)[1]])
         try:
-            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+            return self.tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=generation_prompt)
         except jinja2.TemplateError as err:  # e.g. a template that refuses a system turn
             raise UserInputError(f"the tokenizer's chat_template failed: {err}") from None
+
+    def _prefixes(self, messages) -> tuple[list[str], list[str]]:
+        """For each assistant turn j: the text of ``messages[:j]`` with the generation prompt, and of
+        ``messages[:j+1]`` (the last of these is the whole conversation's: it ends with an assistant turn)."""
+        turns = range(self._first_reply(messages), len(messages), 2)
+        return (self._render_many([messages[:j] for j in turns], True),
+                self._render_many([messages[:j + 1] for j in turns], False))
+
+    def _ids_and_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text`` (no special tokens added) and each one's character span ``[start, end)``."""
+        if self._backend is not None:  # the Rust backend directly, as in _text
+            enc = self._backend.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
 
     @staticmethod
     def _first_reply(messages) -> int:
@@ -310,11 +332,11 @@ class TokenizerTemplate(ChatTemplate):
 
     def _assistant_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
         """Full render and the character spans ``[start, end)`` of each assistant content + end-of-turn."""
-        full = self._render(messages, False)
+        turns = range(self._first_reply(messages), len(messages), 2)
+        prompts, uptos = self._prefixes(messages)
+        full = uptos[-1]
         spans = []
-        for j in range(self._first_reply(messages), len(messages), 2):
-            prompt = self._render(messages[:j], True)
-            upto = self._render(messages[: j + 1], False)
+        for j, prompt, upto in zip(turns, prompts, uptos):
             if not (upto.startswith(prompt) and full.startswith(upto)):
                 raise UserInputError("the tokenizer's chat_template is not prefix-stable (rendering a longer "
                                      "conversation changes earlier turns); use --llama_version 2 or 3")
@@ -332,16 +354,16 @@ class TokenizerTemplate(ChatTemplate):
     def encode_conversation(self, messages):
         validate_messages(messages, ends_with=ASSISTANT)
         full, spans = self._assistant_spans(messages)
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        labels = [IGNORE_INDEX] * len(enc["input_ids"])
+        ids, offsets = self._ids_and_offsets(full)
+        labels = [IGNORE_INDEX] * len(ids)
         k = 0
-        for i, (tok_start, tok_end) in enumerate(enc["offset_mapping"]):
+        for i, (tok_start, tok_end) in enumerate(offsets):
             # A token is trained when it overlaps an assistant span (content or end-of-turn marker).
             while k < len(spans) and spans[k][1] <= tok_start:
                 k += 1
             if k < len(spans) and tok_end > spans[k][0] and tok_start < spans[k][1]:
-                labels[i] = enc["input_ids"][i]
-        return list(enc["input_ids"]), labels
+                labels[i] = ids[i]
+        return list(ids), labels
 
     def encode_prompt(self, messages):
         validate_messages(messages, ends_with=HUMAN)
@@ -349,14 +371,10 @@ class TokenizerTemplate(ChatTemplate):
 
     def exchange_ends(self, messages):
         validate_messages(messages, ends_with=ASSISTANT)
-        full = self._render(messages, False)
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        starts = [s for s, _ in enc["offset_mapping"]]
-        ends = []
-        for j in range(self._first_reply(messages), len(messages), 2):
-            boundary = len(self._render(messages[: j + 1], False))
-            ends.append(sum(1 for s in starts if s < boundary))
-        return ends
+        turns = range(self._first_reply(messages), len(messages), 2)
+        uptos = self._render_many([messages[:j + 1] for j in turns], False)
+        starts = [s for s, _ in self._ids_and_offsets(uptos[-1])[1]]
+        return [sum(1 for s in starts if s < len(upto)) for upto in uptos]
 
 
 _TEMPLATES = {"llama2": Llama2Template, "llama3": Llama3Template, "tokenizer": TokenizerTemplate}
