@@ -80,8 +80,12 @@ class Validator:
         # colossalai's pipeline schedule wants every batch of a run to have the training batch's size
         full_only = batch_size if stepper.parallel.pipeline_microbatch_size else 1
         self.plan = batch_plan(categories, batch_size, max_batches, multiple=full_only)
-        used = np.concatenate([rows for _, rows in self.plan]) if self.plan else np.array([], dtype=np.int64)
-        self.characters = {int(i): trained_characters(dataset[int(i)]["labels"], tokenizer) for i in used}
+        # Characters of the rows this rank scores only: decoding is the costly part of setting up (every row's
+        # labels, tokenizer.decode), and on dp ranks each scores 1/dp of the batches.
+        layout = stepper.parallel.layout
+        mine = [rows for i, (_, rows) in enumerate(self.plan) if i % layout.dp_size == layout.dp_rank]
+        self.characters = {int(r): trained_characters(dataset[int(r)]["labels"], tokenizer)
+                           for rows in mine for r in rows}
 
     def run(self) -> Dict[str, CategoryScore]:
         """Scores per category and ``"all"``; the model is left in training mode."""
@@ -93,7 +97,7 @@ class Validator:
         try:
             with torch.no_grad():
                 for i, (category, rows) in enumerate(self.plan):
-                    if i % layout.dp_size != layout.dp_rank:
+                    if i % layout.dp_size != layout.dp_rank:  # another rank's batch
                         continue
                     batch = self.collator([self.dataset[int(r)] for r in rows])
                     loss_sum, tokens = self.stepper.eval_loss_sum(batch)
