@@ -2,7 +2,9 @@
 GGUF, a cut-off tokenizer.json, and ``init_model.py`` really killed with SIGKILL while it writes.
 
 Every damaged file must give one line naming the file and what is wrong, never a library traceback; a killed
-run's temporary folder must go away on the next run, and only when the process that made it is gone.
+run's temporary folder must go away on the next run, and only when the process that made it is gone. What a
+folder or JSON file publishes is on disk (out of the page cache) before its name appears: a machine that loses
+power does not come back with a complete-looking model, manifest or checkpoint of empty files.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from colossal_llama.model.init_model import init_model_from_expanded_tokenizer
 from colossal_llama.model.safetensors_stream import check_safetensors_file
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.durable import flush_filesystem
+from colossal_llama.utils.json_files import write_json
 from colossal_llama.utils.output import remove_stale_siblings, remove_stale_tmp_dirs, replace_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,3 +225,57 @@ def test_replace_dir_removes_the_old_copy_a_killed_run_left(tmp_path):
     replace_dir(tmp_path / "new", tmp_path / "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert json.loads((tmp_path / "model" / "config.json").read_text()) == {"new": True}
+
+
+# ---------------------------------------------------------------- on disk before published
+def _dirty_mib() -> int:
+    """The kernel's count of written, not yet flushed page-cache data (all filesystems), MiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Dirty:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no Dirty: line in /proc/meminfo")
+
+
+def _write_unflushed(path: Path, mib: int = 64) -> int:
+    """Write ``mib`` MiB to ``path`` without fsync; returns the Dirty count after (skips where the filesystem keeps
+    no dirty page cache, e.g. tmpfs)."""
+    before = _dirty_mib()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(mib << 20))
+    written = _dirty_mib()
+    if written - before < mib // 2:
+        pytest.skip(f"{path.parent}'s filesystem keeps no dirty page cache to flush (Dirty {before} -> {written} MiB)")
+    return written
+
+
+needs_meminfo = pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="needs Linux's /proc/meminfo")
+
+
+@needs_meminfo
+def test_flush_filesystem_leaves_no_written_data_in_the_page_cache(tmp_path):
+    """What each machine does for a checkpoint its ranks wrote to a shared filesystem (syncfs, not one fsync)."""
+    written = _write_unflushed(tmp_path / "shard.bin")
+    flush_filesystem(tmp_path)
+    assert _dirty_mib() < written - 32, written
+    with pytest.raises(FileNotFoundError):
+        flush_filesystem(tmp_path / "missing")
+
+
+@needs_meminfo
+def test_a_replaced_folder_is_on_disk_before_its_name(tmp_path):
+    (tmp_path / "model").mkdir()
+    written = _write_unflushed(tmp_path / "new" / "deep" / "model.safetensors")
+    replace_dir(tmp_path / "new", tmp_path / "model")
+    assert _dirty_mib() < written - 32, written
+    assert (tmp_path / "model" / "deep" / "model.safetensors").stat().st_size == 64 << 20
+
+
+@needs_meminfo
+def test_a_json_file_is_on_disk_before_its_name(tmp_path):
+    """A manifest (or a checkpoint's running_states.json) is small, so a big value shows the flush."""
+    _write_unflushed(tmp_path / "probe.bin")  # the filesystem does keep written data in the page cache
+    flush_filesystem(tmp_path)
+    before = _dirty_mib()
+    write_json(tmp_path / "manifest.json", {"blob": "x" * (64 << 20)})
+    assert _dirty_mib() < before + 32, before
+    assert len(json.loads((tmp_path / "manifest.json").read_text())["blob"]) == 64 << 20

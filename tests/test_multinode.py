@@ -9,6 +9,8 @@ Specification:
 - ``colossalai run --nproc_per_node 1 --hostfile H --master_addr 127.0.0.2 train.py`` with ``H`` listing both
   addresses trains 3 steps whose every ``losses.jsonl`` record (loss, lr, grad norm, tokens) equals, float for
   float, that of a 2-rank single-node ``torchrun`` run with the same flags;
+- each machine flushes its writes (syncfs) before rank 0 publishes a checkpoint or the final model, and says so
+  (2 machines); a one-machine run has no such round;
 - sshd logged exactly one public-key login that ran a command on each address (no localhost shortcut);
 - ``train.example.sh`` with ``HOSTFILE=H SSH_PORT=P`` does the same through its own flags (``H`` may carry
   ``#`` comments and blank lines, which colossalai's own parser would take for host names).
@@ -29,6 +31,7 @@ from typing import Dict, List
 import psutil
 import pytest
 
+from colossal_llama.training.checkpoint import FINAL_MODEL, complete_checkpoints
 from colossal_llama.training.metrics import read_loss_log
 from tests.support.launch import free_port, kill_processes, tail
 from tests.support.sshd import SshServer, sshd_missing, start_sshd
@@ -68,7 +71,7 @@ def run_args(model: Path, data: Path, save_dir: Path) -> List[str]:
     """The shared test flags (fp32, lr 2e-3, warm-up 2, global batch 4 = 2 ranks x 1 x 2) for a 3-step run.
     The LR schedule depends on the total step count, so both sides of a comparison train exactly 3 steps."""
     return train_args(model, data, save_dir, "--plugin", "ddp", *DP2_BATCH, "--max_steps", str(STEPS),
-                      "--save_interval", "1000")
+                      "--save_interval", "2")
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +156,14 @@ def test_hostfile_launch_over_ssh_matches_single_node(tmp_path, sshd, hostfile, 
     plan = json.loads((tmp_path / "config.json").read_text())["plan"]
     assert (plan["dp_size"], plan["global_batch"]) == (2, 4), plan
     assert_same_records(single_node, save_dir)
+    # each machine flushed its own writes before rank 0 published (on a shared filesystem rank 0's fsync does
+    # not reach the other machine's cache); one machine needs no such round
+    log = (tmp_path / "launch.log").read_text()
+    saved = [c.name for c in complete_checkpoints(save_dir)]
+    assert saved == ["epoch-0_step-2", "epoch-0_step-3"], saved  # every 2 steps and at the end
+    for name in (*saved, FINAL_MODEL):
+        assert f"{name}: 2 machines flushed their writes to the filesystem (syncfs) in " in log, log[-3000:]
+    assert "syncfs" not in (single_node.parent / "single-node.log").read_text()
 
 
 def test_train_example_sh_hostfile_over_ssh(tmp_path, sshd, single_node, tiny_llama, prepared_pretrain):

@@ -96,6 +96,62 @@ def test_a_stop_signal_is_recorded_once_and_the_handlers_are_put_back():
     assert (stopped.exit_code, stopped.signal_name) == (143, "SIGTERM")
 
 
+def _watches(port: int, world: int, silent_s: float):
+    """A store like torchrun's (a server) and each rank's watch with its own client connection."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from colossal_llama.training.peer_watch import PeerWatch
+
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    watches = []
+    for rank in range(world):
+        client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
+        watches.append(PeerWatch(dist.PrefixStore("alive", client), rank, world, beat_s=0.05, silent_s=silent_s))
+        watches[-1].begin()
+    return server, watches
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_peer_watch_names_the_ranks_that_stopped_beating_once_a_stop_signal_came():
+    """The signal reaches the watch as Python's C-level handler writes it (signal.set_wakeup_fd), written by hand
+    here; a signal that is not a stop signal (SIGINT) arms nothing, and nobody is taken for dead before a signal."""
+    import os
+    import signal
+    import time
+
+    from tests.support.launch import free_port
+
+    server, watches = _watches(free_port(), 3, silent_s=0.5)
+    calls = []
+    try:
+        watches[0].listen([signal.SIGTERM, signal.SIGUSR1], lambda signum, ranks: calls.append((signum, ranks)))
+        watches[2].stop()  # rank 2 dies
+        os.write(watches[0].signal_fd, bytes([signal.SIGINT]))
+        time.sleep(1.5)
+        assert calls == []  # silent for 1.5 s, but no stop signal came
+        os.write(watches[0].signal_fd, bytes([signal.SIGTERM]))
+        _wait_for(lambda: calls)
+        assert calls == [(signal.SIGTERM, [2])]  # rank 1 beats: waited for however long it takes
+        watches[1].listen([signal.SIGTERM], lambda signum, ranks: calls.append((signum, ranks)))
+        watches[1].stop_listening()  # the run ended: a signal now arms nothing
+        os.write(watches[1].signal_fd, bytes([signal.SIGTERM]))
+        time.sleep(1.5)
+        assert calls == [(signal.SIGTERM, [2])]
+    finally:
+        for watch in watches:
+            watch.stop()
+    del server
+
+
 def test_checkpoints_at_intervals_at_the_end_and_after_every_epoch():
     from colossal_llama.training.loop import checkpoint_due
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from colossal_llama.utils.durable import publish_file
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.ranks import Ranks
 
@@ -263,6 +264,6 @@ class PartialWriter:
     def publish(self) -> None:
         """After every process is done with its progress file."""
         self.fh.close()
-        os.replace(self.partial, self.target)
+        publish_file(self.partial, self.target)
         for path in progress_files(self.target):
             path.unlink()

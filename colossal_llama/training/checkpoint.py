@@ -1,7 +1,8 @@
 """Checkpoints: ``save_dir/epoch-E_step-S/{modeling/, optimizer/, lr_scheduler, running_states.json, rng/}``.
 
-Atomicity: every rank writes into ``save_dir/.tmp-epoch-E_step-S``; after a barrier rank 0 writes
-``running_states.json`` last, fsyncs the tree and renames it into place. A crash at any point before the rename
+Atomicity: every rank writes into ``save_dir/.tmp-epoch-E_step-S``; after a barrier (and, when the ranks run on
+several machines, a flush of each machine's writes: ``syncfs``) rank 0 writes ``running_states.json`` last, fsyncs
+the tree and renames it into place. A crash at any point before the rename
 leaves only a ``.tmp-*`` dir, which is never mistaken for a checkpoint (a complete one has
 ``running_states.json`` and no ``.tmp-`` prefix) and is removed when the next run takes the save dir. Rank 0
 deletes folders (older checkpoints, leftovers) through the run's :class:`~colossal_llama.training.trash.Trash`:
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -38,8 +38,10 @@ from colossal_llama.training.disk_space import CheckpointRoom, out_of_space, tre
 from colossal_llama.training.optim import follow_settings, settings_of
 from colossal_llama.training.plugin import Parallelism
 from colossal_llama.training.trash import Trash
+from colossal_llama.utils.durable import flush_filesystem, fsync_dir, fsync_tree
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.json_files import read_json, write_json
+from colossal_llama.utils.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -87,33 +89,12 @@ def restore_rng(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- file system
-def _fsync_tree(root: Path) -> int:
-    """fsync every file and directory under ``root`` (so the rename publishes durable contents); returns the bytes
-    of its files (measured on the way: the walk opens every file anyway)."""
-    total = 0
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as fh:
-                os.fsync(fh.fileno())
-                total += os.fstat(fh.fileno()).st_size
-        _fsync_dir(Path(dirpath))
-    return total
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, final: Path, trash: Trash) -> int:
     """Rank 0: fsync ``tmp`` and rename it to ``final`` (an older ``final`` goes to the trash); returns its bytes."""
-    size = _fsync_tree(tmp)
+    size = fsync_tree(tmp)
     trash.discard(final)  # e.g. a checkpoint of the same step re-done after a resume
     tmp.rename(final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return size
 
 
@@ -320,7 +301,7 @@ class Checkpointer:
 
     def __init__(self, booster, model, optimizer, scheduler, parallel: Parallelism, save_dir: Path,
                  files: ModelFiles, trash: Trash, room: CheckpointRoom, lora: bool = False,
-                 keep_last_k: Optional[int] = None, async_save: bool = False):
+                 keep_last_k: Optional[int] = None, async_save: bool = False, ranks: Optional[Ranks] = None):
         self.booster, self.model, self.optimizer, self.scheduler = booster, model, optimizer, scheduler
         self.trash = trash  # rank 0 deletes through it, in the background
         self.room = room  # what a checkpoint takes and what the filesystem has free (rank 0 reports)
@@ -330,6 +311,7 @@ class Checkpointer:
         self.lora = lora  # checkpoints hold the trainable LoRA state; the final model is merged
         self.keep_last_k = keep_last_k  # complete checkpoints kept (older ones deleted once a newer is complete)
         self.async_save = async_save  # optimizer states written in the background (colossalai, CUDA)
+        self.ranks = ranks or Ranks()  # where the ranks run: several machines flush their writes before a publish
         # written, not yet published: (tmp folder, final path, state, time.monotonic() when the save began)
         self._pending: Optional[tuple[Path, Path, RunningState, float]] = None
 
@@ -370,8 +352,7 @@ class Checkpointer:
             return None
         tmp, final, state, started = self._pending
         self._pending = None
-        self.booster.checkpoint_io._sync_io()  # background writers of --async_save (none otherwise)
-        dist.barrier()  # every rank's shards and RNG are on disk
+        self._every_write_durable(final.name)
         if dist.get_rank() == 0:
             write_json(tmp / RUNNING_STATES, asdict(state))  # written last: its presence marks completeness
             size = _publish(tmp, final, self.trash)
@@ -408,11 +389,29 @@ class Checkpointer:
                     self.files.write(tmp)
             else:
                 self._save_weights(tmp)
-        dist.barrier()
+        self._every_write_durable(FINAL_MODEL)
         if dist.get_rank() == 0:
             _publish(tmp, final, self.trash)
         dist.barrier()
         return final
+
+    def _every_write_durable(self, name: str) -> None:
+        """Returns on every rank once every rank's files of checkpoint ``name`` are written (``--async_save``: the
+        background writers done too) and, when the ranks run on several machines, flushed by each machine
+        (:func:`flush_filesystem`); rank 0 then fsyncs the tree and publishes it."""
+        self.booster.checkpoint_io._sync_io()  # background writers of --async_save (none otherwise)
+        dist.barrier()  # every rank's shards and RNG are written
+        if self.ranks.local_size >= self.ranks.size:  # one machine: rank 0's fsync of the tree covers them
+            return
+        started = time.monotonic()
+        if self.ranks.local_rank == 0:
+            flush_filesystem(self.save_dir)
+        # the count of machines that flushed, summed: a barrier that also tells rank 0 they all did
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flushed = torch.tensor([int(self.ranks.local_rank == 0)], dtype=torch.int64, device=device)
+        dist.all_reduce(flushed)
+        log.info("%s: %d machines flushed their writes to the filesystem (syncfs) in %.2f s", name,
+                 int(flushed.item()), time.monotonic() - started)
 
     def _fresh_tmp(self, name: str) -> Path:
         """A fresh empty ``save_dir/.tmp-<name>`` (rank 0 clears leftovers of a crashed save)."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
+
+from colossal_llama.utils.durable import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,7 @@ def trim_loss_log(path: Path, keep_through_step: int) -> int:
         return 0
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_through_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    replace_file(path, "".join(ln + "\n" for ln in kept))
     return len(lines) - len(kept)
 
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
+from colossal_llama.utils.durable import replace_file
 from colossal_llama.utils.errors import UserInputError
 
 
@@ -28,9 +28,7 @@ def write_json(path: Path, value: Any, sort_keys: bool = False) -> None:
     """``value`` as indented UTF-8 JSON (non-ASCII kept readable) with a trailing newline.
 
     Atomic (tmp file + rename): a reader never sees half a file, and a file whose presence means "complete"
-    (a manifest, a checkpoint's running states) only appears whole.
+    (a manifest, a checkpoint's running states) only appears whole; durable (fsynced, then its folder): so it
+    stays whole when the machine loses power.
     """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(value, ensure_ascii=False, indent=2, sort_keys=sort_keys) + "\n")

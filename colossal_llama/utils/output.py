@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 from typing import List
 
+from colossal_llama.utils.durable import fsync_dir, fsync_tree
 from colossal_llama.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -40,16 +41,20 @@ def remove_stale_siblings(target: Path, kind: str) -> List[Path]:
 
 def replace_dir(tmp: Path, target: Path) -> Path:
     """Move the finished folder ``tmp`` to ``target`` (a sibling); an existing ``target`` is removed only once
-    ``tmp`` is complete, so an interrupted run never leaves a half-written folder under the final name."""
+    ``tmp`` is complete and on disk, so an interrupted run (or a machine that lost power) never leaves a
+    half-written folder under the final name."""
     tmp, target = Path(tmp), Path(target)
     remove_stale_siblings(target, "old")
+    fsync_tree(tmp)  # the contents reach the disk before the name that publishes them
     if target.exists():
         old = tmp_sibling(target, "old")
         target.rename(old)
         tmp.rename(target)
+        fsync_dir(target.parent)
         shutil.rmtree(old)
     else:
         tmp.rename(target)
+        fsync_dir(target.parent)
     return target
 
 
