@@ -37,8 +37,9 @@ LOAD_CHECKPOINT=${LOAD_CHECKPOINT:-}                      # a checkpoint dir, a 
 
 # A scheduler stops a job with SIGTERM (preemption, scancel, an eviction); torchrun forwards it to every rank,
 # which finish their step, save a checkpoint there and exit (train.py --stop_signals). torchrun kills them this many
-# seconds later: room for a step and a checkpoint save. PET_SIGNALS_TO_HANDLE (torchrun's --signals_to_handle) makes it
-# forward SIGUSR1 too (SLURM's --signal=USR1@T).
+# seconds later: room for a step and a checkpoint save (when the SIGTERM is torchrun's own, after a rank died, the
+# others leave once the dead rank's heartbeat has been silent for 60 s). PET_SIGNALS_TO_HANDLE (torchrun's
+# --signals_to_handle) makes it forward SIGUSR1 too (SLURM's --signal=USR1@T).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 

@@ -6,7 +6,8 @@ Specification:
   uninterrupted run's bit for bit; with NEFTune on, under ddp and zero2, with and without recomputation;
 - the ranks of a run whose launcher alone was killed stop at once (they never go on writing checkpoints);
 - a SIGTERM to the launcher (a scheduler stopping the job) or to one rank alone stops every rank at the same step,
-  with a checkpoint of that step, exit code 143, and a resume equal to the uninterrupted run bit for bit;
+  with a checkpoint of that step, exit code 143, and a resume equal to the uninterrupted run bit for bit; a rank
+  whose peer is dead (frozen) leaves on SIGTERM as soon as the peer's heartbeat is silent, not after the timeout;
 - a run whose loss or gradient norm turns nan stops at that step with one line naming the newest checkpoint, and
   nothing nan is ever recorded or saved;
 - a save that runs out of disk space stops with one line (what a checkpoint takes, what is free), after a warning
@@ -40,8 +41,8 @@ from colossal_llama.training.disk_space import free_bytes, tree_bytes
 from colossal_llama.training.metrics import read_loss_log
 from colossal_llama.training.optim import warmup_cosine_factor
 from colossal_llama.utils.errors import UserInputError
-from tests.support.launch import (alive, free_port, kill_launcher_and_ranks, rank_processes, run_training,
-                                  start_training, tail, wait_for_lines)
+from tests.support.launch import (alive, free_port, kill_launcher_and_ranks, kill_processes, rank_processes,
+                                  run_training, start_training, tail, wait_for_lines)
 from tests.support.train_runs import (DP1_BATCH, LAYOUTS, LORA_RANK, MAX_STEPS, SAVE_INTERVAL, assert_bitwise_equal,
                                      assert_resumed, train_args, train_ok)
 
@@ -268,7 +269,9 @@ def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_to_resume(refer
     save_dir = tmp_path / "ckpt"
     args = reference_runs.args("ddp", save_dir)
     env = {"CL_TEST_SLOW_STEP_S": "2", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120",
-           "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+           "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+           # a rank silent for 1.5 s would be taken for dead: the 2 s waits, the saves and the steps all beat
+           "CL_TEST_PEER_BEAT_S": "0.2", "CL_TEST_PEER_SILENT_S": "1.5"}
     proc = start_training(args, tmp_path / "stopped.log", env=env)
     try:
         assert wait_for_lines(save_dir / "losses.jsonl", after_step, proc) == after_step and proc.poll() is None
@@ -293,6 +296,50 @@ def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_to_resume(refer
     assert log.count(f"saved checkpoint {save_dir / f'epoch-0_step-{stop_step}'}") == 1
     resumed = train_ok(tmp_path, "resumed", args + LATEST).read_text()
     assert f"resumed from {save_dir / f'epoch-0_step-{stop_step}'}" in resumed
+    assert_bitwise_equal(reference_runs["ddp"], save_dir)
+
+
+def test_a_stop_with_a_dead_rank_leaves_at_once_instead_of_waiting_out_the_timeout(reference_runs, tmp_path):
+    """When a rank dies, torchrun stops the others with SIGTERM, but under NCCL they sit in a collective the dead
+    rank never joins, until the timeout (10 minutes by default). Here rank 1 freezes after step 5 (SIGSTOP: its
+    heartbeat stops too; gloo would fail at once on a dead peer, so a frozen one stands in for NCCL's hang) and
+    rank 0, waiting for it in step 6 with a 5-minute collective timeout, gets the SIGTERM torchrun would send. It
+    leaves with exit code 143 and one line naming rank 1 once rank 1 was silent for 3 s; a resume from checkpoint 3
+    equals the uninterrupted run."""
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("ddp", save_dir, "--dist_timeout_minutes", "5")
+    env = {"CL_TEST_FREEZE_AT_STEP": str(SAVE_INTERVAL + 2), "CL_TEST_PEER_BEAT_S": "0.2",
+           "CL_TEST_PEER_SILENT_S": "3", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}
+    proc = start_training(args, tmp_path / "frozen.log", env=env)
+    ranks = rank_processes(proc)
+    try:
+        wait_for_lines(save_dir / "losses.jsonl", SAVE_INTERVAL + 2, proc)
+        ranks = rank_processes(proc)
+        rank0, rank1 = (psutil.Process(_rank_pid(proc, r)) for r in (0, 1))
+        deadline = time.monotonic() + 60
+        while rank1.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert rank1.status() == psutil.STATUS_STOPPED and rank0.is_running()  # the fault: rank 0 waits for rank 1
+        assert _loss_lines(save_dir) == SAVE_INTERVAL + 2
+        signalled = time.monotonic()
+        rank0.send_signal(signal.SIGTERM)
+        gone, _ = psutil.wait_procs([rank0], timeout=60)
+        waited = time.monotonic() - signalled
+        code = proc.wait(timeout=60)  # torchrun kills the frozen rank after its 5 s shutdown timeout
+    finally:  # on a failure: torchrun, and the frozen rank (SIGKILL ends a stopped process too)
+        kill_processes([*ranks, *([psutil.Process(proc.pid)] if proc.poll() is None else [])])
+        proc.wait(timeout=60)
+    assert gone, f"rank 0 still waits {waited:.0f} s after its SIGTERM:\n{tail(tmp_path / 'frozen.log')}"
+    assert 3 <= waited < 20, waited  # the silence, then at once (not the 5-minute timeout)
+    log = (tmp_path / "frozen.log").read_text(errors="replace")
+    assert code != 0 and "exitcode  : 143" in log, tail(tmp_path / "frozen.log")  # rank 0's, as torchrun saw it
+    assert ("error: stopped by SIGTERM: rank 1 gave no sign of life for 3 s (dead, or its machine hangs), so the "
+            "step in flight can never finish: leaving without a checkpoint of it, exit code 143; resume with "
+            "--load_checkpoint latest") in log, tail(tmp_path / "frozen.log")
+    assert latest_checkpoint(save_dir).name == f"epoch-0_step-{SAVE_INTERVAL}"
+    resumed = train_ok(tmp_path, "resumed", args + LATEST).read_text()
+    assert_resumed(resumed, save_dir / f"epoch-0_step-{SAVE_INTERVAL}")
     assert_bitwise_equal(reference_runs["ddp"], save_dir)
 
 

@@ -28,6 +28,7 @@ from colossal_llama.training.lora import apply_lora, vocabulary_was_expanded
 from colossal_llama.training.model import (LOSSES, NEFTune, apply_liger_kernels, choose_loss, count_parameters,
                                            freeze_non_embeddings, load_causal_lm)
 from colossal_llama.training.optim import WarmupCosineLR, build_optimizer
+from colossal_llama.training.peer_watch import PeerWatch
 from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
 from colossal_llama.training.run_dir import RUN_CONFIG, SaveDirLock, claim_save_dir, release_lock
@@ -36,6 +37,7 @@ from colossal_llama.training.stop_signals import StoppedBySignal, StopRequest
 from colossal_llama.training.trash import Trash
 from colossal_llama.training.validation import Validator
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class Run:
     target: Optional[LoadTarget]  # what --load_checkpoint resolved to
     lock: Optional[SaveDirLock]  # held by global rank 0 for the life of the run
     cuda: bool
+    peers: Optional[PeerWatch]  # every rank's heartbeat (None in a world of one, or without --stop_signals)
 
     @property
     def data(self) -> PreparedData:
@@ -89,6 +92,7 @@ def build_run(cfg: TrainConfig) -> Run:
     from colossal_llama.tokenizer.loading import load_tokenizer
 
     cuda = init_distributed(cfg.seed, cfg.dist_timeout_minutes)
+    peers = PeerWatch.start() if cfg.stop_signals else None
     cfg = resolve_for_device(cfg, cuda)
     trash = Trash(TMP_PREFIX)
     target, lock = (None, None) if cfg.benchmark else claim(cfg, trash)
@@ -135,7 +139,8 @@ def build_run(cfg: TrainConfig) -> Run:
     if dist.get_rank() == 0 and not cfg.benchmark:
         room.report_at_start()
     checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir), model_files, trash,
-                                room, lora=cfg.lora_rank > 0, keep_last_k=cfg.keep_last_k, async_save=cfg.async_save)
+                                room, lora=cfg.lora_rank > 0, keep_last_k=cfg.keep_last_k, async_save=cfg.async_save,
+                                ranks=Ranks.join())
     if parallel.lazy_init and target is None:  # built without weights; a load target brings its own
         checkpointer.load_weights(Path(cfg.pretrained), flag="--pretrained")
     largest, rank, smallest = host_memory_peaks_gib(device)
@@ -151,7 +156,7 @@ def build_run(cfg: TrainConfig) -> Run:
                               tokenizer, collator, stepper, cfg.batch_size, cfg.eval_batches)
         log.info("validation: %d batches of the held-out data (%s) every %d steps", len(validator.plan),
                  ", ".join(validator.categories), cfg.eval_interval or cfg.save_interval)
-    return Run(cfg, plan, inputs, parallel, stepper, checkpointer, collator, validator, target, lock, cuda)
+    return Run(cfg, plan, inputs, parallel, stepper, checkpointer, collator, validator, target, lock, cuda, peers)
 
 
 def pad_token_id(tokenizer, pad_token: str) -> int:
@@ -300,7 +305,7 @@ def _train(run: Run) -> Optional[Path]:
     state = start_state(run)
     run.stepper.model.train()
     saving = not run.cfg.benchmark  # a benchmark writes neither checkpoints nor a model
-    stop = StopRequest(run.cfg.stop_signals)
+    stop = StopRequest(run.cfg.stop_signals, run.peers)
     stop.install()  # before: a signal kills at once (nothing trained yet)
     try:
         _walk_steps(run, state, stop, saving)

@@ -9,6 +9,10 @@ stopped job, not a finished one, and ``--load_checkpoint latest`` goes on from t
 
 Signals after the first are ignored: ``pkill -TERM -f train.py`` reaches a rank twice (once
 itself, once forwarded by torchrun), and the second must not kill it in the middle of the save.
+
+The signal may also be torchrun stopping the ranks because one of them died: then the ranks can never agree, and
+a :class:`~colossal_llama.training.peer_watch.PeerWatch` makes each leave at once (same exit code, no checkpoint)
+when a rank gives no sign of life, instead of waiting out the collective's timeout.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+
+from colossal_llama.training.peer_watch import PeerWatch
 
 
 class StoppedBySignal(Exception):
@@ -43,8 +49,10 @@ class StopRequest:
     ``vote`` is what this rank puts into the step's all-reduce (1.0 once a signal came); the methods marked
     collective must be called by every rank."""
 
-    def __init__(self, signal_names: List[str]):
+    def __init__(self, signal_names: List[str], peers: Optional[PeerWatch] = None):
         self.signals = [signal.Signals[name] for name in signal_names]
+        self.peers = peers  # once a signal came, a dead rank makes this one leave at once
+        self._previous_wakeup_fd: Optional[int] = None
         self.received: Optional[signal.Signals] = None
         self.received_at = 0.0
         self._previous: Dict[signal.Signals, object] = {}
@@ -53,11 +61,18 @@ class StopRequest:
         """Main thread only (Python runs handlers there, between bytecodes: a blocking collective finishes first)."""
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._record)
+        if self.peers is not None:  # Python writes each signal's number there at once, even mid-collective
+            self._previous_wakeup_fd = signal.set_wakeup_fd(self.peers.signal_fd, warn_on_full_buffer=False)
+            self.peers.listen(self.signals, self._leave_now)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self.peers is not None and self._previous_wakeup_fd is not None:
+            self.peers.stop_listening()
+            signal.set_wakeup_fd(self._previous_wakeup_fd)
+            self._previous_wakeup_fd = None
 
     def _record(self, signum: int, _frame) -> None:
         if self.received is not None:
@@ -67,6 +82,23 @@ class StopRequest:
         rank = os.environ.get("RANK", "0")
         os.write(2, f"[rank {rank}] received {self.received.name}: the run stops at the end of the step in flight, "
                     "once every rank knows, and saves a checkpoint there\n".encode())
+
+    def _leave_now(self, signum: int, silent: List[int]) -> None:
+        """The watch's callback (its thread): ranks fell silent (or the launcher's store is gone) after signal
+        ``signum``, so the stop can never be agreed. One line, from the lowest live rank, then exit at once with
+        the signal's code."""
+        peers, name, code = self.peers, signal.Signals(signum).name, 128 + signum
+        if silent:
+            named = ", ".join(str(r) for r in silent[:8]) + (f" and {len(silent) - 8} more" if len(silent) > 8 else "")
+            why = (f"rank{'s' if len(silent) > 1 else ''} {named} gave no sign of life for {peers.silent_s:.0f} s "
+                   "(dead, or its machine hangs)")
+        else:
+            why = "the launcher's store is unreachable (the launcher died)"
+        if not silent or peers.rank == min(set(range(peers.world_size)) - set(silent)):
+            os.write(2, f"error: stopped by {name}: {why}, so the step in flight can never finish: "
+                        f"leaving without a checkpoint of it, exit code {code}; resume with --load_checkpoint "
+                        "latest\n".encode())
+        os._exit(code)
 
     @property
     def vote(self) -> float:
