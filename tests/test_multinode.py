@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -164,6 +165,26 @@ def test_hostfile_launch_over_ssh_matches_single_node(tmp_path, sshd, hostfile, 
     for name in (*saved, FINAL_MODEL):
         assert f"{name}: 2 machines flushed their writes to the filesystem (syncfs) in " in log, log[-3000:]
     assert "syncfs" not in (single_node.parent / "single-node.log").read_text()
+
+
+def test_a_crash_on_one_machine_restarts_both_from_the_newest_checkpoint(tmp_path, sshd, hostfile, single_node,
+                                                                        tiny_llama, prepared_pretrain):
+    """torchrun --max_restarts across machines (``colossalai run --extra_launch_args max_restarts=1``): the rank on
+    the second machine is killed (SIGKILL) after step 3, before that step's checkpoint; each machine's torchrun
+    starts its own rank again, and both resume from checkpoint 2 to the end, equal to the single-node run."""
+    save_dir = tmp_path / "run"
+    colossalai = Path(sys.executable).with_name("colossalai")
+    cmd = [str(colossalai), "run", "--nproc_per_node", "1", "--hostfile", str(hostfile),
+           "--master_addr", NODES[0], "--master_port", str(free_port()), "--ssh-port", str(sshd.port),
+           "--extra_launch_args", "max_restarts=1", str(REPO / "tests" / "support" / "train_entry.py"),
+           *run_args(tiny_llama, prepared_pretrain, save_dir), "--load_checkpoint", "latest"]
+    rc = launch(cmd, launcher_env(sshd, {"CL_TEST_DIE_AT_STEP": str(STEPS)}), tmp_path / "launch.log", sshd)
+    log = (tmp_path / "launch.log").read_text(errors="replace")
+    assert rc == 0, f"colossalai run failed (rc {rc}):\n{tail(tmp_path / 'launch.log')}\nsshd:\n{sshd.log_tail()}"
+    assert re.search(r"failed \(exitcode: -9\) local_rank: 0", log), log[-3000:]  # the rank on machine 2 died
+    assert "dropped 1 records after step 2 (steps redone after resume)" in log, log[-3000:]
+    assert f"resumed from {save_dir / 'epoch-0_step-2'}" in log, log[-3000:]
+    assert_same_records(single_node, save_dir)
 
 
 def test_train_example_sh_hostfile_over_ssh(tmp_path, sshd, single_node, tiny_llama, prepared_pretrain):
