@@ -21,6 +21,7 @@ waits on that descriptor between beats.
 """
 from __future__ import annotations
 
+import logging
 import os
 import select
 import threading
@@ -28,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+log = logging.getLogger(__name__)
 
 BEAT_S = 5.0  # seconds between two beats of a rank
 SILENT_S = 60.0  # a rank whose counter has not moved this long, once a stop signal came, is taken for dead
@@ -71,8 +74,13 @@ class PeerWatch:
         world_size = int(environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
             return None
-        client = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), is_master=False,
-                               timeout=timedelta(seconds=30))
+        try:
+            client = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), is_master=False,
+                                   timeout=timedelta(seconds=30))
+        except (KeyError, ValueError, RuntimeError) as err:  # a launcher without a TCP store: train without it
+            log.warning("no heartbeat between the ranks (%s): a stop after a rank died waits out the collective "
+                        "timeout", err)
+            return None
         attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"colossal_llama/attempt-{attempt}/alive", client)
         watch = cls(store, int(environ["RANK"]), world_size, BEAT_S, SILENT_S)
