@@ -57,6 +57,32 @@ def test_turns_are_encoded_in_the_rust_backend_exactly_as_the_tokenizer_encodes_
         assert fast.encode_conversation(messages) == wrapped.encode_conversation(messages)
 
 
+def test_a_tokenizer_json_that_truncates_or_pads_cuts_and_pads_nothing(conversations, smollm2_dir, tmp_path):
+    """A ``tokenizer.json`` may store truncation and padding, which transformers leaves on in the Rust backend that
+    preparation encodes with: every text would be cut to 8 tokens and padded to 512 here."""
+    import shutil
+
+    from colossal_llama.dataset.tokenization import encode_texts
+
+    folder = tmp_path / "truncating"
+    shutil.copytree(smollm2_dir, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 512}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                       "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    valid = [m for m in conversations.values() if all(turn["content"].strip() for turn in m)][:300]
+    texts = [turn["content"] for m in valid for turn in m]
+    for template in ("llama3", "tokenizer"):
+        cutting, plain = load_tokenizer(folder), load_tokenizer(smollm2_dir)
+        backend = cutting.backend_tokenizer
+        assert backend.encode(texts[0]).ids[8:] == [0] * 504  # the setting is there, and cuts and pads
+        cut, whole = get_chat_template(template, cutting), get_chat_template(template, plain)
+        for messages in valid:
+            assert cut.encode_conversation(messages) == whole.encode_conversation(messages)
+    assert encode_texts(load_tokenizer(folder), texts) == encode_texts(load_tokenizer(smollm2_dir), texts)
+
+
 def _prepare(data_dir, tokenizer_dir, out, template, max_length=4096, **kw) -> Manifest:
     return _run(data_dir, tokenizer_dir, out, template, max_length, **kw).manifest
 

@@ -267,11 +267,10 @@ def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_to_resume(refer
     128 + the signal; the resumed run equals the uninterrupted one bit for bit. Each rank waits 2 s after logging a
     step (the signal lands in that wait)."""
     save_dir = tmp_path / "ckpt"
-    args = reference_runs.args("ddp", save_dir)
+    # a rank silent for 1.5 s would be taken for dead: the 2 s waits, the saves and the steps all beat through it
+    args = reference_runs.args("ddp", save_dir, "--rank_silence_s", "1.5")
     env = {"CL_TEST_SLOW_STEP_S": "2", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120",
-           "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-           # a rank silent for 1.5 s would be taken for dead: the 2 s waits, the saves and the steps all beat
-           "CL_TEST_PEER_BEAT_S": "0.2", "CL_TEST_PEER_SILENT_S": "1.5"}
+           "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
     proc = start_training(args, tmp_path / "stopped.log", env=env)
     try:
         assert wait_for_lines(save_dir / "losses.jsonl", after_step, proc) == after_step and proc.poll() is None
@@ -307,9 +306,8 @@ def test_a_stop_with_a_dead_rank_leaves_at_once_instead_of_waiting_out_the_timeo
     leaves with exit code 143 and one line naming rank 1 once rank 1 was silent for 3 s; a resume from checkpoint 3
     equals the uninterrupted run."""
     save_dir = tmp_path / "ckpt"
-    args = reference_runs.args("ddp", save_dir, "--dist_timeout_minutes", "5")
-    env = {"CL_TEST_FREEZE_AT_STEP": str(SAVE_INTERVAL + 2), "CL_TEST_PEER_BEAT_S": "0.2",
-           "CL_TEST_PEER_SILENT_S": "3", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}
+    args = reference_runs.args("ddp", save_dir, "--dist_timeout_minutes", "5", "--rank_silence_s", "3")
+    env = {"CL_TEST_FREEZE_AT_STEP": str(SAVE_INTERVAL + 2), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}
     proc = start_training(args, tmp_path / "frozen.log", env=env)
     ranks = rank_processes(proc)
     try:

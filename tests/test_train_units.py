@@ -96,7 +96,7 @@ def test_a_stop_signal_is_recorded_once_and_the_handlers_are_put_back():
     assert (stopped.exit_code, stopped.signal_name) == (143, "SIGTERM")
 
 
-def _watches(port: int, world: int, silent_s: float):
+def _watches(port: int, world: int, silence_s: float):
     """A store like torchrun's (a server) and each rank's watch with its own client connection."""
     from datetime import timedelta
 
@@ -105,11 +105,14 @@ def _watches(port: int, world: int, silent_s: float):
     from colossal_llama.training.peer_watch import PeerWatch
 
     server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
-    watches = []
-    for rank in range(world):
+
+    def connect():
         client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
-        watches.append(PeerWatch(dist.PrefixStore("alive", client), rank, world, beat_s=0.05, silent_s=silent_s))
-        watches[-1].begin()
+        return dist.PrefixStore("alive", client)
+
+    watches = [PeerWatch(connect, rank, world, silence_s) for rank in range(world)]
+    for watch in watches:
+        watch.begin()
     return server, watches
 
 
@@ -130,11 +133,11 @@ def test_peer_watch_names_the_ranks_that_stopped_beating_once_a_stop_signal_came
 
     from tests.support.launch import free_port
 
-    server, watches = _watches(free_port(), 3, silent_s=0.5)
+    server, watches = _watches(free_port(), 3, silence_s=0.5)
     calls = []
     try:
         watches[0].listen([signal.SIGTERM, signal.SIGUSR1], lambda signum, ranks: calls.append((signum, ranks)))
-        watches[2].stop()  # rank 2 dies
+        watches[2].close()  # rank 2 dies
         os.write(watches[0].signal_fd, bytes([signal.SIGINT]))
         time.sleep(1.5)
         assert calls == []  # silent for 1.5 s, but no stop signal came
@@ -147,8 +150,8 @@ def test_peer_watch_names_the_ranks_that_stopped_beating_once_a_stop_signal_came
         time.sleep(1.5)
         assert calls == [(signal.SIGTERM, [2])]
     finally:
-        for watch in watches:
-            watch.stop()
+        for watch in watches[:2]:
+            watch.close()
     del server
 
 

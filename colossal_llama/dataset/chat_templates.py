@@ -28,6 +28,7 @@ from typing import Sequence
 
 import jinja2
 
+from colossal_llama.tokenizer.loading import plain_backend
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.labels import IGNORE_INDEX
 
@@ -113,7 +114,7 @@ class ChatTemplate(ABC):
 
     def __init__(self, tokenizer, system_message: str | None = None):
         self.tokenizer = tokenizer
-        self._backend = getattr(tokenizer, "backend_tokenizer", None)  # None: a slow (Python) tokenizer
+        self._backend = plain_backend(tokenizer)  # None: a slow (Python) tokenizer
         self.system_message = system_message or None
         self.stop_token_ids: list[int] = []
 

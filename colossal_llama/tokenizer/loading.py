@@ -35,6 +35,21 @@ def load_tokenizer(path):
         raise
 
 
+def plain_backend(tokenizer):
+    """The fast tokenizer's Rust backend with truncation and padding off, or None for a slow tokenizer.
+
+    A ``tokenizer.json`` may store a truncation or padding setting, which transformers leaves on in the backend
+    (its own calls set them per call): encoding through the backend directly would cut or pad every text. Turning
+    them off changes nothing for transformers' calls, which set both each time."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+    return backend
+
+
 def sentencepiece_to_hf_dir(model_file, out_dir) -> Path:
     """Make ``out_dir`` a HF tokenizer folder (``tokenizer.model`` + ``tokenizer.json`` + configs) from a bare
     SentencePiece model, converted once with :func:`load_tokenizer`'s rules; returns ``out_dir``."""

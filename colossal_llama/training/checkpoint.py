@@ -17,10 +17,13 @@ data position (:class:`RunningState`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import random
 import re
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +44,6 @@ from colossal_llama.training.trash import Trash
 from colossal_llama.utils.durable import flush_filesystem, fsync_dir, fsync_tree
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.json_files import read_json, write_json
-from colossal_llama.utils.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,30 @@ def _publish(tmp: Path, final: Path, trash: Trash) -> int:
     tmp.rename(final)
     fsync_dir(final.parent)
     return size
+
+
+# ---------------------------------------------------------------------------------------------- machines
+@dataclass(frozen=True)
+class Machines:
+    """How the ranks sit on machines: ``count`` of them, and whether this rank flushes its machine's writes."""
+
+    count: int = 1
+    flushes: bool = False
+
+    @classmethod
+    def of_world(cls) -> "Machines":
+        """Collective: machines told apart by torchrun's node rank (``GROUP_RANK``; ``colossalai run`` starts one
+        torchrun per host), else by host name; the first rank of each machine flushes it."""
+        if dist.get_world_size() == 1:
+            return cls()
+        group = os.environ.get("GROUP_RANK")
+        mine = f"node {group}" if group is not None else f"host {socket.gethostname()}"
+        names = [None] * dist.get_world_size()
+        dist.all_gather_object(names, mine)
+        first = {}
+        for rank, name in enumerate(names):
+            first.setdefault(name, rank)
+        return cls(len(first), first[mine] == dist.get_rank())
 
 
 # ---------------------------------------------------------------------------------------------- model files
@@ -301,7 +327,7 @@ class Checkpointer:
 
     def __init__(self, booster, model, optimizer, scheduler, parallel: Parallelism, save_dir: Path,
                  files: ModelFiles, trash: Trash, room: CheckpointRoom, lora: bool = False,
-                 keep_last_k: Optional[int] = None, async_save: bool = False, ranks: Optional[Ranks] = None):
+                 keep_last_k: Optional[int] = None, async_save: bool = False, machines: Optional[Machines] = None):
         self.booster, self.model, self.optimizer, self.scheduler = booster, model, optimizer, scheduler
         self.trash = trash  # rank 0 deletes through it, in the background
         self.room = room  # what a checkpoint takes and what the filesystem has free (rank 0 reports)
@@ -311,7 +337,7 @@ class Checkpointer:
         self.lora = lora  # checkpoints hold the trainable LoRA state; the final model is merged
         self.keep_last_k = keep_last_k  # complete checkpoints kept (older ones deleted once a newer is complete)
         self.async_save = async_save  # optimizer states written in the background (colossalai, CUDA)
-        self.ranks = ranks or Ranks()  # where the ranks run: several machines flush their writes before a publish
+        self.machines = machines or Machines()  # several machines flush their writes before a publish
         # written, not yet published: (tmp folder, final path, state, time.monotonic() when the save began)
         self._pending: Optional[tuple[Path, Path, RunningState, float]] = None
 
@@ -389,7 +415,7 @@ class Checkpointer:
                     self.files.write(tmp)
             else:
                 self._save_weights(tmp)
-        self._every_write_durable(FINAL_MODEL)
+            self._every_write_durable(FINAL_MODEL)
         if dist.get_rank() == 0:
             _publish(tmp, final, self.trash)
         dist.barrier()
@@ -398,20 +424,30 @@ class Checkpointer:
     def _every_write_durable(self, name: str) -> None:
         """Returns on every rank once every rank's files of checkpoint ``name`` are written (``--async_save``: the
         background writers done too) and, when the ranks run on several machines, flushed by each machine
-        (:func:`flush_filesystem`); rank 0 then fsyncs the tree and publishes it."""
+        (:func:`flush_filesystem`); rank 0 then fsyncs the tree and publishes it. A flush that failed on any
+        machine raises the same OSError on every rank (no rank is left waiting in a collective)."""
         self.booster.checkpoint_io._sync_io()  # background writers of --async_save (none otherwise)
         dist.barrier()  # every rank's shards and RNG are written
-        if self.ranks.local_size >= self.ranks.size:  # one machine: rank 0's fsync of the tree covers them
+        if self.machines.count == 1:  # one machine: rank 0's fsync of the tree covers every rank's writes
             return
-        started = time.monotonic()
-        if self.ranks.local_rank == 0:
-            flush_filesystem(self.save_dir)
-        # the count of machines that flushed, summed: a barrier that also tells rank 0 they all did
+        started, failure = time.monotonic(), 0
+        if self.machines.flushes:
+            try:
+                flush_filesystem(self.save_dir)
+            except OSError as err:
+                failure = err.errno or errno.EIO
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flushed = torch.tensor([int(self.ranks.local_rank == 0)], dtype=torch.int64, device=device)
-        dist.all_reduce(flushed)
-        log.info("%s: %d machines flushed their writes to the filesystem (syncfs) in %.2f s", name,
-                 int(flushed.item()), time.monotonic() - started)
+        flushed = torch.tensor([int(self.machines.flushes and not failure), int(failure > 0)], device=device)
+        dist.all_reduce(flushed)  # a barrier that also tells every rank how it went on every machine
+        worst = torch.tensor([failure], device=device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        done, failed = (int(v) for v in flushed.tolist())
+        if failed:
+            code = int(worst.item())
+            raise OSError(code, f"{self.save_dir}: flushing {name} to the filesystem (syncfs) failed on {failed} of "
+                                f"{self.machines.count} machines: {os.strerror(code)}")
+        log.info("%s: %d machines flushed their writes to the filesystem (syncfs) in %.2f s", name, done,
+                 time.monotonic() - started)
 
     def _fresh_tmp(self, name: str) -> Path:
         """A fresh empty ``save_dir/.tmp-<name>`` (rank 0 clears leftovers of a crashed save)."""

@@ -140,6 +140,10 @@ class TrainConfig:
              "stops at the same step, saves a checkpoint and exits with 128 + the signal's number; resume with "
              "--load_checkpoint latest. torchrun forwards SIGTERM to every rank and kills them "
              "TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (default 30): set it to cover a step and a checkpoint save")
+    rank_silence_s: float = flag(
+        60.0, help="once a stop signal came, a rank whose heartbeat has been silent this many seconds is taken for "
+                   "dead (torchrun stops the ranks with SIGTERM when one died) and the others leave at once, with no "
+                   "checkpoint of the step in flight, instead of waiting out the collective timeout; 0: off")
     num_samples: int = flag(500, help="sequences of the --benchmark dataset")
     liger: str = flag("auto", choices=("auto", "on", "off"),
                       help="Liger fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA; "
@@ -180,6 +184,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserInputError(f"--lr {cfg.lr}: must be > 0")
     if cfg.dist_timeout_minutes is not None and not cfg.dist_timeout_minutes > 0:
         raise UserInputError(f"--dist_timeout_minutes {cfg.dist_timeout_minutes}: must be > 0")
+    if cfg.rank_silence_s < 0:
+        raise UserInputError(f"--rank_silence_s {cfg.rank_silence_s}: must be >= 0 (0: off)")
     if cfg.loss_chunk_tokens is not None and cfg.loss_chunk_tokens < 0:
         raise UserInputError(f"--loss_chunk_tokens {cfg.loss_chunk_tokens}: must be >= 0 (0: transformers' loss)")
     if cfg.keep_last_k is not None and cfg.keep_last_k < 1:

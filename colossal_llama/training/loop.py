@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 from colossal_llama.model.scored_loss import install_scored_loss
 from colossal_llama.training.attention import choose_attention, needs_dense_mask
-from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTarget, ModelFiles, RunningState,
-                                                check_lora_matches, check_same_model, latest_checkpoint,
+from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTarget, Machines, ModelFiles,
+                                                RunningState, check_lora_matches, check_same_model, latest_checkpoint,
                                                 resolve_load_target, verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
@@ -37,7 +37,6 @@ from colossal_llama.training.stop_signals import StoppedBySignal, StopRequest
 from colossal_llama.training.trash import Trash
 from colossal_llama.training.validation import Validator
 from colossal_llama.utils.errors import UserInputError
-from colossal_llama.utils.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,8 @@ class Run:
     target: Optional[LoadTarget]  # what --load_checkpoint resolved to
     lock: Optional[SaveDirLock]  # held by global rank 0 for the life of the run
     cuda: bool
-    peers: Optional[PeerWatch]  # every rank's heartbeat (None in a world of one, or without --stop_signals)
+    peers: Optional[PeerWatch]  # every rank's heartbeat (None in a world of one, without --stop_signals or with
+    # --rank_silence_s 0)
 
     @property
     def data(self) -> PreparedData:
@@ -92,7 +92,6 @@ def build_run(cfg: TrainConfig) -> Run:
     from colossal_llama.tokenizer.loading import load_tokenizer
 
     cuda = init_distributed(cfg.seed, cfg.dist_timeout_minutes)
-    peers = PeerWatch.start() if cfg.stop_signals else None
     cfg = resolve_for_device(cfg, cuda)
     trash = Trash(TMP_PREFIX)
     target, lock = (None, None) if cfg.benchmark else claim(cfg, trash)
@@ -109,6 +108,7 @@ def build_run(cfg: TrainConfig) -> Run:
     loss, loss_chunk = choose_loss(cfg.loss_chunk_tokens, liger, parallel.forward_is_the_models,
                                    model_config.vocab_size)
     device = get_accelerator().get_current_device()
+    peers = PeerWatch.start(cfg.rank_silence_s if cfg.stop_signals else 0.0, device)
     model = _build_model(cfg, attn, parallel, device, loss_chunk)
     model_files = ModelFiles(model_config, tokenizer, data.chat_template, frozenset(model.state_dict()))
     num_params = count_parameters(model)
@@ -140,7 +140,7 @@ def build_run(cfg: TrainConfig) -> Run:
         room.report_at_start()
     checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir), model_files, trash,
                                 room, lora=cfg.lora_rank > 0, keep_last_k=cfg.keep_last_k, async_save=cfg.async_save,
-                                ranks=Ranks.join())
+                                machines=Machines.of_world())
     if parallel.lazy_init and target is None:  # built without weights; a load target brings its own
         checkpointer.load_weights(Path(cfg.pretrained), flag="--pretrained")
     largest, rank, smallest = host_memory_peaks_gib(device)
@@ -285,6 +285,8 @@ def train(cfg: TrainConfig) -> Optional[Path]:
         _leave(run)
         return final
     finally:
+        if run.peers is not None:
+            run.peers.close()
         if run.lock is not None:
             release_lock(run.lock)
 

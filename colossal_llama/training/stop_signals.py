@@ -90,15 +90,17 @@ class StopRequest:
         peers, name, code = self.peers, signal.Signals(signum).name, 128 + signum
         if silent:
             named = ", ".join(str(r) for r in silent[:8]) + (f" and {len(silent) - 8} more" if len(silent) > 8 else "")
-            why = (f"rank{'s' if len(silent) > 1 else ''} {named} gave no sign of life for {peers.silent_s:.0f} s "
+            why = (f"rank{'s' if len(silent) > 1 else ''} {named} gave no sign of life for {peers.silence_s:g} s "
                    "(dead, or its machine hangs)")
         else:
             why = "the launcher's store is unreachable (the launcher died)"
-        if not silent or peers.rank == min(set(range(peers.world_size)) - set(silent)):
-            os.write(2, f"error: stopped by {name}: {why}, so the step in flight can never finish: "
-                        f"leaving without a checkpoint of it, exit code {code}; resume with --load_checkpoint "
-                        "latest\n".encode())
-        os._exit(code)
+        try:
+            if not silent or peers.rank == min(set(range(peers.world_size)) - set(silent)):
+                os.write(2, f"error: stopped by {name}: {why}, so the step in flight can never finish: leaving "
+                            f"without a checkpoint of it, exit code {code}; resume with --load_checkpoint "
+                            "latest\n".encode())
+        finally:  # whatever writing did (a closed stderr): this process must not wait out the collective
+            os._exit(code)
 
     @property
     def vote(self) -> float:

@@ -11,8 +11,6 @@ Fault injection (tests of crash safety), read from the environment:
   workers only (``TORCHELASTIC_RESTART_COUNT`` 0): a crash that ``torchrun --max_restarts`` recovers from.
 - ``CL_TEST_FREEZE_AT_STEP=S``: rank 1 stops itself (SIGSTOP: every thread, its heartbeat too) right after step
   S: what a rank whose peer died sees under NCCL (the collective never completes), or a machine that hangs.
-- ``CL_TEST_PEER_BEAT_S=T`` / ``CL_TEST_PEER_SILENT_S=T``: the heartbeat interval and the silence after which a
-  rank is taken for dead (:mod:`colossal_llama.training.peer_watch`; 5 s and 60 s otherwise).
 - ``CL_TEST_SLOW_STEP_S=T``: every rank waits T seconds after logging each step (time for a test to send a signal
   between a step and what follows it: validation, a checkpoint save, the next step).
 - ``CL_TEST_SLOW_DELETE_S=T``: every folder deletion of the save dir's trash takes T seconds more (the deletion of
@@ -82,15 +80,6 @@ def _install_freeze_at_step(step: int) -> None:
     _after_each_step(freeze)
 
 
-def _install_peer_watch_times(beat_s: str | None, silent_s: str | None) -> None:
-    from colossal_llama.training import peer_watch
-
-    if beat_s:
-        peer_watch.BEAT_S = float(beat_s)
-    if silent_s:
-        peer_watch.SILENT_S = float(silent_s)
-
-
 def _install_slow_steps(seconds: float) -> None:
     import time
 
@@ -124,7 +113,6 @@ def main() -> None:
         _install_die_at_step(int(os.environ["CL_TEST_DIE_AT_STEP"]))
     if os.environ.get("CL_TEST_FREEZE_AT_STEP"):
         _install_freeze_at_step(int(os.environ["CL_TEST_FREEZE_AT_STEP"]))
-    _install_peer_watch_times(os.environ.get("CL_TEST_PEER_BEAT_S"), os.environ.get("CL_TEST_PEER_SILENT_S"))
     if os.environ.get("CL_TEST_SLOW_STEP_S"):
         _install_slow_steps(float(os.environ["CL_TEST_SLOW_STEP_S"]))
     if os.environ.get("CL_TEST_SLOW_DELETE_S"):
