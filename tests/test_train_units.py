@@ -107,7 +107,7 @@ def _watches(port: int, world: int, silence_s: float):
     server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
 
     def connect():
-        client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
+        client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=2))
         return dist.PrefixStore("alive", client)
 
     watches = [PeerWatch(connect, rank, world, silence_s) for rank in range(world)]
@@ -153,6 +153,30 @@ def test_peer_watch_names_the_ranks_that_stopped_beating_once_a_stop_signal_came
         for watch in watches[:2]:
             watch.close()
     del server
+
+
+def test_peer_watch_leaves_when_the_launchers_store_is_gone_after_a_stop_signal():
+    """The launcher (which holds the store) died: no rank can learn anything more, so a stop is never agreed."""
+    import gc
+    import os
+    import signal
+
+    from tests.support.launch import free_port
+
+    server, watches = _watches(free_port(), 2, silence_s=0.6)
+    calls = []
+    try:
+        watches[0].listen([signal.SIGTERM], lambda signum, ranks: calls.append((signum, ranks)))
+        os.write(watches[0].signal_fd, bytes([signal.SIGTERM]))
+        _wait_for(lambda: False, timeout=0.3)
+        assert calls == []  # both beat
+        del server
+        gc.collect()  # the store's server is gone (torchrun's agent died with it)
+        _wait_for(lambda: calls, timeout=30)
+        assert calls == [(signal.SIGTERM, [])]
+    finally:
+        for watch in watches:
+            watch.close()
 
 
 def test_checkpoints_at_intervals_at_the_end_and_after_every_epoch():

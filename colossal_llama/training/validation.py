@@ -81,10 +81,11 @@ class Validator:
         full_only = batch_size if stepper.parallel.pipeline_microbatch_size else 1
         self.plan = batch_plan(categories, batch_size, max_batches, multiple=full_only)
         # Characters of the rows this rank scores only: decoding is the costly part of setting up (every row's
-        # labels, tokenizer.decode), and on dp ranks each scores 1/dp of the batches.
-        layout = stepper.parallel.layout
+        # labels, tokenizer.decode), and on dp ranks each scores 1/dp of the batches; a rank whose sums are not
+        # counted (pipeline stages but the last, tp/sp peers) decodes nothing.
+        layout, counted = stepper.parallel.layout, stepper.parallel.reports_loss
         mine = [rows for i, (_, rows) in enumerate(self.plan) if i % layout.dp_size == layout.dp_rank]
-        self.characters = {int(r): trained_characters(dataset[int(r)]["labels"], tokenizer)
+        self.characters = {int(r): trained_characters(dataset[int(r)]["labels"], tokenizer) if counted else 0
                            for rows in mine for r in rows}
 
     def run(self) -> Dict[str, CategoryScore]:
