@@ -22,6 +22,7 @@ waits on that descriptor between beats.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -102,7 +103,7 @@ class PeerWatch:
             if watch is not None:
                 watch.close()
             return None
-        watch._thread.start()
+        watch.begin()
         return watch
 
     def begin(self) -> None:
@@ -121,7 +122,8 @@ class PeerWatch:
         """No more beats: the thread ends (woken at once) and the pipe is closed."""
         self._listening, self._stopped = None, True
         if self._thread.is_alive():
-            os.write(self.signal_fd, b"\0")
+            with contextlib.suppress(OSError):  # a full pipe wakes it as well
+                os.write(self.signal_fd, b"\0")
             self._thread.join(timeout=10)
         for fd in (self._signals_read, self.signal_fd):
             os.close(fd)
