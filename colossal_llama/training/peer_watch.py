@@ -70,6 +70,7 @@ class PeerWatch:
         # (signal numbers, callback) while listening; set and cleared by one assignment (atomic), no lock
         self._listening: Optional[Listening] = None
         self._stopped = False
+        self._fds_lock, self._fds_open = threading.Lock(), True
         self._thread = threading.Thread(target=self._run, name="peer-watch", daemon=True)
 
     @classmethod
@@ -92,7 +93,7 @@ class PeerWatch:
         watch, problem = None, ""
         try:
             watch = cls(connect, int(environ["RANK"]), world_size, silence_s)
-        except (KeyError, ValueError, RuntimeError) as err:  # a launcher without a TCP store
+        except Exception as err:  # noqa: BLE001 - no TCP store, no fds...: this rank must still join the all-reduce
             problem = str(err)
         everyone = torch.tensor([0 if watch is None else 1], dtype=torch.int32, device=device)
         dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
@@ -119,21 +120,38 @@ class PeerWatch:
         self._listening = None
 
     def close(self) -> None:
-        """No more beats: the thread ends (woken at once) and the pipe is closed."""
+        """No more beats: the thread ends (woken at once) and the pipe is closed, by the thread itself when it is
+        still waiting for the store (it then ends at its next wake-up)."""
         self._listening, self._stopped = None, True
         if self._thread.is_alive():
             with contextlib.suppress(OSError):  # a full pipe wakes it as well
                 os.write(self.signal_fd, b"\0")
             self._thread.join(timeout=10)
-        for fd in (self._signals_read, self.signal_fd):
-            os.close(fd)
+        if not self._thread.is_alive():
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        with self._fds_lock:
+            if self._fds_open:
+                self._fds_open = False
+                for fd in (self._signals_read, self.signal_fd):
+                    os.close(fd)
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        finally:
+            if self._stopped:  # close() may have given up waiting for this thread
+                self._close_fds()
+
+    def _watch(self) -> None:
         armed: Optional[_Armed] = None
         while not self._stopped:
             if armed is not None and self._listening is not armed.listening:
                 armed = None  # stopped listening (the run ended), or listening again
             silent = self._beat(armed)
+            if self._stopped:
+                return
             if silent is not None and self._listening is armed.listening:
                 armed.listening[1](armed.signum, silent)
                 return
@@ -154,6 +172,8 @@ class PeerWatch:
             armed.answered_at = time.monotonic()
             silent = self._silent_ranks(armed.last)
         except Exception:  # noqa: BLE001 - the store did not answer (the launcher gone, or a network blip)
+            if self._stopped:
+                return None
             try:
                 self.store = self.connect()
             except Exception:  # noqa: BLE001 - still unreachable: tried again at the next beat

@@ -62,8 +62,8 @@ class StopRequest:
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._record)
         if self.peers is not None:  # Python writes each signal's number there at once, even mid-collective
-            self._previous_wakeup_fd = signal.set_wakeup_fd(self.peers.signal_fd, warn_on_full_buffer=False)
             self.peers.listen(self.signals, self._leave_now)
+            self._previous_wakeup_fd = signal.set_wakeup_fd(self.peers.signal_fd, warn_on_full_buffer=False)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
