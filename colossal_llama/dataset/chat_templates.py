@@ -305,7 +305,7 @@ class TokenizerTemplate(ChatTemplate):
     def _prefixes(self, messages) -> tuple[list[str], list[str]]:
         """For each assistant turn j: the text of ``messages[:j]`` with the generation prompt, and of
         ``messages[:j+1]`` (the last of these is the whole conversation's: it ends with an assistant turn)."""
-        turns = range(self._first_reply(messages), len(messages), 2)
+        turns = self._replies(messages)
         return (self._render_many([messages[:j] for j in turns], True),
                 self._render_many([messages[:j + 1] for j in turns], False))
 
@@ -318,9 +318,9 @@ class TokenizerTemplate(ChatTemplate):
         return enc["input_ids"], enc["offset_mapping"]
 
     @staticmethod
-    def _first_reply(messages) -> int:
-        """Index of the first assistant message (after the system message, if any)."""
-        return len(messages) - len(split_system(messages)[1]) + 1
+    def _replies(messages) -> range:
+        """Indices of the assistant messages (the first comes after the system message, if any)."""
+        return range(len(messages) - len(split_system(messages)[1]) + 1, len(messages), 2)
 
     def _end_of_turn_tokens(self) -> list[str]:
         """Special tokens the template writes right after an assistant reply (ChatML: ``<|im_end|>``)."""
@@ -333,7 +333,7 @@ class TokenizerTemplate(ChatTemplate):
 
     def _assistant_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
         """Full render and the character spans ``[start, end)`` of each assistant content + end-of-turn."""
-        turns = range(self._first_reply(messages), len(messages), 2)
+        turns = self._replies(messages)
         prompts, uptos = self._prefixes(messages)
         full = uptos[-1]
         spans = []
@@ -372,7 +372,7 @@ class TokenizerTemplate(ChatTemplate):
 
     def exchange_ends(self, messages):
         validate_messages(messages, ends_with=ASSISTANT)
-        turns = range(self._first_reply(messages), len(messages), 2)
+        turns = self._replies(messages)
         uptos = self._render_many([messages[:j + 1] for j in turns], False)
         starts = [s for s, _ in self._ids_and_offsets(uptos[-1])[1]]
         return [sum(1 for s in starts if s < len(upto)) for upto in uptos]

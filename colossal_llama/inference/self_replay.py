@@ -226,12 +226,13 @@ class ReplayOutput:
         self._lock.flush()
 
     def publish(self) -> Path:
+        from colossal_llama.utils.durable import publish_file
         from colossal_llama.utils.output import replace_dir
 
         self._lock.close()
         self.progress.unlink()
         if self.sharded:
-            os.replace(self.partial, self.final)
+            publish_file(self.partial, self.final)
         else:
             replace_dir(self.work_dir, self.dir)
         return self.final

@@ -436,7 +436,9 @@ class Checkpointer:
                 flush_filesystem(self.save_dir)
             except OSError as err:
                 failure = err.errno or errno.EIO
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        from colossalai.accelerator import get_accelerator
+
+        device = get_accelerator().get_current_device()  # the collectives' device, as the training loop's
         flushed = torch.tensor([int(self.machines.flushes and not failure), int(failure > 0)], device=device)
         dist.all_reduce(flushed)  # a barrier that also tells every rank how it went on every machine
         worst = torch.tensor([failure], device=device)
