@@ -303,10 +303,10 @@ def test_a_stop_with_a_dead_rank_leaves_at_once_instead_of_waiting_out_the_timeo
     rank never joins, until the timeout (10 minutes by default). Here rank 1 freezes after step 5 (SIGSTOP: its
     heartbeat stops too; gloo would fail at once on a dead peer, so a frozen one stands in for NCCL's hang) and
     rank 0, waiting for it in step 6 with a 5-minute collective timeout, gets the SIGTERM torchrun would send. It
-    leaves with exit code 143 and one line naming rank 1 once rank 1 was silent for 3 s; a resume from checkpoint 3
+    leaves with exit code 143 and one line naming rank 1 once rank 1 was silent for 6 s; a resume from checkpoint 3
     equals the uninterrupted run."""
     save_dir = tmp_path / "ckpt"
-    args = reference_runs.args("ddp", save_dir, "--dist_timeout_minutes", "5", "--rank_silence_s", "3")
+    args = reference_runs.args("ddp", save_dir, "--dist_timeout_minutes", "5", "--rank_silence_s", "6")
     env = {"CL_TEST_FREEZE_AT_STEP": str(SAVE_INTERVAL + 2), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}
     proc = start_training(args, tmp_path / "frozen.log", env=env)
     ranks = rank_processes(proc)
@@ -314,31 +314,62 @@ def test_a_stop_with_a_dead_rank_leaves_at_once_instead_of_waiting_out_the_timeo
         wait_for_lines(save_dir / "losses.jsonl", SAVE_INTERVAL + 2, proc)
         ranks = rank_processes(proc)
         rank0, rank1 = (psutil.Process(_rank_pid(proc, r)) for r in (0, 1))
-        deadline = time.monotonic() + 60
-        while rank1.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
-            time.sleep(0.2)
+        frozen = _wait_until_stopped(rank1)
         time.sleep(1.0)
         assert rank1.status() == psutil.STATUS_STOPPED and rank0.is_running()  # the fault: rank 0 waits for rank 1
         assert _loss_lines(save_dir) == SAVE_INTERVAL + 2
-        signalled = time.monotonic()
         rank0.send_signal(signal.SIGTERM)
         gone, _ = psutil.wait_procs([rank0], timeout=60)
-        waited = time.monotonic() - signalled
+        waited = time.monotonic() - frozen
         code = proc.wait(timeout=60)  # torchrun kills the frozen rank after its 5 s shutdown timeout
     finally:  # on a failure: torchrun, and the frozen rank (SIGKILL ends a stopped process too)
         kill_processes([*ranks, *([psutil.Process(proc.pid)] if proc.poll() is None else [])])
         proc.wait(timeout=60)
-    assert gone, f"rank 0 still waits {waited:.0f} s after its SIGTERM:\n{tail(tmp_path / 'frozen.log')}"
-    assert 3 <= waited < 20, waited  # the silence, then at once (not the 5-minute timeout)
+    assert gone, f"rank 0 still waits {waited:.0f} s after rank 1 froze:\n{tail(tmp_path / 'frozen.log')}"
+    assert 6 - 1.5 <= waited < 25, waited  # the silence (less a beat and the polling), not the 5-minute timeout
     log = (tmp_path / "frozen.log").read_text(errors="replace")
     assert code != 0 and "exitcode  : 143" in log, tail(tmp_path / "frozen.log")  # rank 0's, as torchrun saw it
-    assert ("error: stopped by SIGTERM: rank 1 gave no sign of life for 3 s (dead, or its machine hangs), so the "
-            "step in flight can never finish: leaving without a checkpoint of it, exit code 143; resume with "
+    assert ("[rank 0] error: stopped by SIGTERM: rank 1 gave no sign of life for 6 s (dead, or its machine hangs), "
+            "so the step in flight can never finish: leaving without a checkpoint of it, exit code 143; resume with "
             "--load_checkpoint latest") in log, tail(tmp_path / "frozen.log")
     assert latest_checkpoint(save_dir).name == f"epoch-0_step-{SAVE_INTERVAL}"
     resumed = train_ok(tmp_path, "resumed", args + LATEST).read_text()
     assert_resumed(resumed, save_dir / f"epoch-0_step-{SAVE_INTERVAL}")
     assert_bitwise_equal(reference_runs["ddp"], save_dir)
+
+
+def test_a_rank_that_hangs_makes_the_others_leave_and_torchrun_restarts_the_run(reference_runs, tmp_path):
+    """The peer of another machine died (its torchrun stops nobody here) or a machine hangs: no signal comes, and
+    under NCCL the others would wait out the collective timeout before torchrun could restart them. Here rank 1
+    freezes after step 5 in torchrun's first incarnation; rank 0, which waits for it in step 6 with a 5-minute
+    timeout, leaves with exit code 75 once rank 1 was silent for 3 s, and torchrun --max_restarts 1 starts both
+    again: they resume from checkpoint 3 to the uninterrupted run's losses."""
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("ddp", save_dir, "--dist_timeout_minutes", "5", "--rank_silence_s", "3", *LATEST)
+    env = {"CL_TEST_FREEZE_AT_STEP": str(SAVE_INTERVAL + 2), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}
+    started = time.monotonic()
+    proc = run_training(args, tmp_path / "restarted.log", env=env, launcher_args=["--max_restarts", "1"])
+    took = time.monotonic() - started
+    log = (tmp_path / "restarted.log").read_text(errors="replace")
+    assert proc.returncode == 0, tail(tmp_path / "restarted.log")
+    assert ("[rank 0] error: rank 1 gave no sign of life for 3 s (dead, or its machine hangs), so the next "
+            "collective can never finish: every rank leaves now instead of waiting out the collective timeout, exit "
+            "code 75; torchrun --max_restarts restarts the run from its newest checkpoint (else resume with "
+            "--load_checkpoint latest)") in log, tail(tmp_path / "restarted.log")
+    assert log.count("gave no sign of life") == 1  # one line, from the rank that found it
+    assert "dropped 2 records after step 3 (steps redone after resume)" in log  # steps 4 and 5 ran before it
+    assert log.index(f"saved checkpoint {save_dir / f'epoch-0_step-{SAVE_INTERVAL}'}") < log.index(
+        f"resumed from {save_dir / f'epoch-0_step-{SAVE_INTERVAL}'}")
+    assert took < 240, took  # not the 5-minute collective timeout
+    assert_bitwise_equal(reference_runs["ddp"], save_dir)
+
+
+def _wait_until_stopped(rank: psutil.Process, timeout: float = 60) -> float:
+    """When ``rank`` was first seen stopped (SIGSTOP), polled every 0.1 s (time.monotonic)."""
+    deadline = time.monotonic() + timeout
+    while rank.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return time.monotonic()
 
 
 @pytest.mark.parametrize("rendezvous", ["static", "c10d"])

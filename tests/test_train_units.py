@@ -124,57 +124,139 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_peer_watch_names_the_ranks_that_stopped_beating_once_a_stop_signal_came():
-    """The signal reaches the watch as Python's C-level handler writes it (signal.set_wakeup_fd), written by hand
-    here; a signal that is not a stop signal (SIGINT) arms nothing, and nobody is taken for dead before a signal."""
+def test_peer_watch_finds_a_silent_rank_and_tells_every_other_rank():
+    """Rank 1 watches rank 2 (a ring): it finds rank 2 silent and says so in the store; rank 0 reads it there. A
+    stop signal reaches the watch as Python's C-level handler writes it (signal.set_wakeup_fd), written by hand
+    here; SIGINT is not a stop signal and arms nothing."""
     import os
     import signal
     import time
 
+    from colossal_llama.training.peer_watch import Silence
     from tests.support.launch import free_port
 
     server, watches = _watches(free_port(), 3, silence_s=1.5)
-    calls = []
+    calls = {}
     try:
-        watches[0].listen([signal.SIGTERM, signal.SIGUSR1], lambda signum, ranks: calls.append((signum, ranks)))
-        watches[2].close()  # rank 2 dies
+        for rank, watch in enumerate(watches[:2]):
+            watch.listen([signal.SIGTERM, signal.SIGUSR1], lambda silence, rank=rank: calls.setdefault(rank, silence))
         os.write(watches[0].signal_fd, bytes([signal.SIGINT]))
-        time.sleep(2.0)
-        assert calls == []  # silent for 2 s, but no stop signal came
         os.write(watches[0].signal_fd, bytes([signal.SIGTERM]))
-        _wait_for(lambda: calls)
-        assert calls == [(signal.SIGTERM, [2])]  # rank 1 beats: waited for however long it takes
-        watches[1].listen([signal.SIGTERM], lambda signum, ranks: calls.append((signum, ranks)))
-        watches[1].stop_listening()  # the run ended: a signal now arms nothing
-        os.write(watches[1].signal_fd, bytes([signal.SIGTERM]))
         time.sleep(2.0)
-        assert calls == [(signal.SIGTERM, [2])]
+        assert calls == {}  # every rank beats: waited for however long it takes
+        watches[2].close()  # rank 2 dies
+        time.sleep(1.0)
+        assert calls == {}  # silent for 1 s of 1.5
+        _wait_for(lambda: len(calls) == 2)
+        assert calls == {1: Silence(0, 2, seen_here=True), 0: Silence(signal.SIGTERM, 2, seen_here=False)}
     finally:
         for watch in watches[:2]:
             watch.close()
     del server
 
 
-def test_peer_watch_leaves_when_the_launchers_store_is_gone_after_a_stop_signal():
-    """The launcher (which holds the store) died: no rank can learn anything more, so a stop is never agreed."""
-    import gc
-    import os
-    import signal
+def test_peer_watch_judges_nobody_once_the_run_stopped_listening():
+    """The run ended (its ranks leave one by one): a rank that stops beating then is no fault."""
+    import time
 
     from tests.support.launch import free_port
 
     server, watches = _watches(free_port(), 2, silence_s=0.6)
     calls = []
     try:
-        watches[0].listen([signal.SIGTERM], lambda signum, ranks: calls.append((signum, ranks)))
+        watches[0].listen([], calls.append)
+        time.sleep(0.3)  # the watch's thread takes a few readings while listening
+        watches[0].stop_listening()
+        watches[1].close()
+        time.sleep(1.5)
+        assert calls == []
+    finally:
+        watches[0].close()
+    del server
+
+
+def test_a_rank_is_silent_while_its_counter_stands_still_by_this_threads_own_readings():
+    from colossal_llama.training.peer_watch import Sighting
+
+    sighting = Sighting()
+    assert sighting.silent_for(b"1", 100.0, max_gap=5) == 0
+    assert sighting.silent_for(b"1", 104.0, max_gap=5) == 4
+    assert sighting.silent_for(b"2", 108.0, max_gap=5) == 0  # it moved
+    assert sighting.silent_for(b"2", 112.0, max_gap=5) == 4
+    # 18 s without a reading: this thread could not run (the whole job suspended): no verdict, a fresh look
+    assert sighting.silent_for(b"2", 130.0, max_gap=5) == 0
+    assert sighting.silent_for(b"2", 134.0, max_gap=5) == 4
+
+
+def _keep_training(watch, until):
+    """The main thread of a rank whose steps go on: marks progress every 0.1 s until ``until`` is set."""
+    import threading
+
+    def steps():
+        while not until.wait(0.1):
+            watch.progressed()
+
+    thread = threading.Thread(target=steps, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_rank_whose_own_training_goes_on_judges_no_silent_peer():
+    """A heartbeat that cannot reach the store (a flapping management network) while the collectives work: the
+    watcher trains on, so the peer is not dead. Once its own training stands still for the silence too (a dead
+    peer holds it in the step's all-reduce), it judges."""
+    import threading
+    import time
+
+    from colossal_llama.training.peer_watch import Silence
+    from tests.support.launch import free_port
+
+    server, watches = _watches(free_port(), 2, silence_s=1.0)
+    calls, training_stops = [], threading.Event()
+    try:
+        stepping = _keep_training(watches[0], training_stops)
+        watches[0].listen([], calls.append)
+        watches[1].close()  # rank 1's heartbeat falls silent
+        time.sleep(2.5)
+        assert calls == []  # silent for 2.5 s, but rank 0's steps go on
+        training_stops.set()
+        stepping.join()
+        _wait_for(lambda: calls)
+        assert calls == [Silence(0, 1, seen_here=True)]
+    finally:
+        training_stops.set()
+        watches[0].close()
+    del server
+
+
+def test_peer_watch_leaves_when_the_launchers_store_is_gone_and_training_stands_still():
+    """The launcher that holds the store died (or its machine was lost) and the ranks' training stands still: no
+    rank can learn anything more. A rank that trains on (its collectives do not need the store) waits for it."""
+    import gc
+    import os
+    import signal
+    import threading
+
+    from colossal_llama.training.peer_watch import Silence
+    from tests.support.launch import free_port
+
+    server, watches = _watches(free_port(), 3, silence_s=0.6)
+    calls, training_stops = [], threading.Event()
+    try:
+        _keep_training(watches[2], training_stops)
+        for rank, watch in enumerate(watches):
+            watch.listen([signal.SIGTERM], lambda silence, rank=rank: calls.append((rank, silence)))
         os.write(watches[0].signal_fd, bytes([signal.SIGTERM]))
         _wait_for(lambda: False, timeout=0.3)
-        assert calls == []  # both beat
+        assert calls == []  # every rank beats
         del server
         gc.collect()  # the store's server is gone (torchrun's agent died with it)
-        _wait_for(lambda: calls, timeout=30)
-        assert calls == [(signal.SIGTERM, [])]
+        _wait_for(lambda: len(calls) == 2, timeout=30)
+        _wait_for(lambda: len(calls) > 2, timeout=1.5)
+        assert sorted(calls) == [(0, Silence(signal.SIGTERM, None, seen_here=True)),
+                                 (1, Silence(0, None, seen_here=True))]
     finally:
+        training_stops.set()
         for watch in watches:
             watch.close()
 

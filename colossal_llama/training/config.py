@@ -141,9 +141,11 @@ class TrainConfig:
              "--load_checkpoint latest. torchrun forwards SIGTERM to every rank and kills them "
              "TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (default 30): set it to cover a step and a checkpoint save")
     rank_silence_s: float = flag(
-        60.0, help="once a stop signal came, a rank whose heartbeat has been silent this many seconds is taken for "
-                   "dead (torchrun stops the ranks with SIGTERM when one died) and the others leave at once, with no "
-                   "checkpoint of the step in flight, instead of waiting out the collective timeout; 0: off")
+        60.0, help="a rank whose heartbeat has been silent this many seconds, while the others' training stood still "
+                   "as long, is taken for dead (or its machine for hung) and the others leave at once instead of "
+                   "waiting out the collective timeout: with exit code 75, which torchrun --max_restarts restarts "
+                   "from the newest checkpoint, or, after a stop signal (torchrun sends SIGTERM when a rank died), "
+                   "with the signal's code and no checkpoint of the step in flight; 0: off (while debugging a rank)")
     num_samples: int = flag(500, help="sequences of the --benchmark dataset")
     liger: str = flag("auto", choices=("auto", "on", "off"),
                       help="Liger fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA; "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
 from colossal_llama.training.run_dir import RUN_CONFIG, SaveDirLock, claim_save_dir, release_lock
 from colossal_llama.training.step import NonFiniteStep, Stepper
-from colossal_llama.training.stop_signals import StoppedBySignal, StopRequest
+from colossal_llama.training.stop_signals import StoppedBySignal, StopRequest, leave_on_silence
 from colossal_llama.training.trash import Trash
 from colossal_llama.training.validation import Validator
 from colossal_llama.utils.errors import UserInputError
@@ -54,8 +55,7 @@ class Run:
     target: Optional[LoadTarget]  # what --load_checkpoint resolved to
     lock: Optional[SaveDirLock]  # held by global rank 0 for the life of the run
     cuda: bool
-    peers: Optional[PeerWatch]  # every rank's heartbeat (None in a world of one, without --stop_signals or with
-    # --rank_silence_s 0)
+    peers: Optional[PeerWatch]  # every rank's heartbeat (None in a world of one or with --rank_silence_s 0)
 
     @property
     def data(self) -> PreparedData:
@@ -108,7 +108,9 @@ def build_run(cfg: TrainConfig) -> Run:
     loss, loss_chunk = choose_loss(cfg.loss_chunk_tokens, liger, parallel.forward_is_the_models,
                                    model_config.vocab_size)
     device = get_accelerator().get_current_device()
-    peers = PeerWatch.start(cfg.rank_silence_s if cfg.stop_signals else 0.0, device)
+    peers = PeerWatch.start(cfg.rank_silence_s, device)
+    if peers is not None:  # a rank dying while the others load the model or a checkpoint: they leave too
+        peers.listen((), functools.partial(leave_on_silence, peers))
     model = _build_model(cfg, attn, parallel, device, loss_chunk)
     model_files = ModelFiles(model_config, tokenizer, data.chat_template, frozenset(model.state_dict()))
     num_params = count_parameters(model)
@@ -338,6 +340,8 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
                     result = run.stepper.step(group, state.step + 1, stop.vote)
                 except NonFiniteStep as broken:
                     raise _diverged_error(broken, run.cfg, saving) from None
+                if run.peers is not None:
+                    run.peers.progressed()
                 state.step += 1
                 state.sample_offset += state.global_batch
                 metrics.record(StepStats(state.step, epoch, result.loss, result.lr, result.grad_norm, result.tokens,

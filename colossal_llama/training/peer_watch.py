@@ -1,24 +1,31 @@
-"""Telling a dead rank from a slow one once a run was asked to stop.
+"""Telling a dead rank from a slow one, so that the others need not wait out the collective timeout.
 
-When a rank dies (a GPU fault, the kernel's OOM killer, a machine lost), torchrun stops the other ranks with
-SIGTERM: the signal a scheduler sends to preempt a job, on which ``--stop_signals`` makes every rank finish the step
-in flight and save a checkpoint. With a rank dead, that step's collectives never complete: NCCL waits out its
-timeout (``--dist_timeout_minutes``, 10 minutes by default) and torchrun waits for its ranks as long as
-``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` allows (900 s in ``train.example.sh``), so a ``--max_restarts`` restart, or the
-job's end, would come 10 minutes late.
+A rank that dies (a GPU fault, the kernel's OOM killer, a machine lost) leaves the others waiting in their next
+collective: under NCCL until its timeout (``--dist_timeout_minutes``, 10 minutes by default). torchrun stops the
+ranks of its own machine with SIGTERM (on which ``--stop_signals`` makes every rank finish the step in flight, which
+cannot finish now), and waits for them as long as ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` allows (900 s in
+``train.example.sh``); the torchrun of another machine learns nothing at all under static rendezvous (what
+``colossalai run`` uses). Either way a ``--max_restarts`` restart, or the job's end, came 10 minutes late.
 
 So every rank beats a heartbeat into the launcher's store: a counter of its own, raised every ``silence / 12``
 seconds (5 s at most) by a background thread, which runs while the main thread waits in a collective or writes a
-checkpoint (torch.save and safetensors release the GIL while they write). Once a stop signal came, the thread also
-reads every rank's counter at each beat (one ``multi_get``): a rank whose counter has not moved for
-``--rank_silence_s`` seconds is dead or frozen, the stop can never be agreed, and the callback given to
-:meth:`PeerWatch.listen` is called (it leaves the process). A slow rank (a long step, a long save) keeps beating
-and is waited for.
+checkpoint (torch.save and safetensors release the GIL while they write). Each rank also watches one other, the
+next one in a ring (rank r watches r + 1, the last rank watches rank 0): a constant number of store requests per
+rank and beat, whatever the number of ranks, and whenever some ranks are dead and some alive, a live rank watches a
+dead one. A rank whose watched counter has not moved for ``--rank_silence_s`` seconds, while its own training has
+not moved for as long either (:meth:`PeerWatch.progressed`, after every step: a dead rank holds every other rank
+in the step's all-reduce, while a rank whose heartbeat merely cannot reach the store trains on), writes that rank's
+number into the store (:data:`VERDICT`) and calls the callback given to :meth:`PeerWatch.listen`; every other rank
+reads the verdict at its next beat and calls its own. A slow rank (a long step, a long save) keeps beating and is
+waited for. Silence is measured by this thread's own readings: when the thread itself could not run for half the
+silence (the whole job suspended with SIGSTOP, then continued), it starts its observation afresh. A store that has
+not answered for the silence while this rank's training stood still counts too: the launcher that holds it died,
+or its machine was lost.
 
-The thread learns of the signal itself: a rank blocked in a collective runs no Python code, so Python's handler
-(which runs between bytecodes of the main thread) would only run once the collective returned. Python's C-level
-handler also writes the signal's number to a file descriptor (:func:`signal.set_wakeup_fd`) at once; the thread
-waits on that descriptor between beats.
+The callback leaves with the stop signal's code once one came. The thread learns of the signal itself: a rank
+blocked in a collective runs no Python code, so Python's handler (which runs between bytecodes of the main thread)
+would only run once the collective returned. Python's C-level handler also writes the signal's number to a file
+descriptor (:func:`signal.set_wakeup_fd`) at once; the thread waits on that descriptor between beats.
 """
 from __future__ import annotations
 
@@ -28,9 +35,9 @@ import os
 import select
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,32 +46,52 @@ log = logging.getLogger(__name__)
 
 MAX_BEAT_S = 5.0  # seconds between two beats of a rank, at most (silence / 12 below that)
 STORE_TIMEOUT = timedelta(seconds=30)
+VERDICT = "silent"  # the store's key for the number of a rank found silent (set once, by the rank that watched it)
 
-OnSilent = Callable[[int, List[int]], None]  # (the signal's number, the silent ranks; [] when the store is gone)
-Listening = Tuple[frozenset, OnSilent]  # the signal numbers listened for, and what to call
+
+@dataclass(frozen=True)
+class Silence:
+    """What :meth:`PeerWatch.listen`'s callback is told."""
+
+    signum: int  # the stop signal that came before it (0: none)
+    rank: Optional[int]  # the silent rank; None: the launcher's store did not answer
+    seen_here: bool  # this rank found it; False: it read the verdict of the rank that did
+
+
+OnSilent = Callable[[Silence], None]
+Listening = Tuple[frozenset, OnSilent]  # the stop signals' numbers, and what to call
 
 
 @dataclass
-class _Armed:
-    """What the watch's thread observes once a stop signal came."""
+class Sighting:
+    """This thread's readings of the watched rank's counter."""
 
-    signum: int
-    listening: Listening  # the listen() it came under: another listen() starts afresh
-    answered_at: float  # when the store last answered (time.monotonic)
-    last: Dict[int, Tuple[bytes, float]] = field(default_factory=dict)  # rank -> (counter, first seen at that value)
+    count: Optional[bytes] = None
+    since: float = 0.0  # when the counter was first read at this value (time.monotonic)
+    read_at: float = float("-inf")
+
+    def silent_for(self, count: bytes, now: float, max_gap: float) -> float:
+        """Seconds the counter has stood still, read ``count`` at ``now``; after more than ``max_gap`` seconds
+        without a reading (this thread could not run) the observation starts afresh."""
+        if count != self.count or now - self.read_at > max_gap:
+            self.count, self.since = count, now
+        self.read_at = now
+        return now - self.since
 
 
 class PeerWatch:
-    """This rank's heartbeat and, once a stop signal came, the check of every other rank's (module docstring).
+    """This rank's heartbeat and its watch of the next rank's (module docstring).
 
-    ``connect()`` returns a c10d store shared by the ranks of this incarnation of the workers (keys: rank numbers);
-    it is called again to reconnect after the store stopped answering."""
+    ``connect()`` returns a c10d store shared by the ranks of this incarnation of the workers (keys: rank numbers,
+    :data:`VERDICT`); it is called again to reconnect after the store stopped answering."""
 
     def __init__(self, connect: Callable[[], object], rank: int, world_size: int, silence_s: float):
         self.connect, self.rank, self.world_size, self.silence_s = connect, rank, world_size, silence_s
+        self.watched = (rank + 1) % world_size
         self.beat_s = min(MAX_BEAT_S, silence_s / 12)
         self.store = connect()
-        self.store.add(str(rank), 1)  # the first beat, before any rank can read it (multi_get waits for keys)
+        self.store.add(str(rank), 1)  # the first beat, before any rank reads it (a get waits for its key)
+        self._answered_at = self._progressed_at = time.monotonic()
         self._signals_read, self.signal_fd = os.pipe()  # signal.set_wakeup_fd(signal_fd): Python writes signals there
         os.set_blocking(self.signal_fd, False)
         # (signal numbers, callback) while listening; set and cleared by one assignment (atomic), no lock
@@ -99,7 +126,7 @@ class PeerWatch:
         dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
         if not everyone.item():
             if problem:
-                log.warning("no heartbeat between the ranks (%s): a stop after a rank died waits out the collective "
+                log.warning("no heartbeat between the ranks (%s): when a rank dies, the others wait out the collective "
                             "timeout", problem)
             if watch is not None:
                 watch.close()
@@ -112,9 +139,15 @@ class PeerWatch:
         self._thread.start()
 
     def listen(self, signals: Iterable[int], on_silent: OnSilent) -> None:
-        """From now on, once one of ``signals`` has been written to :attr:`signal_fd`, call ``on_silent(signal,
-        ranks)`` (in the watch's thread) when other ranks fall silent, or the store stays unreachable as long."""
+        """From now on, call ``on_silent`` (in the watch's thread, once) when another rank found its watched rank
+        silent, or when this rank's training has not moved for ``silence_s`` (:meth:`progressed`) and either its
+        watched rank or the store has been silent as long. ``signals``: the stop signals, told to ``on_silent`` once
+        one has been written to :attr:`signal_fd`. A fresh observation."""
         self._listening = (frozenset(int(s) for s in signals), on_silent)
+
+    def progressed(self) -> None:
+        """This rank's training moved on (a step finished): called by the main thread."""
+        self._progressed_at = time.monotonic()
 
     def stop_listening(self) -> None:
         self._listening = None
@@ -145,32 +178,39 @@ class PeerWatch:
                 self._close_fds()
 
     def _watch(self) -> None:
-        armed: Optional[_Armed] = None
+        listened: Optional[Listening] = None  # the listen() the observation below belongs to
+        sighting, armed_by = Sighting(), 0  # the watched rank's counter; the stop signal that came (0: none)
         while not self._stopped:
-            if armed is not None and self._listening is not armed.listening:
-                armed = None  # stopped listening (the run ended), or listening again
-            silent = self._beat(armed)
+            silence = self._beat(sighting, armed_by if listened is not None else None)
             if self._stopped:
                 return
-            if silent is not None and self._listening is armed.listening:
-                armed.listening[1](armed.signum, silent)
+            if silence is not None and self._listening is listened:
+                listened[1](silence)
                 return
             ready, _, _ = select.select([self._signals_read], [], [], self.beat_s)
             listening = self._listening  # read after the wait: a signal may come right after listen()
+            if listening is not listened:  # listening began, ended or began again: observe afresh
+                listened, sighting, armed_by = listening, Sighting(), 0
             if ready:
                 for signum in os.read(self._signals_read, 64):
-                    if listening is not None and armed is None and signum in listening[0]:
-                        armed = _Armed(signum, listening, time.monotonic())
+                    if listened is not None and not armed_by and signum in listened[0]:
+                        armed_by = signum
 
-    def _beat(self, armed: Optional[_Armed]) -> Optional[List[int]]:
-        """Raise this rank's counter; once armed, the other ranks silent for ``silence_s`` (None: none, or not
-        armed; [] when the store has not answered for ``silence_s``). A store that failed is connected again."""
+    def _beat(self, sighting: Sighting, armed_by: Optional[int]) -> Optional[Silence]:
+        """Raise this rank's counter; while listening (``armed_by`` not None: the stop signal that came, 0 if none),
+        read the verdict and the watched rank's counter. A store that failed is connected again."""
         try:
             self.store.add(str(self.rank), 1)
-            if armed is None:
+            now = self._answered_at = time.monotonic()
+            if armed_by is None:
                 return None
-            armed.answered_at = time.monotonic()
-            silent = self._silent_ranks(armed.last)
+            if self.store.check([VERDICT]):
+                return Silence(armed_by, int(self.store.get(VERDICT)), seen_here=False)
+            silent_for = sighting.silent_for(self.store.get(str(self.watched)), now, self.silence_s / 2)
+            if silent_for < self.silence_s or not self._stuck(now):
+                return None
+            self.store.set(VERDICT, str(self.watched))
+            return Silence(armed_by, self.watched, seen_here=True)
         except Exception:  # noqa: BLE001 - the store did not answer (the launcher gone, or a network blip)
             if self._stopped:
                 return None
@@ -178,17 +218,11 @@ class PeerWatch:
                 self.store = self.connect()
             except Exception:  # noqa: BLE001 - still unreachable: tried again at the next beat
                 pass
-            if armed is not None and time.monotonic() - armed.answered_at >= self.silence_s:
-                return []
+            now = time.monotonic()
+            if armed_by is not None and now - self._answered_at >= self.silence_s and self._stuck(now):
+                return Silence(armed_by, None, seen_here=True)
             return None
-        return silent or None
 
-    def _silent_ranks(self, last: Dict[int, Tuple[bytes, float]]) -> List[int]:
-        """The other ranks whose counter has not moved for ``silence_s`` seconds of this observation; ``last``:
-        rank -> (its counter, when it was first seen at that value), updated."""
-        now = time.monotonic()
-        counts = self.store.multi_get([str(r) for r in range(self.world_size)])  # every rank beat once (start)
-        for rank, count in enumerate(counts):
-            if rank not in last or last[rank][0] != count:
-                last[rank] = (count, now)
-        return [r for r, (_count, since) in last.items() if r != self.rank and now - since >= self.silence_s]
+    def _stuck(self, now: float) -> bool:
+        """Whether this rank's training has not moved for ``silence_s``."""
+        return now - self._progressed_at >= self.silence_s

@@ -12,10 +12,13 @@ itself, once forwarded by torchrun), and the second must not kill it in the midd
 
 The signal may also be torchrun stopping the ranks because one of them died: then the ranks can never agree, and
 a :class:`~colossal_llama.training.peer_watch.PeerWatch` makes each leave at once (same exit code, no checkpoint)
-when a rank gives no sign of life, instead of waiting out the collective's timeout.
+when a rank gives no sign of life, instead of waiting out the collective's timeout. Without a signal (the dead
+rank was on another machine) they leave the same way with :data:`EX_TEMPFAIL`, a failure that ``torchrun
+--max_restarts`` restarts from the newest checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -24,7 +27,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from colossal_llama.training.peer_watch import PeerWatch
+from colossal_llama.training.peer_watch import PeerWatch, Silence
+
+EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, try again (a rank died: restart from the newest checkpoint)
 
 
 class StoppedBySignal(Exception):
@@ -51,7 +56,7 @@ class StopRequest:
 
     def __init__(self, signal_names: List[str], peers: Optional[PeerWatch] = None):
         self.signals = [signal.Signals[name] for name in signal_names]
-        self.peers = peers  # once a signal came, a dead rank makes this one leave at once
+        self.peers = peers  # a dead rank makes this one leave at once
         self._previous_wakeup_fd: Optional[int] = None
         self.received: Optional[signal.Signals] = None
         self.received_at = 0.0
@@ -61,16 +66,19 @@ class StopRequest:
         """Main thread only (Python runs handlers there, between bytecodes: a blocking collective finishes first)."""
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._record)
-        if self.peers is not None:  # Python writes each signal's number there at once, even mid-collective
-            self.peers.listen(self.signals, self._leave_now)
+        if self.peers is None:
+            return
+        self.peers.listen(self.signals, functools.partial(leave_on_silence, self.peers))
+        if self.signals:  # Python writes each signal's number there at once, even mid-collective
             self._previous_wakeup_fd = signal.set_wakeup_fd(self.peers.signal_fd, warn_on_full_buffer=False)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-        if self.peers is not None and self._previous_wakeup_fd is not None:
+        if self.peers is not None:  # the ranks now leave one by one: none is judged any more
             self.peers.stop_listening()
+        if self._previous_wakeup_fd is not None:
             signal.set_wakeup_fd(self._previous_wakeup_fd)
             self._previous_wakeup_fd = None
 
@@ -82,25 +90,6 @@ class StopRequest:
         rank = os.environ.get("RANK", "0")
         os.write(2, f"[rank {rank}] received {self.received.name}: the run stops at the end of the step in flight, "
                     "once every rank knows, and saves a checkpoint there\n".encode())
-
-    def _leave_now(self, signum: int, silent: List[int]) -> None:
-        """The watch's callback (its thread): ranks fell silent (or the launcher's store is gone) after signal
-        ``signum``, so the stop can never be agreed. One line, from the lowest live rank, then exit at once with
-        the signal's code."""
-        peers, name, code = self.peers, signal.Signals(signum).name, 128 + signum
-        if silent:
-            named = ", ".join(str(r) for r in silent[:8]) + (f" and {len(silent) - 8} more" if len(silent) > 8 else "")
-            why = (f"rank{'s' if len(silent) > 1 else ''} {named} gave no sign of life for {peers.silence_s:g} s "
-                   "(dead, or its machine hangs)")
-        else:
-            why = "the launcher's store is unreachable (the launcher died)"
-        try:
-            if not silent or peers.rank == min(set(range(peers.world_size)) - set(silent)):
-                os.write(2, f"error: stopped by {name}: {why}, so the step in flight can never finish: leaving "
-                            f"without a checkpoint of it, exit code {code}; resume with --load_checkpoint "
-                            "latest\n".encode())
-        finally:  # whatever writing did (a closed stderr): this process must not wait out the collective
-            os._exit(code)
 
     @property
     def vote(self) -> float:
@@ -121,3 +110,28 @@ class StopRequest:
         dist.all_reduce(facts, op=dist.ReduceOp.MAX)
         signum, seconds = facts.tolist()
         return StoppedBySignal(int(signum), step), seconds
+
+
+def leave_on_silence(peers: PeerWatch, silence: Silence) -> None:
+    """The watch's callback (its thread): a rank fell silent, or the launcher's store, so the step in flight can
+    never finish. One line, from the rank that found it, then exit at once: with the stop signal's code when one
+    came, else with :data:`EX_TEMPFAIL`."""
+    if silence.rank is None:
+        why = (f"the launcher's store has not answered for {peers.silence_s:g} s (the launcher that holds it died, "
+               "or its machine is lost)")
+    else:
+        why = f"rank {silence.rank} gave no sign of life for {peers.silence_s:g} s (dead, or its machine hangs)"
+    if silence.signum:
+        code = 128 + silence.signum
+        line = (f"error: stopped by {signal.Signals(silence.signum).name}: {why}, so the step in flight can never "
+                f"finish: leaving without a checkpoint of it, exit code {code}; resume with --load_checkpoint latest")
+    else:
+        code = EX_TEMPFAIL
+        line = (f"error: {why}, so the next collective can never finish: every rank leaves now instead of waiting "
+                f"out the collective timeout, exit code {code}; torchrun --max_restarts restarts the run from its "
+                "newest checkpoint (else resume with --load_checkpoint latest)")
+    try:
+        if silence.seen_here:
+            os.write(2, f"\n[rank {peers.rank}] {line}\n".encode())  # \n: after a progress bar's \r
+    finally:  # whatever writing did (a closed stderr): this process must not wait out the collective
+        os._exit(code)

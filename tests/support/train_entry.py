@@ -10,7 +10,8 @@ Fault injection (tests of crash safety), read from the environment:
 - ``CL_TEST_DIE_AT_STEP=S``: rank 1 SIGKILLs itself right after step S, in torchrun's first incarnation of the
   workers only (``TORCHELASTIC_RESTART_COUNT`` 0): a crash that ``torchrun --max_restarts`` recovers from.
 - ``CL_TEST_FREEZE_AT_STEP=S``: rank 1 stops itself (SIGSTOP: every thread, its heartbeat too) right after step
-  S: what a rank whose peer died sees under NCCL (the collective never completes), or a machine that hangs.
+  S, in torchrun's first incarnation of the workers only: what a rank whose peer died sees under NCCL (the
+  collective never completes), or a machine that hangs.
 - ``CL_TEST_SLOW_STEP_S=T``: every rank waits T seconds after logging each step (time for a test to send a signal
   between a step and what follows it: validation, a checkpoint save, the next step).
 - ``CL_TEST_SLOW_DELETE_S=T``: every folder deletion of the save dir's trash takes T seconds more (the deletion of
@@ -74,7 +75,7 @@ def _install_die_at_step(step: int) -> None:
 
 def _install_freeze_at_step(step: int) -> None:
     def freeze(done: int) -> None:
-        if done == step and os.environ.get("RANK") == "1":
+        if done == step and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
             os.kill(os.getpid(), signal.SIGSTOP)
 
     _after_each_step(freeze)
