@@ -298,6 +298,37 @@ def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_to_resume(refer
     assert_bitwise_equal(reference_runs["ddp"], save_dir)
 
 
+def test_checkpoints_published_late_hold_their_own_position_and_a_stop_publishes_its_own(reference_runs, tmp_path):
+    """--async_save publishes a checkpoint at the next save (its optimizer files written in the background
+    meanwhile); here the same deferral with plain writes (colossalai's background writer needs CUDA). Each
+    checkpoint's running_states.json must hold its own step (it held the next save's: the loop goes on changing
+    the state after a save), and the checkpoint of a stop must be published before the run leaves (it stayed a
+    .tmp- folder, deleted by the next run). SIGTERM to torchrun after step 4 stops both ranks at step 5; the resumed
+    run equals the uninterrupted one bit for bit."""
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("ddp", save_dir, "--rank_silence_s", "1.5")
+    env = {"CL_TEST_PUBLISH_LATE": "1", "CL_TEST_SLOW_STEP_S": "2", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
+    proc = start_training(args, tmp_path / "stopped.log", env=env)
+    try:
+        assert wait_for_lines(save_dir / "losses.jsonl", SAVE_INTERVAL + 1, proc) == SAVE_INTERVAL + 1
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    except BaseException:
+        kill_launcher_and_ranks(proc)
+        raise
+    stop_step = SAVE_INTERVAL + 2
+    assert code != 0 and _loss_lines(save_dir) == stop_step, tail(tmp_path / "stopped.log")
+    published = {c.name: json.loads((c / "running_states.json").read_text()) for c in complete_checkpoints(save_dir)}
+    assert sorted(published) == [f"epoch-0_step-{SAVE_INTERVAL}", f"epoch-0_step-{stop_step}"], \
+        tail(tmp_path / "stopped.log")
+    reference = reference_runs["ddp"] / f"epoch-0_step-{SAVE_INTERVAL}" / "running_states.json"
+    assert published[f"epoch-0_step-{SAVE_INTERVAL}"] == json.loads(reference.read_text())  # published at step 5
+    assert published[f"epoch-0_step-{stop_step}"]["step"] == stop_step
+    resumed = train_ok(tmp_path, "resumed", args + LATEST).read_text()
+    assert f"resumed from {save_dir / f'epoch-0_step-{stop_step}'}" in resumed
+    assert_bitwise_equal(reference_runs["ddp"], save_dir)
+
+
 def test_a_stop_with_a_dead_rank_leaves_at_once_instead_of_waiting_out_the_timeout(reference_runs, tmp_path):
     """When a rank dies, torchrun stops the others with SIGTERM, but under NCCL they sit in a collective the dead
     rank never joins, until the timeout (10 minutes by default). Here rank 1 freezes after step 5 (SIGSTOP: its

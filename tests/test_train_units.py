@@ -261,6 +261,70 @@ def test_peer_watch_leaves_when_the_launchers_store_is_gone_and_training_stands_
             watch.close()
 
 
+class _FlakyStore:
+    """A c10d store stand-in shared by several watches, which stops answering while ``down``."""
+
+    def __init__(self):
+        self.values, self.down, self.calls = {}, False, 0
+
+    def _answer(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("Failed to recv, got 0 bytes")
+
+    def add(self, key, amount):
+        self._answer()
+        self.values[key] = self.values.get(key, 0) + amount
+        return self.values[key]
+
+    def check(self, keys):
+        self._answer()
+        return all(k in self.values for k in keys)
+
+    def get(self, key):
+        self._answer()
+        return str(self.values[key]).encode()
+
+    def set(self, key, value):
+        self._answer()
+        self.values[key] = value
+
+
+def test_a_store_that_stopped_answering_is_asked_again_after_a_back_off():
+    """Each failed call makes torch print a C++ stack trace: while the store is gone and training goes on, the
+    watch asks again after 2, 4, 8... beats, up to the silence, not at every beat; the rank whose training then
+    stands still asks at once and leaves; the store back, the other beats again."""
+    import threading
+    import time
+
+    from colossal_llama.training.peer_watch import PeerWatch, Silence
+
+    store = _FlakyStore()
+    watches = [PeerWatch(lambda: store, rank, 2, silence_s=1.2) for rank in range(2)]  # a beat every 0.1 s
+    calls, stops = [], [threading.Event(), threading.Event()]
+    try:
+        for rank, watch in enumerate(watches):
+            _keep_training(watch, stops[rank])
+            watch.begin()
+            watch.listen([], lambda silence, rank=rank: calls.append((rank, silence)))
+        time.sleep(0.5)
+        store.down, before = True, store.calls
+        time.sleep(3.0)
+        asked = store.calls - before
+        assert calls == [] and 2 <= asked <= 12, asked  # at every beat: about 60
+        stops[0].set()  # rank 0's training stands still
+        _wait_for(lambda: calls, timeout=5)
+        assert calls == [(0, Silence(0, None, seen_here=True))]
+        store.down, before = False, store.calls
+        _wait_for(lambda: store.calls - before > 10, timeout=5)
+        assert store.calls - before > 10 and calls == [(0, Silence(0, None, seen_here=True))]  # rank 1 beats again
+    finally:
+        for stop in stops:
+            stop.set()
+        for watch in watches:
+            watch.close()
+
+
 def test_checkpoints_at_intervals_at_the_end_and_after_every_epoch():
     from colossal_llama.training.loop import checkpoint_due
 

@@ -338,8 +338,9 @@ class Checkpointer:
         self.keep_last_k = keep_last_k  # complete checkpoints kept (older ones deleted once a newer is complete)
         self.async_save = async_save  # optimizer states written in the background (colossalai, CUDA)
         self.machines = machines or Machines()  # several machines flush their writes before a publish
-        # written, not yet published: (tmp folder, final path, state, time.monotonic() when the save began)
-        self._pending: Optional[tuple[Path, Path, RunningState, float]] = None
+        # written, not yet published: (tmp folder, final path, the state's record as it was at the save,
+        # time.monotonic() when the save began); the loop goes on changing the RunningState itself
+        self._pending: Optional[tuple[Path, Path, dict, float]] = None
 
     # ------------------------------------------------------------------ saving
     def save(self, state: RunningState) -> Path:
@@ -357,7 +358,7 @@ class Checkpointer:
             self.booster.save_lr_scheduler(self.scheduler, str(tmp / "lr_scheduler"))
             (tmp / "rng").mkdir(exist_ok=True)
             torch.save(capture_rng(), tmp / "rng" / f"rank-{dist.get_rank():05d}.pt")
-            self._pending = (tmp, final, state, started)
+            self._pending = (tmp, final, asdict(state), started)
             if not self.async_save:
                 self.complete_pending()
         return final
@@ -376,11 +377,11 @@ class Checkpointer:
         """Publish the checkpoint whose files are being written, after waiting for them; rotate old ones."""
         if self._pending is None:
             return None
-        tmp, final, state, started = self._pending
+        tmp, final, record, started = self._pending
         self._pending = None
         self._every_write_durable(final.name)
         if dist.get_rank() == 0:
-            write_json(tmp / RUNNING_STATES, asdict(state))  # written last: its presence marks completeness
+            write_json(tmp / RUNNING_STATES, record)  # written last: its presence marks completeness
             size = _publish(tmp, final, self.trash)
             returning = self._rotate()
             self.room.after_save(final.name, size, time.monotonic() - started, returning)

@@ -338,7 +338,8 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
             for group in micro_batch_groups(run, epoch, state.sample_offset):
                 try:
                     result = run.stepper.step(group, state.step + 1, stop.vote)
-                except NonFiniteStep as broken:
+                except NonFiniteStep as broken:  # on every rank (the step's loss and norm are global)
+                    run.checkpointer.complete_pending()  # --async_save: the last good checkpoint, published
                     raise _diverged_error(broken, run.cfg, saving) from None
                 if run.peers is not None:
                     run.peers.progressed()
@@ -395,6 +396,7 @@ def _stop(run: Run, stop: StopRequest, state: RunningState, saved: bool) -> None
     nothing to save), then raise :class:`StoppedBySignal` on every rank."""
     if not saved:
         log.info("saved checkpoint %s", run.checkpointer.save(state))
+    run.checkpointer.complete_pending()  # --async_save: the stop's checkpoint is published before the run leaves
     stopped, seconds = stop.stopped(state.step, run.stepper.device)
     log.warning("stopped by %s after step %d of %d, %.1f s after the signal, exit code %d: resume with "
                 "--load_checkpoint latest", stopped.signal_name, state.step, run.plan.total_steps, seconds,

@@ -92,6 +92,7 @@ class PeerWatch:
         self.store = connect()
         self.store.add(str(rank), 1)  # the first beat, before any rank reads it (a get waits for its key)
         self._answered_at = self._progressed_at = time.monotonic()
+        self._failures, self._failed_at, self._retry_at = 0, 0.0, 0.0  # the store's failures in a row; back-off
         self._signals_read, self.signal_fd = os.pipe()  # signal.set_wakeup_fd(signal_fd): Python writes signals there
         os.set_blocking(self.signal_fd, False)
         # (signal numbers, callback) while listening; set and cleared by one assignment (atomic), no lock
@@ -198,10 +199,18 @@ class PeerWatch:
 
     def _beat(self, sighting: Sighting, armed_by: Optional[int]) -> Optional[Silence]:
         """Raise this rank's counter; while listening (``armed_by`` not None: the stop signal that came, 0 if none),
-        read the verdict and the watched rank's counter. A store that failed is connected again."""
+        read the verdict and the watched rank's counter. A store that failed is connected again, and asked again
+        after a back-off (torch prints a C++ stack trace for each failed call), or at once where its silence would
+        decide."""
+        now = time.monotonic()
+        if now < self._retry_at and not (armed_by is not None and self._store_silent(now) and self._stuck(now)):
+            return None
         try:
             self.store.add(str(self.rank), 1)
             now = self._answered_at = time.monotonic()
+            if self._failures:
+                log.warning("the launcher's store answers again after %.0f s: heartbeat resumed", now - self._failed_at)
+                self._failures, self._retry_at = 0, 0.0
             if armed_by is None:
                 return None
             if self.store.check([VERDICT]):
@@ -211,17 +220,30 @@ class PeerWatch:
                 return None
             self.store.set(VERDICT, str(self.watched))
             return Silence(armed_by, self.watched, seen_here=True)
-        except Exception:  # noqa: BLE001 - the store did not answer (the launcher gone, or a network blip)
+        except Exception as err:  # noqa: BLE001 - the store did not answer (the launcher gone, or a network blip)
             if self._stopped:
                 return None
-            try:
-                self.store = self.connect()
-            except Exception:  # noqa: BLE001 - still unreachable: tried again at the next beat
-                pass
+            self._store_failed(err)
             now = time.monotonic()
-            if armed_by is not None and now - self._answered_at >= self.silence_s and self._stuck(now):
+            if armed_by is not None and self._store_silent(now) and self._stuck(now):
                 return Silence(armed_by, None, seen_here=True)
             return None
+
+    def _store_failed(self, err: Exception) -> None:
+        """Connect again (once), and ask again after a back-off: twice the last, from a beat up to the silence."""
+        if not self._failures:
+            self._failed_at = time.monotonic()
+            log.warning("the launcher's store does not answer (%s): heartbeat paused, asked again every %g s at "
+                        "most", str(err).splitlines()[0][:200], self.silence_s)
+        self._failures += 1
+        try:
+            self.store = self.connect()
+        except Exception:  # noqa: BLE001 - still unreachable: tried again after the back-off
+            pass
+        self._retry_at = time.monotonic() + min(self.silence_s, self.beat_s * 2 ** self._failures)
+
+    def _store_silent(self, now: float) -> bool:
+        return now - self._answered_at >= self.silence_s
 
     def _stuck(self, now: float) -> bool:
         """Whether this rank's training has not moved for ``silence_s``."""

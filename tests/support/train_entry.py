@@ -12,6 +12,8 @@ Fault injection (tests of crash safety), read from the environment:
 - ``CL_TEST_FREEZE_AT_STEP=S``: rank 1 stops itself (SIGSTOP: every thread, its heartbeat too) right after step
   S, in torchrun's first incarnation of the workers only: what a rank whose peer died sees under NCCL (the
   collective never completes), or a machine that hangs.
+- ``CL_TEST_PUBLISH_LATE=1``: every checkpoint is published at the next save (or the run's end), as with
+  ``--async_save``, its files written plainly (colossalai's background writer needs CUDA).
 - ``CL_TEST_SLOW_STEP_S=T``: every rank waits T seconds after logging each step (time for a test to send a signal
   between a step and what follows it: validation, a checkpoint save, the next step).
 - ``CL_TEST_SLOW_DELETE_S=T``: every folder deletion of the save dir's trash takes T seconds more (the deletion of
@@ -81,6 +83,26 @@ def _install_freeze_at_step(step: int) -> None:
     _after_each_step(freeze)
 
 
+def _install_publish_late() -> None:
+    from colossal_llama.training import checkpoint
+
+    init, save_optimizer = checkpoint.Checkpointer.__init__, checkpoint.Checkpointer._save_optimizer
+
+    def init_late(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        self.async_save = True
+
+    def save_optimizer_plainly(self, directory: Path) -> None:
+        self.async_save = False
+        try:
+            save_optimizer(self, directory)
+        finally:
+            self.async_save = True
+
+    checkpoint.Checkpointer.__init__ = init_late
+    checkpoint.Checkpointer._save_optimizer = save_optimizer_plainly
+
+
 def _install_slow_steps(seconds: float) -> None:
     import time
 
@@ -114,6 +136,8 @@ def main() -> None:
         _install_die_at_step(int(os.environ["CL_TEST_DIE_AT_STEP"]))
     if os.environ.get("CL_TEST_FREEZE_AT_STEP"):
         _install_freeze_at_step(int(os.environ["CL_TEST_FREEZE_AT_STEP"]))
+    if os.environ.get("CL_TEST_PUBLISH_LATE"):
+        _install_publish_late()
     if os.environ.get("CL_TEST_SLOW_STEP_S"):
         _install_slow_steps(float(os.environ["CL_TEST_SLOW_STEP_S"]))
     if os.environ.get("CL_TEST_SLOW_DELETE_S"):
