@@ -485,6 +485,23 @@ def test_sampler_splits_each_global_batch_across_ranks_and_resumes_exactly():
     assert resumed == ranks[1][2:] and len(StepBatchSampler(dp_rank=1, start_offset=8, **common)) == 2
 
 
+def test_a_resume_with_another_global_batch_walks_full_batches_to_the_epochs_end():
+    """Saved after 40 samples with a global batch of 8, resumed with 12 (more machines): full batches from sample
+    40 on, the last one ending at 88 (100 > 96), where the epoch ends. The last step's ranks got short or empty
+    micro-batches (the collator fails on an empty one, on those ranks only)."""
+    from colossal_llama.training.data import ends_epoch
+
+    common = dict(bucket_sizes=[50, 46], micro_batch=2, accumulation_steps=3, dp_size=2, seed=5, shuffle_buckets=True,
+                  start_offset=40)
+    ranks = [list(StepBatchSampler(dp_rank=r, **common)) for r in range(2)]
+    assert all(len(micro) == 2 for rank in ranks for micro in rank)
+    assert [len(rank) for rank in ranks] == [len(StepBatchSampler(dp_rank=0, **common))] * 2 == [4 * 3] * 2
+    order = epoch_order([50, 46], 5, 0, True)
+    assert sorted(i for rank in ranks for micro in rank for i in micro) == sorted(order[40:88])
+    assert not ends_epoch(76, 12, 96) and ends_epoch(88, 12, 96) and ends_epoch(96, 8, 96)
+    assert not ends_epoch(88, 8, 96)
+
+
 # ------------------------------------------------------------------------------------------------ collation, masks
 def test_attention_comes_from_lengths_so_real_eos_stays_visible():
     eos = 2  # pad == eos, as in many tokenizers

@@ -268,7 +268,7 @@ class StepBatchSampler:
     seed: int
     shuffle_buckets: bool
     epoch: int = 0
-    start_offset: int = 0  # samples of this epoch already consumed (multiple of the global batch)
+    start_offset: int = 0  # samples of this epoch already consumed (a multiple of the global batch it was saved with)
     mixture: Optional[Mixture] = None  # weighted draws (--dataset DIR:W, --category_weights), same bucket sizes
 
     @property
@@ -276,22 +276,32 @@ class StepBatchSampler:
         return self.micro_batch * self.accumulation_steps * self.dp_size
 
     @property
+    def epoch_samples(self) -> int:
+        return int(sum(self.bucket_sizes))
+
+    @property
     def steps_per_epoch(self) -> int:
-        return int(sum(self.bucket_sizes)) // self.global_batch
+        return self.epoch_samples // self.global_batch
 
     @property
     def dropped_per_epoch(self) -> int:
-        return int(sum(self.bucket_sizes)) - self.steps_per_epoch * self.global_batch
+        return self.epoch_samples - self.steps_per_epoch * self.global_batch
 
     def __iter__(self) -> Iterator[List[int]]:
         order = (self.mixture.epoch_order(self.seed, self.epoch, self.shuffle_buckets) if self.mixture is not None
                  else epoch_order(self.bucket_sizes, self.seed, self.epoch, self.shuffle_buckets))
         g, b = self.global_batch, self.micro_batch
-        for step_start in range(self.start_offset, self.steps_per_epoch * g, g):
+        # full global batches only; from an offset that is no multiple of g (resumed with another global batch)
+        for step_start in range(self.start_offset, self.epoch_samples - g + 1, g):
             for m in range(self.accumulation_steps):
                 first = step_start + (m * self.dp_size + self.dp_rank) * b
                 yield order[first:first + b].tolist()
 
     def __len__(self) -> int:
-        remaining_steps = self.steps_per_epoch - self.start_offset // self.global_batch
+        remaining_steps = (self.epoch_samples - self.start_offset) // self.global_batch
         return max(0, remaining_steps) * self.accumulation_steps
+
+
+def ends_epoch(sample_offset: int, global_batch: int, epoch_samples: int) -> bool:
+    """Whether no full global batch is left in an epoch of ``epoch_samples`` after ``sample_offset``."""
+    return sample_offset + global_batch > epoch_samples

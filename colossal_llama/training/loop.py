@@ -19,7 +19,7 @@ from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTa
                                                 resolve_load_target, verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
-from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler
+from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler, ends_epoch
 from colossal_llama.training.inputs import RunInputs, epoch_order_changes, epoch_order_inputs, load_inputs
 from colossal_llama.training.disk_space import CheckpointRoom, checkpoint_estimate
 from colossal_llama.training.distributed import (host_memory_peaks_gib, init_distributed, on_rank0, setup_logging,
@@ -348,7 +348,7 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
                 metrics.record(StepStats(state.step, epoch, result.loss, result.lr, result.grad_norm, result.tokens,
                                          result.seconds, result.category_tokens))
                 state.category_tokens = metrics.category_totals()
-                epoch_done = state.sample_offset >= plan.steps_per_epoch * state.global_batch
+                epoch_done = ends_epoch(state.sample_offset, state.global_batch, plan.epoch_samples)
                 if epoch_done:  # the next step starts the next epoch at its first sample
                     state.epoch, state.sample_offset = epoch + 1, 0
                 _after_step(run, state, metrics, epoch_done, result.stop_votes > 0, stop, saving)

@@ -38,6 +38,10 @@ class RunPlan:
     num_parameters: int
     trainable_parameters: int
 
+    @property
+    def epoch_samples(self) -> int:
+        return self.steps_per_epoch * self.global_batch + self.dropped_per_epoch
+
 
 def write_run_config(cfg: TrainConfig, plan: RunPlan, path: Path) -> None:
     """Atomically write the resolved flags and the plan as JSON."""
