@@ -304,7 +304,7 @@ def test_checkpoints_published_late_hold_their_own_position_and_a_stop_publishes
     checkpoint's running_states.json must hold its own step (it held the next save's: the loop goes on changing
     the state after a save), and the checkpoint of a stop must be published before the run leaves (it stayed a
     .tmp- folder, deleted by the next run). SIGTERM to torchrun after step 4 stops both ranks at step 5; the resumed
-    run equals the uninterrupted one bit for bit."""
+    run, whose rank 1 sees a stale listing of the save dir, equals the uninterrupted one bit for bit."""
     save_dir = tmp_path / "ckpt"
     args = reference_runs.args("ddp", save_dir, "--rank_silence_s", "1.5")
     env = {"CL_TEST_PUBLISH_LATE": "1", "CL_TEST_SLOW_STEP_S": "2", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
@@ -324,7 +324,9 @@ def test_checkpoints_published_late_hold_their_own_position_and_a_stop_publishes
     reference = reference_runs["ddp"] / f"epoch-0_step-{SAVE_INTERVAL}" / "running_states.json"
     assert published[f"epoch-0_step-{SAVE_INTERVAL}"] == json.loads(reference.read_text())  # published at step 5
     assert published[f"epoch-0_step-{stop_step}"]["step"] == stop_step
-    resumed = train_ok(tmp_path, "resumed", args + LATEST).read_text()
+    # rank 1 lists the save dir as it was before step 5's checkpoint (another machine's stale view): rank 0's
+    # "latest" is every rank's
+    resumed = train_ok(tmp_path, "resumed", args + LATEST, env={"CL_TEST_STALE_LISTING": "1"}).read_text()
     assert f"resumed from {save_dir / f'epoch-0_step-{stop_step}'}" in resumed
     assert_bitwise_equal(reference_runs["ddp"], save_dir)
 

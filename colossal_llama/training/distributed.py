@@ -140,21 +140,22 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def on_rank0(fn: Callable[[], T]) -> Optional[T]:
+def on_rank0(fn: Callable[[], T], shared: bool = False) -> Optional[T]:
     """Collective: run ``fn`` on global rank 0 only; a :class:`UserInputError` there is raised on every rank with
     the same message (so all ranks stop together with one clear line instead of hanging in the next collective).
-    Returns ``fn``'s result on rank 0 and None elsewhere."""
+    Returns ``fn``'s result on rank 0 and None elsewhere; ``shared``: rank 0's result on every rank (pickled), for
+    what every rank must see alike (on a shared filesystem another machine's listing of a folder may lag)."""
     result, message = None, None
     if dist.get_rank() == 0:
         try:
             result = fn()
         except UserInputError as err:
             message = str(err)
-    box = [message]
+    box = [message, result if shared else None]
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise UserInputError(box[0])
-    return result
+    return box[1] if shared else result
 
 
 def host_memory_peaks_gib(device: torch.device) -> tuple[float, int, float]:

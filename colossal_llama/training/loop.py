@@ -72,10 +72,16 @@ def claim(cfg: TrainConfig, trash: Trash) -> tuple[Optional[LoadTarget], Optiona
     it removes goes to ``trash``); then --load_checkpoint is resolved and a checkpoint to resume is checked for
     damaged files; what it holds must agree with this run's --lora_rank and be of --pretrained's shapes."""
     save_dir = Path(cfg.save_dir)
-    target = resolve_load_target(cfg.load_checkpoint, save_dir)
-    resuming = cfg.load_checkpoint == "latest" or (target is not None and target.kind == "resume")
-    lock = on_rank0(lambda: claim_save_dir(save_dir, resuming, cfg.overwrite, trash))
-    target = resolve_load_target(cfg.load_checkpoint, save_dir)  # "latest" must not see what --overwrite removed
+
+    def lock_save_dir() -> SaveDirLock:
+        target = resolve_load_target(cfg.load_checkpoint, save_dir)
+        resuming = cfg.load_checkpoint == "latest" or (target is not None and target.kind == "resume")
+        return claim_save_dir(save_dir, resuming, cfg.overwrite, trash)
+
+    lock = on_rank0(lock_save_dir)
+    # after the claim ("latest" must not see what --overwrite removed); rank 0's answer for all: the ranks of
+    # another machine may list the save dir as it was before the newest checkpoint was published
+    target = on_rank0(lambda: resolve_load_target(cfg.load_checkpoint, save_dir), shared=True)
     if target is not None and target.kind == "resume":
         on_rank0(lambda: verify_checkpoint(target.path))
     if target is not None:

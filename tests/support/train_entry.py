@@ -14,6 +14,8 @@ Fault injection (tests of crash safety), read from the environment:
   collective never completes), or a machine that hangs.
 - ``CL_TEST_PUBLISH_LATE=1``: every checkpoint is published at the next save (or the run's end), as with
   ``--async_save``, its files written plainly (colossalai's background writer needs CUDA).
+- ``CL_TEST_STALE_LISTING=1``: every rank but 0 sees the save dir as it was long ago: its oldest complete
+  checkpoint is the newest (a shared filesystem's cached listing on another machine).
 - ``CL_TEST_SLOW_STEP_S=T``: every rank waits T seconds after logging each step (time for a test to send a signal
   between a step and what follows it: validation, a checkpoint save, the next step).
 - ``CL_TEST_SLOW_DELETE_S=T``: every folder deletion of the save dir's trash takes T seconds more (the deletion of
@@ -103,6 +105,13 @@ def _install_publish_late() -> None:
     checkpoint.Checkpointer._save_optimizer = save_optimizer_plainly
 
 
+def _install_stale_listing() -> None:
+    from colossal_llama.training import checkpoint
+
+    if os.environ.get("RANK", "0") != "0":
+        checkpoint.latest_checkpoint = lambda save_dir: next(iter(checkpoint.complete_checkpoints(save_dir)), None)
+
+
 def _install_slow_steps(seconds: float) -> None:
     import time
 
@@ -138,6 +147,8 @@ def main() -> None:
         _install_freeze_at_step(int(os.environ["CL_TEST_FREEZE_AT_STEP"]))
     if os.environ.get("CL_TEST_PUBLISH_LATE"):
         _install_publish_late()
+    if os.environ.get("CL_TEST_STALE_LISTING"):
+        _install_stale_listing()
     if os.environ.get("CL_TEST_SLOW_STEP_S"):
         _install_slow_steps(float(os.environ["CL_TEST_SLOW_STEP_S"]))
     if os.environ.get("CL_TEST_SLOW_DELETE_S"):
