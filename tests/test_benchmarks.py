@@ -101,3 +101,14 @@ def test_sft_templates_benchmark_prepares_the_same_conversations_with_each_templ
     assert [name for name, *_ in rows] == ["llama2", "llama3", "tokenizer"], out.stdout
     assert len({conversations for _, conversations, _, _ in rows}) == 1 and rows[0][1] != "0"  # the same rows
     assert rows[1][3] == "1.00" and all(int(tokens.replace(",", "")) > 0 for _, _, tokens, _ in rows)
+
+
+def test_plan_memory_benchmark_prints_bytes_per_document_for_each_size():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plan_memory.py"), "--documents", "20000", "80000"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^\| ([\d,]+) \| ([\d,]+) \| \d+ MB \((\d+)\) \| \d+ MB \((\d+)\) \| ([\d,]+) \|", out.stdout, re.M)
+    assert [r[0] for r in rows] == ["20,000", "80,000"], out.stdout
+    for documents, tokens, _table, _peak, pieces in rows:
+        assert int(pieces.replace(",", "")) >= int(documents.replace(",", ""))  # a piece per document at least
+

@@ -164,6 +164,49 @@ def test_same_seed_is_byte_identical_also_with_two_processes(prepared, inputs, m
     assert [k for k in first if first[k] != second[k]] == []
 
 
+FEW_OPEN_FILES = """
+import json, resource, sys
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # soft and hard: the process may not raise it
+from colossal_llama.dataset import records
+records.BATCH_LINES = 16  # read 16 lines at a time, so that blocks can be small
+from colossal_llama.dataset import token_cache
+from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
+from colossal_llama.dataset.pipeline import prepare_pretrain
+token_cache.FIRST_BLOCK_BYTES = token_cache.RAW_BLOCK_BYTES = 8 << 10  # many small token files
+caches, close = [], token_cache.TokenCache.close
+def closing(self):
+    caches.append({"token_files": len(self.paths), "capacity": self._open.capacity, "opened": self._open.opened})
+    close(self)
+token_cache.TokenCache.close = closing
+inputs, tokenizer, out, max_length, num_bins = json.loads(sys.argv[1])
+prepare_pretrain(PretrainPrepConfig(input_dirs=[Path(p) for p in inputs], tokenizer_dir=Path(tokenizer),
+                                    output=OutputLayout.under(Path(out)), max_length=max_length, num_bins=num_bins,
+                                    strict=False, seed=1, num_proc=1))
+print(json.dumps(caches[-1]))
+"""
+
+
+def test_a_cache_of_more_token_files_than_a_process_may_open_is_read_with_a_bounded_pool(prepared, inputs,
+                                                                                          mistral_dir, tmp_path):
+    """100 B tokens make tens of thousands of token files; each held a descriptor until the parts were written, and
+    a run past the limit of open files (ulimit -n, often 1024) failed with 'Too many open files' after hours of
+    tokenising. Here: a limit of 64 (soft and hard) and 8 KiB blocks; the descriptors are a pool of what the limit
+    allows (the least recently read closed first), and the parts equal those of a run with 4 MiB blocks."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "few_open_files"
+    argv = json.dumps([[str(p) for p in inputs], str(mistral_dir), str(out), MAX_LENGTH, NUM_BINS])
+    done = subprocess.run([sys.executable, "-c", FEW_OPEN_FILES, argv], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cache = json.loads(done.stdout.strip().splitlines()[-1])
+    assert cache["token_files"] > 64 > cache["capacity"] and cache["opened"] > cache["token_files"], cache
+    first, second = _files(prepared), _files(out)
+    assert first.keys() == second.keys() and [k for k in first if first[k] != second[k]] == []
+
+
 def test_other_seed_reorders_but_keeps_every_token(prepared, inputs, mistral_dir, tmp_path):
     other = _prepare(inputs, mistral_dir, tmp_path / "seed2", seed=2)
     base = json.loads((prepared / "manifest.json").read_text())

@@ -3,18 +3,22 @@
     row batches (streaming) -> raw blocks (Arrow, 1, 2, then 4 MiB of input each; up to 64 MiB with workers)
     -> Dataset.map(num_proc) -> token files (Arrow)
 
-Only per-document metadata is held in memory (:class:`DocTable`: numpy arrays, ~40 bytes a document); token ids
-and labels stay in the token files (Arrow, memory-mapped to read the metadata and locate the token buffers) until
-the parts are written, which read each piece with a positional read, so the resident memory of a run does not
-grow with its size. Each raw block is deleted once tokenised.
+Only per-document metadata is held in memory (:class:`DocTable`: numpy arrays, ~40 bytes a document; ~126 at the
+peak while packing is planned: benchmarks/plan_memory.py); token ids and labels stay in the token files (Arrow,
+memory-mapped to read the metadata and locate the token buffers) until the parts are written, which read each
+piece with a positional read, so the resident memory of a run does not grow with its tokens. Each raw block is
+deleted once tokenised.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import mmap
 import os
 import queue
+import resource
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +94,6 @@ class _TokenFile:
         self.chunks: list[tuple[int, int, np.ndarray]] = []  # (ids position, labels position or -1, doc offsets)
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             self._index(mapped)
-        self.fd = os.open(path, os.O_RDONLY)
 
     def _index(self, mapped: mmap.mmap) -> None:
         buffer = pa.py_buffer(mapped)
@@ -111,8 +114,45 @@ class _TokenFile:
             raise RuntimeError(f"{self.path}: token buffer not read in place from the file")
         return position
 
+
+def open_files_allowed() -> int:
+    """How many files this process may have open: the soft limit raised to the hard one first (a cache of 100 B
+    tokens has tens of thousands of token files; the usual soft limit is 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return sys.maxsize if soft == resource.RLIM_INFINITY else soft
+
+
+class _OpenFiles:
+    """Read-only descriptors of ``paths``, at most ``capacity`` open at a time (the least recently read one
+    closed first): all of them while they fit, so each is opened once."""
+
+    def __init__(self, paths: list[Path], capacity: int):
+        self.paths, self.capacity = paths, max(1, capacity)
+        self._open: collections.OrderedDict[int, int] = collections.OrderedDict()  # file index -> fd
+        self.opened = 0  # opens so far (one per file when they all fit)
+
+    @property
+    def fits_all(self) -> bool:
+        return self.capacity >= len(self.paths)
+
+    def fd(self, index: int) -> int:
+        fd = self._open.get(index)
+        if fd is not None:
+            self._open.move_to_end(index)
+            return fd
+        if len(self._open) >= self.capacity:
+            os.close(self._open.popitem(last=False)[1])
+        fd = self._open[index] = os.open(self.paths[index], os.O_RDONLY)
+        self.opened += 1
+        return fd
+
     def close(self) -> None:
-        os.close(self.fd)
+        while self._open:
+            os.close(self._open.popitem()[1])
 
 
 class TokenCache:
@@ -125,8 +165,12 @@ class TokenCache:
     def __init__(self, paths: list[Path], categories: list[str], category_codes: np.ndarray, files: list[Path]):
         self.paths = list(paths)
         self._files = [_TokenFile(p) for p in self.paths]
-        chunks = [(f.fd, *chunk) for f in self._files for chunk in f.chunks]
-        self._chunk_fd = np.array([c[0] for c in chunks], dtype=np.int64)
+        # a quarter of the allowance stays free for the rest of the process (the parts being written, datasets)
+        self._open = _OpenFiles(self.paths, open_files_allowed() // 4 * 3 - 64)
+        # all open at once where they fit: a list lookup per piece read, not the pool's bookkeeping
+        self._fds = [self._open.fd(i) for i in range(len(self.paths))] if self._open.fits_all else None
+        chunks = [(i, *chunk) for i, f in enumerate(self._files) for chunk in f.chunks]
+        self._chunk_file = np.array([c[0] for c in chunks], dtype=np.int64)
         self._ids_position = np.array([c[1] for c in chunks], dtype=np.int64)
         self._labels_position = np.array([c[2] for c in chunks], dtype=np.int64)
         self._first_doc = np.cumsum([0] + [len(c[3]) for c in chunks], dtype=np.int64)
@@ -144,29 +188,29 @@ class TokenCache:
         """Token ids and labels of the pieces ``(doc, start, length)``, concatenated in order."""
         chunk = np.searchsorted(self._first_doc, doc, side="right") - 1
         skip = 4 * (self._value_offset[doc] + start)
-        fds, sizes = self._chunk_fd[chunk].tolist(), (4 * length).tolist()
-        ids = self._read(fds, (self._ids_position[chunk] + skip).tolist(), sizes)
+        files, sizes = self._chunk_file[chunk].tolist(), (4 * length).tolist()
+        ids = self._read(files, (self._ids_position[chunk] + skip).tolist(), sizes)
         if self._stored_labels:
-            return ids, self._read(fds, (self._labels_position[chunk] + skip).tolist(), sizes)
+            return ids, self._read(files, (self._labels_position[chunk] + skip).tolist(), sizes)
         piece_start = np.cumsum(length) - length
         position = np.arange(len(ids), dtype=np.int64) - np.repeat(piece_start, length)  # in the piece
         masked = position < np.repeat(self.docs.trained_from[doc] - start, length)
         return ids, np.where(masked, np.int32(IGNORE_INDEX), ids)
 
-    @staticmethod
-    def _read(fds: list[int], positions: list[int], sizes: list[int]) -> np.ndarray:
-        """The int32 values at byte ``positions[i]`` (``sizes[i]`` bytes) of file ``fds[i]``, concatenated."""
+    def _read(self, files: list[int], positions: list[int], sizes: list[int]) -> np.ndarray:
+        """The int32 values at byte ``positions[i]`` (``sizes[i]`` bytes) of token file ``files[i]``, concatenated."""
         values = np.empty(sum(sizes) // 4, dtype=np.int32)
         view, out = memoryview(values).cast("B"), 0
-        for fd, position, n in zip(fds, positions, sizes):
-            if os.preadv(fd, [view[out: out + n]], position) != n:
-                raise RuntimeError(f"token cache: short read at byte {position} (was a cache file changed?)")
+        fd_of = self._fds.__getitem__ if self._fds is not None else self._open.fd
+        for file, position, n in zip(files, positions, sizes):
+            if os.preadv(fd_of(file), [view[out: out + n]], position) != n:
+                raise RuntimeError(f"token cache: short read at byte {position} of {self.paths[file]} (was a cache "
+                                   "file changed?)")
             out += n
         return values
 
     def close(self) -> None:
-        for token_file in self._files:
-            token_file.close()
+        self._open.close()
 
 
 _DONE = object()
