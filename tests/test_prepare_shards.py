@@ -59,6 +59,30 @@ def test_two_shards_hold_exactly_the_documents_and_tokens_of_one_run(runs):
         assert s.counts.tokens_in == s.counts.tokens_out
 
 
+def test_shards_that_read_other_input_files_are_refused(runs, mistral_dir, tmp_path):
+    """Each shard takes the lines (file index + line) % N: a shard prepared from another set of files (a machine's
+    copy without one file) shifts every later file's index, so both shards took the same lines of some documents
+    and neither the others, and training read them without a word. A shard folder renamed is refused too."""
+    import shutil
+
+    fewer = tmp_path / "fewer"
+    shutil.copytree(runs["inputs"], fewer)
+    (fewer / "en_novel_botchan.jsonl").unlink()
+    root = runs["root"]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(root / "two" / "shard-00000-of-00002", mixed / "shard-00000-of-00002")
+    _prepare(fewer, mistral_dir, mixed, Shard(1, 2))
+    with pytest.raises(UserInputError, match=r"shard-00001-of-00002/manifest.json: inputs: 2 files, [\d,]+ bytes, "
+                                             r"but shard-00000-of-00002 read 3 files, [\d,]+ bytes"):
+        resolve_parts(mixed)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(root / "two" / "shard-00000-of-00002", renamed / "shard-00000-of-00002")
+    shutil.copytree(root / "two" / "shard-00000-of-00002", renamed / "shard-00001-of-00002")
+    with pytest.raises(UserInputError, match=r"shard_index, num_shards: 0, 2, not the folder's 1, 2"):
+        resolve_parts(renamed)
+    assert len(resolve_parts(root / "two")) == 2 * BINS  # the shards of one run: read
+
+
 def test_training_buckets_are_the_union_of_each_shards_part(runs):
     root, two = runs["root"], runs["two"]
     parts, manifests = collect_parts(expand_dataset_args([str(root / "two")]))

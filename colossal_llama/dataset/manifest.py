@@ -5,6 +5,8 @@ It is written last (atomically): its presence means the output is complete. Read
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,40 @@ class PartEntry:
                 "num_tokens": self.num_tokens, "per_category": dict(sorted(self.per_category.items()))}
 
 
+@dataclass(frozen=True)
+class InputFiles:
+    """The input files a preparation read, in their order: the shards of one output must all have read the same,
+    since each takes the lines ``(file index + line) % num_shards == shard index``."""
+
+    files: int
+    bytes: int
+    fingerprint: str  # sha256 of each file's name (within its --data_input_dirs entry) and size, in order
+
+    def to_json(self) -> dict:
+        return {"files": self.files, "bytes": self.bytes, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def of(cls, files: list[Path], input_dirs: list[Path]) -> "InputFiles":
+        digest, total = hashlib.sha256(), 0
+        for path in files:
+            size = path.stat().st_size
+            digest.update(f"{_name_within(path, input_dirs)}\t{size}\n".encode())
+            total += size
+        return cls(len(files), total, digest.hexdigest())
+
+    def describe(self) -> str:
+        return f"{self.files} files, {self.bytes:,} bytes"
+
+
+def _name_within(path: Path, input_dirs: list[Path]) -> str:
+    """``path`` relative to the --data_input_dirs entry it was found under (its name when it was given itself): a
+    machine may hold the same files under another folder."""
+    for folder in input_dirs:
+        with contextlib.suppress(ValueError):
+            return path.relative_to(folder).as_posix() if path != Path(folder) else path.name
+    return path.name
+
+
 @dataclass
 class Manifest:
     kind: str                          # "pretrain" | "sft"
@@ -52,6 +88,7 @@ class Manifest:
     holdout_fraction: float = 0.0
     eval_dir: str | None = None        # folder (beside arrow/) of the held-out parts, when there are any
     eval_parts: list[PartEntry] = field(default_factory=list)
+    inputs: InputFiles | None = None   # what was read (None: an output older than this record)
     format_version: int = FORMAT_VERSION
 
     def split_parts(self, split: str) -> list[PartEntry]:
@@ -67,7 +104,7 @@ class Manifest:
             "shard_index": self.shard_index, "num_shards": self.num_shards,
             "holdout_fraction": self.holdout_fraction, "eval_dir": self.eval_dir,
             "parts": [p.to_json() for p in self.parts], "eval_parts": [p.to_json() for p in self.eval_parts],
-            "counts": self.counts.to_json(),
+            "counts": self.counts.to_json(), "inputs": self.inputs.to_json() if self.inputs else None,
         }
 
     def write(self, path: Path) -> None:
@@ -90,6 +127,10 @@ class Manifest:
             eval_parts = [PartEntry(**p) for p in data.get("eval_parts", [])]
         except TypeError as err:
             raise UserInputError(f"{path}: parts: malformed entry ({err})") from None
+        try:
+            inputs = InputFiles(**data["inputs"]) if data.get("inputs") else None
+        except TypeError as err:
+            raise UserInputError(f"{path}: inputs: malformed ({err})") from None
         return cls(
             kind=data["kind"], tokenizer_dir=data.get("tokenizer_dir", ""),
             tokenizer_fingerprint=data["tokenizer_fingerprint"], vocab_size=data["vocab_size"],
@@ -98,7 +139,7 @@ class Manifest:
             chat_template=data.get("chat_template"), packing=data.get("packing", data["kind"] == "pretrain"),
             shard_index=data.get("shard_index", 0), num_shards=data.get("num_shards", 1),
             holdout_fraction=data.get("holdout_fraction", 0.0), eval_dir=data.get("eval_dir"),
-            eval_parts=eval_parts, format_version=version,
+            eval_parts=eval_parts, inputs=inputs, format_version=version,
         )
 
     @classmethod

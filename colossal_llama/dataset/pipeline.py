@@ -35,7 +35,7 @@ from colossal_llama.dataset.accounting import count_tokens, format_summary
 from colossal_llama.dataset.chat_templates import ChatTemplate, get_chat_template
 from colossal_llama.dataset.config import (SHARD_DIR, OutputLayout, PrepConfig, PretrainPrepConfig, SFTPrepConfig,
                                           check_one_run_per_folder)
-from colossal_llama.dataset.manifest import EVAL_DIR, Manifest, PartEntry
+from colossal_llama.dataset.manifest import EVAL_DIR, InputFiles, Manifest, PartEntry
 from colossal_llama.dataset.packing import Plan, category_rng, plan_parts
 from colossal_llama.dataset.records import ReadLog, input_files, read_batches
 from colossal_llama.dataset.token_cache import DocTable, TokenCacheBuilder
@@ -253,7 +253,7 @@ def _prepare(config: PrepConfig, template: ChatTemplate | None) -> PrepSummary:
             counts=counts, chat_template=template.to_manifest() if template is not None else None,
             packing=config.packs, shard_index=config.shard.index, num_shards=config.shard.count,
             holdout_fraction=config.holdout_fraction, eval_dir=EVAL_DIR if eval_parts else None,
-            eval_parts=_entries(eval_parts),
+            eval_parts=_entries(eval_parts), inputs=InputFiles.of(files, config.input_dirs),
         )
         pids = cache.tokenize_pids
         cache.close()

@@ -55,7 +55,31 @@ def _shards(root: Path) -> list[Path]:
             missing = root / SHARD_DIR_FORMAT.format(index=index, count=count)
             raise UserInputError(f"{missing}: shard {index} of {count} is missing (prepare it with --shard_index "
                                  f"{index}, or name the shard folders you want one by one)")
-    return [found[(index, count)] for index in range(count)]
+    shards = [found[(index, count)] for index in range(count)]
+    _check_shards_belong_together(shards, count)
+    return shards
+
+
+def _check_shards_belong_together(shards: list[Path], count: int) -> None:
+    """Each shard's manifest is of its folder's shard, and all read the same input files: shards prepared from
+    other files (a machine's copy incomplete, one shard prepared again after the inputs changed) would hold some
+    documents twice and others not at all. Shards not yet complete are left to the reader of their parts."""
+    manifests = {shard: read_manifest(shard / "manifest.json") for shard in shards
+                 if (shard / "manifest.json").is_file()}
+    for index, shard in enumerate(shards):
+        manifest = manifests.get(shard)
+        if manifest is not None and (manifest.shard_index, manifest.num_shards) != (index, count):
+            raise UserInputError(f"{shard / 'manifest.json'}: shard_index, num_shards: {manifest.shard_index}, "
+                                 f"{manifest.num_shards}, not the folder's {index}, {count} (a folder renamed?)")
+    recorded = [(shard, m.inputs) for shard, m in manifests.items() if m.inputs is not None]
+    for shard, inputs in recorded[1:]:
+        first, first_inputs = recorded[0]
+        if inputs != first_inputs:
+            raise UserInputError(
+                f"{shard / 'manifest.json'}: inputs: {inputs.describe()}, but {first.name} read "
+                f"{first_inputs.describe()} (names or sizes differ): every shard of one output must read the same "
+                "--data_input_dirs (each takes its lines of every file); prepare the shards again from one set of "
+                "files")
 
 
 def _output_parts(root: Path, split: str) -> list[Path]:
