@@ -108,6 +108,36 @@ def test_sft_strict_error_names_file_line_field(reason, tmp_path, chats, mistral
     assert message == f"{path}:3: {problem}"
 
 
+def _unwritable_lines(news, chats) -> dict[str, tuple[bytes, str]]:
+    """Lines that parse but hold text no file can hold (a JSON escape of half a surrogate pair, as web crawls
+    have), or that nest too deeply to parse: before, an encoder's or the parser's traceback, in both modes."""
+    row, msgs = news[5], chats[3]["messages"]
+    cut = row["target"][:5] + "\ud800" + row["target"][5:]
+    reply = {**msgs[1], "content": msgs[1]["content"][:3] + "\udc80"}
+    return {
+        "pretrain_surrogate": (json.dumps({**row, "target": cut}).encode("ascii"),
+                               f"target: a lone surrogate {chr(0xD800)!r} at character 6 (not encodable as UTF-8)"),
+        "pretrain_nested": (b"[" * 100_000, "invalid JSON (nested too deeply)"),
+        "sft_surrogate": (json.dumps({"messages": [msgs[0], reply]}).encode("ascii"),
+                          f"messages[1].content: a lone surrogate {chr(0xDC80)!r} at character "
+                          f"{len(msgs[1]['content'][:3]) + 1} (not encodable as UTF-8)"),
+    }
+
+
+@pytest.mark.parametrize("name", ["pretrain_surrogate", "pretrain_nested", "sft_surrogate"])
+def test_text_that_cannot_be_written_is_one_located_error_or_a_counted_skip(name, tmp_path, news, chats, mistral_dir,
+                                                                            capsys):
+    bad, problem = _unwritable_lines(news, chats)[name]
+    main, rows, extra = ((sft_main, chats, ["--llama_version", "2"]) if name.startswith("sft") else
+                         (pretrain_main, news, []))
+    path = _write(tmp_path / "in" / "a.jsonl", [_dumps(rows[0]), _dumps(rows[1]), bad, _dumps(rows[2])])
+    assert _error_line(main, capsys, tmp_path / "in", mistral_dir, tmp_path / "out", *extra) == f"{path}:3: {problem}"
+    _run(main, tmp_path / "in", mistral_dir, tmp_path / "out", "--skip_invalid", *extra)
+    counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
+    reason = "invalid_json" if name == "pretrain_nested" else "not_utf8"
+    assert counts["skipped"] == {reason: 1} and counts["documents_in"] == 3
+
+
 def test_skip_invalid_counts_every_reason(tmp_path, news, chats, mistral_dir):
     bad_pretrain = _bad_pretrain_lines(news)
     lines = [_dumps(r) for r in news[:10]] + [bad for bad, _ in bad_pretrain.values()] + [_dumps(r) for r in news[10:]]

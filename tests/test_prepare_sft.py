@@ -229,6 +229,22 @@ def test_a_template_that_rewrites_history_is_refused(smollm2_dir, conversations)
         template.encode_conversation(messages)
 
 
+def test_a_template_that_trims_the_content_trains_on_what_it_renders(smollm2_dir, conversations):
+    """Llama 3's own template writes ``message['content'] | trim``: a reply with surrounding whitespace is not in
+    the render verbatim, and every such row failed with 'does not render assistant content verbatim'. The trained
+    tokens are the trimmed reply and the end of its turn, as rendered."""
+    tok = load_tokenizer(smollm2_dir)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = get_chat_template("tokenizer", tok)
+    human, reply = next(m for m in conversations.values() if len(m) == 2)
+    padded = [human, {**reply, "content": "  " + reply["content"] + "\n"}]
+    ids, labels = template.encode_conversation(padded)
+    trained = tok.decode([i for i, label in zip(ids, labels) if label != -100])
+    assert trained == reply["content"].strip() + "<|im_end|>"
+    assert template.encode_conversation([human, reply]) == (ids, labels)  # the same tokens as the unpadded reply
+
+
 def test_strict_mode_names_the_broken_real_row(tmp_path, data_dir, mistral_dir, capsys):
     config = SFTPrepConfig(input_dirs=[data_dir / "sft"], tokenizer_dir=mistral_dir,
                            output=OutputLayout.under(tmp_path / "out"), chat_template="llama2")

@@ -31,6 +31,7 @@ import jinja2
 from colossal_llama.tokenizer.loading import plain_backend
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.labels import IGNORE_INDEX
+from colossal_llama.utils.jsonl import not_utf8
 
 SYSTEM, HUMAN, ASSISTANT = "system", "human", "assistant"
 TEMPLATE_NAMES = ("llama2", "llama3", "tokenizer")
@@ -94,6 +95,8 @@ def validate_messages(messages, *, ends_with: str) -> None:
                                "wrong_type")
         if not content.strip():
             raise MessageError(f"{where}.content", "empty content", "empty_content")
+        if (problem := not_utf8(content)) is not None:
+            raise MessageError(f"{where}.content", problem, "not_utf8")
     if messages[-1]["from"] != ends_with:
         raise MessageError(f"messages[{len(messages) - 1}].from",
                            f"conversation must end with a {ends_with!r} turn", "wrong_alternation")
@@ -343,8 +346,12 @@ class TokenizerTemplate(ChatTemplate):
                                      "conversation changes earlier turns); use --llama_version 2 or 3")
             content = messages[j]["content"]
             offset = upto.find(content, len(prompt))
+            if offset < 0:  # a template that trims the content (Llama 3's own: content | trim) trains on what it renders
+                content = content.strip()
+                offset = upto.find(content, len(prompt))
             if offset < 0:
-                raise UserInputError("the tokenizer's chat_template does not render assistant content verbatim")
+                raise UserInputError("the tokenizer's chat_template does not render assistant content verbatim "
+                                     f"(nor stripped of surrounding whitespace): {content[:60]!r}")
             end = offset + len(content)
             tail = upto[end:]
             hits = [tail.index(s) + len(s) for s in self.stop_strings if s in tail]

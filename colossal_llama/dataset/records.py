@@ -29,7 +29,7 @@ from tqdm import tqdm
 from colossal_llama.dataset.chat_templates import ASSISTANT, MessageError, validate_messages
 from colossal_llama.dataset.config import Shard
 from colossal_llama.utils.errors import DataError, UserInputError
-from colossal_llama.utils.jsonl import find_jsonl_files, iter_lines
+from colossal_llama.utils.jsonl import find_jsonl_files, iter_lines, not_utf8
 
 DEFAULT_SFT_CATEGORY = "default"
 EXAMPLES_PER_REASON = 10
@@ -112,6 +112,9 @@ def validate_pretrain_row(row) -> tuple[str, tuple]:
         raise FieldError("target", "empty target (the source is not empty)", "empty_target")
     if not row["category"].strip():
         raise FieldError("category", "empty category", "empty_category")
+    for name in ("source", "target", "category"):
+        if (problem := not_utf8(row[name])) is not None:
+            raise FieldError(name, problem, "not_utf8")
     return row["category"], (row["source"], row["target"])
 
 
@@ -126,6 +129,8 @@ def validate_sft_row(row) -> tuple[str, tuple]:
     category = row.get("category", DEFAULT_SFT_CATEGORY)
     if not category.strip():
         raise FieldError("category", "empty category", "empty_category")
+    if (problem := not_utf8(category)) is not None:
+        raise FieldError("category", problem, "not_utf8")
     return category, (row["messages"],)
 
 
@@ -140,6 +145,8 @@ def _parse_line(raw: bytes):
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise FieldError(None, f"invalid JSON ({err.msg}, column {err.pos + 1})", "invalid_json") from None
+    except RecursionError:
+        raise FieldError(None, "invalid JSON (nested too deeply)", "invalid_json") from None
 
 
 def input_files(input_dirs: list) -> list[Path]:

@@ -149,3 +149,12 @@ def find_jsonl_files(input_dirs: list) -> list:
             raise UserInputError(f"{d}: no jsonl files (looked for {', '.join(JSONL_SUFFIXES)})")
         files.extend(found)
     return files
+
+
+def not_utf8(text: str) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (a lone surrogate from a JSON escape such as ``\\ud800``), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"a lone surrogate {text[err.start]!r} at character {err.start + 1} (not encodable as UTF-8)"
+    return None
