@@ -757,3 +757,70 @@ def test_a_change_of_epoch_order_is_described_in_words():
         ["data 1,247 sequences in 2 buckets -> 1,247 in 2 (other bucket sizes)"]
     assert epoch_order_changes(saved, {**saved, "mixture": [[[0, "news", 600, 1.0]]]}) == \
         ["mixture groups or shares (--category_weights, --dataset weights)"]
+
+
+# ------------------------------------------------------------------------------------------------ metrics on resume
+def _log_steps(save_dir, tb_dir, start_step: int, steps, loss: float) -> None:
+    from colossal_llama.training.metrics import RunMetrics, StepStats
+
+    metrics = RunMetrics(True, save_dir, str(tb_dir), 6, start_step, 100, 1000, False, [], None)
+    for step in steps:
+        metrics.record(StepStats(step, 0, loss, 1e-3, 1.0, 128, 0.1))
+    metrics.close()
+
+
+def test_a_resume_purges_the_crashed_runs_points_after_its_checkpoint(tmp_path):
+    """The crashed run logged steps 1-6, its checkpoint was step 3: the resumed run's steps 4-6 replace its 4-6,
+    in losses.jsonl and in TensorBoard (which showed both before: a line that doubles back)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from colossal_llama.training.metrics import read_loss_log
+
+    _log_steps(tmp_path / "run", tmp_path / "tb", 0, range(1, 7), loss=5.0)
+    _log_steps(tmp_path / "run", tmp_path / "tb", 3, range(4, 7), loss=4.0)
+    assert [(r["step"], r["loss"]) for r in read_loss_log(tmp_path / "run" / "losses.jsonl")] == [
+        (1, 5.0), (2, 5.0), (3, 5.0), (4, 4.0), (5, 4.0), (6, 4.0)]
+    points = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    points.Reload()
+    assert [(e.step, e.value) for e in points.Scalars("train/loss")] == [
+        (1, 5.0), (2, 5.0), (3, 5.0), (4, 4.0), (5, 4.0), (6, 4.0)]
+
+
+def test_a_loss_log_line_cut_short_by_a_crash_is_dropped_with_a_warning(tmp_path, caplog):
+    from colossal_llama.training.metrics import trim_loss_log
+
+    log = tmp_path / "losses.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 5)) + '{"step": 5, "lo')
+    with caplog.at_level("WARNING"):
+        assert trim_loss_log(log, 3) == 2  # step 4, and the torn line
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    assert f"{log}:5: not a record" in caplog.text
+
+
+def _on_rank0_outcomes(ranks) -> list:
+    """What each use of on_rank0 gives on this rank: a result, or the exception's type and message."""
+    from colossal_llama.training.distributed import on_rank0
+
+    def listing():
+        return ["epoch-0_step-6"] if ranks.rank == 0 else ["epoch-0_step-3"]  # another machine's stale view
+
+    def broken():
+        raise OSError(38, "Function not implemented")  # flock on a filesystem mounted without it
+
+    outcomes = [on_rank0(listing, shared=True), on_rank0(listing)]
+    try:
+        on_rank0(broken)
+    except Exception as err:  # noqa: BLE001
+        outcomes.append((type(err).__name__, str(err)))
+    return outcomes
+
+
+def test_rank0s_answer_is_every_ranks_and_its_failure_too():
+    """What every rank must see alike comes from rank 0 (shared=True); a failure there that is not a user error
+    (an OSError) is raised on every rank: before, the others waited for rank 0 in their next collective."""
+    from tests.support.gloo_world import run_in_gloo_world
+
+    rank0, rank1 = run_in_gloo_world(_on_rank0_outcomes, 2)
+    assert rank0[:2] == [["epoch-0_step-6"], ["epoch-0_step-6"]] and rank1[:2] == [["epoch-0_step-6"], None]
+    assert rank0[2] == ("OSError", "[Errno 38] Function not implemented")
+    assert rank1[2] == ("RuntimeError", "rank 0 failed: OSError: [Errno 38] Function not implemented")

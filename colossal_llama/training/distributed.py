@@ -142,20 +142,27 @@ def shutdown() -> None:
 
 def on_rank0(fn: Callable[[], T], shared: bool = False) -> Optional[T]:
     """Collective: run ``fn`` on global rank 0 only; a :class:`UserInputError` there is raised on every rank with
-    the same message (so all ranks stop together with one clear line instead of hanging in the next collective).
+    the same message (so all ranks stop together with one clear line instead of hanging in the next collective),
+    any other exception on rank 0 itself and as a RuntimeError naming it on the others.
     Returns ``fn``'s result on rank 0 and None elsewhere; ``shared``: rank 0's result on every rank (pickled), for
     what every rank must see alike (on a shared filesystem another machine's listing of a folder may lag)."""
-    result, message = None, None
+    result, message, failure = None, None, None
     if dist.get_rank() == 0:
         try:
             result = fn()
         except UserInputError as err:
             message = str(err)
-    box = [message, result if shared else None]
+        except Exception as err:  # noqa: BLE001 - e.g. an OSError: raised here, and said to the other ranks
+            failure, message = err, f"rank 0 failed: {type(err).__name__}: {err}"
+    box = [message, failure is not None, result if shared else None]
     dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[1]:
+        raise RuntimeError(box[0])
     if box[0] is not None:
         raise UserInputError(box[0])
-    return box[1] if shared else result
+    return box[2] if shared else result
 
 
 def host_memory_peaks_gib(device: torch.device) -> tuple[float, int, float]:

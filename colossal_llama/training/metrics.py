@@ -34,13 +34,32 @@ def peak_flops(cuda: bool) -> float:
 
 def trim_loss_log(path: Path, keep_through_step: int) -> int:
     """Keep records with ``step <= keep_through_step`` (0 clears the file) of a per-step jsonl log
-    (``losses.jsonl``, ``eval.jsonl``); returns how many were dropped."""
+    (``losses.jsonl``, ``eval.jsonl``); returns how many were dropped. A line that is no record (the last one cut
+    short by a crash or a full disk) is dropped with a warning naming it: the resume goes on (this runs on rank 0
+    alone, where an error would leave the other ranks waiting in a collective)."""
     if not path.is_file():
         return 0
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_through_step]
+    lines = [(n, ln) for n, ln in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if ln.strip()]
+    kept = []
+    for line_no, line in lines:
+        step = _record_step(line)
+        if step is None:
+            log.warning("%s:%d: not a record (%.60r): dropped", path, line_no, line)
+        elif step <= keep_through_step:
+            kept.append(line)
     replace_file(path, "".join(ln + "\n" for ln in kept))
     return len(lines) - len(kept)
+
+
+def _record_step(line: str) -> Optional[int]:
+    """The ``step`` of a log line, None when the line is not a record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 def peak_memory_gib(cuda: bool) -> float:
@@ -100,7 +119,8 @@ class RunMetrics:
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(tensorboard_dir)
+            # a resumed run's first step onwards: the points a crashed run logged after its checkpoint go
+            self._writer = SummaryWriter(tensorboard_dir, purge_step=start_step + 1 if start_step else None)
         from tqdm import tqdm
 
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
