@@ -645,6 +645,24 @@ def test_damaged_checkpoint_file_is_named_with_the_older_checkpoint_to_use(refer
                                    f"{older} (pass --load_checkpoint {older})")
 
 
+@pytest.mark.parametrize("layout, relative, why", [
+    ("zero2", "optimizer/pytorch_optim-00001.bin", "though pytorch_optim.bin.index.json names it"),
+    ("ddp", "rng/rank-00001.pt", "the checkpoint was saved by 2 ranks"),
+])
+def test_a_file_missing_from_a_checkpoint_is_named_with_the_older_checkpoint_to_use(reference_runs, tmp_path, layout,
+                                                                                     relative, why):
+    """A copy that left a file out: an optimizer shard its index names (colossalai failed deep inside, or loaded
+    without it), a rank's RNG state (the resume went on with a warning that the rank count had changed)."""
+    save_dir = tmp_path / "ckpt"
+    shutil.copytree(reference_runs[layout], save_dir)
+    newest, older = save_dir / f"epoch-0_step-{MAX_STEPS}", save_dir / f"epoch-0_step-{2 * SAVE_INTERVAL}"
+    (newest / relative).unlink()
+    with pytest.raises(UserInputError) as err:
+        verify_checkpoint(newest)
+    assert str(err.value).startswith(f"{newest / relative}: missing") and why in str(err.value), str(err.value)
+    assert str(err.value).endswith(f"the newest older complete checkpoint is {older} (pass --load_checkpoint {older})")
+
+
 def test_training_from_a_damaged_latest_checkpoint_stops_with_one_line(reference_runs, tmp_path):
     save_dir = tmp_path / "ckpt"
     shutil.copytree(reference_runs["ddp"], save_dir)

@@ -218,11 +218,30 @@ def verify_checkpoint(path: Path) -> None:
     """A one-line error naming the damaged file of checkpoint ``path`` and the newest older complete checkpoint."""
     try:
         verify_checkpoint_files(path)
+        _check_rng_files(path)
     except UserInputError as err:
         older = [c for c in complete_checkpoints(path.parent) if c != path and _step_of(c) < _step_of(path)]
         way_on = (f"the newest older complete checkpoint is {older[-1]} (pass --load_checkpoint {older[-1]})"
                   if older else "no older complete checkpoint exists (start afresh with --overwrite)")
         raise UserInputError(f"{err}: checkpoint {path} is damaged; {way_on}") from None
+
+
+def read_running_state(path: Path) -> RunningState:
+    """``running_states.json`` of checkpoint ``path``; a one-line error naming it when it is not one."""
+    record = read_json(path / RUNNING_STATES)
+    try:
+        return RunningState(**record)
+    except TypeError as err:
+        raise UserInputError(f"{path / RUNNING_STATES}: not a running state ({err})") from None
+
+
+def _check_rng_files(path: Path) -> None:
+    """One RNG state per rank the checkpoint was saved with (a resume on as many ranks reads its own)."""
+    for rank in range(read_running_state(path).world_size):
+        rng_file = path / "rng" / f"rank-{rank:05d}.pt"
+        if not rng_file.is_file():
+            raise UserInputError(f"{rng_file}: missing (the checkpoint was saved by "
+                                 f"{read_running_state(path).world_size} ranks; an incomplete copy?)")
 
 
 # config.json keys that fix the shapes of a model's weights (and so whether a checkpoint's weights fit it)
@@ -499,7 +518,7 @@ class Checkpointer:
             log.info("loaded weights from %s (new stage: optimizer, schedule and data start fresh)", target.path)
             return None
         path = target.path
-        state = RunningState(**json.loads((path / RUNNING_STATES).read_text(encoding="utf-8")))
+        state = read_running_state(path)
         single = path / "optimizer" / "optimizer.bin"
         wanted = settings_of(self.scheduler)  # this run's flags, before the checkpoint's values replace them
         self.booster.load_optimizer(self.optimizer, str(single if single.is_file() else path / "optimizer"))

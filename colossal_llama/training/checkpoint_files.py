@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 from colossal_llama.model.safetensors_stream import check_safetensors_file
-from colossal_llama.utils.errors import damaged_file
+from colossal_llama.utils.errors import UserInputError, damaged_file
 
 # Files written by torch.save (zip archives): optimizer states, the scheduler, per-rank RNG, .bin weights.
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -37,11 +37,28 @@ def check_json(path: Path) -> None:
         raise damaged_file(path, "JSON", str(err)) from None
 
 
+def check_index(path: Path) -> None:
+    """A shard index (``*.index.json``: HF weights, colossalai's optimizer states): every file it names is there
+    (a copy that left one out loaded without it, or failed deep in colossalai)."""
+    index = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(index, dict):
+        return
+    named = set((index.get("weight_map") or {}).values())
+    groups = (index.get("metadata") or {}).get("param_groups")
+    named |= {groups} if isinstance(groups, str) else set()
+    for name in sorted(n for n in named if isinstance(n, str)):
+        if not (path.parent / name).is_file():
+            raise UserInputError(f"{path.parent / name}: missing, though {path.name} names it (an incomplete copy?)")
+
+
 def check_file(path: Path) -> None:
     """Dispatch on the file name; files of other kinds (tokenizer models, text) are not checked."""
     name = path.name
     if name.endswith(".safetensors"):
         check_safetensors_file(path)
+    elif name.endswith(".index.json"):
+        check_json(path)
+        check_index(path)
     elif name.endswith(".json"):
         check_json(path)
     elif name.endswith(TORCH_SUFFIXES) or name in TORCH_NAMES:
