@@ -824,3 +824,23 @@ def test_rank0s_answer_is_every_ranks_and_its_failure_too():
     assert rank0[:2] == [["epoch-0_step-6"], ["epoch-0_step-6"]] and rank1[:2] == [["epoch-0_step-6"], None]
     assert rank0[2] == ("OSError", "[Errno 38] Function not implemented")
     assert rank1[2] == ("RuntimeError", "rank 0 failed: OSError: [Errno 38] Function not implemented")
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog):
+    """Back to step 3 after a loss spike at step 8: checkpoints 6 and 8 stayed the newest, so a restart with
+    --load_checkpoint latest went back to the abandoned branch, and --keep_last_k deleted the new branch's first
+    checkpoints instead of the abandoned ones. They are moved aside, nothing deleted."""
+    from colossal_llama.training.checkpoint import set_aside_newer_checkpoints
+
+    save_dir = tmp_path / "ckpt"
+    for step in (3, 6, 8):
+        (save_dir / f"epoch-0_step-{step}").mkdir(parents=True)
+        (save_dir / f"epoch-0_step-{step}" / "running_states.json").write_text("{}")
+    with caplog.at_level("WARNING"):
+        moved = set_aside_newer_checkpoints(save_dir / "epoch-0_step-3", save_dir)
+    assert moved == [save_dir / "abandoned" / "epoch-0_step-6", save_dir / "abandoned" / "epoch-0_step-8"]
+    assert latest_checkpoint(save_dir) == save_dir / "epoch-0_step-3"
+    assert all((m / "running_states.json").is_file() for m in moved)
+    assert "its 2 newer checkpoints (epoch-0_step-6, epoch-0_step-8) are moved to" in caplog.text
+    assert set_aside_newer_checkpoints(save_dir / "epoch-0_step-3", save_dir) == []  # the newest: nothing to move
+    assert set_aside_newer_checkpoints(tmp_path / "elsewhere" / "epoch-0_step-1", save_dir) == []  # another dir

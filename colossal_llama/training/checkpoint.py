@@ -214,6 +214,34 @@ def resolve_load_target(load_checkpoint: Optional[str], save_dir: Path) -> Optio
     return LoadTarget("weights", path)
 
 
+ABANDONED_DIR = "abandoned"  # in --save_dir: newer checkpoints of a branch a resume from an older one left
+
+
+def set_aside_newer_checkpoints(target: Path, save_dir: Path) -> list[Path]:
+    """Rank 0, holding the save dir's lock, when resuming from ``target``, an older checkpoint of ``save_dir`` (a
+    loss spike, a damaged newest one): its newer complete checkpoints are moved into ``save_dir/abandoned/``, where
+    neither ``--load_checkpoint latest`` (a restart of this run) nor ``--keep_last_k`` takes them for this run's.
+    Nothing is deleted. Returns where they went."""
+    if target.resolve().parent != save_dir.resolve():
+        return []
+    newer = [c for c in complete_checkpoints(save_dir) if _step_of(c) > _step_of(target)]
+    moved = []
+    for checkpoint in newer:
+        place = save_dir / ABANDONED_DIR / checkpoint.name
+        while place.exists():  # set aside before, by another resume
+            place = place.with_name(place.name + "+")
+        place.parent.mkdir(exist_ok=True)
+        checkpoint.rename(place)
+        moved.append(place)
+    if moved:
+        fsync_dir(save_dir / ABANDONED_DIR)
+        fsync_dir(save_dir)
+        log.warning("resuming from %s: its %d newer checkpoints (%s) are moved to %s, where neither "
+                    "--load_checkpoint latest nor --keep_last_k takes them for this run's; delete them when done",
+                    target.name, len(moved), ", ".join(c.name for c in newer), save_dir / ABANDONED_DIR)
+    return moved
+
+
 def verify_checkpoint(path: Path) -> None:
     """A one-line error naming the damaged file of checkpoint ``path`` and the newest older complete checkpoint."""
     try:

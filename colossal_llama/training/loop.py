@@ -16,7 +16,7 @@ from colossal_llama.model.scored_loss import install_scored_loss
 from colossal_llama.training.attention import choose_attention, needs_dense_mask
 from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTarget, Machines, ModelFiles,
                                                 RunningState, check_lora_matches, check_same_model, latest_checkpoint,
-                                                resolve_load_target, verify_checkpoint)
+                                                resolve_load_target, set_aside_newer_checkpoints, verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
 from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler, ends_epoch
@@ -76,7 +76,10 @@ def claim(cfg: TrainConfig, trash: Trash) -> tuple[Optional[LoadTarget], Optiona
     def lock_save_dir() -> SaveDirLock:
         target = resolve_load_target(cfg.load_checkpoint, save_dir)
         resuming = cfg.load_checkpoint == "latest" or (target is not None and target.kind == "resume")
-        return claim_save_dir(save_dir, resuming, cfg.overwrite, trash)
+        lock = claim_save_dir(save_dir, resuming, cfg.overwrite, trash)
+        if target is not None and target.kind == "resume":  # an older one of this save dir: the newer ones go
+            set_aside_newer_checkpoints(target.path, save_dir)
+        return lock
 
     lock = on_rank0(lock_save_dir)
     # after the claim ("latest" must not see what --overwrite removed); rank 0's answer for all: the ranks of
