@@ -83,6 +83,25 @@ def test_shards_that_read_other_input_files_are_refused(runs, mistral_dir, tmp_p
     assert len(resolve_parts(root / "two")) == 2 * BINS  # the shards of one run: read
 
 
+def test_a_shard_keeps_its_token_cache_on_a_local_disk(runs, mistral_dir, tmp_path):
+    """--data_cache_dir with --data_output_dirs: the cache (read back at random while the parts are written) on the
+    machine's own disk instead of OUT/ on the shared filesystem, in a folder of its shard; the same parts."""
+    from colossal_llama.dataset.cli import pretrain_main
+
+    local, out = tmp_path / "local", tmp_path / "shared"
+    assert pretrain_main(["--data_input_dirs", str(runs["inputs"]), "--tokenizer_dir", str(mistral_dir),
+                          "--data_output_dirs", str(out), "--data_cache_dir", str(local), "--num_shards", "2",
+                          "--shard_index", "1", "--max_length", "256", "--num_spliced_dataset_bins", str(BINS),
+                          "--seed", "3"]) == 0
+    shard = "shard-00001-of-00002"
+    assert (local / shard).is_dir() and not any((local / shard).iterdir())  # used, and emptied at the end
+    assert not (out / shard / "cache").exists()
+    ours, theirs = out / shard, runs["root"] / "two" / shard
+    for k in range(BINS):
+        assert load_part(ours / "arrow" / f"part-0000{k}")["input_ids"] == \
+            load_part(theirs / "arrow" / f"part-0000{k}")["input_ids"], k
+
+
 def test_training_buckets_are_the_union_of_each_shards_part(runs):
     root, two = runs["root"], runs["two"]
     parts, manifests = collect_parts(expand_dataset_args([str(root / "two")]))

@@ -6,6 +6,7 @@ of the input, so ``colossalai run --hostfile H prepare_pretrain_dataset.py ...``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -22,7 +23,10 @@ def _common_parser(description: str, config_cls) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer_dir", required=True)
     p.add_argument("--data_output_dirs", help="OUT: writes OUT/{cache,jsonl,arrow} and OUT/manifest.json "
                                               "(with --num_shards N > 1: OUT/shard-IIIII-of-NNNNN/...)")
-    p.add_argument("--data_cache_dir", help="older form: cache dir (with the two below, instead of OUT)")
+    p.add_argument("--data_cache_dir", help="the token cache's folder: with OUT instead of OUT/cache (a machine's local "
+                                            "disk: the parts are written by reading it back at random; a shard uses "
+                                            "DIR/shard-IIIII-of-NNNNN); the older form: with the two below instead "
+                                            "of OUT")
     p.add_argument("--data_jsonl_output_dir", help="older form: jsonl mirror dir")
     p.add_argument("--data_arrow_output_dir", help="older form: arrow dir (manifest goes to its parent)")
     p.add_argument("--num_shards", type=int, default=None,
@@ -39,12 +43,17 @@ def _common_parser(description: str, config_cls) -> argparse.ArgumentParser:
 
 def _layout(args, shard: Shard) -> OutputLayout:
     triple = (args.data_cache_dir, args.data_jsonl_output_dir, args.data_arrow_output_dir)
-    if args.data_output_dirs and any(triple):
-        raise UserInputError("give either --data_output_dirs or the three --data_*_dir flags, not both")
+    if args.data_output_dirs and (args.data_jsonl_output_dir or args.data_arrow_output_dir):
+        raise UserInputError("give either --data_output_dirs (and maybe --data_cache_dir) or the three --data_*_dir "
+                             "flags, not both")
     if args.data_output_dirs:
         if "," in args.data_output_dirs:
             raise UserInputError("--data_output_dirs: exactly one output directory is supported")
-        return OutputLayout.under(args.data_output_dirs, shard)
+        layout = OutputLayout.under(args.data_output_dirs, shard)
+        if not args.data_cache_dir:
+            return layout
+        cache = Path(args.data_cache_dir)  # one folder per shard: machines sharing it never meet there
+        return dataclasses.replace(layout, cache_dir=cache / shard.dir_name if shard.count > 1 else cache)
     if not all(triple):
         raise UserInputError("an output is required: --data_output_dirs OUT (or all of --data_cache_dir, "
                              "--data_jsonl_output_dir, --data_arrow_output_dir)")
