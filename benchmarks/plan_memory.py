@@ -1,4 +1,5 @@
-"""Host memory of data preparation per document: the document table, and its peak while packing is planned.
+"""Host memory of data preparation per document: the document table (with the token cache's offsets), and its
+peak while packing is planned.
 
 Tokens stay on disk (the token cache); what grows with a corpus is the per-document metadata (``DocTable``) and
 the plan built from it (pieces, sequences, bins). Each size runs in a process of its own (``ru_maxrss`` is a
@@ -40,12 +41,14 @@ def measure(documents: int) -> dict:
                     line=np.arange(1, documents + 1, dtype=np.int64), length=lengths, full_length=lengths.copy(),
                     trained_from=np.ones(documents, np.int32), exchanges=zeros.copy(), exchanges_kept=zeros.copy(),
                     categories=["a", "b", "c"], files=[])
+    value_offset = np.cumsum(lengths, dtype=np.int64)  # the token cache's own per-document array (its tokens' place)
     table = _peak_mb() - base
     config = PretrainPrepConfig(input_dirs=[Path("unused")], tokenizer_dir=Path("unused"),
                                 output=OutputLayout.under(Path("unused")), max_length=4096, num_bins=10)
     started = time.perf_counter()
     train, _, _ = pipeline._plans(docs, config)  # what prepare_pretrain plans between tokenising and writing
     seconds = time.perf_counter() - started
+    del value_offset
     return {"documents": documents, "tokens": int(lengths.sum()), "table_mb": table, "peak_mb": _peak_mb() - base,
             "pieces": len(train.sequences.doc), "plan_s": seconds}
 

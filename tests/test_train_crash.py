@@ -387,8 +387,8 @@ def test_a_rank_that_hangs_makes_the_others_leave_and_torchrun_restarts_the_run(
     assert proc.returncode == 0, tail(tmp_path / "restarted.log")
     assert ("[rank 0] error: rank 1 gave no sign of life for 3 s (dead, or its machine hangs), so the next "
             "collective can never finish: every rank leaves now instead of waiting out the collective timeout, exit "
-            "code 75; torchrun --max_restarts restarts the run from its newest checkpoint (else resume with "
-            "--load_checkpoint latest)") in log, tail(tmp_path / "restarted.log")
+            "code 75; torchrun --max_restarts restarts the run (from its newest checkpoint with --load_checkpoint "
+            "latest), else resume with --load_checkpoint latest") in log, tail(tmp_path / "restarted.log")
     assert log.count("gave no sign of life") == 1  # one line, from the rank that found it
     assert "dropped 2 records after step 3 (steps redone after resume)" in log  # steps 4 and 5 ran before it
     assert log.index(f"saved checkpoint {save_dir / f'epoch-0_step-{SAVE_INTERVAL}'}") < log.index(
@@ -431,19 +431,20 @@ def test_torchrun_restarts_a_crashed_run_from_its_newest_checkpoint(reference_ru
 
 
 # ---------------------------------------------------------------------------------------------- a diverged run
-@pytest.mark.parametrize("layout, applied", [("ddp", False), ("zero2", True)])
-def test_a_run_that_diverges_stops_before_anything_nan_is_saved(reference_runs, tmp_path, layout, applied):
+@pytest.mark.parametrize("layout, applied, late", [("ddp", False, False), ("zero2", True, False), ("ddp", False, True)])
+def test_a_run_that_diverges_stops_before_anything_nan_is_saved(reference_runs, tmp_path, layout, applied, late):
     """--lr 1e4 without warm-up: the gradient norm turns nan a few steps in (step 4 here). Before, the run went on
     to the end with exit code 0, writing nan losses, nan checkpoints (rotation would have deleted the good ones)
     and a nan final model. ddp measures the norm before the optimizer step (which is then not taken); zero2 inside
-    it, so that step is applied, but never saved."""
+    it, so that step is applied, but never saved. ``late``: checkpoints published at the next save, as with
+    --async_save: the last good one is published before the run stops (it stayed a .tmp- folder)."""
     import torch
     from safetensors.torch import load_file
 
     save_dir = tmp_path / "ckpt"
     args = reference_runs.args(layout, save_dir)
     args[args.index("--lr") + 1], args[args.index("--warmup_steps") + 1] = "1e4", "0"
-    proc = run_training(args, tmp_path / "diverged.log")
+    proc = run_training(args, tmp_path / "diverged.log", env={"CL_TEST_PUBLISH_LATE": "1"} if late else None)
     log = (tmp_path / "diverged.log").read_text(errors="replace")
     errors = [line for line in log.splitlines() if line.startswith("error")]
     assert proc.returncode != 0 and len(errors) == 1, tail(tmp_path / "diverged.log")

@@ -289,18 +289,22 @@ class _FlakyStore:
         self._answer()
         self.values[key] = value
 
+    def connect(self):
+        self._answer()
+        return self
+
 
 def test_a_store_that_stopped_answering_is_asked_again_after_a_back_off():
     """Each failed call makes torch print a C++ stack trace: while the store is gone and training goes on, the
-    watch asks again after 2, 4, 8... beats, up to the silence, not at every beat; the rank whose training then
-    stands still asks at once and leaves; the store back, the other beats again."""
+    watch asks again after 2 beats, then 3 (a quarter of the silence), not at every beat; the rank whose training
+    then stands still asks at once and leaves; the store back, the other beats again."""
     import threading
     import time
 
     from colossal_llama.training.peer_watch import PeerWatch, Silence
 
     store = _FlakyStore()
-    watches = [PeerWatch(lambda: store, rank, 2, silence_s=1.2) for rank in range(2)]  # a beat every 0.1 s
+    watches = [PeerWatch(store.connect, rank, 2, silence_s=1.2) for rank in range(2)]  # a beat every 0.1 s
     calls, stops = [], [threading.Event(), threading.Event()]
     try:
         for rank, watch in enumerate(watches):
@@ -311,7 +315,7 @@ def test_a_store_that_stopped_answering_is_asked_again_after_a_back_off():
         store.down, before = True, store.calls
         time.sleep(3.0)
         asked = store.calls - before
-        assert calls == [] and 2 <= asked <= 12, asked  # at every beat: about 60
+        assert calls == [] and 2 <= asked <= 60, asked  # at every beat: about 120 (a call and a reconnect each)
         stops[0].set()  # rank 0's training stands still
         _wait_for(lambda: calls, timeout=5)
         assert calls == [(0, Silence(0, None, seen_here=True))]
@@ -844,3 +848,39 @@ def test_a_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, c
     assert "its 2 newer checkpoints (epoch-0_step-6, epoch-0_step-8) are moved to" in caplog.text
     assert set_aside_newer_checkpoints(save_dir / "epoch-0_step-3", save_dir) == []  # the newest: nothing to move
     assert set_aside_newer_checkpoints(tmp_path / "elsewhere" / "epoch-0_step-1", save_dir) == []  # another dir
+
+
+def test_an_index_is_checked_only_when_it_is_the_one_read(tmp_path):
+    """A HF folder downloaded with its safetensors only keeps pytorch_model.bin.index.json naming .bin files it
+    does not have: the safetensors index is the one read, and the folder loads. The index that is read must name
+    only files that are there."""
+    from colossal_llama.training.checkpoint_files import verify_checkpoint_files
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "pytorch_model-1.bin"}}))
+    with pytest.raises(UserInputError, match="pytorch_model-1.bin: missing, though pytorch_model.bin.index.json"):
+        verify_checkpoint_files(model)  # the .bin index alone: it is read, and its file is missing
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
+    (model / "model-1.safetensors").write_bytes(b"")
+    import colossal_llama.training.checkpoint_files as files
+
+    checked = []
+    real = files.check_safetensors_file
+    files.check_safetensors_file = checked.append  # the empty stand-in is no safetensors file: not the point here
+    try:
+        verify_checkpoint_files(model)  # the safetensors index is read: the leftover .bin index is not checked
+    finally:
+        files.check_safetensors_file = real
+    assert checked == [model / "model-1.safetensors"]
+
+
+def test_newer_checkpoints_go_aside_on_a_resume_but_not_in_a_torchrun_restart(tmp_path):
+    from colossal_llama.training.checkpoint import LoadTarget
+    from colossal_llama.training.loop import newer_checkpoints_go_aside
+
+    resume, weights = LoadTarget("resume", tmp_path / "epoch-0_step-3"), LoadTarget("weights", tmp_path / "m")
+    assert newer_checkpoints_go_aside(resume, {}) and newer_checkpoints_go_aside(resume, {
+        "TORCHELASTIC_RESTART_COUNT": "0"})
+    assert not newer_checkpoints_go_aside(resume, {"TORCHELASTIC_RESTART_COUNT": "1"})
+    assert not newer_checkpoints_go_aside(weights, {}) and not newer_checkpoints_go_aside(None, {})

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -107,7 +108,8 @@ class OutputRun:
         layout = self.layout
         self.targets = {"arrow": layout.arrow_dir, "jsonl": layout.jsonl_dir, EVAL_DIR: layout.eval_dir}
         self.staged = {name: tmp_sibling(path, self.STAGE) for name, path in self.targets.items()}
-        self.work_dir = layout.cache_dir / f"tokens-{os.getpid()}"
+        # the host too: a --data_cache_dir shared by machines holds each one's work folder, never removed by another
+        self.work_dir = layout.cache_dir / f"tokens-{socket.gethostname()}-{os.getpid()}"
         self._created: list[Path] = []
 
     def _check_existing(self) -> None:
@@ -135,7 +137,7 @@ class OutputRun:
                     self._created.append(parent)
         for target in self.targets.values():
             remove_stale_siblings(target, self.STAGE)
-        remove_stale_tmp_dirs(self.layout.cache_dir, "tokens-{pid}")
+        remove_stale_tmp_dirs(self.layout.cache_dir, "tokens-{host}-{pid}")
         self.work_dir.mkdir(parents=True)
         return self
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import logging
 import mmap
 import os
 import queue
@@ -33,6 +34,8 @@ from datasets.arrow_writer import ArrowWriter
 from colossal_llama.dataset.records import BATCH_LINES, RowBatch
 from colossal_llama.dataset.tokenization import RAW_FEATURES, TOKENIZED_FEATURES
 from colossal_llama.utils.labels import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 FIRST_BLOCK_BYTES = 1 << 20     # the first block is small (tokenising starts early), each next one twice as big...
 RAW_BLOCK_BYTES = 4 << 20       # ...up to this, one process (bounds the raw pages mapped at a time)
@@ -169,6 +172,10 @@ class TokenCache:
         self._open = _OpenFiles(self.paths, open_files_allowed() // 4 * 3 - 64)
         # all open at once where they fit: a list lookup per piece read, not the pool's bookkeeping
         self._fds = [self._open.fd(i) for i in range(len(self.paths))] if self._open.fits_all else None
+        if self._fds is None:
+            log.warning("%d token files, at most %d open at a time (the limit of open files, ulimit -n, is %d): "
+                        "writing the parts reopens files as it reads their pieces; raise the hard limit to go faster",
+                        len(self.paths), self._open.capacity, open_files_allowed())
         chunks = [(i, *chunk) for i, f in enumerate(self._files) for chunk in f.chunks]
         self._chunk_file = np.array([c[0] for c in chunks], dtype=np.int64)
         self._ids_position = np.array([c[1] for c in chunks], dtype=np.int64)

@@ -40,6 +40,8 @@ def check_json(path: Path) -> None:
 def check_index(path: Path) -> None:
     """A shard index (``*.index.json``: HF weights, colossalai's optimizer states): every file it names is there
     (a copy that left one out loaded without it, or failed deep in colossalai)."""
+    if path.name == "pytorch_model.bin.index.json" and (path.parent / "model.safetensors.index.json").is_file():
+        return  # a HF folder downloaded without its .bin copies: the safetensors index is the one read
     index = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(index, dict):
         return

@@ -268,7 +268,7 @@ class StepBatchSampler:
     seed: int
     shuffle_buckets: bool
     epoch: int = 0
-    start_offset: int = 0  # samples of this epoch already consumed (a multiple of the global batch it was saved with)
+    start_offset: int = 0  # samples of this epoch already consumed (any number: a resume may change the global batch)
     mixture: Optional[Mixture] = None  # weighted draws (--dataset DIR:W, --category_weights), same bucket sizes
 
     @property

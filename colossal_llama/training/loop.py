@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -76,10 +77,7 @@ def claim(cfg: TrainConfig, trash: Trash) -> tuple[Optional[LoadTarget], Optiona
     def lock_save_dir() -> SaveDirLock:
         target = resolve_load_target(cfg.load_checkpoint, save_dir)
         resuming = cfg.load_checkpoint == "latest" or (target is not None and target.kind == "resume")
-        lock = claim_save_dir(save_dir, resuming, cfg.overwrite, trash)
-        if target is not None and target.kind == "resume":  # an older one of this save dir: the newer ones go
-            set_aside_newer_checkpoints(target.path, save_dir)
-        return lock
+        return claim_save_dir(save_dir, resuming, cfg.overwrite, trash)
 
     lock = on_rank0(lock_save_dir)
     # after the claim ("latest" must not see what --overwrite removed); rank 0's answer for all: the ranks of
@@ -90,7 +88,16 @@ def claim(cfg: TrainConfig, trash: Trash) -> tuple[Optional[LoadTarget], Optiona
     if target is not None:
         on_rank0(lambda: check_lora_matches(target, cfg.lora_rank))
         on_rank0(lambda: check_same_model(target.modeling_dir, cfg.pretrained))
+    if newer_checkpoints_go_aside(target):  # once the resumed checkpoint passed its checks
+        on_rank0(lambda: set_aside_newer_checkpoints(target.path, save_dir))
     return target, lock
+
+
+def newer_checkpoints_go_aside(target: Optional[LoadTarget], environ=os.environ) -> bool:
+    """Whether a resume sets the save dir's checkpoints newer than ``target`` aside: yes, except in a torchrun
+    restart, whose command names the same checkpoint every time and whose newer checkpoints are this job's own."""
+    return (target is not None and target.kind == "resume"
+            and environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
 
 
 def build_run(cfg: TrainConfig) -> Run:
@@ -145,6 +152,8 @@ def build_run(cfg: TrainConfig) -> Run:
         neftune.attach(model.unwrap(unwrap_peft=False) if cfg.lora_rank else model.unwrap())
     stepper = Stepper(booster, model, optimizer, scheduler, parallel, device,
                       cfg.grad_clip, neftune, num_categories=len(data.categories))
+    if peers is not None:  # a rank judges a silent peer only while its own training stands still
+        stepper.on_progress = peers.progressed
     room = CheckpointRoom(Path(cfg.save_dir), checkpoint_estimate(num_params, trainable, parallel.param_dtype.itemsize,
                                                                  lora=cfg.lora_rank > 0))
     if dist.get_rank() == 0 and not cfg.benchmark:
@@ -350,8 +359,6 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
                 except NonFiniteStep as broken:  # on every rank (the step's loss and norm are global)
                     run.checkpointer.complete_pending()  # --async_save: the last good checkpoint, published
                     raise _diverged_error(broken, run.cfg, saving) from None
-                if run.peers is not None:
-                    run.peers.progressed()
                 state.step += 1
                 state.sample_offset += state.global_batch
                 metrics.record(StepStats(state.step, epoch, result.loss, result.lr, result.grad_norm, result.tokens,

@@ -13,7 +13,7 @@ checkpoint (torch.save and safetensors release the GIL while they write). Each r
 next one in a ring (rank r watches r + 1, the last rank watches rank 0): a constant number of store requests per
 rank and beat, whatever the number of ranks, and whenever some ranks are dead and some alive, a live rank watches a
 dead one. A rank whose watched counter has not moved for ``--rank_silence_s`` seconds, while its own training has
-not moved for as long either (:meth:`PeerWatch.progressed`, after every step: a dead rank holds every other rank
+not moved for as long either (:meth:`PeerWatch.progressed`, after every micro-batch: a dead rank holds every rank
 in the step's all-reduce, while a rank whose heartbeat merely cannot reach the store trains on), writes that rank's
 number into the store (:data:`VERDICT`) and calls the callback given to :meth:`PeerWatch.listen`; every other rank
 reads the verdict at its next beat and calls its own. A slow rank (a long step, a long save) keeps beating and is
@@ -147,7 +147,7 @@ class PeerWatch:
         self._listening = (frozenset(int(s) for s in signals), on_silent)
 
     def progressed(self) -> None:
-        """This rank's training moved on (a step finished): called by the main thread."""
+        """This rank's training moved on (a micro-batch of a step or of validation done): the main thread calls it."""
         self._progressed_at = time.monotonic()
 
     def stop_listening(self) -> None:
@@ -230,17 +230,19 @@ class PeerWatch:
             return None
 
     def _store_failed(self, err: Exception) -> None:
-        """Connect again (once), and ask again after a back-off: twice the last, from a beat up to the silence."""
+        """Connect again (once); when that fails too, ask again after a back-off: twice the last, from two beats
+        up to a quarter of the silence."""
         if not self._failures:
             self._failed_at = time.monotonic()
             log.warning("the launcher's store does not answer (%s): heartbeat paused, asked again every %g s at "
-                        "most", str(err).splitlines()[0][:200], self.silence_s)
+                        "most", str(err).splitlines()[0][:200], self.silence_s / 4)
         self._failures += 1
         try:
             self.store = self.connect()
         except Exception:  # noqa: BLE001 - still unreachable: tried again after the back-off
-            pass
-        self._retry_at = time.monotonic() + min(self.silence_s, self.beat_s * 2 ** self._failures)
+            self._retry_at = time.monotonic() + min(self.silence_s / 4, self.beat_s * 2 ** self._failures)
+        else:
+            self._retry_at = 0.0  # it answers again: beat at once (a silent counter would look dead)
 
     def _store_silent(self, now: float) -> bool:
         return now - self._answered_at >= self.silence_s

@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,7 @@ class Stepper:
     grad_clip: float
     neftune: Optional[NEFTune] = None  # its noise is a function of (step, micro-batch): told of every step
     num_categories: int = 0  # > 0: count input tokens per category (batches carry category_codes)
+    on_progress: Callable[[], None] = lambda: None  # after each micro-batch (training or validation)
 
     def _all_reduce(self, values: List[float], group=None) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -91,6 +92,7 @@ class Stepper:
                 micro_loss = self._forward_loss_sum(batch, n_tokens)
                 self.booster.backward(micro_loss * scale, self.optimizer)
             loss_sum += micro_loss.detach().double()
+            self.on_progress()
         return loss_sum
 
     def _pipeline(self, batch: dict, scale: float, train: bool = True) -> torch.Tensor:
@@ -108,6 +110,7 @@ class Stepper:
         with contextlib.nullcontext() if train else self.model.no_sync():
             result = self.booster.execute_pipeline(iter([self._inputs(batch)]), self.model, criterion, optimizer,
                                                    return_loss=True)
+        self.on_progress()
         loss = result.get("loss")
         if loss is None:  # not the last stage
             return torch.zeros((), dtype=torch.float64, device=self.device)
@@ -121,7 +124,9 @@ class Stepper:
             return 0.0, 0
         if self.parallel.pipeline_microbatch_size:
             return float(self._pipeline(batch, scale=1.0, train=False)), n_tokens
-        return float(self._forward_loss_sum(batch, n_tokens)), n_tokens
+        loss_sum = float(self._forward_loss_sum(batch, n_tokens))
+        self.on_progress()
+        return loss_sum, n_tokens
 
     def step(self, micro_batches: List[dict], step: int, stop_vote: float = 0.0) -> StepResult:
         """Optimizer step number ``step`` (1-based) over this rank's ``micro_batches``; ``stop_vote`` (1: this rank

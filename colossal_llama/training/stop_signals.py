@@ -128,8 +128,8 @@ def leave_on_silence(peers: PeerWatch, silence: Silence) -> None:
     else:
         code = EX_TEMPFAIL
         line = (f"error: {why}, so the next collective can never finish: every rank leaves now instead of waiting "
-                f"out the collective timeout, exit code {code}; torchrun --max_restarts restarts the run from its "
-                "newest checkpoint (else resume with --load_checkpoint latest)")
+                f"out the collective timeout, exit code {code}; torchrun --max_restarts restarts the run (from its "
+                "newest checkpoint with --load_checkpoint latest), else resume with --load_checkpoint latest")
     try:
         if silence.seen_here:
             os.write(2, f"\n[rank {peers.rank}] {line}\n".encode())  # \n: after a progress bar's \r
