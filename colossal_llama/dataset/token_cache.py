@@ -3,8 +3,8 @@
     row batches (streaming) -> raw blocks (Arrow, 1, 2, then 4 MiB of input each; up to 64 MiB with workers)
     -> Dataset.map(num_proc) -> token files (Arrow)
 
-Only per-document metadata is held in memory (:class:`DocTable`: numpy arrays, ~40 bytes a document; ~126 at the
-peak while packing is planned: benchmarks/plan_memory.py); token ids and labels stay in the token files (Arrow,
+Only per-document metadata is held in memory (:class:`DocTable` and the token offsets: numpy arrays, ~56 bytes a
+document; ~130-143 at the peak while packing is planned: benchmarks/plan_memory.py); token ids and labels stay in the token files (Arrow,
 memory-mapped to read the metadata and locate the token buffers) until the parts are written, which read each
 piece with a positional read, so the resident memory of a run does not grow with its tokens. Each raw block is
 deleted once tokenised.
