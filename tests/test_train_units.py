@@ -884,3 +884,20 @@ def test_newer_checkpoints_go_aside_on_a_resume_but_not_in_a_torchrun_restart(tm
         "TORCHELASTIC_RESTART_COUNT": "0"})
     assert not newer_checkpoints_go_aside(resume, {"TORCHELASTIC_RESTART_COUNT": "1"})
     assert not newer_checkpoints_go_aside(weights, {}) and not newer_checkpoints_go_aside(None, {})
+
+
+def test_a_resume_with_another_global_batch_counts_the_rest_of_the_data_in_the_new_size():
+    """2 epochs of 96 samples: 12 steps of 8 each. Saved at step 5 (40 samples) with 8, resumed with 12: 4 more
+    steps end epoch 0 (samples 40-87), 8 make epoch 1, 17 in all. Counting 2 x 8 steps of 12 ended the run at 16,
+    one step short of the data (with other sizes: whole epochs short, or steps past the end)."""
+    from colossal_llama.training.checkpoint import RunningState
+    from colossal_llama.training.loop import steps_in_all
+
+    saved = RunningState(epoch=0, step=5, sample_offset=40, global_batch=8, world_size=2)
+    assert steps_in_all(2, 96, 12, saved) == 5 + 4 + 8
+    assert steps_in_all(2, 96, 8, saved) == 2 * 12  # the same batch: as a fresh run
+    assert steps_in_all(2, 96, 12, None) == 2 * 8
+    later = RunningState(epoch=1, step=14, sample_offset=16, global_batch=8, world_size=2)
+    assert steps_in_all(2, 96, 4, later) == 14 + 20  # the rest of the last epoch, 80 samples in 4s
+    done = RunningState(epoch=2, step=24, sample_offset=0, global_batch=8, world_size=2)
+    assert steps_in_all(2, 96, 12, done) == 24  # nothing left

@@ -17,7 +17,8 @@ from colossal_llama.model.scored_loss import install_scored_loss
 from colossal_llama.training.attention import choose_attention, needs_dense_mask
 from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTarget, Machines, ModelFiles,
                                                 RunningState, check_lora_matches, check_same_model, latest_checkpoint,
-                                                resolve_load_target, set_aside_newer_checkpoints, verify_checkpoint)
+                                                read_running_state, resolve_load_target, set_aside_newer_checkpoints,
+                                                verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
 from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler, ends_epoch
@@ -118,7 +119,8 @@ def build_run(cfg: TrainConfig) -> Run:
     data = inputs.train
 
     parallel = build_parallel(cfg, cuda)
-    cfg, steps = _plan_steps(cfg, data, parallel)
+    resumed = read_running_state(target.path) if target is not None and target.kind == "resume" else None
+    cfg, steps = _plan_steps(cfg, data, parallel, resumed)
     attn = choose_attention(cfg.attention, cuda, cfg.use_flash_attn, parallel.dense_mask_only)
     liger = apply_liger_kernels(cfg.liger, cuda)
     loss, loss_chunk = choose_loss(cfg.loss_chunk_tokens, liger, parallel.forward_is_the_models,
@@ -189,7 +191,8 @@ def pad_token_id(tokenizer, pad_token: str) -> int:
     return tokenizer.convert_tokens_to_ids(token)
 
 
-def _plan_steps(cfg: TrainConfig, data: PreparedData, parallel: Parallelism) -> tuple[TrainConfig, dict]:
+def _plan_steps(cfg: TrainConfig, data: PreparedData, parallel: Parallelism,
+                resumed: Optional[RunningState]) -> tuple[TrainConfig, dict]:
     """Steps per epoch and in all (``--max_steps`` caps them), and the warm-up they imply."""
     layout = parallel.layout
     probe = StepBatchSampler(data.bucket_sizes, cfg.batch_size, cfg.accumulation_steps, layout.dp_rank,
@@ -197,12 +200,26 @@ def _plan_steps(cfg: TrainConfig, data: PreparedData, parallel: Parallelism) -> 
     if probe.steps_per_epoch == 0:
         raise UserInputError(f"--dataset holds {sum(data.bucket_sizes)} sequences, fewer than one global batch "
                              f"({probe.global_batch} = batch_size x accumulation_steps x {layout.dp_size} dp ranks)")
-    total_steps = cfg.num_epochs * probe.steps_per_epoch
+    total_steps = steps_in_all(cfg.num_epochs, probe.epoch_samples, probe.global_batch, resumed)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     return resolve_warmup(cfg, total_steps), dict(
         total_steps=total_steps, steps_per_epoch=probe.steps_per_epoch, global_batch=probe.global_batch,
         dropped_per_epoch=probe.dropped_per_epoch)
+
+
+def steps_in_all(num_epochs: int, epoch_samples: int, global_batch: int, resumed: Optional[RunningState]) -> int:
+    """Optimizer steps of the whole run: ``num_epochs`` of full global batches. Resumed from a checkpoint of
+    another global batch (another number of ranks), its steps so far were of the old size and the rest of the
+    data is counted in the new one (the epochs' count of the new size alone would end the run early, leaving
+    data untrained, or late)."""
+    per_epoch = epoch_samples // global_batch
+    if resumed is None or resumed.global_batch == global_batch:
+        return num_epochs * per_epoch
+    if resumed.epoch >= num_epochs:
+        return resumed.step
+    left = max(0, epoch_samples - resumed.sample_offset) // global_batch
+    return resumed.step + left + (num_epochs - resumed.epoch - 1) * per_epoch
 
 
 def _build_model(cfg: TrainConfig, attn: str, parallel: Parallelism, device: torch.device, loss_chunk: int):
