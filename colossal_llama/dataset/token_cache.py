@@ -4,10 +4,10 @@
     -> Dataset.map(num_proc) -> token files (Arrow)
 
 Only per-document metadata is held in memory (:class:`DocTable` and the token offsets: numpy arrays, ~56 bytes a
-document; ~130-143 at the peak while packing is planned: benchmarks/plan_memory.py); token ids and labels stay in the token files (Arrow,
-memory-mapped to read the metadata and locate the token buffers) until the parts are written, which read each
-piece with a positional read, so the resident memory of a run does not grow with its tokens. Each raw block is
-deleted once tokenised.
+document; ~130-143 at the peak while packing is planned: benchmarks/plan_memory.py); token ids and labels stay in
+the token files (Arrow, memory-mapped to read the metadata and locate the token buffers) until the parts are
+written, which read each piece with a positional read, so the resident memory of a run does not grow with its
+tokens. Each raw block is deleted once tokenised.
 """
 from __future__ import annotations
 
@@ -169,13 +169,14 @@ class TokenCache:
         self.paths = list(paths)
         self._files = [_TokenFile(p) for p in self.paths]
         # a quarter of the allowance stays free for the rest of the process (the parts being written, datasets)
-        self._open = _OpenFiles(self.paths, open_files_allowed() // 4 * 3 - 64)
+        allowed = open_files_allowed()
+        self._open = _OpenFiles(self.paths, allowed // 4 * 3 - 64)
         # all open at once where they fit: a list lookup per piece read, not the pool's bookkeeping
         self._fds = [self._open.fd(i) for i in range(len(self.paths))] if self._open.fits_all else None
         if self._fds is None:
             log.warning("%d token files, at most %d open at a time (the limit of open files, ulimit -n, is %d): "
                         "writing the parts reopens files as it reads their pieces; raise the hard limit to go faster",
-                        len(self.paths), self._open.capacity, open_files_allowed())
+                        len(self.paths), self._open.capacity, allowed)
         chunks = [(i, *chunk) for i, f in enumerate(self._files) for chunk in f.chunks]
         self._chunk_file = np.array([c[0] for c in chunks], dtype=np.int64)
         self._ids_position = np.array([c[1] for c in chunks], dtype=np.int64)

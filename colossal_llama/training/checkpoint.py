@@ -265,11 +265,12 @@ def read_running_state(path: Path) -> RunningState:
 
 def _check_rng_files(path: Path) -> None:
     """One RNG state per rank the checkpoint was saved with (a resume on as many ranks reads its own)."""
-    for rank in range(read_running_state(path).world_size):
+    saved_by = read_running_state(path).world_size
+    for rank in range(saved_by):
         rng_file = path / "rng" / f"rank-{rank:05d}.pt"
         if not rng_file.is_file():
-            raise UserInputError(f"{rng_file}: missing (the checkpoint was saved by "
-                                 f"{read_running_state(path).world_size} ranks; an incomplete copy?)")
+            raise UserInputError(f"{rng_file}: missing (the checkpoint was saved by {saved_by} ranks; an incomplete "
+                                 "copy?)")
 
 
 # config.json keys that fix the shapes of a model's weights (and so whether a checkpoint's weights fit it)

@@ -144,8 +144,9 @@ class TrainConfig:
         60.0, help="a rank whose heartbeat has been silent this many seconds, while the others' training stood still "
                    "as long, is taken for dead (or its machine for hung) and the others leave at once instead of "
                    "waiting out the collective timeout: with exit code 75, which torchrun --max_restarts restarts "
-                   "from the newest checkpoint, or, after a stop signal (torchrun sends SIGTERM when a rank died), "
-                   "with the signal's code and no checkpoint of the step in flight; 0: off (while debugging a rank)")
+                   "(from the newest checkpoint with --load_checkpoint latest), or, after a stop signal (torchrun "
+                   "sends SIGTERM when a rank died), with the signal's code and no checkpoint of the step in flight; "
+                   "0: off (while debugging a rank)")
     num_samples: int = flag(500, help="sequences of the --benchmark dataset")
     liger: str = flag("auto", choices=("auto", "on", "off"),
                       help="Liger fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA; "

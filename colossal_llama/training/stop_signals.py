@@ -14,7 +14,7 @@ The signal may also be torchrun stopping the ranks because one of them died: the
 a :class:`~colossal_llama.training.peer_watch.PeerWatch` makes each leave at once (same exit code, no checkpoint)
 when a rank gives no sign of life, instead of waiting out the collective's timeout. Without a signal (the dead
 rank was on another machine) they leave the same way with :data:`EX_TEMPFAIL`, a failure that ``torchrun
---max_restarts`` restarts from the newest checkpoint.
+--max_restarts`` restarts (from the newest checkpoint with ``--load_checkpoint latest``).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from colossal_llama.training.peer_watch import PeerWatch, Silence
 
-EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, try again (a rank died: restart from the newest checkpoint)
+EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, try again (a rank died: the run can go on from a checkpoint)
 
 
 class StoppedBySignal(Exception):
