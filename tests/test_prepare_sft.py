@@ -324,3 +324,42 @@ def test_a_conversation_can_bring_its_own_system_message(name, tmp_path, data_di
         assert (own in text, default in text) == (mine, not mine)
         assert text.index(own if mine else default) < text.index(messages[1 if mine else 0]["content"])
         assert (row["input_ids"], row["labels"]) == template.encode_conversation(messages)
+
+
+QWEN3_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+              "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split('</think>')[-1] }}"
+              "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_conversation_the_template_refuses_is_located_or_skipped_and_counted(smollm2_dir, conversations, tmp_path,
+                                                                               num_proc):
+    """A template that refuses one row's content (here Qwen3's habit: earlier replies lose their reasoning, so the
+    render is not prefix-stable for that row only) named no row and could not be skipped: it failed the whole run
+    with the template's message alone. Strict: ``file:line: messages: ...``, raised from a tokenising worker too;
+    ``--skip_invalid``: the row is skipped, counted and located, the others written."""
+    tok_dir = tmp_path / "tok"
+    tok = load_tokenizer(smollm2_dir)
+    tok.chat_template = QWEN3_LIKE
+    tok.save_pretrained(tok_dir)
+    pairs = [m for m in conversations.values() if len(m) == 2 and all(t["content"].strip() for t in m)][:6]
+    thinking = [pairs[0][0], {"from": "assistant", "content": "<think>short</think>" + pairs[0][1]["content"]},
+                *pairs[1]]
+    rows = pairs[2:4] + [thinking] + pairs[4:6]
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in rows), encoding="utf-8")
+
+    def config(name, strict):
+        return SFTPrepConfig(input_dirs=[data], tokenizer_dir=tok_dir, output=OutputLayout.under(tmp_path / name),
+                             chat_template="tokenizer", strict=strict, num_proc=num_proc, max_length=512)
+
+    with pytest.raises(DataError) as exc:
+        prepare_sft(config("strict", True))
+    assert str(exc.value).startswith(f"{path}:3: messages: the tokenizer's chat_template is not prefix-stable")
+    summary = prepare_sft(config("skip", False))
+    assert summary.counts.skipped == {"chat_template_refused": 1}
+    assert summary.counts.skipped_examples == [f"{path}:3: messages: the chat template refused it"]
+    assert summary.counts.sequences == 4 and summary.counts.documents_in == 5

@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from colossal_llama.dataset.records import EXAMPLES_PER_REASON
+from colossal_llama.dataset.tokenization import TEMPLATE_REFUSED
+
 if TYPE_CHECKING:  # the manifest (and so every reader) needs PrepCounts, not the preparation machinery
     from colossal_llama.dataset.records import ReadLog
     from colossal_llama.dataset.token_cache import DocTable
@@ -86,7 +89,8 @@ def count_tokens(read: ReadLog, docs: DocTable, parts: list[WrittenPart], eval_p
         if c.tokens_out != c.tokens_in:
             raise RuntimeError(f"packing lost tokens: {c.tokens_in} in, {c.tokens_out} out")
         return c
-    dropped = ~kept
+    refused = docs.exchanges == TEMPLATE_REFUSED
+    dropped = ~kept & ~refused
     truncated = kept & (docs.exchanges_kept < docs.exchanges)
     c.truncated_conversations = int(truncated.sum())
     c.truncated_exchanges = int((docs.exchanges - docs.exchanges_kept)[truncated].sum(dtype=np.int64))
@@ -94,6 +98,11 @@ def count_tokens(read: ReadLog, docs: DocTable, parts: list[WrittenPart], eval_p
     c.tokens_dropped = int(docs.full_length[dropped].sum(dtype=np.int64))
     if dropped.any():
         c.skipped["first_exchange_exceeds_max_length"] = int(dropped.sum())
+    if refused.any():
+        c.skipped["chat_template_refused"] = int(refused.sum())
+        c.skipped_examples += [f"{docs.files[docs.file[i]]}:{docs.line[i]}: messages: the chat template refused it"
+                               for i in np.flatnonzero(refused)[:EXAMPLES_PER_REASON]]
+        c.skipped = dict(sorted(c.skipped.items()))
     balance = c.tokens_out + c.tokens_truncated + c.tokens_dropped
     if balance != c.tokens_in:
         raise RuntimeError(f"token accounting broken: {c.tokens_in} in, {balance} accounted")

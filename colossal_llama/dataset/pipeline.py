@@ -225,7 +225,8 @@ def _prepare(config: PrepConfig, template: ChatTemplate | None) -> PrepSummary:
         function, fn_kwargs = tokenize_pretrain_batch, {"tokenizer": tokenizer}
     else:
         function = tokenize_sft_batch
-        fn_kwargs = {"template": template, "max_length": config.max_length}
+        fn_kwargs = {"template": template, "max_length": config.max_length, "files": [str(f) for f in files],
+                     "strict": config.strict}
     with OutputRun(config) as run:
         read = ReadLog(files)
         builder = TokenCacheBuilder(run.work_dir, config.kind, function, fn_kwargs, config.num_proc)

@@ -10,6 +10,7 @@ process that tokenised the row (proof that ``num_proc`` workers ran).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from typing import Iterable
 
@@ -19,6 +20,12 @@ from datasets import Features, List, Value
 
 from colossal_llama.dataset.chat_templates import ChatTemplate
 from colossal_llama.tokenizer.loading import plain_backend
+from colossal_llama.utils.errors import DataError, UserInputError
+
+logger = logging.getLogger(__name__)
+TEMPLATE_REFUSED = -1     # ``exchanges`` of a conversation the chat template refused (--skip_invalid)
+REFUSALS_LOGGED = 10      # per tokenising process
+_refusals_logged = 0
 
 _LOCATION = {"file": Value("int32"), "line": Value("int64"), "category": Value("int32")}
 MESSAGE_FEATURE = {"from": Value("string"), "content": Value("string")}
@@ -33,7 +40,7 @@ TOKENIZED_FEATURES = Features({
     "length": Value("int32"),          # tokens kept (SFT: 0 = conversation dropped, even one exchange is too long)
     "full_length": Value("int32"),     # tokens before any truncation, for the token accounting
     "trained_from": Value("int32"),    # pre-training: first trained token (after BOS + source); SFT: -1
-    "exchanges": Value("int32"),       # SFT: exchanges in the conversation (pre-training: 0)
+    "exchanges": Value("int32"),       # SFT: exchanges in the conversation (TEMPLATE_REFUSED: skipped; pre-training: 0)
     "exchanges_kept": Value("int32"),  # SFT: exchanges kept after whole-turn truncation
     "pid": Value("int32"),
 })
@@ -109,6 +116,13 @@ def tokenize_pretrain_batch(batch: pa.Table, tokenizer) -> pa.Table:
     return _table(batch, docs, lengths, trained_from, None, lengths, zeros, zeros)
 
 
+def _log_refused(located: DataError) -> None:
+    global _refusals_logged
+    _refusals_logged += 1
+    if _refusals_logged <= REFUSALS_LOGGED:
+        logger.warning("skipped (--skip_invalid): %s", located)
+
+
 def truncate_to_exchanges(template: ChatTemplate, messages: list, max_length: int) -> tuple[list, list, int]:
     """Encode the longest prefix of whole human+assistant exchanges that fits in ``max_length`` tokens.
 
@@ -125,16 +139,31 @@ def truncate_to_exchanges(template: ChatTemplate, messages: list, max_length: in
     return [], [], 0
 
 
-def tokenize_sft_batch(batch: pa.Table, template: ChatTemplate, max_length: int) -> pa.Table:
-    """Template every conversation; keep whole exchanges that fit in ``max_length``."""
+def tokenize_sft_batch(batch: pa.Table, template: ChatTemplate, max_length: int, files: list[str],
+                       strict: bool = True) -> pa.Table:
+    """Template every conversation; keep whole exchanges that fit in ``max_length``.
+
+    A conversation the template refuses (a tokenizer's Jinja template that raises on its content, or renders it
+    in a way the labels cannot be found in) is a :class:`DataError` naming ``files[file]:line``; not ``strict``
+    (``--skip_invalid``) it becomes an empty row with ``exchanges == TEMPLATE_REFUSED``, counted when the books
+    are balanced, and the first few are logged."""
     docs, labels, full, exchanges, kept = [], [], [], [], []
-    for messages in batch.column("messages").to_pylist():
-        full_ids, full_labels = template.encode_conversation(messages)
-        total = template.num_exchanges(messages)
-        if len(full_ids) <= max_length:
-            ids, labs, keep = full_ids, full_labels, total
-        else:
-            ids, labs, keep = truncate_to_exchanges(template, messages, max_length)
+    lines, file_codes = batch.column("line").to_pylist(), batch.column("file").to_pylist()
+    for messages, line, file in zip(batch.column("messages").to_pylist(), lines, file_codes):
+        try:
+            full_ids, full_labels = template.encode_conversation(messages)
+            total = template.num_exchanges(messages)
+            if len(full_ids) <= max_length:
+                ids, labs, keep = full_ids, full_labels, total
+            else:
+                ids, labs, keep = truncate_to_exchanges(template, messages, max_length)
+        except UserInputError as err:
+            located = DataError(files[file], line, "messages", str(err))
+            if strict:
+                raise located from None
+            _log_refused(located)
+            ids, labs, total, keep = [], [], TEMPLATE_REFUSED, 0
+            full_ids = ids
         docs.append(ids)
         labels.append(labs)
         full.append(len(full_ids))

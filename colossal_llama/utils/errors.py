@@ -22,6 +22,9 @@ class DataError(UserInputError):
         where = self.path if line is None else f"{self.path}:{line}"
         super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
 
+    def __reduce__(self):  # raised in a tokenising worker, it is pickled back to the parent
+        return type(self), (self.path, self.line, self.field, self.problem)
+
 
 def damaged_file(path, kind: str, detail: str) -> UserInputError:
     """The one wording for a file cut short or corrupted (full disk, interrupted copy): names the file."""
