@@ -83,6 +83,11 @@ def _source_rows(inputs) -> dict[str, dict]:
     return rows
 
 
+def _chunk_starts_masked(labels: list[int], max_length: int) -> list[int]:
+    """A document's labels as written: the first token of each chunk (a piece of its own in a row) is not trained."""
+    return [-100 if i % max_length == 0 else label for i, label in enumerate(labels)]
+
+
 def test_every_token_in_is_a_token_out_in_order(prepared, inputs, mistral_sp_model):
     sp = spm.SentencePieceProcessor(model_file=str(mistral_sp_model))  # independent of HF tokenizers
     rows = _source_rows(inputs)
@@ -97,7 +102,7 @@ def test_every_token_in_is_a_token_out_in_order(prepared, inputs, mistral_sp_mod
     for doc, (ids, labels) in docs.items():
         src, tgt = sp.encode(rows[doc]["source"]) if rows[doc]["source"] else [], sp.encode(rows[doc]["target"])
         assert ids == [sp.bos_id()] + src + tgt + [sp.eos_id()], doc
-        assert labels == [-100] * (1 + len(src)) + tgt + [sp.eos_id()], doc
+        assert labels == _chunk_starts_masked([-100] * (1 + len(src)) + tgt + [sp.eos_id()], MAX_LENGTH), doc
         assert chunk_order[doc] == list(range(len(chunk_order[doc]))), doc  # continuation stays in order
         expected_tokens += len(ids)
 
@@ -235,7 +240,7 @@ def test_smollm2_tokenizer_and_fully_masked_pieces(tmp_path, smollm2_dir, data_d
         ids, labels = docs[f"{tmp_path / 'in' / 'qa.jsonl'}:{line_no}"]
         s, t = tok.encode(src, add_special_tokens=False), tok.encode(tgt, add_special_tokens=False)
         assert ids == [tok.bos_token_id] + s + t + [tok.eos_token_id]
-        assert labels == [-100] * (1 + len(s)) + t + [tok.eos_token_id]
+        assert labels == _chunk_starts_masked([-100] * (1 + len(s)) + t + [tok.eos_token_id], 64)
         masked_pieces += (1 + len(s)) // 64  # whole 64-token chunks inside BOS+source
     counts = manifest.counts
     assert counts.fully_masked_samples == masked_pieces > 0
@@ -290,3 +295,28 @@ def test_an_output_of_the_previous_format_still_reads(prepared, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({**old, "format_version": 3}))
     with pytest.raises(UserInputError, match=r"manifest.json: format_version: 3 \(this version reads 1, 2\)$"):
         collect_parts(expand_dataset_args([str(tmp_path)]))
+
+
+def test_no_token_is_trained_across_documents_and_trained_counts_what_the_loss_sees(tmp_path, smollm2_dir, data_dir):
+    """A tokenizer without BOS (Qwen's, a base model's): the first token of a document packed after another one
+    had its label, so the previous document's last token (which, under the block mask, sees only its own
+    document) was trained to predict it; and every chunk's first label was counted in ``tokens_trained`` although
+    the shifted loss never sees it. Now each piece's first label is -100 and ``tokens_trained`` is exactly what
+    the loss counts (``labels[1:] != -100`` per row)."""
+    tok = load_tokenizer(smollm2_dir)
+    tok.bos_token = None
+    tok.save_pretrained(tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok").bos_token_id is None
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "novel.jsonl").write_bytes(
+        b"".join((data_dir / "pretrain" / "en_novel_botchan.jsonl").read_bytes().splitlines(keepends=True)[:120]))
+    manifest = _prepare([tmp_path / "in"], tmp_path / "tok", tmp_path / "out", seed=3, max_length=1024)
+    loss_tokens, pieces_after_another = 0, 0
+    for part in part_dirs(tmp_path / "out" / "arrow"):
+        for row in load_part(part):
+            starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+            assert all(row["labels"][i] == -100 for i in starts)
+            pieces_after_another += len(starts) - 1
+            loss_tokens += sum(label != -100 for label in row["labels"][1:])
+    assert pieces_after_another > 50  # many documents really share rows
+    assert manifest.counts.tokens_trained == loss_tokens

@@ -116,7 +116,13 @@ class PartWriter:
         pieces = seqs.piece_indices(rows)
         doc, start, length = seqs.doc[pieces], seqs.start[pieces], seqs.length[pieces]
         ids, labels = self.cache.gather(doc, start, length)
-        piece_begin = np.concatenate([[0], np.cumsum(length)[:-1]])
+        piece_begin = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
+        # A piece's first token is never predicted: the token before it in the row is another document's (the
+        # block mask hides it) or the row starts there (the shifted loss skips position 0). Its label, left on,
+        # would train the previous document's last token to predict an unrelated one (tokenizers without BOS)
+        # and count a token as trained that no loss sees.
+        labels = np.array(labels, dtype=np.int32, copy=True)
+        labels[piece_begin[length > 0]] = IGNORE_INDEX
         position = (np.arange(len(ids), dtype=np.int64) - np.repeat(piece_begin, length)).astype(np.int32)
         trained = np.add.reduceat((labels != IGNORE_INDEX).astype(np.int64), piece_begin) if len(ids) else length
         written.trained_tokens += int(trained.sum())
