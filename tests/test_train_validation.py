@@ -75,6 +75,33 @@ def test_validation_reports_each_category_and_leaves_training_untouched(validate
     assert [s for s, _ in series["eval/bpc/review"]] == [0, 2, 4, 6, 8]
 
 
+def test_a_validation_a_stop_skipped_is_the_resumed_runs_first_work(validated, tmp_path, tiny_llama,
+                                                                    prepared_with_heldout):
+    """A stop agreed in a step whose validation is due saves at once (a scheduler's grace period is short) and
+    skips it; the checkpoint says so and the resumed run validates that step before training on: the eval curve
+    has no hole (step 4 was missing), and the score is the uninterrupted run's."""
+    from tests.support.launch import run_training, tail
+
+    args = train_args(tiny_llama, prepared_with_heldout, tmp_path / "run", "--plugin", "ddp", *DP2_BATCH, *EVAL)
+    args[args.index("--save_interval") + 1] = "5"  # no checkpoint at step 3: the vote is counted in step 4
+    stopped = run_training(args, tmp_path / "stopped.log", env={"CL_TEST_SIGNAL_AFTER_STEP": "3"})
+    assert stopped.returncode != 0 and "stopped by SIGTERM after step 4 of 8" in (tmp_path / "stopped.log").read_text()
+    states = json.loads((tmp_path / "run" / "epoch-0_step-4" / "running_states.json").read_text())
+    assert states["validation_due"] is True
+
+    def eval_steps():
+        return [json.loads(line)["step"] for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+
+    assert eval_steps() == [0, 2]  # the stop came first
+    log = train_ok(tmp_path, "resumed", args + ["--load_checkpoint", "latest"]).read_text()
+    assert_resumed(log, tmp_path / "run" / "epoch-0_step-4")
+    assert eval_steps() == [0, 2, 4, 6, 8], tail(tmp_path / "resumed.log")
+    reference = [json.loads(line) for line in (validated["with"][0] / "eval.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert resumed == reference
+    assert_bitwise_equal(validated["with"][0], tmp_path / "run")
+
+
 def _step0_scores(tmp_path, name, tiny_llama, data, layout):
     args = train_args(tiny_llama, data, tmp_path / name, *layout, *EVAL)
     args[args.index("--max_steps") + 1] = "1"

@@ -68,6 +68,7 @@ class RunningState:
     world_size: int
     category_tokens: Optional[dict] = None  # input tokens seen per category so far (the mixture's realisation)
     data_order: Optional[dict] = None  # what the epoch order is drawn from (training.inputs.epoch_order_inputs)
+    validation_due: bool = False  # this step's validation was skipped by a stop: the resumed run does it first
 
 
 def checkpoint_name(epoch: int, step: int) -> str:

@@ -364,8 +364,9 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
                          plan.total_steps, state.step, 1 if cfg.benchmark else cfg.log_interval,
                          plan.num_parameters, run.cuda, run.data.categories, state.category_tokens)
     try:
-        if run.validator is not None and state.step == 0:
-            metrics.record_eval(0, run.validator.run())
+        if run.validator is not None and (state.step == 0 or state.validation_due):
+            metrics.record_eval(state.step, run.validator.run())
+        state.validation_due = False
         if stop.agreed(run.stepper.device):  # came during start-up validation: nothing trained, nothing to save
             _stop(run, stop, state, saved=True)
         while state.step < plan.total_steps and state.epoch < cfg.num_epochs:
@@ -413,9 +414,12 @@ def _after_step(run: Run, state: RunningState, metrics: RunMetrics, epoch_done: 
     cfg, plan = run.cfg, run.plan
     validated = saved = False
     eval_due = state.step % (cfg.eval_interval or cfg.save_interval) == 0 or state.step == plan.total_steps
-    if not stopping and run.validator is not None and eval_due:
-        metrics.record_eval(state.step, run.validator.run())
-        validated = True
+    if run.validator is not None and eval_due:
+        if stopping:  # the stop comes first (a scheduler's grace period is short); the resumed run validates
+            state.validation_due = True
+        else:
+            metrics.record_eval(state.step, run.validator.run())
+            validated = True
     if saving and (stopping or checkpoint_due(state.step, plan.total_steps, cfg.save_interval, epoch_done,
                                               cfg.skip_save_each_epoch)):
         log.info("saved checkpoint %s", run.checkpointer.save(state))

@@ -16,6 +16,8 @@ Fault injection (tests of crash safety), read from the environment:
   ``--async_save``, its files written plainly (colossalai's background writer needs CUDA).
 - ``CL_TEST_STALE_LISTING=1``: every rank but 0 sees the save dir as it was long ago: its oldest complete
   checkpoint is the newest (a shared filesystem's cached listing on another machine).
+- ``CL_TEST_SIGNAL_AFTER_STEP=S``: rank 1 sends itself SIGTERM right after logging step S, in torchrun's first
+  incarnation only: the ranks agree to stop in step S + 1's all-reduce (a scheduler's signal, at a known step).
 - ``CL_TEST_SLOW_STEP_S=T``: every rank waits T seconds after logging each step (time for a test to send a signal
   between a step and what follows it: validation, a checkpoint save, the next step).
 - ``CL_TEST_SLOW_DELETE_S=T``: every folder deletion of the save dir's trash takes T seconds more (the deletion of
@@ -85,6 +87,14 @@ def _install_freeze_at_step(step: int) -> None:
     _after_each_step(freeze)
 
 
+def _install_signal_after_step(step: int) -> None:
+    def terminate(done: int) -> None:
+        if done == step and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _after_each_step(terminate)
+
+
 def _install_publish_late() -> None:
     from colossal_llama.training import checkpoint
 
@@ -145,6 +155,8 @@ def main() -> None:
         _install_die_at_step(int(os.environ["CL_TEST_DIE_AT_STEP"]))
     if os.environ.get("CL_TEST_FREEZE_AT_STEP"):
         _install_freeze_at_step(int(os.environ["CL_TEST_FREEZE_AT_STEP"]))
+    if os.environ.get("CL_TEST_SIGNAL_AFTER_STEP"):
+        _install_signal_after_step(int(os.environ["CL_TEST_SIGNAL_AFTER_STEP"]))
     if os.environ.get("CL_TEST_PUBLISH_LATE"):
         _install_publish_late()
     if os.environ.get("CL_TEST_STALE_LISTING"):
