@@ -131,10 +131,10 @@ def split_news(data: Path, out: Path, cfg: RecipeConfig) -> str:
 def mine(data: Path, work: Path, base: Path, cfg: RecipeConfig) -> str:
     from colossal_llama.tokenizer.mine_pieces import MineConfig, mine_pieces
 
-    pieces, report = mine_pieces(MineConfig(
+    pieces, report = mine_pieces(MineConfig(  # overwrite: a stage redone (after a kill) replaces its own output
         output=work / "pieces.jsonl", corpus=[work / "train" / "news.jsonl", data / "pretrain" / REVIEWS],
         base_tokenizer_dir=base, vocab_size=cfg.mine_vocab, max_sentences=cfg.mine_sentences,
-        top_k=cfg.new_pieces, character_coverage=cfg.mine_coverage))
+        top_k=cfg.new_pieces, character_coverage=cfg.mine_coverage, overwrite=True))
     print(report.format(), flush=True)
     return f"{len(pieces)} new pieces from {report.sentences} lines of Chinese (SentencePiece, vocab {cfg.mine_vocab})"
 

@@ -122,7 +122,7 @@ def test_export_model_from_config_and_plot_flags_default_to_their_configs(monkey
     calls = []
     for module, name in ((gguf_export, "export_gguf_to_hf"), (from_config, "save_llama_from_config")):
         monkeypatch.setattr(module, name, lambda *args: calls.append(args))
-        monkeypatch.setattr(module, "clear_output_dir", lambda *args: None)
+        monkeypatch.setattr(module, "check_output_dir", lambda *args, **kwargs: None)
     monkeypatch.setattr(plot_losses, "read_scalars", lambda log_dir: {"train/loss": [(1, 2.0)]})
     monkeypatch.setattr(plot_losses, "plot_scalars", lambda series, output, title: calls.append((output, title))
                         or output)

@@ -154,6 +154,46 @@ def test_cut_off_gguf_and_tokenizer_json_are_one_line_naming_them(smollm2_gguf_f
         load_tokenizer(folder)
 
 
+def test_a_tokenizer_json_the_tokenizers_library_rejects_is_one_line_naming_it(smollm2_dir, tmp_path):
+    tokenizer_json = json.loads((smollm2_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer_json["model"]["type"] = "NoSuchModel"  # valid JSON, not a tokenizer
+    folder = copy_with(smollm2_dir, tmp_path / "rejected", {"tokenizer.json": json.dumps(tokenizer_json).encode()})
+    with pytest.raises(UserInputError, match=rf"^{folder / 'tokenizer.json'}: cannot load a tokenizer \(.+\)$"):
+        load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"[1, 2]", "weight_map: not a valid shard index"),
+    (b'{"weight_map": {}}', "weight_map: not a valid shard index"),
+    (b'{"weight_map": {"a": ["x"]}}', "weight_map: a: expected a shard file name, got ['x']"),
+    (b'{"weight_map": {"a": 3}}', "weight_map: a: expected a shard file name, got 3"),
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    (b'{"weight_map": {"a": "model-1', "invalid JSON"),
+])
+def test_a_damaged_shard_index_is_one_line_naming_it(tmp_path, content, problem):
+    from colossal_llama.model.checkpoint_files import find_checkpoint
+
+    (tmp_path / "model.safetensors.index.json").write_bytes(content)
+    with pytest.raises(UserInputError) as err:
+        find_checkpoint(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'model.safetensors.index.json'}: {problem}"), str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage", "empty", "not a state dict"])
+def test_a_damaged_pytorch_bin_shard_is_one_line_naming_it(tmp_path, damage):
+    from colossal_llama.model.checkpoint_files import find_checkpoint, open_shard
+
+    shard = tmp_path / "pytorch_model.bin"
+    torch.save({"model.embed_tokens.weight": torch.randn(64, 16)}, shard)
+    whole = shard.read_bytes()
+    if damage == "not a state dict":
+        torch.save([torch.zeros(2)], shard)
+    else:
+        shard.write_bytes({"cut": whole[: len(whole) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    with pytest.raises(UserInputError, match=rf"^{shard}: truncated or corrupt PyTorch checkpoint file \(.+\)$"):
+        open_shard(find_checkpoint(tmp_path), "pytorch_model.bin")
+
+
 # ---------------------------------------------------------------- leftovers of killed runs
 
 
@@ -225,6 +265,17 @@ def test_replace_dir_removes_the_old_copy_a_killed_run_left(tmp_path):
     replace_dir(tmp_path / "new", tmp_path / "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert json.loads((tmp_path / "model" / "config.json").read_text()) == {"new": True}
+
+
+def test_replace_dir_refuses_a_file_or_a_link_as_target_and_leaves_no_junk(tmp_path):
+    (tmp_path / "new").mkdir()
+    (tmp_path / "afile").write_text("the user's file")
+    (tmp_path / "alink").symlink_to(tmp_path / "new")
+    for target in (tmp_path / "afile", tmp_path / "alink"):
+        with pytest.raises(UserInputError, match=f"^{target}: exists and is not a directory"):
+            replace_dir(tmp_path / "new", target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "alink", "new"]
+    assert (tmp_path / "afile").read_text() == "the user's file"
 
 
 # ---------------------------------------------------------------- on disk before published

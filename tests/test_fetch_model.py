@@ -108,3 +108,23 @@ def test_base_model_may_be_a_model_folder_a_gguf_or_a_hub_id(tmp_path, monkeypat
                                              r"Hugging Face hub \("):
         fetch.resolve_base_model("HuggingFaceTB/SmolLM2-360M-Instruct", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_download_or_export_never_removes_files_already_in_the_output_folder(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    mine = tmp_path / "mymodels"
+    (mine / "important").mkdir(parents=True)
+    (mine / "important" / "w.txt").write_text("x")
+    for spec in ("my org/my model", str(tmp_path / "model.gguf")):
+        (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+        with pytest.raises(UserInputError, match=f"^{mine}: --output_dir exists and is not empty"):
+            fetch.resolve_base_model(spec, mine)
+        assert (mine / "important" / "w.txt").read_text() == "x"
+    # an empty or absent folder is fine; a failed download leaves nothing beside it
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "absent"):
+        with pytest.raises(UserInputError, match="cannot download from the Hugging Face hub"):
+            fetch.resolve_base_model("my org/my model", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "model.gguf", "mymodels"]

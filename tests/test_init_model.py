@@ -157,9 +157,9 @@ def test_sharded_untied_bf16_llama_keeps_shard_layout_and_pads_vocab(sharded_lla
     assert (report.new_vocab_size, report.padding_rows, report.tied_embeddings) == (padded, padded - tokens, False)
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == padded
-    # the rows before expansion travel with the model: LoRA's --lora_train_embeddings auto trains the embeddings
+    # the tokens before expansion travel with the model: LoRA's --lora_train_embeddings auto trains the embeddings
     from colossal_llama.training.lora import vocabulary_was_expanded
-    assert config["colossal_llama_base_vocab_size"] == 32000
+    assert (config["colossal_llama_base_tokenizer_size"], config["colossal_llama_tokenizer_size"]) == (32000, tokens)
     assert vocabulary_was_expanded(out) and not vocabulary_was_expanded(sharded_llama)
 
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -309,3 +309,83 @@ def test_a_failure_while_writing_leaves_the_previous_target_untouched(sharded_ll
         init_model_from_expanded_tokenizer(sharded_llama, mistral_expanded_tokenizer, target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no temporary folder is left behind"
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_report_json_and_a_file_as_target_are_checked_before_any_work(sharded_llama, mistral_expanded_tokenizer,
+                                                                      tmp_path, capsys):
+    target = tmp_path / "model"
+    missing_folder = tmp_path / "no_such_folder" / "report.json"
+    assert f"{missing_folder}: --report_json: folder" in run_cli(
+        cli_args(sharded_llama, mistral_expanded_tokenizer, target, "--report_json", str(missing_folder)), capsys)
+    report = tmp_path / "report.json"
+    report.write_text("the user's notes")
+    assert f"{report}: --report_json already exists (pass --overwrite" in run_cli(
+        cli_args(sharded_llama, mistral_expanded_tokenizer, target, "--report_json", str(report)), capsys)
+    assert not target.exists() and report.read_text() == "the user's notes"
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a model")
+    assert f"{a_file}: target model path exists and is not a directory" in run_cli(
+        cli_args(sharded_llama, mistral_expanded_tokenizer, a_file, "--overwrite"), capsys)
+    assert a_file.read_text() == "not a model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "report.json"], "no junk left beside them"
+    assert main(cli_args(sharded_llama, mistral_expanded_tokenizer, target, "--overwrite",
+                         "--report_json", str(report))) == 0
+    assert json.loads(report.read_text())["source_tokenizer_size"] == 32000
+
+
+def test_a_target_that_contains_an_input_is_refused_even_with_overwrite(sharded_llama, mistral_expanded_tokenizer,
+                                                                        tmp_path, capsys):
+    import shutil
+
+    parent = tmp_path / "work"
+    source, tokenizer = parent / "models" / "source", parent / "tokenizer"
+    shutil.copytree(sharded_llama, source)
+    shutil.copytree(mistral_expanded_tokenizer, tokenizer)
+    err = run_cli(cli_args(source, mistral_expanded_tokenizer, parent, "--overwrite"), capsys)
+    assert f"{parent}: target model path is or contains the source model ({source})" in err
+    err = run_cli(cli_args(sharded_llama, tokenizer, parent / ".", "--overwrite"), capsys)
+    assert "target model path is or contains the target tokenizer" in err
+    assert (source / "config.json").is_file() and (tokenizer / "tokenizer.model").is_file()
+
+
+@pytest.fixture(scope="module")
+def padded_llama(mistral_sp_model, tmp_path_factory):
+    """A LLaMA whose matrices have 64 padding rows past its 32000 tokens (as models padded for tensor parallelism)."""
+    folder = tmp_path_factory.mktemp("padded") / "source"
+    tokenizer = LlamaTokenizerFast.from_pretrained(str(mistral_sp_model.parent))
+    config = LlamaConfig(vocab_size=32064, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def test_new_tokens_inside_padding_rows_still_count_as_an_expansion_for_lora(padded_llama, mistral_sp_model,
+                                                                             data_dir, tmp_path):
+    from colossal_llama.training.lora import vocabulary_was_expanded
+
+    tokenizer = tmp_path / "tokenizer"
+    expand_tokenizer(mistral_sp_model.parent, tokenizer, jieba_words(data_dir, 8), report_max_chars=2000)
+    tokens = len(AutoTokenizer.from_pretrained(tokenizer))
+    assert 32000 < tokens <= 32064, "the new tokens must fit in the padding rows"
+    report = init_model_from_expanded_tokenizer(padded_llama, tokenizer, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert report.new_vocab_size == config["vocab_size"] == 32064, "no row was added"
+    assert config["colossal_llama_base_tokenizer_size"] == 32000
+    assert vocabulary_was_expanded(tmp_path / "model") and not vocabulary_was_expanded(padded_llama)
+    # a model written by an earlier version recorded rows: still read
+    old_style = tmp_path / "old_style"
+    old_style.mkdir()
+    (old_style / "config.json").write_text(json.dumps({"vocab_size": 32256, "colossal_llama_base_vocab_size": 32000}))
+    assert vocabulary_was_expanded(old_style)
+
+
+def test_mean_of_all_rows_is_summed_in_chunks_of_rows(monkeypatch):
+    torch.manual_seed(0)
+    matrix = torch.randn(1000, 8).to(torch.bfloat16)
+    whole = init_model_module.mean_of_all_rows(matrix)
+    monkeypatch.setattr(init_model_module, "GATHER_CHUNK_BYTES", 8 * 4 * 7)  # 7 rows per chunk, a ragged last one
+    chunked = init_model_module.mean_of_all_rows(matrix)
+    assert chunked.dtype == torch.bfloat16 and torch.equal(chunked, whole)
+    assert torch.allclose(chunked.float(), matrix.double().mean(dim=0).float(), atol=1e-2)

@@ -179,3 +179,26 @@ def test_exactly_one_source_and_one_line_cli_errors(tmp_path, data_dir, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: sentencepiece training failed") and "vocab_size" in err[-1]
+
+
+def test_an_existing_output_needs_overwrite_and_an_input_is_never_the_output(tmp_path, capsys):
+    words = tmp_path / "words.txt"
+    words.write_text("中国 100 ns\n天气 50 n\n", encoding="utf-8")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "中国天气"}\n', encoding="utf-8")
+    out = tmp_path / "pieces.jsonl"
+    out.write_text("the user's file\n", encoding="utf-8")
+    for argv in (["--from_wordlist", str(words), "--output", str(out)],
+                 ["--from_wordlist", str(words), "--output", str(words), "--overwrite"],
+                 ["--corpus", str(tmp_path), "--output", str(corpus), "--overwrite"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {out}: --output already exists (pass --overwrite to replace it)",
+                   f"error: {words}: --output is one of the inputs ({words}); choose another file",
+                   f"error: {corpus}: --output is one of the inputs ({corpus}); choose another file"]
+    assert out.read_text(encoding="utf-8") == "the user's file\n"
+    assert words.read_text(encoding="utf-8").startswith("中国 100") and corpus.read_text(encoding="utf-8") != ""
+    assert main(["--from_wordlist", str(words), "--output", str(out), "--overwrite"]) == 0
+    assert read_pieces_file(out).pieces == ["中国", "天气"]

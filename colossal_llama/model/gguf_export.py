@@ -14,7 +14,7 @@ import torch
 
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
-from colossal_llama.utils.output import clear_output_dir, remove_stale_siblings, replace_dir, tmp_sibling
+from colossal_llama.utils.output import check_output_dir, remove_stale_siblings, replace_dir, tmp_sibling
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = "float32"  # exact for every GGUF tensor type (dequantised weights are float32)
@@ -23,7 +23,10 @@ TMP_KIND = "tmp-export"
 
 
 def export_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str = DEFAULT_DTYPE) -> Path:
-    """Write model (safetensors) and tokenizer from ``gguf_path`` into ``out_dir``; returns ``out_dir``."""
+    """Write model (safetensors) and tokenizer from ``gguf_path`` into ``out_dir``; returns ``out_dir``.
+
+    An existing ``out_dir`` is replaced only once the export is complete (the CLI first refuses one without
+    ``--overwrite``); until then, and when the GGUF cannot be read, it is left as it was."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -107,7 +110,7 @@ class GgufExportConfig:
     """``colossal-llama-export-gguf``'s flags (this class *is* its command line)."""
 
     gguf_file: Path = flag(help="the .gguf checkpoint")
-    output_dir: Path = flag(help="the Hugging Face folder to write (must not exist)")
+    output_dir: Path = flag(help="the Hugging Face folder to write (must not exist unless --overwrite)")
     dtype: str = flag(DEFAULT_DTYPE, choices=tuple(sorted(_DTYPES)), help="precision of the written weights")
     overwrite: bool = flag(False, help="replace --output_dir if it exists")
 
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     add_flags(parser, GgufExportConfig)
     cfg = config_from(parser.parse_args(argv), GgufExportConfig)
-    clear_output_dir(cfg.output_dir, cfg.overwrite)
+    check_output_dir(cfg.output_dir, cfg.overwrite, inputs=[cfg.gguf_file])  # the old output stays until replaced
     export_gguf_to_hf(cfg.gguf_file, cfg.output_dir, cfg.dtype)
     print(f"wrote {cfg.output_dir}")
     return 0

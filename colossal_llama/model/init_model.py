@@ -31,7 +31,7 @@ from colossal_llama.model.vocab_mapping import check_is_expansion, source_piece_
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
-from colossal_llama.utils.json_files import read_json
+from colossal_llama.utils.json_files import read_json, write_json
 from colossal_llama.utils.output import remove_stale_siblings, replace_dir, tmp_sibling
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,12 @@ VOCAB_MATRIX_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", 
 # Model-folder files that are not tokenizer files (everything else in the target tokenizer dir is copied).
 NOT_TOKENIZER_FILES = ("config.json", "generation_config.json")
 GATHER_CHUNK_BYTES = 256 << 20  # float32 working set of one mean-computation chunk
-# config.json key: the vocabulary rows before the first expansion (LoRA's ``--lora_train_embeddings auto`` reads it)
+# config.json keys that LoRA's ``--lora_train_embeddings auto`` reads: the source tokenizer's token count before the
+# first expansion, and the expanded tokenizer's. Tokens, not matrix rows: a source whose matrices carry padding rows
+# (32064 rows for 32000 tokens) puts its new tokens inside that padding, so the row count does not grow.
+BASE_TOKENS_KEY = "colossal_llama_base_tokenizer_size"
+TOKENS_KEY = "colossal_llama_tokenizer_size"
+# Written by earlier versions: matrix rows before the first expansion (still read for their models).
 BASE_VOCAB_KEY = "colossal_llama_base_vocab_size"
 TMP_KIND = "tmp-init"  # the target is built in ``.{target}.tmp-init-{pid}`` beside it, then renamed
 
@@ -54,7 +59,7 @@ class InitModelConfig:
     source_dir: Path = flag(name="source_model_and_tokenizer_path", help="HF folder of the source model and its "
                                                                          "tokenizer")
     target_tokenizer_dir: Path = flag(name="target_tokenizer_path", help="folder of the expanded tokenizer")
-    target_dir: Path = flag(name="target_model_path", help="output folder (must not exist)")
+    target_dir: Path = flag(name="target_model_path", help="output folder (must not exist unless --overwrite)")
     overwrite: bool = flag(False, help="replace --target_model_path if it exists")
     pad_vocab_to_multiple_of: int = flag(1, help="round the new vocabulary up to a multiple of this (e.g. 64 x tp "
                                                  "for the 3d plugin)")
@@ -118,8 +123,15 @@ def mean_init_new_rows(old_matrix: torch.Tensor, piece_ids: Sequence[Sequence[in
 
 
 def mean_of_all_rows(matrix: torch.Tensor) -> torch.Tensor:
-    """[H] mean of all rows of a [V, H] matrix, accumulated in float32, in the matrix dtype."""
-    return (matrix.sum(dim=0, dtype=torch.float32) / matrix.shape[0]).to(matrix.dtype)
+    """[H] mean of all rows of a [V, H] matrix, accumulated in float32, in the matrix dtype.
+
+    Summed in chunks of rows: ``sum(dtype=float32)`` over the whole matrix would first convert all of it to
+    float32 (LLaMA-3-70B's bf16 embedding is 2.1 GB: 4.2 GB more at the peak)."""
+    chunk = max(1, GATHER_CHUNK_BYTES // (matrix.shape[1] * 4))
+    total = torch.zeros(matrix.shape[1], dtype=torch.float32)
+    for start in range(0, matrix.shape[0], chunk):
+        total += matrix[start : start + chunk].sum(dim=0, dtype=torch.float32)
+    return (total / matrix.shape[0]).to(matrix.dtype)
 
 
 def resize_vocab_matrix(old_matrix: torch.Tensor, piece_ids: Sequence[Sequence[int]], source_tokens: int,
@@ -185,7 +197,8 @@ def run_init(cfg: InitModelConfig) -> InitReport:
     try:
         bytes_written, copied = _write_weights(layout, tmp, set(vocab_matrices), piece_ids, source_tokens, new_vocab)
         config["vocab_size"] = new_vocab
-        config.setdefault(BASE_VOCAB_KEY, old_rows)  # a second expansion keeps the first base
+        config.setdefault(BASE_TOKENS_KEY, source_tokens)  # a second expansion keeps the first base
+        config[TOKENS_KEY] = target_tokens
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if (cfg.source_dir / "generation_config.json").is_file():
             shutil.copy2(cfg.source_dir / "generation_config.json", tmp / "generation_config.json")
@@ -233,8 +246,12 @@ def _check_paths(cfg: InitModelConfig) -> None:
     if cfg.pad_vocab_to_multiple_of < 1:
         raise UserInputError(f"--pad_vocab_to_multiple_of {cfg.pad_vocab_to_multiple_of}: must be >= 1")
     target = cfg.target_dir.resolve()
-    if target in (cfg.source_dir.resolve(), cfg.target_tokenizer_dir.resolve()):
-        raise UserInputError(f"{cfg.target_dir}: target model path is one of the inputs; choose a new folder")
+    for what, given in (("source model", cfg.source_dir), ("target tokenizer", cfg.target_tokenizer_dir)):
+        if given.resolve().is_relative_to(target):  # --overwrite would delete it with the old target
+            raise UserInputError(f"{cfg.target_dir}: target model path is or contains the {what} ({given}); "
+                                 f"choose a new folder")
+    if cfg.target_dir.exists() and not cfg.target_dir.is_dir():
+        raise UserInputError(f"{cfg.target_dir}: target model path exists and is not a directory")
     if cfg.target_dir.exists() and not cfg.overwrite:
         raise UserInputError(f"{cfg.target_dir}: already exists (pass --overwrite to replace it)")
 
@@ -334,7 +351,8 @@ def format_report(report: InitReport) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     add_flags(parser, InitModelConfig)
-    parser.add_argument("--report_json", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--report_json", type=Path, default=None, help="also write the report as JSON here (an "
+                        "existing file is replaced only with --overwrite)")
     return parser
 
 
@@ -343,12 +361,25 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = config_from(args, InitModelConfig)
+    if args.report_json:
+        _check_report_path(args.report_json, cfg)
     report = run_init(cfg)
     print(format_report(report))
     print(f"wrote {cfg.target_dir}")
     if args.report_json:
-        args.report_json.write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+        write_json(args.report_json, asdict(report))
     return 0
+
+
+def _check_report_path(path: Path, cfg: InitModelConfig) -> None:
+    """Refuse a ``--report_json`` that could not be written once the model is (minutes later), or that would
+    replace a file without ``--overwrite``."""
+    if not path.parent.is_dir():
+        raise UserInputError(f"{path}: --report_json: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UserInputError(f"{path}: --report_json is a directory")
+    if path.exists() and not cfg.overwrite:
+        raise UserInputError(f"{path}: --report_json already exists (pass --overwrite to replace it)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ piece and always apply. The trade-off: added tokens are matched in the raw text 
 an English fragment such as ``ing`` would also be cut out of ``string``. The check for BPE sources is that
 ``decode(encode(text)) == text`` on every sampled line.
 
+Pieces are text: a word-start marker copied from a vocabulary (``'▁'`` anywhere, a leading ``'Ġ'``) is read as the
+space it stands for, for either kind of base (:func:`colossal_llama.tokenizer.pieces.marker_as_space`), so
+``'▁上海'`` and ``'Ġ上海'`` both add the piece ``' 上海'``, never a literal marker that real text never contains.
+
 Pieces already covered by the base vocabulary (SP piece, or decoded text of a BPE entry) are skipped and
 counted, never errors. The target is built in a temporary folder and only moved into place when complete.
 """
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from colossal_llama.tokenizer.base_vocab import SP_MODEL, bpe_vocab_texts, load_sp_proto, tokenizer_kind
-from colossal_llama.tokenizer.pieces import read_pieces_file
+from colossal_llama.tokenizer.pieces import marker_as_space, read_pieces_file
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.tokenizer.report_corpus import (
     LANGUAGES,
@@ -40,7 +44,7 @@ from colossal_llama.tokenizer.report_corpus import (
 from colossal_llama.tokenizer.sp_expand import append_pieces
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.durable import fsync_dir, fsync_tree
-from colossal_llama.utils.errors import UserInputError, cli_entry
+from colossal_llama.utils.errors import DataError, UserInputError, cli_entry
 from colossal_llama.utils.json_files import read_json, write_json
 
 DEFAULT_REPORT_MAX_CHARS = 100_000
@@ -133,13 +137,15 @@ def expand_tokenizer(
 ) -> ExpansionReport:
     """Write ``source_dir``'s tokenizer expanded with ``pieces`` to ``target_dir`` and report on it.
 
-    ``pieces`` are texts (spaces allowed; SentencePiece spells them ``'▁'``), distinct, in the order ids are
-    given. ``report_files`` (jsonl or text) default to the bundled real pretraining corpora. Raises
+    ``pieces`` are texts (spaces allowed; SentencePiece spells them ``'▁'``), in the order ids are given; markers
+    are read as spaces (:func:`marker_as_space`) and the pieces must then be distinct. ``report_files`` (jsonl or
+    text) default to the bundled real pretraining corpora. Raises
     :class:`TokenizerMismatchError` (nothing written) when the check fails, unless ``allow_mismatch``.
     """
     source_dir, target_dir = Path(source_dir), Path(target_dir)
     kind = tokenizer_kind(source_dir)
     _check_target(source_dir, target_dir, overwrite)
+    pieces = [marker_as_space(p) for p in pieces]
     if len(set(pieces)) != len(pieces):
         raise UserInputError("expand_tokenizer: pieces must be distinct (read them with read_pieces_file)")
     sample = sample_texts(report_files if report_files is not None else default_report_files(), report_max_chars)
@@ -200,8 +206,13 @@ def _expand_sentencepiece(source_dir, out_dir, pieces, sample: TextSample, add_c
     # transformers converts tokenizer.model -> fast tokenizer (no tokenizer.json yet); save writes tokenizer.json
     AutoTokenizer.from_pretrained(str(out_dir), use_fast=True).save_pretrained(str(out_dir))
     hf = load_tokenizer(out_dir)  # exactly what data preparation and training will load
-    if len(hf) != len(proto.pieces):
-        raise RuntimeError(f"converted tokenizer has {len(hf)} ids, expanded model {len(proto.pieces)}")
+    if len(hf) != len(proto.pieces):  # e.g. a pad_token in special_tokens_map.json that is no SentencePiece piece
+        extra = hf.convert_ids_to_tokens(list(range(len(proto.pieces), len(hf))))
+        raise UserInputError(
+            f"{source_dir}: its tokenizer files add {len(extra)} token(s) beyond the SentencePiece pieces "
+            f"({', '.join(map(repr, extra[:5]))}); new pieces would take their ids (remove them, expand, then re-add "
+            f"them)"
+        )
     sp_after = spm.SentencePieceProcessor(model_proto=model_bytes)
 
     texts = sample.all_texts()
@@ -225,12 +236,11 @@ def _sp_source_config(source_dir: Path, sp_size: int) -> tuple[dict, dict]:
     """
     config = read_json(source_dir / "tokenizer_config.json", missing_ok=True) or {}
     special_map = read_json(source_dir / "special_tokens_map.json", missing_ok=True) or {}
-    for token_id, token in (config.get("added_tokens_decoder") or {}).items():
-        if int(token_id) >= sp_size:
-            content = token.get("content") if isinstance(token, dict) else token
+    for path, token_id, content in _added_token_ids(source_dir, config):
+        if token_id >= sp_size:
             raise UserInputError(
-                f"{source_dir / 'tokenizer_config.json'}: added token {content!r} has id {token_id} beyond the "
-                f"{sp_size} SentencePiece pieces; new pieces would take its id (remove it, expand, then re-add it)"
+                f"{path}: added token {content!r} has id {token_id} beyond the {sp_size} SentencePiece pieces; "
+                f"new pieces would take its id (remove it, expand, then re-add it)"
             )
     for key in ("tokenizer_file", "name_or_path", "auto_map"):
         config.pop(key, None)
@@ -246,6 +256,40 @@ def _sp_source_config(source_dir: Path, sp_size: int) -> tuple[dict, dict]:
         special_map[key] = value
         config[key] = value
     return config, special_map
+
+
+def _added_token_ids(source_dir: Path, config: dict) -> list[tuple[Path, int, object]]:
+    """``(file, id, content)`` of every added token a source records, in each of the three places transformers
+    has kept them: ``tokenizer_config.json``'s ``added_tokens_decoder``, the older ``added_tokens.json``
+    (``{content: id}``) and ``tokenizer.json``'s ``added_tokens``. A malformed entry is a one-line error."""
+    found = []
+    config_path = source_dir / "tokenizer_config.json"
+    for token_id, token in _mapping(config.get("added_tokens_decoder") or {}, config_path, "added_tokens_decoder"):
+        found.append((config_path, _token_id(token_id, config_path, "added_tokens_decoder"), _token_content(token)))
+    added_path = source_dir / "added_tokens.json"
+    for content, token_id in _mapping(read_json(added_path, missing_ok=True) or {}, added_path, None):
+        found.append((added_path, _token_id(token_id, added_path, repr(content)), content))
+    json_path = source_dir / "tokenizer.json"
+    tokenizer_json = read_json(json_path, missing_ok=True)
+    entries = tokenizer_json.get("added_tokens") if isinstance(tokenizer_json, dict) else None
+    for entry in entries if isinstance(entries, list) else []:  # a damaged file fails loading, named there
+        if isinstance(entry, dict) and "id" in entry:
+            found.append((json_path, _token_id(entry["id"], json_path, "added_tokens"), entry.get("content")))
+    return found
+
+
+def _mapping(value, path: Path, field: Optional[str]):
+    """``value.items()``, or a one-line error naming ``path`` when ``value`` is not a JSON object."""
+    if not isinstance(value, dict):
+        raise DataError(path, None, field, f"expected a JSON object, got {type(value).__name__}")
+    return value.items()
+
+
+def _token_id(value, path: Path, field: Optional[str]) -> int:
+    """A token id read from a tokenizer file (an int, or a string of digits as JSON object keys are)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not (str(value).isascii() and str(value).isdigit()):
+        raise DataError(path, None, field, f"token id {value!r} is not a non-negative integer")
+    return int(value)
 
 
 def _token_content(token) -> Optional[str]:
@@ -327,7 +371,8 @@ class InitTokenizerConfig:
 
     source_tokenizer_dir: Path = flag(help="SentencePiece or HF fast tokenizer folder")
     target_tokenizer_dir: Path = flag(help="where the expanded tokenizer is written")
-    expand_tokens_file: Path = flag(help='jsonl lines {"piece": "你好"}')
+    expand_tokens_file: Path = flag(help='jsonl lines {"piece": "你好"}; a marker \'▁\' (anywhere) or a leading \'Ġ\' '
+                                         'is read as a space')
     overwrite: bool = flag(False, help="replace the tokenizer files of an existing target")
     report_corpus: List[Path] = flag([], help="jsonl ({source,target} or {text}) or plain text files; default: "
                                               "bundled real pretrain corpora")

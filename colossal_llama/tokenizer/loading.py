@@ -30,9 +30,11 @@ def load_tokenizer(path):
     except Exception as err:  # noqa: BLE001 - the tokenizers library raises bare Exception on a damaged file
         for name in JSON_FILES:  # a cut-off file: name it (read_json raises a one-line error)
             read_json(path / name, missing_ok=True)
-        if isinstance(err, (OSError, ValueError)):
-            raise UserInputError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
-        raise
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        named = path
+        if not isinstance(err, (OSError, ValueError)) and (path / "tokenizer.json").is_file():
+            named = path / "tokenizer.json"  # valid JSON that the tokenizers library rejects (an unknown model type)
+        raise UserInputError(f"{named}: cannot load a tokenizer ({first_line})") from None
 
 
 def plain_backend(tokenizer):

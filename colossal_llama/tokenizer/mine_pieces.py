@@ -270,7 +270,8 @@ def select_pieces(
 class MineConfig:
     """What to mine and how (this class *is* the command line)."""
 
-    output: Path = flag(help='jsonl of {"piece": ...}')
+    output: Path = flag(help='jsonl of {"piece": ...} (never one of the inputs)')
+    overwrite: bool = flag(False, help="replace --output if it exists")
     corpus: list[Path] = flag([], help="jsonl files or dirs (text fields are used)")
     from_wordlist: Optional[Path] = flag(None, help="'word freq [pos]' lines, e.g. jieba_dict.txt")
     base_tokenizer_dir: Optional[Path] = flag(None, help="drop pieces this tokenizer already has")
@@ -292,12 +293,14 @@ def mine_pieces(cfg: MineConfig) -> tuple[list[str], MiningReport]:
     for name in ("vocab_size", "max_sentences", "min_piece_chars"):
         if getattr(cfg, name) < 1:
             raise UserInputError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    corpus_files = find_jsonl_files(cfg.corpus) if cfg.corpus else []
+    _check_output(cfg, corpus_files)
     base_kind, base_texts = None, None
     if cfg.base_tokenizer_dir is not None:
         base_kind, base_texts = base_vocab_texts(cfg.base_tokenizer_dir)
     if cfg.corpus:
         report = MiningReport(mode="corpus")
-        lines = corpus_lines(find_jsonl_files(cfg.corpus), cfg.max_sentences, report)
+        lines = corpus_lines(corpus_files, cfg.max_sentences, report)
         candidates = [piece_text(p) for p in train_sp_pieces(lines, cfg.vocab_size, cfg.model_type, cfg.character_coverage)]
     else:
         report = MiningReport(mode="wordlist")
@@ -306,6 +309,22 @@ def mine_pieces(cfg: MineConfig) -> tuple[list[str], MiningReport]:
                            drop_ascii_words=base_kind == "bpe")
     write_pieces_file(cfg.output, pieces)
     return pieces, report
+
+
+def _check_output(cfg: MineConfig, corpus_files: list[Path]) -> None:
+    """Before any work: ``cfg.output`` is never an input (not even with ``--overwrite``: mining would replace the
+    corpus it reads), and an existing file is replaced only with ``--overwrite``."""
+    inputs = list(corpus_files) + [p for p in (cfg.from_wordlist,) if p is not None]
+    if cfg.base_tokenizer_dir is not None and Path(cfg.base_tokenizer_dir).is_dir():
+        inputs += [p for p in Path(cfg.base_tokenizer_dir).iterdir() if p.is_file()]
+    output = cfg.output.resolve()
+    for given in inputs:
+        if Path(given).resolve() == output:
+            raise UserInputError(f"{cfg.output}: --output is one of the inputs ({given}); choose another file")
+    if cfg.output.is_dir():
+        raise UserInputError(f"{cfg.output}: --output is a directory")
+    if cfg.output.exists() and not cfg.overwrite:
+        raise UserInputError(f"{cfg.output}: --output already exists (pass --overwrite to replace it)")
 
 
 def parse_args(argv=None) -> MineConfig:

@@ -3,6 +3,11 @@
 Invariants of :class:`PiecesFile`: ``pieces`` holds each distinct piece once, in first-seen file order;
 ``duplicates`` counts the extra occurrences dropped to get there, so ``len(pieces) + duplicates`` equals
 the number of records read.
+
+Pieces are text. Word-start markers copied from a vocabulary are read as the space they stand for, whatever the
+base tokenizer's kind (see :func:`marker_as_space`): ``'▁'`` anywhere (SentencePiece's spelling of a space) and a
+leading ``'Ġ'`` (byte-level BPE's spelling of a word-start space), so ``'▁上海'``, ``'Ġ上海'`` and ``' 上海'`` are
+the same piece. Kept literally, such a marker would become a token that never occurs in real text.
 """
 from __future__ import annotations
 
@@ -12,6 +17,17 @@ from pathlib import Path
 
 from colossal_llama.utils.errors import DataError
 from colossal_llama.utils.jsonl import iter_jsonl
+
+SP_SPACE = "\u2581"  # '▁', SentencePiece's visible space
+BYTE_LEVEL_SPACE = "\u0120"  # 'Ġ', byte-level BPE's visible space (byte 0x20 shifted into printable range)
+
+
+def marker_as_space(piece: str) -> str:
+    """``piece`` with its word-start markers as spaces: every ``'▁'``, and a leading ``'Ġ'`` (only leading: the
+    letter is real text elsewhere, e.g. in Maltese words). Idempotent."""
+    if piece.startswith(BYTE_LEVEL_SPACE):
+        piece = " " + piece[1:]
+    return piece.replace(SP_SPACE, " ")
 
 
 @dataclass
@@ -27,7 +43,8 @@ class PiecesFile:
 def read_pieces_file(path) -> PiecesFile:
     """Read ``{"piece": str}`` lines; malformed lines raise a one-line :class:`DataError` (``file:line``).
 
-    A piece must be a non-empty string that is not whitespace only. Repeated pieces are not errors:
+    A piece must be a non-empty string that is not whitespace only once its markers are read as spaces
+    (:func:`marker_as_space`, which every returned piece has been through). Repeated pieces are not errors:
     they are counted in ``duplicates`` and kept once (first occurrence).
     """
     path = Path(path)
@@ -42,8 +59,10 @@ def read_pieces_file(path) -> PiecesFile:
         piece = record["piece"]
         if not isinstance(piece, str):
             raise DataError(path, line_no, "piece", f"must be a string, got {type(piece).__name__}")
+        piece = marker_as_space(piece)
         if not piece.strip():
-            raise DataError(path, line_no, "piece", "empty or whitespace-only piece")
+            raise DataError(path, line_no, "piece", "empty or whitespace-only piece (a marker '▁' or 'Ġ' is a "
+                                                    "space)")
         records += 1
         if piece not in seen:
             seen.add(piece)

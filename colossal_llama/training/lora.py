@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from colossal_llama.model.init_model import BASE_VOCAB_KEY
+from colossal_llama.model.init_model import BASE_TOKENS_KEY, BASE_VOCAB_KEY, TOKENS_KEY
 from colossal_llama.model.lora_checkpoint import TRAINABLE_FILE
 from colossal_llama.training.config import LORA_TARGETS
 from colossal_llama.training.model import EMBEDDING_MODULES
@@ -24,10 +24,17 @@ from colossal_llama.utils.json_files import read_json
 
 
 def vocabulary_was_expanded(model_dir: Path) -> bool:
-    """Whether ``model_dir`` came out of ``init_model.py`` with more rows than its base model had."""
+    """Whether ``model_dir`` came out of ``init_model.py`` with more tokens than its base model had.
+
+    Tokens are compared, not matrix rows: a base with padding rows (32064 rows, 32000 tokens) takes up to 64 new
+    tokens without growing. Models written by earlier versions record only the base's rows; they are compared
+    with ``vocab_size`` as before."""
     config = read_json(Path(model_dir) / "config.json")
-    base = config.get(BASE_VOCAB_KEY)
-    return base is not None and int(base) < int(config["vocab_size"])
+    base_tokens, tokens = config.get(BASE_TOKENS_KEY), config.get(TOKENS_KEY)
+    more_tokens = base_tokens is not None and tokens is not None and int(base_tokens) < int(tokens)
+    base_rows = config.get(BASE_VOCAB_KEY)
+    more_rows = base_rows is not None and int(base_rows) < int(config["vocab_size"])
+    return more_tokens or more_rows
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_modules: Iterable[str],

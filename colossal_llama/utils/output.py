@@ -8,7 +8,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import List
+from typing import List, Sequence
 
 from colossal_llama.utils.durable import fsync_dir, fsync_tree
 from colossal_llama.utils.errors import UserInputError
@@ -23,6 +23,22 @@ def clear_output_dir(path: Path, overwrite: bool) -> Path:
         if not overwrite:
             raise UserInputError(f"{path}: already exists (pass --overwrite to replace it)")
         shutil.rmtree(path)
+    return path
+
+
+def check_output_dir(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Path:
+    """Check, touching nothing, that the folder ``path`` may be written (then build it in a :func:`tmp_sibling`
+    and :func:`replace_dir` it): it is not, and does not contain, any of ``inputs`` (even with ``overwrite``,
+    replacing it would delete them); it is not a file; it exists only with ``overwrite``. One-line errors."""
+    path = Path(path)
+    for given in inputs:
+        if Path(given).resolve().is_relative_to(path.resolve()):
+            raise UserInputError(f"{path}: output folder is or contains an input ({given}); choose a new folder")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise UserInputError(f"{path}: exists and is not a directory (a file or a symbolic link); choose another "
+                             f"output folder")
+    if path.exists() and not overwrite:
+        raise UserInputError(f"{path}: already exists (pass --overwrite to replace it)")
     return path
 
 
@@ -42,8 +58,11 @@ def remove_stale_siblings(target: Path, kind: str) -> List[Path]:
 def replace_dir(tmp: Path, target: Path) -> Path:
     """Move the finished folder ``tmp`` to ``target`` (a sibling); an existing ``target`` is removed only once
     ``tmp`` is complete and on disk, so an interrupted run (or a machine that lost power) never leaves a
-    half-written folder under the final name."""
+    half-written folder under the final name. A ``target`` that is a file (or a link) is refused, untouched."""
     tmp, target = Path(tmp), Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise UserInputError(f"{target}: exists and is not a directory (a file or a symbolic link); choose another "
+                             f"output folder")
     remove_stale_siblings(target, "old")
     fsync_tree(tmp)  # the contents reach the disk before the name that publishes them
     if target.exists():
