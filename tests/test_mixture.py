@@ -123,3 +123,34 @@ def test_the_order_is_the_first_releases_in_4_byte_indices(dataset_weights, cate
             order = mixture.epoch_order(seed=3, epoch=epoch, shuffle_buckets=shuffle)
             assert order.itemsize == 4
             assert np.array_equal(order, _order_as_first_released(mixture, 3, epoch, shuffle)), (epoch, shuffle)
+
+
+def test_a_bucket_of_data_weighted_0_gives_its_size_to_the_others():
+    """``web=0`` with a bin holding only web rows (books had fewer documents than bins): that bucket's shares all
+    being 0, largest_remainder returned counts that did not sum to its size, so the epoch drew rows of the
+    excluded category and came out short of the sampler's plan (empty micro-batches, a collator crash). Now the
+    bucket gives no sequence, the others draw its size, and no web row is drawn."""
+    from colossal_llama.training.data import StepBatchSampler
+
+    books, web_a, web_b = (np.arange(a, b, dtype=np.uint32) for a, b in ((6, 8), (0, 6), (8, 16)))
+    groups = [[((0, "books"), books), ((0, "web"), web_a)], [((0, "web"), web_b)]]
+    mixture = Mixture.build(groups, {}, {"web": 0.0, "books": 1.0})
+    assert mixture.bucket_sizes == [16, 0]
+    order = mixture.epoch_order(seed=1, epoch=0, shuffle_buckets=False)
+    assert len(order) == 16 and set(order.tolist()) == {6, 7}  # books only, as often as the epoch needs
+    sampler = StepBatchSampler([8, 8], 2, 1, 0, 1, 1, False, 0, 0, mixture)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 8 and all(len(b) == 2 for b in batches)
+    with pytest.raises(ValueError):
+        largest_remainder([0.0, 0.0], 10)  # was [1, 1]: 2, not 10
+
+
+def test_weights_on_some_datasets_only_are_refused():
+    """``--dataset new:0.7 old`` weighed old 1.0 (the unweighted default): new trained 41 %, not the 70 % asked."""
+    from types import SimpleNamespace
+
+    from colossal_llama.training.inputs import _mixture
+
+    cfg = SimpleNamespace(dataset=["new:0.7", "old"], category_weights=None)
+    with pytest.raises(UserInputError, match="^--dataset: old has no weight while others have one"):
+        _mixture(cfg, None)

@@ -901,3 +901,46 @@ def test_a_resume_with_another_global_batch_counts_the_rest_of_the_data_in_the_n
     assert steps_in_all(2, 96, 4, later) == 14 + 20  # the rest of the last epoch, 80 samples in 4s
     done = RunningState(epoch=2, step=24, sample_offset=0, global_batch=8, world_size=2)
     assert steps_in_all(2, 96, 12, done) == 24  # nothing left
+
+
+def test_mfu_is_per_device_of_the_run(tmp_path, monkeypatch):
+    """A step's tokens are the global batch's: 64 GPUs of 3,000 tokens/s each on a 7 B model were reported at
+    2,585 % MFU (the world's tokens over one device's peak). MFU divides by every device's peak."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from colossal_llama.training import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "peak_flops", lambda cuda: 312e12)  # an A100's bf16 peak
+    params, devices, per_device = 7_000_000_000, 64, 3000.0
+    run = metrics_module.RunMetrics(True, tmp_path / "run", str(tmp_path / "tb"), 1, 0, 1, params, False, [],
+                                    devices=devices)
+    run.record(metrics_module.StepStats(1, 0, 2.0, 1e-4, 1.0, int(per_device * devices), 1.0))
+    run.close()
+    points = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    points.Reload()
+    (mfu,) = [e.value for e in points.Scalars("train/mfu")]
+    assert mfu == pytest.approx(6 * params * per_device / 312e12, rel=1e-6)  # 40.4 %
+    assert 0.40 < mfu < 0.41
+
+
+@pytest.mark.parametrize("collective", [False, True])
+def test_every_dp_rank_runs_as_many_validation_forwards_where_forwards_are_collective(collective):
+    """Batch i of the plan is dp rank ``i % dp``'s: 4 batches on 3 ranks give rank 0 two and the others one. Under
+    gemini each forward all-gathers the sharded parameters over the dp ranks, so rank 0's second forward waited
+    for ranks that had none (a hang, or mismatched collectives). There every rank runs two forwards, the extra
+    ones unscored fillers; elsewhere the ranks run only their own batches."""
+    from types import SimpleNamespace
+
+    from colossal_llama.training.validation import Validator
+
+    def batches(rank: int):
+        layout = SimpleNamespace(dp_size=3, dp_rank=rank)
+        parallel = SimpleNamespace(layout=layout, pipeline_microbatch_size=0, reports_loss=False,
+                                   forwards_are_collective=collective)
+        validator = Validator([], ["a", "a", "b", "b"], None, None, SimpleNamespace(parallel=parallel), 1, 100)
+        return [(category, rows.tolist()) for category, rows in validator.my_batches()]
+
+    assert batches(0) == [("a", [0]), ("b", [3])]
+    filler = [(None, [0])] if collective else []
+    assert batches(1) == [("b", [2])] + filler
+    assert batches(2) == [("a", [1])] + filler

@@ -47,6 +47,10 @@ def held_out_splits(dataset_args: List[str]) -> List[str]:
 
 def _mixture(cfg: TrainConfig, train: PreparedData) -> Optional[Mixture]:
     weights = {i: w for i, (_, w) in enumerate(map(split_dataset_weight, cfg.dataset)) if w is not None}
+    if weights and len(weights) < len(cfg.dataset):  # `new:0.7 old` gave old 1.0: new trained 41 %, not 70 %
+        unweighted = [d for i, d in enumerate(cfg.dataset) if i not in weights]
+        raise UserInputError(f"--dataset: {', '.join(unweighted)} has no weight while others have one; give every "
+                             "entry DIR:WEIGHT (or none)")
     categories = parse_category_weights(cfg.category_weights)
     if not weights and not categories:
         return None

@@ -362,10 +362,11 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
     cfg, plan = run.cfg, run.plan
     metrics = RunMetrics(dist.get_rank() == 0, Path(cfg.save_dir) if saving else None, cfg.tensorboard_dir,
                          plan.total_steps, state.step, 1 if cfg.benchmark else cfg.log_interval,
-                         plan.num_parameters, run.cuda, run.data.categories, state.category_tokens)
+                         plan.num_parameters, run.cuda, run.data.categories, state.category_tokens,
+                         devices=plan.world_size)
     try:
         if run.validator is not None and (state.step == 0 or state.validation_due):
-            metrics.record_eval(state.step, run.validator.run())
+            _validate_first(run, state, metrics)
         state.validation_due = False
         if stop.agreed(run.stepper.device):  # came during start-up validation: nothing trained, nothing to save
             _stop(run, stop, state, saved=True)
@@ -392,6 +393,20 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
                 state.epoch, state.sample_offset = epoch + 1, 0
     finally:
         metrics.close()
+
+
+def _validate_first(run: Run, state: RunningState, metrics: RunMetrics) -> None:
+    """The validation before this process's first step (step 0's, or the one a stop left to the resume)."""
+    if run.parallel.first_iteration_trains:
+        log.warning("--plugin gemini_auto: no validation before the first step of a run (its memory tracer needs a "
+                    "training iteration first); the next is after step %d", _next_eval_step(run, state.step))
+        return
+    metrics.record_eval(state.step, run.validator.run())
+
+
+def _next_eval_step(run: Run, step: int) -> int:
+    interval = run.cfg.eval_interval or run.cfg.save_interval
+    return min((step // interval + 1) * interval, run.plan.total_steps)
 
 
 def _diverged_error(broken: NonFiniteStep, cfg: TrainConfig, saving: bool) -> UserInputError:

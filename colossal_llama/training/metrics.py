@@ -89,15 +89,17 @@ class StepStats:
 
 class RunMetrics:
     """Only rank 0 writes; other ranks get a no-op instance (``enabled=False``). Without ``save_dir`` (a
-    benchmark) no ``losses.jsonl`` is kept."""
+    benchmark) no ``losses.jsonl`` is kept. MFU = 6 x parameters x global tokens/s over the peak FLOP/s of all
+    ``devices`` (the run's world size)."""
 
     def __init__(self, enabled: bool, save_dir: Optional[Path], tensorboard_dir: Optional[str], total_steps: int,
                  start_step: int, log_interval: int, num_params: int, cuda: bool, categories: Sequence[str] = (),
-                 category_tokens: Optional[dict] = None):
+                 category_tokens: Optional[dict] = None, devices: int = 1):
         self.enabled = enabled
         self.log_interval = log_interval
         self.flops_per_token = 6 * num_params
-        self.peak = peak_flops(cuda)
+        # a step's tokens are the global batch's, processed by every device of the run: MFU is per device
+        self.peak = peak_flops(cuda) * devices
         self.cuda = cuda
         self.categories = list(categories)
         # running totals of input tokens per category, carried across a resume by the checkpoint's running state

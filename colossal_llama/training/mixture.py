@@ -16,6 +16,7 @@ up-weighted one cycles. Everything is a pure function of (seed, epoch): resume s
 """
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import numpy as np
 from colossal_llama.utils.apportion import largest_remainder
 from colossal_llama.utils.errors import UserInputError
 
+log = logging.getLogger(__name__)
 GroupKey = Tuple[int, str]  # (index of the --dataset entry, category)
 
 
@@ -91,6 +93,25 @@ def _shares(groups: Sequence[Tuple[GroupKey, int]], dataset_weights: Dict[int, f
     return shares
 
 
+def _draws(buckets: List[List[Group]]) -> List[int]:
+    """Each bucket's sequences per epoch: its size; a bucket whose groups all weigh 0 (say ``web=0`` and a bin
+    that holds only web rows, the other categories having fewer documents than bins) gives none, and its size
+    goes to the others in proportion to theirs, so an epoch keeps the data's size. (It drew rows of the excluded
+    category and left the epoch short: empty micro-batches.)"""
+    sizes = [sum(len(g.rows) for g in groups) for groups in buckets]
+    weighed = [sum(g.share for g in groups) > 0 for groups in buckets]
+    if not any(weighed):
+        raise UserInputError("--dataset / --category_weights: every sequence of the data weighs 0")
+    moved = sum(size for size, w in zip(sizes, weighed) if not w)
+    kept = [size if w else 0 for size, w in zip(sizes, weighed)]
+    if moved:
+        empty = [k for k, w in enumerate(weighed) if not w]
+        log.warning("buckets %s hold only data weighted 0: their %d sequences an epoch are drawn from the other "
+                    "buckets instead", empty, moved)
+        kept = (np.asarray(kept) + largest_remainder(np.asarray(kept) / sum(kept), moved)).tolist()
+    return [int(n) for n in kept]
+
+
 def _stream(rows: np.ndarray, key: Sequence[int], start: int, count: int) -> np.ndarray:
     """Items ``start .. start+count`` of the endless sequence perm_0(rows), perm_1(rows), ... (seeded by key)."""
     if count == 0:
@@ -110,10 +131,13 @@ def _shuffled(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class Mixture:
-    """Per bucket, the groups to draw from and their shares; :meth:`epoch_order` is the sampler's order."""
+    """Per bucket, the groups to draw from and their shares, and ``draws[k]``, the sequences bucket k gives an
+    epoch (its size; see :meth:`build` for a bucket whose groups all weigh 0); :meth:`epoch_order` is the
+    sampler's order. Invariant: ``sum(draws)`` is the data's size, the epoch the sampler plans."""
 
-    def __init__(self, buckets: List[List[Group]]):
+    def __init__(self, buckets: List[List[Group]], draws: Optional[List[int]] = None):
         self.buckets = buckets
+        self.draws = draws if draws is not None else [sum(len(g.rows) for g in groups) for groups in buckets]
 
     @classmethod
     def build(cls, bucket_groups: List[List[Tuple[GroupKey, np.ndarray]]], dataset_weights: Dict[int, float],
@@ -131,19 +155,19 @@ class Mixture:
             if len(shares) and shares.sum() > 0:
                 shares = shares / shares.sum()  # a dataset whose categories all weigh 0 gives its share away
             buckets.append([Group(key, rows, share) for (key, rows), share in zip(groups, shares)])
-        return cls(buckets)
+        return cls(buckets, _draws(buckets))
 
     @property
     def bucket_sizes(self) -> List[int]:
-        return [sum(len(g.rows) for g in groups) for groups in self.buckets]
+        """Sequences each bucket gives an epoch (``draws``)."""
+        return list(self.draws)
 
     def epoch_order(self, seed: int, epoch: int, shuffle_buckets: bool) -> np.ndarray:
         """The epoch's row indices, bucket by bucket: each bucket's draws from its groups, shuffled (then all of
         them, with ``shuffle_buckets``). Written in place into one array of 4-byte indices; each shuffle is numpy's
         in-place one, which moves items exactly as indexing with ``permutation(n)`` did, so the order is the one
         earlier versions drew (their checkpoints resume at the same sample) without their int64 copies."""
-        counts = [largest_remainder([g.share for g in groups], sum(len(g.rows) for g in groups))
-                  for groups in self.buckets]
+        counts = [largest_remainder([g.share for g in groups], n) for groups, n in zip(self.buckets, self.draws)]
         order = np.empty(sum(int(c.sum()) for c in counts), dtype=row_index_dtype(sum(self.bucket_sizes)))
         start = 0
         for k, (groups, bucket_counts) in enumerate(zip(self.buckets, counts)):

@@ -54,6 +54,10 @@ class Parallelism:
     sequence_multiple: int  # padded sequence lengths must divide by this (sequence parallelism splits them)
     additive_mask_dtype: Optional[torch.dtype]  # sequence parallelism: colossalai's attention adds the mask
     dense_mask_only: bool  # pipeline / sequence parallelism: colossalai's forwards take a dense mask, nothing else
+    forwards_are_collective: bool  # gemini shards the parameters (ZeRO-3): every forward, inference too,
+    # all-gathers them over the dp ranks, so every dp rank must run as many forwards as the others
+    first_iteration_trains: bool  # gemini_auto: its memory tracer's warm-up must be a training iteration, so no
+    # forward-only pass (validation) may come first in a process
     forward_is_the_models: bool  # the model's own (transformers) forward runs and computes the loss; tensor,
     # pipeline and sequence parallelism replace it with colossalai's (vocabulary-parallel cross-entropy)
 
@@ -87,11 +91,16 @@ def _plugin(cfg: TrainConfig, cuda: bool):
                                   cpu_offload=cfg.plugin == "zero2_cpu", overlap_communication=overlap)
     if cfg.plugin in ("gemini", "gemini_auto"):
         placement = "auto" if cfg.plugin == "gemini_auto" else "static"
+        # Without gradient accumulation gemini reuses the fp16 chunk for the gradient and copies (not adds) each
+        # micro-batch's into it: with --accumulation_steps > 1 only the last micro-batch would be trained on.
         return GeminiPlugin(precision=precision, initial_scale=2**16, max_norm=max_norm, placement_policy=placement,
-                            enable_flash_attention=False)
-    if cfg.sp_mode == "ring_attn" and sequence_parallel(cfg) and not cuda:
-        raise UserInputError("--sp_mode ring_attn needs CUDA and flash attention; on CPU use all_to_all (--sp) or "
-                             "split_gather / ring (with --tp)")
+                            enable_flash_attention=False,
+                            enable_gradient_accumulation=cfg.accumulation_steps > 1)
+    if cfg.sp_mode == "ring_attn" and sequence_parallel(cfg):
+        # colossalai's ring attention asserts flash attention in its shardformer and takes a 2-D padding mask:
+        # neither fits packed rows, whose document boundaries need the block mask (or FlexAttention)
+        raise UserInputError("--sp_mode ring_attn is not supported (colossalai's ring attention cannot keep packed "
+                             "documents apart); use all_to_all (--sp), or split_gather / ring (with --tp)")
     if cfg.sp_mode == "ring" and sequence_parallel(cfg):
         log.warning("--sp_mode ring: measured on CPU, its gradients differ from ddp's by about 0.2%% from the "
                     "first step (colossalai 0.5.0); split_gather has the same layout and matches ddp")
@@ -102,7 +111,10 @@ def _plugin(cfg: TrainConfig, cuda: bool):
     sp = cfg.sp if sequence_parallel(cfg) and cfg.sp_mode in ("all_to_all", "ring_attn") else 1
     if world % (cfg.tp * cfg.pp * sp):
         raise UserInputError(f"--tp {cfg.tp} x --pp {cfg.pp} x --sp {sp} does not divide the {world} ranks")
-    pipeline = {"microbatch_size": cfg.microbatch_size, "pp_style": "1f1b"} if cfg.pp > 1 else {}
+    # the 1F1B schedule caches the first activation shape it sends unless told not to: with --padding_mode longest
+    # the next batch of another width failed in a later stage (a size mismatch in rotary embeddings)
+    pipeline = ({"microbatch_size": cfg.microbatch_size, "pp_style": "1f1b", "enable_metadata_cache": False}
+                if cfg.pp > 1 else {})
     sequence = ({"enable_sequence_parallelism": True, "sequence_parallelism_mode": cfg.sp_mode, "sp_size": sp}
                 if sequence_parallel(cfg) else {})
     return HybridParallelPlugin(tp_size=cfg.tp, pp_size=cfg.pp, zero_stage=cfg.zero_stage, precision=precision,
@@ -164,6 +176,8 @@ def build_parallel(cfg: TrainConfig, cuda: bool) -> Parallelism:
         cpu_offload=cfg.plugin == "zero2_cpu" or cfg.zero_cpu_offload,
         pipeline_microbatch_size=cfg.microbatch_size if cfg.pp > 1 else 0,
         reports_loss=_reports_loss(plugin),
+        forwards_are_collective=cfg.plugin in ("gemini", "gemini_auto"),
+        first_iteration_trains=cfg.plugin == "gemini_auto",
         sequence_multiple=max(cfg.tp, cfg.sp) if sequence_parallel(cfg) else 1,
         additive_mask_dtype=PRECISION_DTYPES[cfg.mixed_precision] if sequence_parallel(cfg) else None,
         dense_mask_only=cfg.pp > 1 or sequence_parallel(cfg),

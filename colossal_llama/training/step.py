@@ -120,7 +120,7 @@ class Stepper:
         """(sum of token losses, loss tokens) of one batch, forward only (call under ``torch.no_grad`` in eval
         mode). With pipeline parallelism the sum is on the last stage (0 elsewhere)."""
         n_tokens = count_loss_tokens(batch["labels"])
-        if n_tokens == 0:
+        if n_tokens == 0 and not self.parallel.forwards_are_collective:  # gemini: the others' forward waits for it
             return 0.0, 0
         if self.parallel.pipeline_microbatch_size:
             return float(self._pipeline(batch, scale=1.0, train=False)), n_tokens
@@ -154,11 +154,12 @@ class Stepper:
         loss = total_loss / max(global_loss_tokens, 1.0)
         self._check_finite(step, loss, grad_norm, applied=False)
         lr = self.scheduler.get_last_lr()[0]
+        loss_scale = self._loss_scale()  # the one the gradients carry (step() may change it)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
         if not self.parallel.clip_in_step_loop:
-            grad_norm = self._plugin_grad_norm()
+            grad_norm = self._plugin_grad_norm(loss_scale)
             self._check_finite(step, loss, grad_norm, applied=True)
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=int(global_input_tokens),
                           seconds=time.perf_counter() - start, category_tokens=[int(t) for t in category_tokens],
@@ -183,7 +184,21 @@ class Stepper:
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")  # inf: measure only
         return float(self.optimizer.clip_grad_by_norm(max_norm))
 
-    def _plugin_grad_norm(self) -> Optional[float]:
+    def _loss_scale(self) -> float:
+        """fp16 under ZeRO, gemini or 3d: the loss scale of this step's gradients (1 otherwise). Read from the
+        optimizer's mixed-precision helper (named differently in each) without its ``get_grad_div_scale``, which
+        changes its state."""
+        if not self.parallel.loss_scaling or self.parallel.clip_in_step_loop:
+            return 1.0
+        for name in ("mixed_precision_mixin", "mix_precision_mixin", "mixed_precision"):
+            scale = getattr(getattr(self.optimizer, name, None), "loss_scale", None)
+            if scale is not None:
+                return float(scale)
+        return 1.0
+
+    def _plugin_grad_norm(self, loss_scale: float) -> Optional[float]:
+        """The norm the plugin's optimizer measured inside ``step()``; colossalai measures it on the scaled
+        gradients (fp16: 65,536x the real norm at the initial scale), so it is divided by ``loss_scale``."""
         getter = getattr(self.optimizer, "get_grad_norm", None)
         norm = getter() if getter is not None else None
-        return None if norm is None else float(norm)
+        return None if norm is None else float(norm) / loss_scale

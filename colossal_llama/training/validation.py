@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -88,20 +88,31 @@ class Validator:
         self.characters = {int(r): trained_characters(dataset[int(r)]["labels"], tokenizer) if counted else 0
                            for rows in mine for r in rows}
 
+    def my_batches(self) -> List[tuple[Optional[str], np.ndarray]]:
+        """This dp rank's batches of the plan (batch i is rank ``i % dp``'s). Where forwards are collective
+        (gemini all-gathers the parameters in each), a rank left with fewer batches than rank 0 makes up the
+        difference with filler forwards (``category`` None, the plan's first batch, not scored): with 100
+        batches on 64 ranks, ranks 36-63 ran one forward fewer and the others' all-gathers waited for them."""
+        layout = self.stepper.parallel.layout
+        mine = [batch for i, batch in enumerate(self.plan) if i % layout.dp_size == layout.dp_rank]
+        if self.stepper.parallel.forwards_are_collective and self.plan:
+            rounds = -(-len(self.plan) // layout.dp_size)
+            mine += [(None, self.plan[0][1])] * (rounds - len(mine))
+        return mine
+
     def run(self) -> Dict[str, CategoryScore]:
         """Scores per category and ``"all"``; the model is left in training mode."""
-        layout = self.stepper.parallel.layout
         index = {name: k for k, name in enumerate(self.categories)}
         sums = np.zeros((3, len(self.categories)), dtype=np.float64)  # loss, tokens, characters
         model = self.stepper.model
         model.eval()
         try:
             with torch.no_grad():
-                for i, (category, rows) in enumerate(self.plan):
-                    if i % layout.dp_size != layout.dp_rank:  # another rank's batch
-                        continue
+                for category, rows in self.my_batches():
                     batch = self.collator([self.dataset[int(r)] for r in rows])
                     loss_sum, tokens = self.stepper.eval_loss_sum(batch)
+                    if category is None:  # a filler forward (see my_batches): not scored
+                        continue
                     k = index[category]
                     sums[:, k] += (loss_sum, tokens, sum(self.characters[int(r)] for r in rows))
         finally:
