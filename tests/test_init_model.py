@@ -185,15 +185,21 @@ def test_sharded_untied_bf16_llama_keeps_shard_layout_and_pads_vocab(sharded_lla
     assert model.dtype == torch.bfloat16 and model.get_input_embeddings().weight.shape == (padded, 64)
 
 
+def _save_tied_llama(folder, mistral_sp_model, rows: int, hidden: int, seed: int, safetensors: bool):
+    """A one-layer LLaMA with tied embeddings of ``rows`` rows and the Mistral tokenizer, saved in ``folder``."""
+    tokenizer = LlamaTokenizerFast.from_pretrained(str(mistral_sp_model.parent))
+    config = LlamaConfig(vocab_size=rows, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(str(folder), safe_serialization=safetensors)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
 def test_pytorch_bin_source_with_tied_alias_is_converted_to_safetensors(mistral_sp_model, mistral_expanded_tokenizer,
                                                                         tmp_path):
-    source_dir = tmp_path / "bin_source"
-    tokenizer = LlamaTokenizerFast.from_pretrained(str(mistral_sp_model.parent))
-    config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    torch.manual_seed(1)
-    LlamaForCausalLM(config).save_pretrained(str(source_dir), safe_serialization=False)
-    tokenizer.save_pretrained(str(source_dir))
+    source_dir = _save_tied_llama(tmp_path / "bin_source", mistral_sp_model, rows=32000, hidden=32, seed=1,
+                                  safetensors=False)
     assert (source_dir / "pytorch_model.bin").is_file()
     report = init_model_from_expanded_tokenizer(source_dir, mistral_expanded_tokenizer, tmp_path / "out")
     assert report.tied_embeddings and any(".bin" in note for note in report.notes)
@@ -351,14 +357,8 @@ def test_a_target_that_contains_an_input_is_refused_even_with_overwrite(sharded_
 @pytest.fixture(scope="module")
 def padded_llama(mistral_sp_model, tmp_path_factory):
     """A LLaMA whose matrices have 64 padding rows past its 32000 tokens (as models padded for tensor parallelism)."""
-    folder = tmp_path_factory.mktemp("padded") / "source"
-    tokenizer = LlamaTokenizerFast.from_pretrained(str(mistral_sp_model.parent))
-    config = LlamaConfig(vocab_size=32064, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(folder), safe_serialization=True)
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    return _save_tied_llama(tmp_path_factory.mktemp("padded") / "source", mistral_sp_model, rows=32064, hidden=16,
+                            seed=0, safetensors=True)
 
 
 def test_new_tokens_inside_padding_rows_still_count_as_an_expansion_for_lora(padded_llama, mistral_sp_model,
