@@ -394,6 +394,66 @@ def test_evaluate_reports_a_bad_row_as_one_line(smollm2_dir, tmp_path):
     assert proc.stderr.strip() == f"error: {f}:1: topic: missing or not a non-empty string"
 
 
+def _mc_rows(path: Path, subject: str, count: int) -> Path:
+    rows = [{"question": f"What is {i} + {i}?", "answer_a": str(2 * i), "answer_b": str(2 * i + 1),
+             "answer_c": str(2 * i + 2), "answer_d": str(2 * i + 3), "correct_answer": "A", "topic": subject}
+            for i in range(count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_the_report_path_and_stride_are_checked_before_the_model_loads(tmp_path, capsys):
+    """An evaluation runs for hours: a report it cannot write, or would silently overwrite, and a --stride it
+    cannot use are one-line errors before anything loads (the model folder here does not even exist)."""
+    data = _mc_rows(tmp_path / "mc.jsonl", "arithmetic", 3)
+    existing, folder, a_file = tmp_path / "report.json", tmp_path / "reports", tmp_path / "plain_file"
+    existing.write_text("the old report", encoding="utf-8")
+    folder.mkdir()
+    a_file.write_text("x", encoding="utf-8")
+    cases = [(existing, f"--output {existing}: already exists (pass --overwrite to replace it)"),
+             (folder, f"--output {folder}: is a folder"),
+             (a_file / "report.json", f"--output {a_file / 'report.json'}: cannot write in {a_file}")]
+    for output, error in cases:
+        with pytest.raises(SystemExit) as exc:
+            evaluate_main(["mc", "--model_path", str(tmp_path / "no_model"), "--data", str(data),
+                           "--output", str(output)])
+        assert exc.value.code == 2 and capsys.readouterr().err.startswith(f"error: {error}")
+    assert existing.read_text(encoding="utf-8") == "the old report"
+    text = tmp_path / "held_out.jsonl"
+    text.write_text('{"target": "text"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit):
+        evaluate_main(["bpc", "--model_path", str(tmp_path / "no_model"), "--data", str(text), "--stride", "0"])
+    assert capsys.readouterr().err == "error: --stride: must be >= 1, got 0\n"
+
+
+def test_the_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from colossal_llama.eval.cli import write_report
+
+    report = tmp_path / "report.json"
+    report.write_text('{"old": true}', encoding="utf-8")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", disk_full)
+    with pytest.raises(OSError):
+        write_report(str(report), {"new": True})
+    assert json.loads(report.read_text(encoding="utf-8")) == {"old": True}
+
+
+def test_subjects_with_too_few_questions_for_k_shots_are_counted_and_said(smollm2_dir, tmp_path, capsys):
+    """3 questions of a subject leave each at most 2 examples: a "5-shot" summary must say so."""
+    data = _mc_rows(tmp_path / "mc.jsonl", "arithmetic", 3)
+    report = tmp_path / "report.json"
+    report.write_text("the old report", encoding="utf-8")
+    assert evaluate_main(["mc", "--model_path", str(smollm2_dir), "--data", str(data), "--k_shot", "5",
+                          "--device", "cpu", "--output", str(report), "--overwrite"]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("mc: ")]
+    assert "5-shot letter (fewer examples in prompts: 3 from subjects with too few questions, of 3)" in line
+    saved = json.loads(report.read_text(encoding="utf-8"))
+    assert (saved["shots_short"], saved["shots_reduced"], saved["overall"]["total"]) == (3, 0, 3)
+
+
 # --- several processes (torchrun) ---------------------------------------------------------------------
 
 def test_each_batch_is_scored_by_exactly_one_process_in_turn():

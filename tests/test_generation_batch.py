@@ -108,6 +108,58 @@ def test_an_existing_reply_file_or_a_bad_batch_size_stops_before_the_model_loads
     assert replies.read_text(encoding="utf-8") == "earlier work\n"
 
 
+def test_resuming_a_reply_file_with_another_model_or_sampling_is_refused_before_the_model_loads(tmp_path,
+                                                                                                 capsys):
+    """An interrupted job's settings are recorded beside its partial output: a rerun with another --model_path (or
+    sampling flag) would write one file with the replies of two models, so it stops; --overwrite starts afresh."""
+    from colossal_llama.inference.reply_file import Prompts, partial_file, prepare, settings_file
+
+    prompts_file, target = tmp_path / "prompts.txt", tmp_path / "replies.jsonl"
+    prompts_file.write_text("Hi\nBye\n", encoding="utf-8")
+    prompts = Prompts.read(str(prompts_file))
+    first = {"model_path": str(tmp_path / "model_a"), "temperature": 0.3}
+    prepare(target, prompts, overwrite=False, ranks=Ranks(), settings=first)  # the job starts ...
+    partial_file(target).write_text(json.dumps({"prompt": "Hi", "response": "Hello"}) + "\n", encoding="utf-8")
+    assert prepare(target, prompts, False, Ranks(), dict(first)).written == 1  # ... and resumes with its settings
+    for key, value in (("model_path", str(tmp_path / "model_b")), ("temperature", 0.9)):
+        with pytest.raises(UserInputError, match=rf"^{re.escape(str(settings_file(target)))}: the interrupted run "
+                                                 rf"used --{key} .*pass --overwrite to start afresh"):
+            prepare(target, prompts, False, Ranks(), {**first, key: value})
+
+    base = ["--input_txt", str(prompts_file), "--output", str(target), "--device", "cpu", "--do_sample", "False"]
+    with pytest.raises(SystemExit) as exc:  # the CLI: before the (here missing) model loads
+        cli_main(["--model_path", str(tmp_path / "model_b"), *base])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "the interrupted run used --model_path" in err and err.count("\n") == 1, err
+    settings_file(target).unlink()  # a partial output without its settings (an older version's): refused too
+    with pytest.raises(UserInputError, match="not its settings"):
+        prepare(target, prompts, False, Ranks(), first)
+    prepare(target, prompts, True, Ranks(), {**first, "temperature": 0.9})  # --overwrite: afresh, new settings
+    assert not partial_file(target).exists()
+    assert json.loads(settings_file(target).read_text(encoding="utf-8"))["temperature"] == 0.9
+
+
+def test_a_prompt_longer_than_the_model_context_stops_before_the_model_loads(smollm2_dir, tmp_path, capsys):
+    """A model folder of 64 positions (its config.json; no weights: loading them would fail): a prompt that
+    with --max_new_tokens does not fit is a one-line error naming its line."""
+    model = tmp_path / "model"
+    model.mkdir()
+    config = json.loads((smollm2_dir / "config.json").read_text(encoding="utf-8"))
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}), encoding="utf-8")
+    for name in smollm2_dir.iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens")):
+            (model / name.name).symlink_to(name)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\n\n" + " ".join(["word"] * 60) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["--model_path", str(model), "--input_txt", str(prompts), "--max_new_tokens", "16",
+                  "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert re.match(rf"error: {re.escape(str(prompts))}:3: the prompt is \d+ tokens; with --max_new_tokens 16 "
+                    r"that is more than the model's 64 positions", err), err
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_under_torchrun_the_batches_are_dealt_out_and_rank_0_writes_what_one_process_writes(smollm2_dir, tmp_path):

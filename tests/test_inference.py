@@ -262,6 +262,22 @@ def test_a_failure_inside_generate_is_raised_not_hung(smollm2):
         list(generate_stream(model, tok, bad_ids, GREEDY, timeout_s=60))
 
 
+def test_closing_the_stream_stops_the_real_generate_at_its_next_token(smollm2):
+    """transformers' generate honours the stream's stop (a Ctrl-C, a closed web page): it does not run on to
+    max_new_tokens for nobody."""
+    model, tok = smollm2
+    steps = []
+    hook = model.register_forward_hook(lambda *_: steps.append(1))
+    try:
+        stream = generate_stream(model, tok, tok("Once upon a time")["input_ids"],
+                                 SamplingConfig(max_new_tokens=400, do_sample=False))
+        next(stream)
+        stream.close()
+        assert len(steps) < 20, f"{len(steps)} forward passes after the reader left"
+    finally:
+        hook.remove()
+
+
 # --- chat session -------------------------------------------------------------------------------------
 
 def test_chat_session_keeps_history_across_turns(smollm2, smollm2_dir):

@@ -212,3 +212,16 @@ def test_a_killed_run_goes_on_where_it_stopped_and_writes_the_uninterrupted_file
     assert re.search(rf"resuming .*: {recorded} of 8 batches", again.stderr)
     assert (out / OUTPUT_FILE).read_bytes() == (tmp_path / "whole" / OUTPUT_FILE).read_bytes()
     assert not work.exists()
+
+
+def test_the_models_own_generation_config_does_not_bend_the_samples(smollm2_dir, tmp_path):
+    """Self-replay samples the model's own distribution: a generation_config.json with a repetition penalty, a
+    no-repeat rule and a minimum length (as fine-tuned models often ship) changes nothing."""
+    from colossal_llama.inference.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(smollm2_dir, device="cpu")
+    cfg = _config(smollm2_dir, tmp_path / "out", max_new_tokens=24)
+    start = self_replay.start_token_id(tokenizer, START)
+    plain = self_replay.sample_batch(model, tokenizer, cfg, start, 0, 2)
+    model.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=1, min_new_tokens=24)
+    assert self_replay.sample_batch(model, tokenizer, cfg, start, 0, 2) == plain

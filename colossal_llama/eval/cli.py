@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,7 +26,8 @@ def _subcommand(sub, name: str, help: str, config_cls) -> argparse.ArgumentParse
 
     p = sub.add_parser(name, help=help)
     add_model_args(p)
-    p.add_argument("--output", default=None, help="write the full report as JSON here")
+    p.add_argument("--output", default=None, help="write the full report as JSON here (missing folders are made)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output report")
     add_flags(p, config_cls)
     return p
 
@@ -74,9 +76,18 @@ def run_mc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
     for name, row in report["subjects"].items():
         print(f"{name:<{width}}  {row['correct']:>7}  {row['total']:>5}  {row['accuracy']:>8.1%}")
     print(f"mc: {args.model_path} accuracy {result.accuracy:.1%} ({result.correct}/{result.total}) "
-          f"over {len(report['subjects'])} subject(s), {args.k_shot}-shot {args.method}, chance 25.0%")
+          f"over {len(report['subjects'])} subject(s), {args.k_shot}-shot {args.method}{_fewer_shots(result)}, "
+          "chance 25.0%")
     _print_shares(result.batches_per_process)
     return report
+
+
+def _fewer_shots(result) -> str:
+    """`` (fewer examples in prompts: N from subjects ..., M cut ..., of T)`` when some prompts did not get
+    ``--k_shot`` examples (the summary must not claim k-shot for them), else ""."""
+    reasons = [f"{n} {why}" for n, why in ((result.shots_short, "from subjects with too few questions"),
+                                           (result.shots_reduced, "cut to fit --max_length")) if n]
+    return f" (fewer examples in prompts: {', '.join(reasons)}, of {result.total})" if reasons else ""
 
 
 def _print_shares(batches_per_process: List[int]) -> None:
@@ -91,6 +102,7 @@ def read_bpc(args):
 
     _positive("max_samples", args.max_samples)
     _positive("window", args.window, 2)
+    _positive("stride", args.stride)  # its upper bound depends on the model's context: bits_per_char clamps it
     _positive("chunk_tokens", args.chunk_tokens)
     config = config_from(args, BpcConfig)
     return config, [(path, scan_texts(path, config.text_field, config.max_samples, config.group_by))
@@ -138,6 +150,31 @@ def run_bpc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
     return report
 
 
+def check_report_path(output: Optional[str], overwrite: bool) -> None:
+    """``--output`` before the model loads (an evaluation can run for hours, then fail to write its report): not a
+    folder, not an existing file unless ``--overwrite``, and its nearest existing folder writable."""
+    if output is None:
+        return
+    target = Path(output)
+    if target.is_dir():
+        raise UserInputError(f"--output {output}: is a folder (name the report file, e.g. {target / 'report.json'})")
+    if target.exists() and not overwrite:
+        raise UserInputError(f"--output {output}: already exists (pass --overwrite to replace it)")
+    folder = next(p for p in target.absolute().parents if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserInputError(f"--output {output}: cannot write in {folder}")
+
+
+def write_report(output: str, report: dict) -> None:
+    """Write the JSON report atomically: an interrupted write leaves the old report (or none), never half."""
+    from colossal_llama.utils.durable import replace_file
+
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(target, json.dumps(report, indent=2, ensure_ascii=False))
+    print(f"report written to {target}")
+
+
 COMMANDS = {"mc": (read_mc, run_mc), "bpc": (read_bpc, run_bpc)}  # (read flags and data, evaluate and report)
 
 
@@ -156,6 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise UserInputError(f"--data {path}: no such file")
         if Path(path).resolve() in [Path(f).resolve() for f in files[:k]]:
             raise UserInputError(f"--data {path}: given twice")
+    check_report_path(args.output, args.overwrite)
     read, run = COMMANDS[args.command]
     inputs = read(args)  # a bad flag or row stops the run before a (possibly 70B) model is loaded
     ranks = Ranks.join()
@@ -166,11 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = run(args, inputs, model, tokenizer, ranks)
     ranks.close()
     if args.output and ranks.is_main:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"command": args.command, "model_path": args.model_path, **report}, indent=2,
-                                  ensure_ascii=False), encoding="utf-8")
-        print(f"report written to {out}")
+        write_report(args.output, {"command": args.command, "model_path": args.model_path, **report})
     return 0
 
 

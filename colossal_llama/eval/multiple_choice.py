@@ -85,6 +85,7 @@ class MCResult:
     per_subject: Dict[str, Dict[str, int]] = field(default_factory=dict)
     predictions: List[dict] = field(default_factory=list)
     shots_reduced: int = 0  # prompts that had to drop examples to fit max_length
+    shots_short: int = 0  # prompts with fewer than k examples: their subject has k or fewer questions
     batches_per_process: List[int] = field(default_factory=list)  # in rank order (one process: [all of them])
 
     @property
@@ -103,6 +104,7 @@ class MCResult:
         subjects = {s: {**c, "accuracy": c["correct"] / c["total"]} for s, c in sorted(self.per_subject.items())}
         return {"overall": {"correct": self.correct, "total": self.total, "accuracy": self.accuracy},
                 "subjects": subjects, "shots_reduced": self.shots_reduced,
+                "shots_short": self.shots_short,
                 "batches_per_process": self.batches_per_process, "predictions": self.predictions}
 
 
@@ -265,6 +267,7 @@ def evaluate_multiple_choice(model, tokenizer, pool: Sequence[MCItem], config: M
     prompts = []
     for it in items:
         shots = choose_shots(it, pool, config.k_shot, config.seed)
+        result.shots_short += len(shots) < config.k_shot
         ids, dropped = _fit_prompt(tokenizer, it, shots, budget, config.method)
         result.shots_reduced += dropped > 0
         prompts.append(ids)
@@ -289,4 +292,7 @@ def evaluate_multiple_choice(model, tokenizer, pool: Sequence[MCItem], config: M
                                    "answer": LETTERS[it.answer], "correct": choice == it.answer})
     if result.shots_reduced:
         log.warning("%d of %d prompts dropped examples to fit %d tokens", result.shots_reduced, len(items), budget)
+    if result.shots_short:
+        log.warning("%d of %d prompts have fewer than %d examples: their subject has too few other questions in "
+                    "the data", result.shots_short, len(items), config.k_shot)
     return result

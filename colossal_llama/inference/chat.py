@@ -5,45 +5,69 @@ import logging
 from dataclasses import replace
 from typing import Iterator, List, Optional
 
+from colossal_llama.dataset.chat_templates import ASSISTANT, HUMAN, SYSTEM, validate_messages
 from colossal_llama.inference.generation import SamplingConfig, generate_stream
 from colossal_llama.inference.loading import context_length
 from colossal_llama.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-Message = dict  # {"from": "human" | "assistant", "content": str}
+Message = dict  # {"from": "system" (first only) | "human" | "assistant", "content": str}
+
+
+def _blank_reply(message) -> bool:
+    return (isinstance(message, dict) and message.get("from") == ASSISTANT and isinstance(message.get("content"), str)
+            and not message["content"].strip())
+
+
+def check_conversation(messages) -> None:
+    """Raise a located :class:`UserInputError` (``messages[3].from: ...``) unless ``messages`` is an optional system
+    message, then human, assistant, ..., human. A blank assistant reply passes here (the model can end its turn at
+    once; :func:`drop_empty_exchanges` forgets that exchange) -- checked in its place, so the indices in an error are
+    those of the conversation as sent."""
+    if isinstance(messages, list):
+        messages = [{**m, "content": "(blank reply)"} if _blank_reply(m) else m for m in messages]
+    validate_messages(messages, ends_with=HUMAN)
 
 
 def drop_empty_exchanges(messages: List[Message]) -> tuple:
-    """Remove human+assistant exchanges whose reply is blank (a model can end a turn at once; templates
-    reject empty turns). Returns ``(messages, dropped)``."""
-    kept, dropped = [], 0
-    for k in range(0, len(messages), 2):
-        pair = messages[k: k + 2]
-        if len(pair) == 2 and not str(pair[1].get("content", "")).strip():
-            dropped += 1
-            continue
-        kept.extend(pair)
-    return kept, dropped
+    """Check the conversation (:func:`check_conversation`), then remove the human+assistant exchanges whose reply
+    is blank (templates reject empty turns); a system message stays first. Returns ``(messages, dropped)``."""
+    check_conversation(messages)
+    system, turns = split_off_system(messages)
+    kept = []
+    for k in range(0, len(turns), 2):
+        exchange = turns[k: k + 2]  # the last one is the pending human turn alone
+        if not _blank_reply(exchange[-1]):
+            kept.extend(exchange)
+    return system + kept, (len(turns) - len(kept)) // 2
+
+
+def split_off_system(messages: List[Message]) -> tuple:
+    """``([system message] or [], turns)``: the turns start with a human one, so exchanges are ``turns[2k:2k+2]``."""
+    first = 1 if messages and messages[0].get("from") == SYSTEM else 0
+    return list(messages[:first]), list(messages[first:])
 
 
 def fit_history(template, messages: List[Message], budget: int) -> tuple:
     """Drop the oldest human+assistant exchanges until the prompt for ``messages`` has at most ``budget`` tokens.
 
-    ``messages`` ends with a human turn. Returns ``(prompt_ids, kept_messages, dropped_exchanges)``. Raises
-    :class:`UserInputError` when even the last human turn alone does not fit.
+    ``messages`` is an optional system message (always kept) and turns ending with a human one. Returns
+    ``(prompt_ids, kept_messages, dropped_exchanges)``. Raises :class:`UserInputError` when even the last human
+    turn alone does not fit.
     """
+    system, turns = split_off_system(messages)
     dropped = 0
     while True:
-        ids = template.encode_prompt(messages)
+        ids = template.encode_prompt(system + turns)
         if len(ids) <= budget:
-            return ids, messages, dropped
-        if len(messages) <= 1:
+            return ids, system + turns, dropped
+        if len(turns) <= 1:
             raise UserInputError(
                 f"the message needs {len(ids)} prompt tokens but only {budget} fit in the context "
                 "(shorten it or lower --max_new_tokens)"
             )
-        messages, dropped = messages[2:], dropped + 1
+        turns, dropped = turns[2:], dropped + 1
 
 
 class ChatSession:
@@ -66,6 +90,12 @@ class ChatSession:
         if self.history and self.history[-1]["from"] == "human":
             raise UserInputError("add_user: the previous message has no reply yet")
         self.history.append({"from": "human", "content": text})
+
+    def forget_pending(self) -> None:
+        """Remove the human turn that has no reply (its reply failed or was interrupted), so the next
+        ``add_user`` starts a fresh exchange."""
+        if self.history and self.history[-1]["from"] == "human":
+            self.history.pop()
 
     def prompt_ids(self) -> List[int]:
         """Prompt for the pending human turn, trimming ``history`` in place when it is too long."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, str2bool
+from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag_fields, str2bool
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.ranks import Ranks
 
@@ -136,6 +136,22 @@ def prompt_ids_of(args: InferenceArgs, tokenizer, sampling):
     return lambda prompt: sft_prompt_ids(template, prompt)
 
 
+def check_prompt_lengths(args: InferenceArgs, tokenizer, sampling, prompts) -> None:
+    """Before the model loads: every prompt and its ``--max_new_tokens`` fit in the model's positions (its
+    ``config.json``). Past them a model still generates, but garbage, for hours over a large file."""
+    from colossal_llama.inference.loading import configured_context_length
+
+    positions = configured_context_length(args.model_path)
+    if positions is None:
+        return
+    encode = prompt_ids_of(args, tokenizer, sampling)
+    for where, prompt in prompts.located():
+        if (length := len(encode(prompt))) + sampling.max_new_tokens > positions:
+            raise UserInputError(f"{where}: the prompt is {length} tokens; with --max_new_tokens "
+                                 f"{sampling.max_new_tokens} that is more than the model's {positions} positions "
+                                 "(shorten it or lower --max_new_tokens)")
+
+
 def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts, ranks: Ranks = Ranks(), out=None) -> None:
     """Generate for every prompt (:class:`.reply_file.Prompts`): each reply printed to ``out`` (default stdout) as
     its batch finishes (streamed when ``--batch_size`` is 1), or, with ``--output`` or under a launcher, as a job a
@@ -157,13 +173,26 @@ def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts, ranks:
             print(f">>> {prompt}\n{tokenizer.decode(ids, skip_special_tokens=True)}", file=out, flush=True)
 
 
+def job_settings(args: InferenceArgs, sampling) -> dict:
+    """What decides a reply file's replies, besides the prompts: recorded with an unfinished job and checked on
+    resuming it (:func:`.reply_file.check_settings`). Keys are flag names. ``--batch_size`` is not among them:
+    greedy replies do not depend on it."""
+    settings = {"model_path": str(Path(args.model_path).resolve()),
+                "tokenizer_path": str(Path(args.tokenizer_path).resolve()) if args.tokenizer_path else None,
+                "prompt_style": args.prompt_style, "chat_template": args.chat_template,
+                "system_message": args.system_message}
+    settings.update((f.name, getattr(sampling, f.name)) for f in flag_fields(type(sampling)))  # the sampling flags
+    return settings
+
+
 def run_reply_job(args: InferenceArgs, model, tokenizer, sampling, prompts, encode, ranks: Ranks, out) -> None:
     """Replies to every prompt over ``ranks``: to ``--output`` (resumed from the progress of an interrupted run),
     else printed by rank 0 as one process prints them; then a summary line."""
     from colossal_llama.inference import reply_file
 
     target = Path(args.output) if args.output is not None else None
-    resumed = reply_file.prepare(target, prompts, args.overwrite, ranks) if target is not None else None
+    resumed = (reply_file.prepare(target, prompts, args.overwrite, ranks, job_settings(args, sampling))
+               if target is not None else None)
     writer = reply_file.PartialWriter(target) if target is not None and ranks.is_main else None
 
     def print_rows(rows):
@@ -187,8 +216,29 @@ def run_reply_job(args: InferenceArgs, model, tokenizer, sampling, prompts, enco
     print(f"wrote {summary} to {target}", file=out, flush=True)
 
 
+def read_message(inp) -> Optional[str]:
+    """The next line of ``inp`` without its newline, or None at EOF. A line that is not UTF-8 raises a
+    :class:`UserInputError` and leaves the next line readable: the bytes are read and decoded here (a text stream
+    would raise from inside ``readline``, or smuggle the bad bytes in as surrogates)."""
+    raw = getattr(inp, "buffer", None)
+    if raw is None:
+        line = inp.readline()
+        return line.rstrip("\n") if line else None
+    data = raw.readline()
+    if not data:
+        return None
+    try:
+        return data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as err:
+        raise UserInputError(f"the message is not valid UTF-8 ({err.reason} at byte {err.start + 1}); "
+                             "type it again") from None
+
+
 def run_chat(args: InferenceArgs, model, tokenizer, sampling, inp=None, out=None) -> None:
-    """Terminal REPL: one line per user turn; an empty line or EOF ends the chat."""
+    """Terminal REPL: one line per user turn; an empty line, EOF or Ctrl-C at the prompt ends the chat.
+
+    A message that cannot be answered (longer than the context, not UTF-8) prints ``error: ...`` and is forgotten;
+    Ctrl-C during a reply stops generating it (the exchange is forgotten) and the chat goes on."""
     inp, out = inp or sys.stdin, out or sys.stdout
     from colossal_llama.inference.chat import ChatSession
     from colossal_llama.inference.prompting import resolve_chat_template
@@ -198,16 +248,38 @@ def run_chat(args: InferenceArgs, model, tokenizer, sampling, inp=None, out=None
     print(f"chat with {args.model_path} (template {template.name}); empty line or Ctrl-D to quit", file=out, flush=True)
     while True:
         print("User: ", end="", file=out, flush=True)
-        line = inp.readline()
-        if not line.strip():
+        try:
+            line = read_message(inp)
+        except UserInputError as err:
+            print(f"error: {err}", file=out, flush=True)
+            continue
+        except KeyboardInterrupt:
             break
-        session.add_user(line.rstrip("\n"))
-        print("Assistant: ", end="", file=out, flush=True)
-        for piece in session.stream_reply():
-            print(piece, end="", file=out, flush=True)
-        print(file=out, flush=True)
+        if line is None or not line.strip():
+            break
+        answer_in_chat(session, line, out)
     print(f"\n{len(session.history) // 2} exchange(s) kept, {session.dropped_exchanges} dropped for context",
           file=out, flush=True)
+
+
+def answer_in_chat(session, message: str, out) -> None:
+    """Stream the reply to ``message``. A :class:`UserInputError` (the message alone outgrows the context, is not
+    UTF-8) or Ctrl-C forgets the exchange and returns: one bad message must not end the whole chat."""
+    session.add_user(message)
+    print("Assistant: ", end="", file=out, flush=True)
+    reply = session.stream_reply()
+    try:
+        for piece in reply:
+            print(piece, end="", file=out, flush=True)
+        print(file=out, flush=True)
+    except UserInputError as err:
+        session.forget_pending()
+        print(f"\nerror: {err}", file=out, flush=True)
+    except KeyboardInterrupt:
+        session.forget_pending()
+        print("\n[reply interrupted; that exchange is forgotten]", file=out, flush=True)
+    finally:
+        reply.close()  # stops generate at its next token when the reply was left unfinished (Ctrl-C)
 
 
 @cli_entry
@@ -215,6 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from colossal_llama.inference import reply_file
     from colossal_llama.inference.loading import load_model_and_tokenizer
     from colossal_llama.inference.placement import placement_for
+    from colossal_llama.tokenizer.loading import load_tokenizer
 
     args = parse_args(argv)
     if not args.chat and args.input_txt is None:
@@ -223,13 +296,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     # a bad prompts file: before the model loads
     prompts = None if args.chat else reply_file.Prompts.read(args.input_txt)
     sampling = sampling_from_args(args)
+    if args.output is not None:  # resuming an interrupted job with other settings: before the model loads
+        reply_file.check_resumable(Path(args.output), job_settings(args, sampling), args.overwrite)
     ranks = Ranks.join()
     if args.chat and ranks.size > 1:
         raise UserInputError("--chat runs in one process: start it without torchrun / colossalai run")
     logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
     placement = placement_for(args.device, ranks.local_size, ranks.local_rank, args.max_gpu_memory)
-    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, placement)
+    tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
+    if prompts is not None:
+        check_prompt_lengths(args, tokenizer, sampling, prompts)
+    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_path, placement, tokenizer)
     if args.chat:
         run_chat(args, model, tokenizer, sampling)
     else:

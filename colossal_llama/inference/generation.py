@@ -1,12 +1,15 @@
 """Sampling settings and (streaming) generation on top of ``model.generate``.
 
-``generate_stream`` yields decoded text pieces as they are produced (a ``TextIteratorStreamer`` fed by a
-background thread); ``generate_text`` is the plain, blocking path; ``generate_batch`` runs several prompts at once
-(left-padded, the pads masked), for a file of prompts. All stop at ``stop_token_ids`` and the tokenizer's EOS, and
-drop special tokens from the text.
+``generate_stream`` yields decoded text pieces as they are produced (a background thread runs ``generate``; the
+consumer decodes the whole reply so far at each step and yields what is new, :class:`ReplyText`) and can be
+cancelled (closing the generator stops ``generate`` at its next token); ``generate_text`` is the plain, blocking
+path; ``generate_batch`` runs several prompts at once (left-padded, the pads masked), for a file of prompts.
+All stop at ``stop_token_ids`` and the tokenizer's EOS, and drop special tokens from the text.
 """
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence
@@ -15,6 +18,8 @@ import torch
 
 from colossal_llama.utils.cli import flag
 from colossal_llama.utils.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,34 +132,106 @@ def generate_text(model, tokenizer, input_ids: Sequence[int], config: SamplingCo
     return tokenizer.decode(generate_ids(model, tokenizer, input_ids, config), skip_special_tokens=True)
 
 
+class ReplyText:
+    """The text of a reply that grows a few tokens at a time, handed out as the pieces not handed out yet.
+
+    Invariant: the pieces returned by :meth:`add` and :meth:`finish` join to ``tokenizer.decode(all ids,
+    skip_special_tokens=True)``, exactly what :func:`generate_text` returns. Why the whole reply is decoded at each
+    step: a SentencePiece (LLaMA, Mistral) decoder drops the leading space of the first token it decodes, so
+    decoding the tokens after a newline on their own (as transformers' ``TextIteratorStreamer`` does) loses one
+    indentation space per line. A trailing U+FFFD is held back: it is a multi-byte character whose other bytes are
+    still to come. Decoding the whole reply each step costs O(reply length) per token: negligible next to the model.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def add(self, ids: Sequence[int]) -> str:
+        """The new text after ``ids`` joined the reply ("" while it ends inside a character)."""
+        self.ids.extend(ids)
+        return self._advance(self._decode().rstrip("\ufffd"))
+
+    def finish(self) -> str:
+        """The rest of the reply, held-back characters included (a reply cut inside a character ends in U+FFFD,
+        as its blocking decode does)."""
+        return self._advance(self._decode(), final=True)
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def _advance(self, text: str, final: bool = False) -> str:
+        if not text.startswith(self.emitted):  # the decoder rewrote earlier text: wait until it is a prefix again
+            if final:
+                log.warning("the streamed reply differs from its decoded text (the tokenizer rewrote earlier text)")
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+
+class _TokenQueue:
+    """``generate``'s streamer (the ``put``/``end`` of transformers' ``BaseStreamer``): hands each step's new token
+    ids to the consuming thread; ``None`` marks the end. ``generate`` puts the prompt first: skipped."""
+
+    def __init__(self):
+        self.queue: "queue.Queue[Optional[List[int]]]" = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+class StopWhenSet:
+    """A ``StoppingCriteria`` that ends generation at the next token once ``event`` is set (the reader of the
+    stream went away: Ctrl-C, a closed web page). Without it ``generate`` would run to ``max_new_tokens`` for
+    nobody, holding the GPU (and the web chat's lock)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def generate_stream(model, tokenizer, input_ids: Sequence[int], config: SamplingConfig,
                     timeout_s: Optional[float] = None) -> Iterator[str]:
     """Yield the reply's text piece by piece while the model generates it.
 
-    The concatenated pieces equal ``generate_text`` for the same (greedy) settings. An exception inside
-    ``model.generate`` ends the stream and is re-raised here, so callers never hang on a dead worker.
+    The concatenated pieces equal ``generate_text`` for the same (greedy) settings (:class:`ReplyText`). An
+    exception inside ``model.generate`` ends the stream and is re-raised here, so callers never hang on a dead
+    worker. Leaving the loop early (``close()``, an exception such as ``KeyboardInterrupt`` or a broken pipe in the
+    consumer) stops ``generate`` at its next token before this returns. ``timeout_s``: longest wait for one token.
     """
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteriaList
 
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout_s)
+    tokens, cancel, text = _TokenQueue(), threading.Event(), ReplyText(tokenizer)
     kwargs = _generate_kwargs(model, tokenizer, [input_ids], config)
+    kwargs["stopping_criteria"] = StoppingCriteriaList([StopWhenSet(cancel)])
     failure: list = []
 
     def work():
         try:
             with torch.inference_mode():
-                model.generate(**kwargs, streamer=streamer)
+                model.generate(**kwargs, streamer=tokens)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer thread below
             failure.append(err)
-            streamer.end()
+            tokens.end()
 
     worker = threading.Thread(target=work, name="generate", daemon=True)
     worker.start()
     try:
-        for piece in streamer:
-            if piece:
+        while (ids := tokens.queue.get(timeout=timeout_s)) is not None:
+            if piece := text.add(ids):
                 yield piece
+        if failure:
+            raise failure[0]
+        if piece := text.finish():
+            yield piece
     finally:
+        cancel.set()  # a consumer that stopped early: generate ends at its next token instead of max_new_tokens
         worker.join()
-    if failure:
-        raise failure[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -12,6 +12,7 @@ from colossal_llama.model.checkpoint_files import check_checkpoint
 from colossal_llama.model.lora_checkpoint import is_lora_checkpoint, lora_base, merge_into
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.json_files import read_json
 
 
 def load_model(model_path, placement: Placement):
@@ -44,11 +45,12 @@ def load_model(model_path, placement: Placement):
     return model.eval()
 
 
-def load_model_and_tokenizer(model_path, tokenizer_path=None, device: Union[str, Placement] = "auto"):
-    """Model + tokenizer (``tokenizer_path`` defaults to ``model_path``). Returns ``(model, tokenizer)``.
-    ``device``: a ``--device`` value (one process on this machine) or the :class:`Placement` of this process."""
+def load_model_and_tokenizer(model_path, tokenizer_path=None, device: Union[str, Placement] = "auto", tokenizer=None):
+    """Model + tokenizer (``tokenizer_path`` defaults to ``model_path``; ``tokenizer``: the one already loaded from
+    there). Returns ``(model, tokenizer)``. ``device``: a ``--device`` value (one process on this machine) or the
+    :class:`Placement` of this process."""
     placement = device if isinstance(device, Placement) else placement_for(device)  # a missing GPU: before loading
-    tokenizer = load_tokenizer(tokenizer_path or model_path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_path or model_path)
     model = load_model(model_path, placement)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise UserInputError(
@@ -61,3 +63,11 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None, device: Union[str,
 def context_length(model) -> int:
     """The number of positions the model was built for (``max_position_embeddings``)."""
     return int(getattr(model.config, "max_position_embeddings", 2048))
+
+
+def configured_context_length(model_path) -> Optional[int]:
+    """``max_position_embeddings`` of the model folder's ``config.json``, read without loading any weights (checks
+    of the inputs before a large model loads); None when the folder or the field is missing (loading says why)."""
+    config = read_json(Path(model_path) / "config.json", missing_ok=True)
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return int(value) if isinstance(value, int) and value > 0 else None

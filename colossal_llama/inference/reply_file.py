@@ -12,7 +12,9 @@ each finished batch to its progress file, ``.NAME.progress-RRRRR-of-NNNNN.jsonl`
 "response"}``). Run the same command again: the rows of the partial file count as done (a row cut short by the crash
 is dropped), the progress rows past them are read back (from any number of processes' files; a cut row is dropped
 and counted), and only the other prompts are generated. A written row whose prompt is not the prompt at its place in
-``--input_txt`` stops the run (the prompts file changed: ``--overwrite`` starts afresh).
+``--input_txt`` stops the run (the prompts file changed: ``--overwrite`` starts afresh). So does a rerun with other
+settings (model, tokenizer, prompt style, chat template, system message, sampling flags): the job's settings are
+recorded in ``.NAME.settings.json`` when it starts, so that one file never mixes the replies of two models.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from colossal_llama.utils.durable import publish_file
+from colossal_llama.utils.durable import publish_file, replace_file
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.ranks import Ranks
 
@@ -57,7 +59,13 @@ class Prompts:
         return cls(input_txt, path, count)
 
     def __iter__(self) -> Iterator[str]:
-        return iter([self.input_txt]) if self.path is None else _prompt_lines(self.path)
+        return (prompt for _, prompt in self.located())
+
+    def located(self) -> Iterator[Tuple[str, str]]:
+        """``(where, prompt)``: ``where`` is ``file:line`` (``--input_txt`` for a literal prompt), for errors."""
+        if self.path is None:
+            return iter([("--input_txt", self.input_txt)])
+        return ((f"{self.path}:{line_no}", line) for line_no, line in _prompt_lines(self.path))
 
     def chunks(self, size: int) -> Iterator[Tuple[int, List[str]]]:
         """``(index of the first prompt, prompts)`` of consecutive chunks of ``size`` prompts (the last shorter)."""
@@ -70,8 +78,9 @@ class Prompts:
             start += len(chunk)
 
 
-def _prompt_lines(path: Path) -> Iterator[str]:
-    """The stripped non-blank lines of ``path``; a line that is not UTF-8 is an error naming it."""
+def _prompt_lines(path: Path) -> Iterator[Tuple[int, str]]:
+    """``(line number, line)`` of the stripped non-blank lines of ``path``; a line that is not UTF-8 is an error
+    naming it."""
     with open(path, "rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
             try:
@@ -79,7 +88,7 @@ def _prompt_lines(path: Path) -> Iterator[str]:
             except UnicodeDecodeError as err:
                 raise UserInputError(f"{path}:{line_no}: not valid UTF-8 ({err.reason})") from None
             if line:
-                yield line
+                yield line_no, line
 
 
 # ---------------------------------------------------------------------------------------------- files beside the output
@@ -95,6 +104,42 @@ def progress_file(target: Path, ranks: Ranks) -> Path:
 def partial_file(target: Path) -> Path:
     """The output being written, whole chunks in order, renamed to ``target`` when complete."""
     return target.with_name(f".{target.name}.partial")
+
+
+def settings_file(target: Path) -> Path:
+    """The settings of the job writing ``target`` (:func:`check_settings`), removed when it is published."""
+    return target.with_name(f".{target.name}.settings.json")
+
+
+def interrupted_files(target: Path) -> List[Path]:
+    """What an interrupted run writing ``target`` left: its progress files and partial output."""
+    partial = partial_file(target)
+    return [*progress_files(target), *([partial] if partial.exists() else [])]
+
+
+def check_resumable(target: Path, settings: dict, overwrite: bool) -> None:
+    """Before the model loads: a run that will resume an interrupted one (it left files, no ``overwrite``) must
+    have its settings (:func:`check_settings`)."""
+    if not overwrite and interrupted_files(target):
+        check_settings(target, settings)
+
+
+def check_settings(target: Path, settings: dict) -> None:
+    """Resuming: the interrupted run's recorded settings must be ``settings``, else a one-line error naming the
+    first that differs (its replies would sit beside replies of another model or other sampling)."""
+    path = settings_file(target)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"--output {target}: an interrupted run's replies are there but not its settings "
+                             f"({path.name} is missing); pass --overwrite to start afresh") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{path}: not a settings file ({err}); pass --overwrite to start afresh") from None
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            raise UserInputError(f"{path}: the interrupted run used --{key} {saved.get(key)!r}, this run {value!r} "
+                                 "(the file would mix their replies); rerun with its settings, or pass --overwrite "
+                                 "to start afresh")
 
 
 def _changed(path: Path, line_no: int, index: int) -> UserInputError:
@@ -154,15 +199,22 @@ def read_progress(target: Path, written: int) -> Resumed:
     return resumed
 
 
-def prepare(target: Path, prompts: Prompts, overwrite: bool, ranks: Ranks) -> Resumed:
-    """Before generating: with ``overwrite`` rank 0 removes an earlier run's files; rank 0 cuts the partial file
-    after its last whole row; then every process reads what is done and checks it against the prompts (the files
-    beside the output are on a file system every process sees, as the output is)."""
-    partial = partial_file(target)
+def prepare(target: Path, prompts: Prompts, overwrite: bool, ranks: Ranks, settings: Optional[dict] = None
+            ) -> Resumed:
+    """Before generating: with ``overwrite`` rank 0 removes an earlier run's files; an interrupted run's files must
+    have been written with ``settings`` (:func:`check_settings`), else ``settings`` are recorded; rank 0 cuts the
+    partial file after its last whole row; then every process reads what is done and checks it against the prompts
+    (the files beside the output are on a file system every process sees, as the output is)."""
+    partial, interrupted = partial_file(target), interrupted_files(target)
+    if settings is not None:
+        check_resumable(target, settings, overwrite)  # every process: each stops with the same one-line error
     if ranks.is_main:
         target.parent.mkdir(parents=True, exist_ok=True)
-        for path in [*progress_files(target), *([partial] if partial.exists() else [])] if overwrite else ():
-            path.unlink()
+        for path in [*interrupted, settings_file(target)] if overwrite else ():
+            path.unlink(missing_ok=True)
+    if ranks.is_main:
+        if settings is not None and (overwrite or not interrupted):
+            replace_file(settings_file(target), json.dumps(settings, indent=1, ensure_ascii=False))
         if partial.exists():
             _cut_after_last_line(partial)
     ranks.barrier()
@@ -267,3 +319,4 @@ class PartialWriter:
         publish_file(self.partial, self.target)
         for path in progress_files(self.target):
             path.unlink()
+        settings_file(self.target).unlink(missing_ok=True)

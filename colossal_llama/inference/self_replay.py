@@ -115,14 +115,20 @@ def shard_batches(num_texts: int, batch_size: int, shard: Shard) -> List[Tuple[i
 def sample_batch(model, tokenizer, cfg: ReplayConfig, start_id: int, k: int, rows: int) -> List[List[int]]:
     """Batch ``k`` of the run: ``rows`` generated id lists (start token excluded, cut at EOS), drawn after seeding
     with ``(seed, k)`` alone, so a batch is the same whichever shard draws it and whether or not the run resumed."""
+    from transformers import GenerationConfig
+
     stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
     torch.manual_seed(cfg.seed * 1_000_003 + k)  # generate draws from the global RNG (all devices)
     ids = torch.full((rows, 1), start_id, dtype=torch.long, device=model.device)
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+    # A whole generation config, the model's own not merged in (use_model_defaults=False): a saved
+    # generation_config.json with repetition_penalty, no_repeat_ngram_size, min_new_tokens... would otherwise bend
+    # the samples away from the model's own distribution, which is what self-replay is for.
+    plain = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                              eos_token_id=stop_ids or None, pad_token_id=pad_id)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=plain,
+                             use_model_defaults=False)
     return [cut_at_stop(row, stop_ids) for row in out[:, 1:].tolist()]
 
 

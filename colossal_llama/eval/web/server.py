@@ -5,12 +5,14 @@
 Routes:
   GET  /            the chat page (``chat.html``)
   GET  /api/info    ``{"model", "template", "max_new_tokens"}``
-  POST /api/chat    body ``{"messages": [{"from": "human"|"assistant", "content"}, ...]}`` ending with a human
-                    turn; answers ``text/event-stream`` events ``{"delta": str}`` ... then
-                    ``{"done": true, "dropped_exchanges": n}`` (or ``{"error": str}``).
+  POST /api/chat    body ``{"messages": [{"from": "human"|"assistant", "content"}, ...]}`` (a ``"system"`` message
+                    may come first) ending with a human turn; answers ``text/event-stream`` events
+                    ``{"delta": str}`` ... then ``{"done": true, "dropped_exchanges": n}`` (or ``{"error": str}``).
+                    A malformed conversation is HTTP 400 ``{"error": "messages[1].from: ..."}``.
 The server is stateless: the page sends the whole conversation each turn. The history is trimmed by whole
-exchanges to fit the context, exactly as :class:`ChatSession` does in the terminal. One generation runs at a
-time (a lock), so concurrent users queue instead of fighting over the CPU/GPU.
+exchanges to fit the context (a system message kept), exactly as :class:`ChatSession` does in the terminal. One
+generation runs at a time (a lock), so concurrent users queue instead of fighting over the CPU/GPU; a page that
+goes away stops its generation at the next token, freeing the model for the next user.
 """
 from __future__ import annotations
 
@@ -52,13 +54,16 @@ class ChatBackend:
         self.max_context = self.max_context or context_length(self.model)
         self.lock = threading.Lock()
 
-    def prompt_ids(self, messages: List[dict]) -> tuple:
-        """Prompt ids for a conversation ending with a human turn, and how many exchanges were dropped."""
+    def prompt_ids(self, messages) -> tuple:
+        """Prompt ids for a conversation ending with a human turn, and how many exchanges were dropped (blank
+        replies, then the oldest to fit the context). A malformed conversation (not a list of turns, a bad
+        role or field) is a located :class:`UserInputError`, before anything else reads it (HTTP 400)."""
         messages, empty = drop_empty_exchanges(messages)
         ids, _, trimmed = fit_history(self.template, messages, self.max_context - self.sampling.max_new_tokens)
         return ids, empty + trimmed
 
     def stream(self, prompt_ids: List[int]) -> Iterator[str]:
+        """The reply's pieces, one generation at a time (the lock); ``close()`` it to stop early."""
         with self.lock:
             yield from generate_stream(self.model, self.tokenizer, prompt_ids, self.sampling)
 
@@ -117,16 +122,19 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
+        pieces = self.backend.stream(ids)
         try:
-            for piece in self.backend.stream(ids):
+            for piece in pieces:
                 self.wfile.write(_sse({"delta": piece}))
                 self.wfile.flush()
             self.wfile.write(_sse({"done": True, "dropped_exchanges": dropped, "prompt_tokens": len(ids)}))
         except (BrokenPipeError, ConnectionResetError):
-            log.info("client went away during generation")
+            log.info("client went away during generation: stopped it")
         except Exception as err:  # noqa: BLE001 - reported to the page, and logged with its traceback
             log.exception("generation failed")
             self.wfile.write(_sse({"error": f"generation failed: {err}"}))
+        finally:
+            pieces.close()  # a reply nobody reads: generate stops at its next token and the lock is free
 
 
 def make_server(backend: ChatBackend, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
