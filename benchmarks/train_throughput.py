@@ -16,7 +16,7 @@ A run is ``PLUGIN[,liger=auto|on|off][,mb=N][,acc=N][,attention=auto|flash|flex|
     # one H100/H200: the 1.1B reference shape (TinyLlama: hidden 2048, 22 layers, 32 heads, 4 KV heads)
     python benchmarks/train_throughput.py --shape 1b --seq_len 4096 --steps 8 --skip_steps 3 \\
         --runs zero2,liger=on,mb=4,acc=2 zero2,liger=off,mb=2 ddp 3d gemini
-    # CPU (what the test suite runs): a tiny shape, fp32, the colossalai CPU patches of tests/support
+    # CPU (what the test suite runs): a tiny shape, fp32, colossalai's CPU patches (training.cpu_compat)
     python benchmarks/train_throughput.py --shape tiny --seq_len 256 --micro_batch_size 2 --runs ddp zero2
 """
 from __future__ import annotations
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
 # ---------------------------------------------------------------------------------------------- each rank
 def rank_main(run_dir: Path, train_argv: List[str]) -> None:
     """One rank of a benchmark run: train.py with checkpoint writing left out and rank 0's peak GPU memory
-    recorded in ``run_dir/peak_memory.json`` when training ends. On CPU, the colossalai patches the tests use."""
+    recorded in ``run_dir/peak_memory.json`` when training ends. On CPU, train.py patches colossalai itself."""
     import logging
 
     import torch
@@ -388,10 +388,6 @@ def rank_main(run_dir: Path, train_argv: List[str]) -> None:
     from colossal_llama.training import checkpoint, metrics
     from colossal_llama.training.cli import main as train_main
 
-    if not torch.cuda.is_available():
-        from tests.support import colossalai_cpu
-
-        colossalai_cpu.apply()
     log = logging.getLogger("benchmark")
 
     def not_saved(self, *args):

@@ -53,6 +53,10 @@ def init_distributed(seed: int, timeout_minutes: Optional[float] = None) -> bool
             raise UserInputError("MASTER_PORT is not set: launch with torchrun or colossalai run")
         os.environ["MASTER_PORT"] = str(_free_port())
     cuda = torch.cuda.is_available()
+    if not cuda:  # colossalai's CPU accelerator lacks what zero2 and 3d call (RNG by device, streams)
+        from colossal_llama.training import cpu_compat
+
+        cpu_compat.apply()
     _join_process_group("nccl" if cuda else "gloo")
     from colossalai.accelerator import get_accelerator
     from colossalai.utils import set_seed

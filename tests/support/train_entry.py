@@ -1,4 +1,4 @@
-"""Test launcher for ``torchrun``: apply the colossalai CPU patches, optionally inject a crash, run train.py.
+"""Test launcher for ``torchrun``: optionally inject a crash, then run train.py.
 
     torchrun --nproc_per_node 2 tests/support/train_entry.py <train.py flags>
 
@@ -32,7 +32,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: ``tests.support`` importable
 
-from tests.support import colossalai_cpu  # noqa: E402
 
 
 def _install_kill_during_save(step: int) -> None:
@@ -146,7 +145,6 @@ def main() -> None:
     from colossal_llama.training.cli import main as train_main, quiet_library_warnings
 
     quiet_library_warnings()
-    colossalai_cpu.apply()
     if os.environ.get("CL_TEST_KILL_DURING_SAVE_STEP"):
         _install_kill_during_save(int(os.environ["CL_TEST_KILL_DURING_SAVE_STEP"]))
     if os.environ.get("CL_TEST_HOLD_AT_STEP"):

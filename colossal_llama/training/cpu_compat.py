@@ -1,4 +1,7 @@
-"""Make colossalai 0.5.0's LowLevelZero (zero2) and tensor-parallel (3d) paths run on CPU (gloo) for tests.
+"""Make colossalai 0.5.0's LowLevelZero (zero2) and tensor/pipeline-parallel (3d) paths run on CPU (gloo).
+
+``train.py`` applies it on a machine without CUDA (:func:`colossal_llama.training.distributed.init_distributed`):
+the test suite, CI and a laptop run the same plugins as a GPU cluster, on gloo.
 
 What fails on CPU (torch 2.13, 2 ranks) and what stands in, method by method on ``CpuAccelerator``:
 - RNG: ``get_rng_state(device)`` passes the device to ``torch.get_rng_state`` ("takes 0 positional arguments");
