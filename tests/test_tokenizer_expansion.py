@@ -327,3 +327,18 @@ def test_sp_source_with_tokens_past_its_pieces_is_a_one_line_refusal(tmp_path, m
     err = one_line_error(capsys, expand_argv(source, tmp_path / "out", pieces))
     assert err.startswith(f"error: {source}") and where in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_report_json_is_refused_before_any_work(tmp_path, mistral_src, capsys):
+    """``--report_json`` was written after the tokenizer, replacing a file silently (and a folder made the run fail
+    at its end): now it is checked first, and an existing file needs ``--overwrite``."""
+    pieces = write_pieces(tmp_path / "pieces.jsonl", ["上海", "北京"])
+    report = tmp_path / "report.json"
+    report.write_text("the user's notes")
+    argv = ["--source_tokenizer_dir", mistral_src, "--target_tokenizer_dir", tmp_path / "tok",
+            "--expand_tokens_file", pieces, "--report_json", report]
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    assert exc.value.code == 2
+    assert f"--report_json {report}: already exists (pass --overwrite" in capsys.readouterr().err
+    assert report.read_text() == "the user's notes" and not (tmp_path / "tok").exists()

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 from typing import List, Optional
 
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from
 from colossal_llama.utils.errors import UserInputError, cli_entry
+from colossal_llama.utils.output import check_output_file
 from colossal_llama.utils.paths import data_root
 from colossal_llama.utils.ranks import Ranks
 
@@ -151,18 +151,9 @@ def run_bpc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
 
 
 def check_report_path(output: Optional[str], overwrite: bool) -> None:
-    """``--output`` before the model loads (an evaluation can run for hours, then fail to write its report): not a
-    folder, not an existing file unless ``--overwrite``, and its nearest existing folder writable."""
-    if output is None:
-        return
-    target = Path(output)
-    if target.is_dir():
-        raise UserInputError(f"--output {output}: is a folder (name the report file, e.g. {target / 'report.json'})")
-    if target.exists() and not overwrite:
-        raise UserInputError(f"--output {output}: already exists (pass --overwrite to replace it)")
-    folder = next(p for p in target.absolute().parents if p.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserInputError(f"--output {output}: cannot write in {folder}")
+    """``--output`` before the model loads (an evaluation can run for hours, then fail to write its report)."""
+    if output is not None:
+        check_output_file(output, "--output", overwrite)
 
 
 def write_report(output: str, report: dict) -> None:

@@ -32,7 +32,7 @@ from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.json_files import read_json, write_json
-from colossal_llama.utils.output import remove_stale_siblings, replace_dir, tmp_sibling
+from colossal_llama.utils.output import check_output_file, remove_stale_siblings, replace_dir, tmp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -362,24 +362,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = config_from(args, InitModelConfig)
     if args.report_json:
-        _check_report_path(args.report_json, cfg)
+        check_output_file(args.report_json, "--report_json", cfg.overwrite)
     report = run_init(cfg)
     print(format_report(report))
     print(f"wrote {cfg.target_dir}")
     if args.report_json:
+        args.report_json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.report_json, asdict(report))
     return 0
-
-
-def _check_report_path(path: Path, cfg: InitModelConfig) -> None:
-    """Refuse a ``--report_json`` that could not be written once the model is (minutes later), or that would
-    replace a file without ``--overwrite``."""
-    if not path.parent.is_dir():
-        raise UserInputError(f"{path}: --report_json: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise UserInputError(f"{path}: --report_json is a directory")
-    if path.exists() and not cfg.overwrite:
-        raise UserInputError(f"{path}: --report_json already exists (pass --overwrite to replace it)")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from,
 from colossal_llama.utils.durable import fsync_dir, fsync_tree
 from colossal_llama.utils.errors import DataError, UserInputError, cli_entry
 from colossal_llama.utils.json_files import read_json, write_json
+from colossal_llama.utils.output import check_output_file
 
 DEFAULT_REPORT_MAX_CHARS = 100_000
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -381,7 +382,8 @@ class InitTokenizerConfig:
     no_component_chars: bool = flag(False, help="SentencePiece: do not add missing single characters and bridge "
                                                 "sub-words of new pieces (HF may then disagree, and some pieces may "
                                                 "be unreachable)")
-    report_json: Optional[Path] = flag(None, help="also write the report as JSON here")
+    report_json: Optional[Path] = flag(None, help="also write the report as JSON here (an existing file is replaced "
+                                                  "only with --overwrite)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,6 +401,8 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     if not cfg.source_tokenizer_dir.is_dir():
         raise UserInputError(f"{cfg.source_tokenizer_dir}: source tokenizer dir does not exist")
+    if cfg.report_json:
+        check_output_file(cfg.report_json, "--report_json", cfg.overwrite)
     pieces_file = read_pieces_file(cfg.expand_tokens_file)
     print(f"read {pieces_file.records} pieces from {pieces_file.path} ({pieces_file.duplicates} duplicates)")
     try:
@@ -412,6 +416,7 @@ def main(argv=None) -> int:
         raise
     print(report.format())
     if cfg.report_json:
+        cfg.report_json.parent.mkdir(parents=True, exist_ok=True)
         write_json(cfg.report_json, asdict(report))
     return 0
 

@@ -42,6 +42,21 @@ def check_output_dir(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -
     return path
 
 
+def check_output_file(path, flag: str, overwrite: bool) -> Path:
+    """Before the work (which may take hours): the file ``path``, given as ``flag``, can be written when it ends. Not
+    a folder, not an existing file unless ``overwrite``, and its nearest existing folder writable (missing folders
+    are made when it is written). One-line errors naming the flag."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{flag} {path}: is a folder (name the file, e.g. {path / 'report.json'})")
+    if path.exists() and not overwrite:
+        raise UserInputError(f"{flag} {path}: already exists (pass --overwrite to replace it)")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserInputError(f"{flag} {path}: cannot write in {folder}")
+    return path
+
+
 def tmp_sibling(target: Path, kind: str) -> Path:
     """This process's temporary sibling of ``target``: ``.{name}.{kind}-{pid}``. After a crash, the next run's
     :func:`remove_stale_siblings` (same ``kind``) removes it once that process is gone."""
