@@ -554,3 +554,21 @@ def test_under_torchrun_a_bad_row_is_one_line_from_rank_0_before_any_model_loads
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
     assert errors == [f"error: {f}:1: correct_answer: expected one of A, B, C, D, got 'E'"], proc.stderr[-3000:]
+
+
+def test_cloze_prompts_leave_room_for_the_answers_they_score(mmlu, mistral_sp_model, monkeypatch):
+    """``--max_length`` bounded the prompt alone, and cloze scores each answer after it: a prompt filled to the
+    budget went past it (past the model's context at the default) by the answer's tokens. Now examples are
+    dropped until the prompt and its longest answer fit."""
+    from colossal_llama.eval import multiple_choice as mc_module
+
+    scored = []
+    monkeypatch.setattr(mc_module, "continuation_logprobs",
+                        lambda model, rows, pad_id: scored.extend(rows) or [0.0] * len(rows))
+    tokenizer = load_tokenizer(mistral_sp_model.parent)
+    budget = 200
+    config = MCConfig(subjects=["us foreign policy"], max_per_subject=20, k_shot=5, method="cloze",
+                      max_length=budget)
+    result = evaluate_multiple_choice(None, tokenizer, mmlu, config)
+    assert result.shots_reduced > 0  # the budget really cut examples
+    assert len(scored) == 4 * 20 and max(len(ctx) + len(cont) for ctx, cont in scored) <= budget

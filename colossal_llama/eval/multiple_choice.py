@@ -207,13 +207,22 @@ def answer_token_ids(tokenizer, prompt: str) -> List[int]:
 
 
 def _fit_prompt(tokenizer, item: MCItem, shots: List[MCItem], budget: int, method: str) -> tuple:
-    """Prompt ids for ``item``, dropping the last examples until it fits ``budget`` tokens. Returns (ids, n_dropped)."""
+    """Prompt ids for ``item``, dropping the last examples until it fits ``budget`` tokens together with what is
+    scored after it (cloze: the longest answer; letter: nothing, the logits at its last position are read).
+    Returns (ids, n_dropped)."""
+    room = max(len(_answer_ids(tokenizer, c)) for c in item.choices) if method == "cloze" else 0
     for n in range(len(shots), -1, -1):
         ids = tokenizer(build_prompt(item, shots[:n], method))["input_ids"]
-        if len(ids) <= budget:
+        if len(ids) + room <= budget:
             return ids, len(shots) - n
+    answer = f" and {room} for its longest answer" if room else ""
     raise DataError(item.where.rsplit(":", 1)[0], int(item.where.rsplit(":", 1)[1]), "question",
-                    f"the question alone needs {len(ids)} tokens, more than --max_length {budget}")
+                    f"the question alone needs {len(ids)} tokens{answer}, more than --max_length {budget}")
+
+
+def _answer_ids(tokenizer, choice: str) -> List[int]:
+    """The tokens cloze scores after the prompt for ``choice``."""
+    return tokenizer(f" {choice}", add_special_tokens=False)["input_ids"]
 
 
 @torch.inference_mode()
@@ -246,7 +255,7 @@ def _predict_cloze(model, tokenizer, items, prompts, pad_id: int, idx: List[int]
     rows, chars = [], []
     for i in idx:
         for choice in items[i].choices:
-            rows.append((prompts[i], tokenizer(f" {choice}", add_special_tokens=False)["input_ids"]))
+            rows.append((prompts[i], _answer_ids(tokenizer, choice)))
             chars.append(len(choice))
     scores = [lp / n for lp, n in zip(continuation_logprobs(model, rows, pad_id), chars)]
     return [max(range(len(LETTERS)), key=lambda c: scores[4 * k + c]) for k in range(len(idx))]
