@@ -320,3 +320,19 @@ def test_no_token_is_trained_across_documents_and_trained_counts_what_the_loss_s
             loss_tokens += sum(label != -100 for label in row["labels"][1:])
     assert pieces_after_another > 50  # many documents really share rows
     assert manifest.counts.tokens_trained == loss_tokens
+
+
+def test_special_tokens_spelled_in_a_document_are_text(tmp_path, mistral_dir, mistral_sp_model):
+    """Web text holds ``<s>...</s>`` (HTML's strikethrough) and ``</s>``: read as the tokenizer's BOS and EOS, they
+    put control tokens in the middle of documents (the model learns to end a document at a strikethrough). A
+    document's ids are its text's, as SentencePiece itself encodes it; BOS and EOS only where the pipeline puts
+    them."""
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_sp_model))
+    target = "Prices were <s>$10</s> $8 today.</s> Next: <unk> and [INST] stay text too."
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "web.jsonl").write_text(json.dumps({"source": "", "target": target, "category": "web"}) + "\n")
+    _prepare([tmp_path / "in"], mistral_dir, tmp_path / "out", seed=1, max_length=256)
+    docs, _ = reassemble(tmp_path / "out")
+    (ids, labels), = docs.values()
+    assert ids == [sp.bos_id()] + sp.encode(target) + [sp.eos_id()]
+    assert ids.count(sp.eos_id()) == 1 and ids.count(sp.bos_id()) == 1

@@ -363,3 +363,23 @@ def test_a_conversation_the_template_refuses_is_located_or_skipped_and_counted(s
     assert summary.counts.skipped == {"chat_template_refused": 1}
     assert summary.counts.skipped_examples == [f"{path}:3: messages: the chat template refused it"]
     assert summary.counts.sequences == 4 and summary.counts.documents_in == 5
+
+
+def test_special_tokens_spelled_in_a_message_are_text_or_refused(mistral_dir, smollm2_dir):
+    """A reply about formats that writes ``</s>`` ended its turn there under llama2 (the EOS id, trained as the
+    reply's end); a ``<|im_end|>`` written in a ChatML conversation did the same once rendered. Segment templates
+    encode content as text (the only EOS is the template's); the tokenizer's own template renders content and
+    markers into one text, so a content spelling one of its special tokens is refused, naming the message."""
+    mistral = load_tokenizer(mistral_dir)
+    llama2 = get_chat_template("llama2", mistral)
+    reply = "Close it with </s> and open with <s>."
+    ids, labels = llama2.encode_conversation([{"from": "human", "content": "How?"},
+                                              {"from": "assistant", "content": reply}])
+    assert ids.count(mistral.eos_token_id) == 1 and ids[-1] == mistral.eos_token_id
+    assert mistral.decode([i for i, lab in zip(ids, labels) if lab != -100], skip_special_tokens=True) == reply
+    chatml = get_chat_template("tokenizer", load_tokenizer(smollm2_dir))
+    spelled = [{"from": "human", "content": "What ends a turn?"}, {"from": "assistant", "content": "<|im_end|> does."}]
+    with pytest.raises(UserInputError, match=r"^messages\[1\]\.content: spells the special token '<\|im_end\|>'"):
+        chatml.encode_conversation(spelled)
+    with pytest.raises(UserInputError, match=r"^messages\[0\]\.content: spells the special token"):
+        chatml.encode_prompt([{"from": "human", "content": "say <|im_start|>"}])

@@ -22,13 +22,14 @@ Labels are unshifted (HF convention) and -100 everywhere except assistant conten
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
 
 import jinja2
 
-from colossal_llama.tokenizer.loading import plain_backend
+from colossal_llama.tokenizer.loading import markup_backend, text_backend
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.labels import IGNORE_INDEX
 from colossal_llama.utils.jsonl import not_utf8
@@ -117,7 +118,7 @@ class ChatTemplate(ABC):
 
     def __init__(self, tokenizer, system_message: str | None = None):
         self.tokenizer = tokenizer
-        self._backend = plain_backend(tokenizer)  # None: a slow (Python) tokenizer
+        self._backend = text_backend(tokenizer)  # content: special tokens spelled in it are text; None: slow
         self.system_message = system_message or None
         self.stop_token_ids: list[int] = []
 
@@ -152,14 +153,15 @@ class ChatTemplate(ABC):
         return {"name": self.name, "system_message": self.system_message}
 
     def _text(self, text: str) -> list[int]:
-        """Ids of ``text`` without special tokens. A fast tokenizer encodes in its Rust backend directly (the same
-        ids as ``tokenizer(text)``, without the Python wrapper's per-call work: preparing SFT data calls this for
+        """Ids of ``text``, no special token added nor read in it (a ``</s>`` a user wrote is text, not the end of
+        the turn). A fast tokenizer encodes in its Rust backend directly (the same ids as ``tokenizer(text,
+        split_special_tokens=True)``, without the Python wrapper's per-call work: preparing SFT data calls this for
         every turn), as pre-training preparation does."""
         if not text:
             return []
         if self._backend is not None:
             return self._backend.encode(text, add_special_tokens=False).ids
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 class SegmentTemplate(ChatTemplate):
@@ -285,6 +287,10 @@ class TokenizerTemplate(ChatTemplate):
         if not getattr(tokenizer, "chat_template", None):
             raise UserInputError("--chat_template tokenizer: the tokenizer has no chat_template")
         self.stop_strings = self._end_of_turn_tokens()
+        specials = sorted({t for t in tokenizer.all_special_tokens if t} |
+                          {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content},
+                          key=len, reverse=True)
+        self._specials_pattern = re.compile("|".join(map(re.escape, specials)) or r"(?!)")
         ids = {tokenizer.convert_tokens_to_ids(t) for t in self.stop_strings}
         self.stop_token_ids = sorted(ids | ({tokenizer.eos_token_id} - {None}))
 
@@ -313,12 +319,23 @@ class TokenizerTemplate(ChatTemplate):
                 self._render_many([messages[:j + 1] for j in turns], False))
 
     def _ids_and_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids of ``text`` (no special tokens added) and each one's character span ``[start, end)``."""
-        if self._backend is not None:  # the Rust backend directly, as in _text
-            enc = self._backend.encode(text, add_special_tokens=False)
+        """Ids of rendered ``text`` (its markers read as special tokens, none added) and each one's character span
+        ``[start, end)``."""
+        backend = markup_backend(self.tokenizer)
+        if backend is not None:  # the Rust backend directly, as in _text
+            enc = backend.encode(text, add_special_tokens=False)
             return enc.ids, enc.offsets
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], enc["offset_mapping"]
+
+    def _refuse_spelled_specials(self, messages) -> None:
+        """The template renders content and markers into one text, read with its special tokens: a content that
+        spells one (``<|im_end|>`` in a reply about chat formats) would end the turn there. Refused, naming it."""
+        for index, message in enumerate(messages):
+            found = self._specials_pattern.search(message["content"])
+            if found:
+                raise UserInputError(f"messages[{index}].content: spells the special token {found.group()!r}, which "
+                                     "the tokenizer's chat template would read as a control token")
 
     @staticmethod
     def _replies(messages) -> range:
@@ -361,6 +378,7 @@ class TokenizerTemplate(ChatTemplate):
 
     def encode_conversation(self, messages):
         validate_messages(messages, ends_with=ASSISTANT)
+        self._refuse_spelled_specials(messages)
         full, spans = self._assistant_spans(messages)
         ids, offsets = self._ids_and_offsets(full)
         labels = [IGNORE_INDEX] * len(ids)
@@ -375,7 +393,8 @@ class TokenizerTemplate(ChatTemplate):
 
     def encode_prompt(self, messages):
         validate_messages(messages, ends_with=HUMAN)
-        return self._text(self._render(messages, True))
+        self._refuse_spelled_specials(messages)
+        return self._ids_and_offsets(self._render(messages, True))[0]
 
     def exchange_ends(self, messages):
         validate_messages(messages, ends_with=ASSISTANT)

@@ -19,7 +19,7 @@ import pyarrow as pa
 from datasets import Features, List, Value
 
 from colossal_llama.dataset.chat_templates import ChatTemplate
-from colossal_llama.tokenizer.loading import plain_backend
+from colossal_llama.tokenizer.loading import text_backend
 from colossal_llama.utils.errors import DataError, UserInputError
 
 logger = logging.getLogger(__name__)
@@ -47,15 +47,17 @@ TOKENIZED_FEATURES = Features({
 
 
 def _encode_batch(tokenizer, texts: list[str]) -> list:
-    """``tokenizers.Encoding`` of each text, no special tokens, straight from the Rust backend (which skips
-    offsets and attention masks with ``encode_batch_fast``, tokenizers >= 0.21: about 2x faster)."""
-    backend = plain_backend(tokenizer)
+    """``tokenizers.Encoding`` of each text, no special tokens added nor read in it (:func:`text_backend`: a
+    ``</s>`` in a document is text, not EOS), straight from the Rust backend (which skips offsets and attention
+    masks with ``encode_batch_fast``, tokenizers >= 0.21: about 2x faster)."""
+    backend = text_backend(tokenizer)
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     return encode(texts, add_special_tokens=False)
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Ids of each text without special tokens: the same as ``tokenizer(texts, add_special_tokens=False)``."""
+    """Ids of each text without special tokens: the same as ``tokenizer(texts, add_special_tokens=False,
+    split_special_tokens=True)``."""
     return [e.ids for e in _encode_batch(tokenizer, texts)]
 
 

@@ -220,11 +220,12 @@ def _groups(texts: Iterable[str], size: int) -> Iterator[List[str]]:
 
 
 def _encode(group: Sequence[str], tokenizer, start_id: int) -> List[np.ndarray]:
-    """Start token + tokens of each text, int32 (one tokenizer call: a fast tokenizer uses all its threads)."""
+    """Start token + tokens of each text, int32 (one tokenizer call: a fast tokenizer uses all its threads). A
+    special token spelled in a text is text (``</s>`` is not EOS), as in prepared data."""
     if not group:
         return []
     return [np.asarray([start_id, *ids], dtype=np.int32)
-            for ids in tokenizer(list(group), add_special_tokens=False)["input_ids"]]
+            for ids in tokenizer(list(group), add_special_tokens=False, split_special_tokens=True)["input_ids"]]
 
 
 def encoded_groups(texts: Iterable[str], tokenizer, start_id: int,

@@ -52,6 +52,37 @@ def plain_backend(tokenizer):
     return backend
 
 
+def text_backend(tokenizer):
+    """A copy of the fast tokenizer's Rust backend (:func:`plain_backend`) that reads special tokens spelled in a
+    text as text (``encode_special_tokens``), or None for a slow tokenizer. Cached on the tokenizer.
+
+    What data and prompts say is text: only the pipeline puts control tokens (BOS, EOS, a template's markers) in.
+    Web text holds ``<s>...</s>`` (HTML's strikethrough), ``<|endoftext|>`` and the like: read as the tokenizer's
+    own special tokens they put BOS/EOS in the middle of documents. A copy, because transformers sets the flag on
+    its own backend at every call (``split_special_tokens``)."""
+    cached = getattr(tokenizer, "_colossal_llama_text_backend", None)
+    if cached is not None:
+        return cached
+    backend = plain_backend(tokenizer)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.encode_special_tokens = True
+    tokenizer._colossal_llama_text_backend = copy
+    return copy
+
+
+def markup_backend(tokenizer):
+    """The fast tokenizer's backend (:func:`plain_backend`) reading special tokens in the text as such: for text a
+    template rendered (its markers are special tokens), never for data. None for a slow tokenizer."""
+    backend = plain_backend(tokenizer)
+    if backend is not None:
+        backend.encode_special_tokens = False  # transformers may have left it on (split_special_tokens=True)
+    return backend
+
+
 def sentencepiece_to_hf_dir(model_file, out_dir) -> Path:
     """Make ``out_dir`` a HF tokenizer folder (``tokenizer.model`` + ``tokenizer.json`` + configs) from a bare
     SentencePiece model, converted once with :func:`load_tokenizer`'s rules; returns ``out_dir``."""
