@@ -68,6 +68,7 @@ def write(carries: List[Carry], gguf: Path, out: Path) -> None:
             folder = out / str(number)
             (folder / "kit").mkdir(parents=True)
             (folder / "data" / "models").mkdir(parents=True)
+            (folder / "CARRY").write_text(f"call {number} of {len(carries)}\n")  # gpu_check.sh counts them
             for src, dest in carry.files:
                 (folder / dest).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, folder / dest)
@@ -110,8 +111,7 @@ def main(argv=None) -> int:
     rel = args.out.resolve().relative_to(REPO) if args.out.resolve().is_relative_to(REPO) else args.out
     print("Device calls, back to back (a warm machine keeps ignored folders and /tmp between calls, for 30 s idle):")
     carry_env = "" if str(rel) == ".gpucarry" else f"GPU_CARRY={rel} "
-    run = (f"{carry_env}GPU_REPORT=$OUT/gpu_report.md bash scripts/gpu_check.sh; "
-           "tar czf $OUT/gpu_logs.tgz -C outputs/gpu_check logs")
+    run = f"{carry_env}GPU_REPORT=$OUT/gpu_report.md GPU_LOGS_ARCHIVE=$OUT/gpu_logs.tgz bash scripts/gpu_check.sh"
     for number in range(1, args.calls + 1):
         command = run if number == args.calls else f"du -sh {rel}"
         print(f'  {number}. carry ["{rel}/{number}"]  command: {command}')

@@ -40,7 +40,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 import torch
@@ -128,15 +128,19 @@ class Runs:
                 return
             time.sleep(0.5)
 
-    def wait(self) -> Dict[str, dict]:
-        self.watcher.join()
-        results = {}
-        for name, (proc, fh, log, _started) in self.procs.items():
-            code = proc.wait()
-            fh.close()
-            results[name] = {"save_dir": self.root / name, "log": log,
-                             "code": code if code >= 0 else f"killed (signal {-code}; hung past {RUN_TIMEOUT_S} s?)"}
-        return results
+    def result(self, name: str) -> Optional[dict]:
+        """Run ``name`` once it ended (None: a resumed run never started, its first run left no checkpoint). Each
+        test waits for its own runs only: when the GPU check's time limit cuts pytest, the tests whose runs ended
+        are reported (waiting for every run first reported no training test at all)."""
+        while name not in self.procs and self.watcher.is_alive():  # a resumed run starts at its checkpoint
+            time.sleep(0.5)
+        if name not in self.procs:
+            return None
+        proc, fh, log, _started = self.procs[name]
+        code = proc.wait()  # the watcher kills a run past RUN_TIMEOUT_S
+        fh.close()
+        return {"save_dir": self.root / name, "log": log,
+                "code": code if code >= 0 else f"killed (signal {-code}; hung past {RUN_TIMEOUT_S} s?)"}
 
     def kill(self) -> None:
         for proc, *_ in self.procs.values():
@@ -151,19 +155,37 @@ def launched(tmp_path_factory, tiny_llama, prepared_pretrain):
     runs.kill()
 
 
+class RunResults:
+    """``runs[name]`` / ``runs.get(name)``: the run's result, waiting for that run alone (:meth:`Runs.result`)."""
+
+    def __init__(self, launched: Runs):
+        self.launched, self.done = launched, {}
+
+    def get(self, name: str) -> Optional[dict]:
+        if name not in self.done:
+            self.done[name] = self.launched.result(name)
+        return self.done[name]
+
+    def __getitem__(self, name: str) -> dict:
+        result = self.get(name)
+        if result is None:
+            raise KeyError(f"{name} was not started")
+        return result
+
+
 @pytest.fixture(scope="module")
-def runs(launched) -> Dict[str, dict]:
-    return launched.wait()
+def runs(launched) -> RunResults:
+    return RunResults(launched)
 
 
-def finished(runs: Dict[str, dict], name: str) -> List[dict]:
+def finished(runs: RunResults, name: str) -> List[dict]:
     run = runs.get(name)
     assert run is not None, f"{name} was not started (the run it resumes failed)"
     assert run["code"] == 0, f"{name}: exit {run['code']}\n{tail(run['log'])}"
     return read_loss_log(run["save_dir"] / "losses.jsonl")
 
 
-def plan(runs: Dict[str, dict], name: str) -> dict:
+def plan(runs: RunResults, name: str) -> dict:
     return json.loads((runs[name]["save_dir"] / "train_config.json").read_text())["plan"]
 
 
@@ -310,8 +332,14 @@ def test_gemini_accumulates_gradients_over_micro_batches(runs):
 
 
 def test_fp16_with_loss_scaling_runs(runs):
-    norms = {name: finished(runs, name)[0]["grad_norm"] for name in ("ddp", "zero2_fp16")}
-    assert abs(norms["zero2_fp16"] - norms["ddp"]) <= 0.05 * norms["ddp"], norms
+    # the first step the loss scaler did not skip (an overflow logs no norm): the same weights until then
+    fp16_records = finished(runs, "zero2_fp16")
+    step = next((r["step"] for r in fp16_records if r["grad_norm"] is not None), None)
+    assert step is not None, f"every fp16 step overflowed: {fp16_records}"
+    norms = {name: finished(runs, name)[step - 1]["grad_norm"] for name in ("ddp", "zero2_fp16")}
+    if step == 1:  # later steps start from other weights (skipped updates): only step 1 compares
+        assert abs(norms["zero2_fp16"] - norms["ddp"]) <= 0.05 * norms["ddp"], norms
+    assert norms["zero2_fp16"] < 100 * norms["ddp"], norms  # not the scaled norm (x 65,536)
     ddp, fp16 = losses(finished(runs, "ddp")), losses(finished(runs, "zero2_fp16"))
     assert len(fp16) == STEPS and all(math.isfinite(x) for x in fp16), fp16
     assert abs(fp16[0] - ddp[0]) <= 0.02 * ddp[0], (fp16, ddp)  # same weights and batch, another precision

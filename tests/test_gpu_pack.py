@@ -95,3 +95,16 @@ def test_a_missing_part_fails_setup_on_the_checksum(carried, tmp_path):
     code, report = run_setup(broken, tmp_path)
     assert code != 0
     assert "reassembled from 2 parts with the wrong checksum" in report
+
+
+def test_a_carried_folder_missing_stops_setup_in_one_line(carried, tmp_path):
+    """The device keeps a machine 30 s idle: a third call that lands on a fresh one has folder 3 alone (no
+    colossalai wheel, the GGUF's first part and its checksum gone). Setup says so and stops, before any work."""
+    alone = tmp_path / "carry"
+    alone.mkdir(exist_ok=True)
+    subprocess.run(["cp", "-r", str(carried / "3"), str(alone)], check=True)
+    assert sorted(p.name for p in alone.iterdir()) == ["3"]  # the fault: calls 1 and 2's folders are gone
+    code, report = run_setup(alone, tmp_path)
+    assert code == 2
+    assert "1 of the 3 carried folders are here" in report and "back to back" in report
+    assert "## correctness" not in report

@@ -184,21 +184,30 @@ class Stepper:
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")  # inf: measure only
         return float(self.optimizer.clip_grad_by_norm(max_norm))
 
-    def _loss_scale(self) -> float:
-        """fp16 under ZeRO, gemini or 3d: the loss scale of this step's gradients (1 otherwise). Read from the
-        optimizer's mixed-precision helper (named differently in each) without its ``get_grad_div_scale``, which
-        changes its state."""
+    def _fp16_helper(self):
+        """fp16 under ZeRO, gemini or 3d: the optimizer's mixed-precision helper (named differently in each), which
+        holds the loss scale and whether this step overflowed; None otherwise."""
         if not self.parallel.loss_scaling or self.parallel.clip_in_step_loop:
-            return 1.0
+            return None
         for name in ("mixed_precision_mixin", "mix_precision_mixin", "mixed_precision"):
-            scale = getattr(getattr(self.optimizer, name, None), "loss_scale", None)
-            if scale is not None:
-                return float(scale)
-        return 1.0
+            helper = getattr(self.optimizer, name, None)
+            if getattr(helper, "loss_scale", None) is not None:
+                return helper
+        return None
+
+    def _loss_scale(self) -> float:
+        """The loss scale of this step's gradients (1 without fp16), read without the helper's
+        ``get_grad_div_scale``, which changes its state."""
+        helper = self._fp16_helper()
+        return 1.0 if helper is None else float(helper.loss_scale)
 
     def _plugin_grad_norm(self, loss_scale: float) -> Optional[float]:
         """The norm the plugin's optimizer measured inside ``step()``; colossalai measures it on the scaled
-        gradients (fp16: 65,536x the real norm at the initial scale), so it is divided by ``loss_scale``."""
+        gradients (fp16: 65,536x the real norm at the initial scale), so it is divided by ``loss_scale``. None on
+        a step the loss scaler skipped (it overflowed): the optimizer then keeps the previous step's norm."""
+        found = getattr(self._fp16_helper(), "found_overflow", None)
+        if found is not None and bool(found.item() > 0):
+            return None
         getter = getattr(self.optimizer, "get_grad_norm", None)
         norm = getter() if getter is not None else None
         return None if norm is None else float(norm) / loss_scale
