@@ -944,3 +944,22 @@ def test_every_dp_rank_runs_as_many_validation_forwards_where_forwards_are_colle
     filler = [(None, [0])] if collective else []
     assert batches(1) == [("b", [2])] + filler
     assert batches(2) == [("a", [1])] + filler
+
+
+def test_liger_is_off_where_colossalai_runs_the_forward_and_refused_when_asked(monkeypatch):
+    """Tensor, pipeline and sequence parallelism replace the model's forward and loss with colossalai's: Liger's
+    fused loss never ran there, though the run's plan said it trained. ``auto`` is off there, ``on`` refused."""
+    import importlib.util
+
+    from colossal_llama.training import model as model_module
+    from colossal_llama.utils.errors import UserInputError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "liger_kernel" else real(name, *args))
+    assert model_module.apply_liger_kernels("auto", cuda=True, forward_is_the_models=False) is False
+    assert model_module.apply_liger_kernels("off", cuda=True, forward_is_the_models=False) is False
+    with pytest.raises(UserInputError, match="^--liger on: tensor, pipeline and sequence parallelism"):
+        model_module.apply_liger_kernels("on", cuda=True, forward_is_the_models=False)
+    with pytest.raises(UserInputError, match="^--liger on: needs CUDA"):
+        model_module.apply_liger_kernels("on", cuda=False, forward_is_the_models=True)

@@ -122,7 +122,7 @@ def build_run(cfg: TrainConfig) -> Run:
     resumed = read_running_state(target.path) if target is not None and target.kind == "resume" else None
     cfg, steps = _plan_steps(cfg, data, parallel, resumed)
     attn = choose_attention(cfg.attention, cuda, cfg.use_flash_attn, parallel.dense_mask_only)
-    liger = apply_liger_kernels(cfg.liger, cuda)
+    liger = apply_liger_kernels(cfg.liger, cuda, parallel.forward_is_the_models)
     loss, loss_chunk = choose_loss(cfg.loss_chunk_tokens, liger, parallel.forward_is_the_models,
                                    model_config.vocab_size)
     device = get_accelerator().get_current_device()

@@ -18,20 +18,26 @@ log = logging.getLogger(__name__)
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 
 
-def apply_liger_kernels(mode: str, cuda: bool) -> bool:
+def apply_liger_kernels(mode: str, cuda: bool, forward_is_the_models: bool = True) -> bool:
     """Patch transformers' LLaMA with Liger's fused Triton kernels; returns whether they are on.
 
     Fused linear cross-entropy never materialises the (tokens x vocab) logits in training, which is most of
     the memory and time it saves at vocab 32k-128k. Must run before the model is built. Triton kernels need
-    CUDA: on CPU this is always off, and ``on`` without CUDA or liger_kernel is a one-line error.
+    CUDA: on CPU this is always off, and ``on`` without CUDA or liger_kernel is a one-line error. Tensor, pipeline
+    and sequence parallelism replace the model's forward and loss with colossalai's (``forward_is_the_models``
+    False): the fused loss never runs there and Liger's patched modules under colossalai's sharding are untested,
+    so ``auto`` is off and ``on`` is refused.
     """
+    from colossal_llama.utils.errors import UserInputError
+
     available = cuda and importlib.util.find_spec("liger_kernel") is not None
-    if mode == "off" or (mode == "auto" and not available):
+    if mode == "off" or (mode == "auto" and not (available and forward_is_the_models)):
         return False
     if not available:
-        from colossal_llama.utils.errors import UserInputError
-
         raise UserInputError("--liger on: needs CUDA and the liger_kernel package")
+    if not forward_is_the_models:
+        raise UserInputError("--liger on: tensor, pipeline and sequence parallelism run colossalai's forward and "
+                             "loss, which Liger's fused loss does not reach; use --liger off (auto is off there)")
     from liger_kernel.transformers import apply_liger_kernel_to_llama
 
     apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
