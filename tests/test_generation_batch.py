@@ -286,3 +286,17 @@ def test_a_row_cut_short_is_cut_from_the_partial_output_reading_only_its_tail(tm
     partial.write_text('{"prompt": "p0", "resp', encoding="utf-8")  # not one whole row
     _cut_after_last_line(partial, block=4)
     assert partial.read_bytes() == b""
+
+
+def test_a_mistyped_prompts_file_name_is_taken_as_the_prompt_with_a_warning(tmp_path, caplog):
+    """``--input_txt prompts.txtt`` (no such file) gets one reply to the words "prompts.txtt": said on stderr."""
+    import logging
+
+    from colossal_llama.inference.reply_file import Prompts
+
+    with caplog.at_level(logging.WARNING):
+        prompts = Prompts.read(str(tmp_path / "prompts.txtt"))
+        assert (prompts.path, prompts.count) == (None, 1)
+        Prompts.read("Write a haiku about rain.")  # a sentence is a prompt: nothing to say
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--input_txt '{tmp_path / 'prompts.txtt'}': no such file, so it is taken as the prompt itself"]

@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- the prompts
+def _looks_like_a_path(text: str) -> bool:
+    """One word that names a folder or ends like a file of prompts (``prompts.txt``, ``data/q.jsonl``)."""
+    return bool(text) and not any(c.isspace() for c in text) and (
+        os.sep in text or Path(text).suffix.lower() in (".txt", ".jsonl", ".json", ".md", ".csv", ".tsv"))
+
+
 @dataclass(frozen=True)
 class Prompts:
     """``--input_txt``: one prompt per non-blank line of a file, read as the job goes, or the literal text itself
@@ -52,6 +58,8 @@ class Prompts:
         except OSError:  # e.g. a literal prompt longer than the OS path limit
             is_file = False
         if not is_file:
+            if _looks_like_a_path(input_txt):  # a mistyped file name would get one reply to its own name
+                log.warning("--input_txt %r: no such file, so it is taken as the prompt itself", input_txt)
             return cls(input_txt, None, 1)
         count = sum(1 for _ in _prompt_lines(path))
         if not count:
