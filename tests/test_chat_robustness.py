@@ -233,3 +233,32 @@ def test_a_system_message_stays_first_when_blank_replies_and_old_exchanges_are_d
         fit_history(template, kept, 5)
     with pytest.raises(UserInputError, match=r"^messages\[2\]\.from: expected 'assistant'"):
         drop_empty_exchanges([system, turns[0], turns[0], turns[1]])
+
+
+def test_a_tokenizer_that_cleans_up_spaces_streams_every_word(smollm2_dir):
+    """Many hub tokenizers set ``clean_up_tokenization_spaces``: the whole decode then rewrote text already streamed
+    (``do n`` became ``don't`` with the next token) and every later piece was held back as not a continuation: the
+    rest of the reply vanished from the terminal, the page and the chat's history. Replies are decoded without that
+    rewrite, so the stream equals the blocking decode."""
+    from colossal_llama.inference.generation import decode_reply
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    tokenizer.clean_up_tokenization_spaces = True
+    text = "I do n't know . Really , it is a . b in code"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = ReplyText(tokenizer)
+    joined = "".join(stream.add([i]) for i in ids) + stream.finish()
+    assert joined == decode_reply(tokenizer, ids) == text
+
+
+def test_a_reply_spelling_a_special_token_is_not_kept_in_the_history(smollm2_dir):
+    """With the tokenizer's own template, a model reply that writes ``<|im_end|>`` out of ordinary pieces would be
+    read as a control token in every later prompt: each next message of the chat was refused. Such an exchange is
+    dropped, as a blank reply is."""
+    template = get_chat_template("tokenizer", load_tokenizer(smollm2_dir))
+    messages = [{"from": "human", "content": "How does a turn end?"},
+                {"from": "assistant", "content": "With <|im_end|> at its end."},
+                {"from": "human", "content": "Thanks."}]
+    kept, dropped = drop_empty_exchanges(messages, template)
+    assert dropped == 1 and kept == messages[2:]
+    template.encode_prompt(kept)  # the next prompt encodes

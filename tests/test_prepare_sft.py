@@ -383,3 +383,22 @@ def test_special_tokens_spelled_in_a_message_are_text_or_refused(mistral_dir, sm
         chatml.encode_conversation(spelled)
     with pytest.raises(UserInputError, match=r"^messages\[0\]\.content: spells the special token"):
         chatml.encode_prompt([{"from": "human", "content": "say <|im_start|>"}])
+
+
+def test_spelled_special_tokens_stay_text_in_tokenising_workers(tmp_path, mistral_dir):
+    """The text-only backend travels to ``--num_proc`` workers pickled, and a pickled Rust tokenizer forgets that it
+    reads special tokens as text: with 2 processes every ``</s>`` in a reply was EOS again. Both runs must agree."""
+    data = tmp_path / "data"
+    data.mkdir()
+    reply = "Close it with </s> and open with <s> again."
+    rows = [{"messages": [{"from": "human", "content": f"Question {i}?"}, {"from": "assistant", "content": reply}]}
+            for i in range(40)]
+    (data / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tok = load_tokenizer(mistral_dir)
+    eos_counts = []
+    for num_proc in (1, 2):
+        out = tmp_path / f"np{num_proc}"
+        prepare_sft(SFTPrepConfig(input_dirs=[data], tokenizer_dir=mistral_dir, output=OutputLayout.under(out),
+                                  chat_template="llama2", num_proc=num_proc, max_length=512))
+        eos_counts.append(sum(row["input_ids"].count(tok.eos_token_id) for row, _ in _rows(out)))
+    assert eos_counts == [40, 40]  # one EOS a conversation: the template's, ending the reply

@@ -118,7 +118,7 @@ class ChatTemplate(ABC):
 
     def __init__(self, tokenizer, system_message: str | None = None):
         self.tokenizer = tokenizer
-        self._backend = text_backend(tokenizer)  # content: special tokens spelled in it are text; None: slow
+        self._backend = text_backend(tokenizer)  # None: a slow (Python) tokenizer
         self.system_message = system_message or None
         self.stop_token_ids: list[int] = []
 
@@ -159,9 +159,14 @@ class ChatTemplate(ABC):
         every turn), as pre-training preparation does."""
         if not text:
             return []
-        if self._backend is not None:
-            return self._backend.encode(text, add_special_tokens=False).ids
+        if self._backend is not None:  # fetched each time: it sets the flag a pickled copy loses (map workers)
+            return text_backend(self.tokenizer).encode(text, add_special_tokens=False).ids
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def spelled_special_token(self, text: str) -> str | None:
+        """A special token ``text`` spells that this template would read as a control token (None: it reads all
+        content as text)."""
+        return None
 
 
 class SegmentTemplate(ChatTemplate):
@@ -328,14 +333,18 @@ class TokenizerTemplate(ChatTemplate):
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], enc["offset_mapping"]
 
+    def spelled_special_token(self, text):
+        found = self._specials_pattern.search(text)
+        return found.group() if found else None
+
     def _refuse_spelled_specials(self, messages) -> None:
         """The template renders content and markers into one text, read with its special tokens: a content that
         spells one (``<|im_end|>`` in a reply about chat formats) would end the turn there. Refused, naming it."""
         for index, message in enumerate(messages):
-            found = self._specials_pattern.search(message["content"])
-            if found:
-                raise UserInputError(f"messages[{index}].content: spells the special token {found.group()!r}, which "
-                                     "the tokenizer's chat template would read as a control token")
+            token = self.spelled_special_token(message["content"])
+            if token is not None:
+                raise UserInputError(f"messages[{index}].content: spells the special token {token!r}, which the "
+                                     "tokenizer's chat template would read as a control token")
 
     @staticmethod
     def _replies(messages) -> range:
@@ -394,7 +403,10 @@ class TokenizerTemplate(ChatTemplate):
     def encode_prompt(self, messages):
         validate_messages(messages, ends_with=HUMAN)
         self._refuse_spelled_specials(messages)
-        return self._ids_and_offsets(self._render(messages, True))[0]
+        text = self._render(messages, True)
+        if markup_backend(self.tokenizer) is None:  # a slow tokenizer gives no offsets (and needs none here)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._ids_and_offsets(text)[0]
 
     def exchange_ends(self, messages):
         validate_messages(messages, ends_with=ASSISTANT)

@@ -30,15 +30,21 @@ def check_conversation(messages) -> None:
     validate_messages(messages, ends_with=HUMAN)
 
 
-def drop_empty_exchanges(messages: List[Message]) -> tuple:
+def drop_empty_exchanges(messages: List[Message], template=None) -> tuple:
     """Check the conversation (:func:`check_conversation`), then remove the human+assistant exchanges whose reply
-    is blank (templates reject empty turns); a system message stays first. Returns ``(messages, dropped)``."""
+    is blank (templates reject empty turns) or, given the ``template``, spells one of its special tokens (a reply
+    the model wrote out of ordinary pieces, which the template would read as a control token); a system message
+    stays first. Returns ``(messages, dropped)``."""
     check_conversation(messages)
     system, turns = split_off_system(messages)
     kept = []
     for k in range(0, len(turns), 2):
         exchange = turns[k: k + 2]  # the last one is the pending human turn alone
-        if not _blank_reply(exchange[-1]):
+        reply = exchange[-1]
+        unusable = _blank_reply(reply) or (
+            template is not None and reply["from"] == ASSISTANT
+            and template.spelled_special_token(reply["content"]) is not None)
+        if not unusable:
             kept.extend(exchange)
     return system + kept, (len(turns) - len(kept)) // 2
 
@@ -85,6 +91,7 @@ class ChatSession:
         self.history: List[Message] = []
         self.dropped_exchanges = 0  # exchanges trimmed to fit the context
         self.empty_replies = 0  # exchanges forgotten because the reply was empty
+        self.unkept_replies = 0  # ... because the reply spells a special token of the template
 
     def add_user(self, text: str) -> None:
         if self.history and self.history[-1]["from"] == "human":
@@ -115,8 +122,13 @@ class ChatSession:
             pieces.append(piece)
             yield piece
         reply = "".join(pieces)
-        if reply.strip():
+        spelled = self.template.spelled_special_token(reply)
+        if reply.strip() and spelled is None:
             self.history.append({"from": "assistant", "content": reply})
+        elif spelled is not None:  # the template would read it as a control token in every later prompt
+            self.history.pop()
+            self.unkept_replies += 1
+            log.warning("the reply spells the special token %r; that exchange is not kept in the history", spelled)
         else:  # an empty turn cannot be re-encoded by the template: forget the whole exchange, and say so
             self.history.pop()
             self.empty_replies += 1

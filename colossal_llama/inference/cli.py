@@ -156,7 +156,7 @@ def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts, ranks:
     """Generate for every prompt (:class:`.reply_file.Prompts`): each reply printed to ``out`` (default stdout) as
     its batch finishes (streamed when ``--batch_size`` is 1), or, with ``--output`` or under a launcher, as a job a
     chunk at a time (rank 0 writes or prints; :mod:`.reply_file`)."""
-    from colossal_llama.inference.generation import generate_batch, generate_stream
+    from colossal_llama.inference.generation import decode_reply, generate_batch, generate_stream
 
     out = out or sys.stdout
     encode = prompt_ids_of(args, tokenizer, sampling)
@@ -170,7 +170,7 @@ def run_prompts(args: InferenceArgs, model, tokenizer, sampling, prompts, ranks:
             print(file=out, flush=True)
             continue
         for prompt, ids in zip(batch, generate_batch(model, tokenizer, [encode(p) for p in batch], sampling)):
-            print(f">>> {prompt}\n{tokenizer.decode(ids, skip_special_tokens=True)}", file=out, flush=True)
+            print(f">>> {prompt}\n{decode_reply(tokenizer, ids)}", file=out, flush=True)
 
 
 def job_settings(args: InferenceArgs, sampling) -> dict:

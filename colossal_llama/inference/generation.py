@@ -9,6 +9,7 @@ All stop at ``stop_token_ids`` and the tokenizer's EOS, and drop special tokens 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -129,14 +130,21 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], config: S
 
 def generate_text(model, tokenizer, input_ids: Sequence[int], config: SamplingConfig) -> str:
     """Blocking generation decoded to text without special tokens."""
-    return tokenizer.decode(generate_ids(model, tokenizer, input_ids, config), skip_special_tokens=True)
+    return decode_reply(tokenizer, generate_ids(model, tokenizer, input_ids, config))
+
+
+def decode_reply(tokenizer, ids: Sequence[int]) -> str:
+    """The text of generated ``ids``: special tokens dropped, and no ``clean_up_tokenization_spaces`` (a BERT-era
+    rewrite, on in many hub tokenizers, that turns ``a . b`` into ``a. b`` in code and changes text already streamed:
+    ``do n`` became ``don't`` once the next token came)."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class ReplyText:
     """The text of a reply that grows a few tokens at a time, handed out as the pieces not handed out yet.
 
-    Invariant: the pieces returned by :meth:`add` and :meth:`finish` join to ``tokenizer.decode(all ids,
-    skip_special_tokens=True)``, exactly what :func:`generate_text` returns. Why the whole reply is decoded at each
+    Invariant: the pieces returned by :meth:`add` and :meth:`finish` join to :func:`decode_reply` of all ids,
+    exactly what :func:`generate_text` returns. Why the whole reply is decoded at each
     step: a SentencePiece (LLaMA, Mistral) decoder drops the leading space of the first token it decodes, so
     decoding the tokens after a newline on their own (as transformers' ``TextIteratorStreamer`` does) loses one
     indentation space per line. A trailing U+FFFD is held back: it is a multi-byte character whose other bytes are
@@ -157,13 +165,16 @@ class ReplyText:
         return self._advance(self._decode(), final=True)
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return decode_reply(self.tokenizer, self.ids)
 
     def _advance(self, text: str, final: bool = False) -> str:
         if not text.startswith(self.emitted):  # the decoder rewrote earlier text: wait until it is a prefix again
-            if final:
-                log.warning("the streamed reply differs from its decoded text (the tokenizer rewrote earlier text)")
-            return ""
+            if not final:
+                return ""
+            log.warning("the streamed reply differs from its decoded text (the tokenizer rewrote earlier text)")
+            common = len(os.path.commonprefix([text, self.emitted]))
+            piece, self.emitted = text[common:], text  # nothing after the rewrite is lost
+            return piece
         piece, self.emitted = text[len(self.emitted):], text
         return piece
 

@@ -289,7 +289,7 @@ def _generate_chunk(model, tokenizer, sampling, chunk: Sequence[str], first: int
                     batch_size: int, ranks: Ranks, fh, bar, stats: JobStats, start: float) -> Dict[int, str]:
     """This process's share of a chunk's missing replies: longest prompts first, batches dealt out in rounds of one
     per process (rank 0's bar counts each whole round)."""
-    from colossal_llama.inference.generation import generate_batch
+    from colossal_llama.inference.generation import decode_reply, generate_batch
 
     encoded = {i: encode(chunk[i - first]) for i in todo}
     order = sorted(todo, key=lambda i: -len(encoded[i]))
@@ -298,7 +298,7 @@ def _generate_chunk(model, tokenizer, sampling, chunk: Sequence[str], first: int
         stats.batches += len(mine)
         for batch in mine:
             for i, ids in zip(batch, generate_batch(model, tokenizer, [encoded[i] for i in batch], sampling)):
-                replies[i] = tokenizer.decode(ids, skip_special_tokens=True)
+                replies[i] = decode_reply(tokenizer, ids)
                 stats.new_tokens += len(ids)
             if fh is not None:
                 fh.writelines(json.dumps({"index": i, "prompt": chunk[i - first], "response": replies[i]},

@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from colossal_llama.dataset.config import SHARD_DIR, Shard, check_one_run_per_folder
-from colossal_llama.inference.generation import cut_at_stop
+from colossal_llama.inference.generation import cut_at_stop, decode_reply
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
 
@@ -270,7 +270,7 @@ def write_self_replay(cfg: ReplayConfig) -> ReplaySummary:
     with open(output.partial, "a", encoding="utf-8") as fh:
         for k, rows in todo:
             for ids in sample_batch(model, tokenizer, cfg, start_id, k, rows):
-                text = tokenizer.decode(ids, skip_special_tokens=True)
+                text = decode_reply(tokenizer, ids)
                 if not text.strip():
                     written.empty += 1
                     continue

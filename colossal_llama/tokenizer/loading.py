@@ -62,6 +62,7 @@ def text_backend(tokenizer):
     its own backend at every call (``split_special_tokens``)."""
     cached = getattr(tokenizer, "_colossal_llama_text_backend", None)
     if cached is not None:
+        cached.encode_special_tokens = True  # a pickled Tokenizer (a datasets.map worker's) comes back without it
         return cached
     backend = plain_backend(tokenizer)
     if backend is None:
