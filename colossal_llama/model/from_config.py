@@ -5,14 +5,13 @@ the rest of the pipeline then runs unchanged on a real tokenizer and real text.
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
-from colossal_llama.utils.output import check_output_dir, remove_stale_siblings, replace_dir, tmp_sibling
+from colossal_llama.utils.output import check_output_dir, staged_dir
 
 
 @dataclass(frozen=True)
@@ -64,18 +63,12 @@ def save_llama_from_config(tokenizer_dir: Path, output_dir: Path, shape: str, se
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_llama(tokenizer, SHAPES[shape], seed=seed)
     output_dir = Path(output_dir)
-    remove_stale_siblings(output_dir, TMP_KIND)  # left by a run that was killed
-    tmp = tmp_sibling(output_dir, TMP_KIND)
-    try:
+    with staged_dir(output_dir, TMP_KIND) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        replace_dir(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {output_dir}: LLaMA '{shape}' with {n_params / 1e6:.1f} M parameters, vocab {len(tokenizer)}")
-    return Path(output_dir)
+    return output_dir
 
 
 @dataclass

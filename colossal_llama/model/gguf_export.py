@@ -5,7 +5,6 @@ models arrive. Quantised GGUF tensors are dequantised by transformers' GGUF load
 """
 from __future__ import annotations
 
-import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
-from colossal_llama.utils.output import check_output_dir, remove_stale_siblings, replace_dir, tmp_sibling
+from colossal_llama.utils.output import check_output_dir, staged_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = "float32"  # exact for every GGUF tensor type (dequantised weights are float32)
@@ -44,15 +43,10 @@ def export_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str = DEFAULT_DTYPE
         raise _load_error(gguf_path, err) from None
     tokenizer = normalise_gguf_tokenizer(gguf_tokenizer, model.config)
     # Write to a temporary sibling and rename, so an interrupted export never looks complete.
-    remove_stale_siblings(out_dir, TMP_KIND)  # left by an export that was killed
-    tmp = tmp_sibling(out_dir, TMP_KIND)
-    try:
+    with staged_dir(out_dir, TMP_KIND) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        return replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out_dir
 
 
 def check_gguf_magic(path: Path) -> None:

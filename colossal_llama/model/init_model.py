@@ -32,7 +32,7 @@ from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.json_files import read_json, write_json
-from colossal_llama.utils.output import check_output_file, remove_stale_siblings, replace_dir, tmp_sibling
+from colossal_llama.utils.output import check_output_file, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,9 @@ def run_init(cfg: InitModelConfig) -> InitReport:
     log.info("tokenizer %d -> %d tokens; vocabulary matrices %s: %d -> %d rows", source_tokens, target_tokens,
              vocab_matrices, old_rows, new_vocab)
 
-    remove_stale_siblings(cfg.target_dir, TMP_KIND)  # left by a run that was killed (kill -9, out of memory)
-    tmp = tmp_sibling(cfg.target_dir, TMP_KIND)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    # built beside the target; a sibling left by a run that was killed (kill -9, out of memory) goes first
+    with staged_dir(cfg.target_dir, TMP_KIND) as tmp:
+        tmp.mkdir(parents=True)
         bytes_written, copied = _write_weights(layout, tmp, set(vocab_matrices), piece_ids, source_tokens, new_vocab)
         config["vocab_size"] = new_vocab
         config.setdefault(BASE_TOKENS_KEY, source_tokens)  # a second expansion keeps the first base
@@ -203,10 +200,6 @@ def run_init(cfg: InitModelConfig) -> InitReport:
         if (cfg.source_dir / "generation_config.json").is_file():
             shutil.copy2(cfg.source_dir / "generation_config.json", tmp / "generation_config.json")
         tokenizer_files = _copy_tokenizer_files(cfg.target_tokenizer_dir, tmp)
-        replace_dir(tmp, cfg.target_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     notes = []
     if not layout.is_safetensors:

@@ -2,13 +2,14 @@
 temporary folders that a killed run (``kill -9``, out of memory, power loss) leaves behind."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import socket
 from pathlib import Path
-from typing import List, Sequence
+from typing import Iterator, List, Sequence
 
 from colossal_llama.utils.durable import fsync_dir, fsync_tree
 from colossal_llama.utils.errors import UserInputError
@@ -34,9 +35,7 @@ def check_output_dir(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -
     for given in inputs:
         if Path(given).resolve().is_relative_to(path.resolve()):
             raise UserInputError(f"{path}: output folder is or contains an input ({given}); choose a new folder")
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise UserInputError(f"{path}: exists and is not a directory (a file or a symbolic link); choose another "
-                             f"output folder")
+    _refuse_non_directory(path)
     if path.exists() and not overwrite:
         raise UserInputError(f"{path}: already exists (pass --overwrite to replace it)")
     return path
@@ -57,6 +56,30 @@ def check_output_file(path, flag: str, overwrite: bool) -> Path:
     return path
 
 
+def _refuse_non_directory(path: Path) -> None:
+    """A one-line error when ``path`` exists as something a folder cannot replace (a file, a symbolic link)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise UserInputError(f"{path}: exists and is not a directory (a file or a symbolic link); choose another "
+                             f"output folder")
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, kind: str) -> Iterator[Path]:
+    """Build the folder that replaces ``target`` in this process's :func:`tmp_sibling` of ``kind`` (yielded, not
+    yet created): when the block ends it replaces ``target`` (:func:`replace_dir`); on any failure it is removed,
+    and only it (never a user's files). A sibling of ``kind`` left by a killed run is removed first."""
+    target = Path(target)
+    remove_stale_siblings(target, kind)
+    tmp = tmp_sibling(target, kind)
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from an earlier call that was interrupted
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def tmp_sibling(target: Path, kind: str) -> Path:
     """This process's temporary sibling of ``target``: ``.{name}.{kind}-{pid}``. After a crash, the next run's
     :func:`remove_stale_siblings` (same ``kind``) removes it once that process is gone."""
@@ -75,9 +98,7 @@ def replace_dir(tmp: Path, target: Path) -> Path:
     ``tmp`` is complete and on disk, so an interrupted run (or a machine that lost power) never leaves a
     half-written folder under the final name. A ``target`` that is a file (or a link) is refused, untouched."""
     tmp, target = Path(tmp), Path(target)
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise UserInputError(f"{target}: exists and is not a directory (a file or a symbolic link); choose another "
-                             f"output folder")
+    _refuse_non_directory(target)
     remove_stale_siblings(target, "old")
     fsync_tree(tmp)  # the contents reach the disk before the name that publishes them
     if target.exists():
