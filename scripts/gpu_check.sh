@@ -106,6 +106,7 @@ export PATH="$(dirname "$(command -v "$PY")"):$PATH"
 
 START=$(date +%s)
 now() { echo $(( $(date +%s) - START )); }
+time_left() { echo $(( HARD_LIMIT - KILL_AFTER - $(now) )); }  # before the device kills the command
 report() { printf '%s\n' "$@" >> "$REPORT"; }
 say() { echo "[gpu_check $(now)s] $*"; }
 declare -A WALL RESULT
@@ -157,8 +158,8 @@ run_budgeted() {
   local log="$LOGS/$part.log" rcfile="$WORK/.rc" limit=${BUDGET[$part]}
   rm -f "$rcfile"
   : > "$log"
-  if [[ $DRY == 0 ]] && (( HARD_LIMIT - KILL_AFTER - $(now) < limit )); then
-    limit=$(( HARD_LIMIT - KILL_AFTER - $(now) ))
+  if [[ $DRY == 0 ]] && (( $(time_left) < limit )); then
+    limit=$(time_left)
     report "- $part: cut to ${limit} s (the device command's limit comes first)"
     if (( limit < 10 )); then
       report "- **$part not run: no time left before the device command's limit**"
@@ -333,9 +334,9 @@ if [[ $DRY == 0 ]]; then
   timeout "${BUDGET[setup]}" env MAX_JOBS="$(nproc)" "$PY" -c "from colossalai.kernel.kernel_loader import \
 CPUAdamLoader, FusedOptimizerLoader; FusedOptimizerLoader().load(); CPUAdamLoader().load()" \
     > "$LOGS/kernels.log" 2>&1 &
-  KERNEL_PIDS+=($!)
+  KERNEL_PIDS=($!)  # on_signal stops it
   kernels_ok=1
-  for pid in "${KERNEL_PIDS[@]}"; do wait "$pid" || kernels_ok=0; done
+  wait "${KERNEL_PIDS[0]}" || kernels_ok=0
   KERNEL_PIDS=()
   if [[ $kernels_ok == 1 ]]; then
     report "- colossalai kernels (cpu_adam, fused_optim for HybridAdam): ready in $(( $(now) - t0 )) s"
@@ -379,7 +380,7 @@ for part in "${PARTS[@]}"; do
       else
         if [[ -n "${PREP_PID:-}" ]]; then
           waited=$(now)
-          while kill -0 "$PREP_PID" 2>/dev/null && { [[ $DRY == 1 ]] || (( $(now) < HARD_LIMIT - KILL_AFTER - 60 )); }; do
+          while kill -0 "$PREP_PID" 2>/dev/null && { [[ $DRY == 1 ]] || (( $(time_left) > 60 )); }; do
             sleep 1
           done
           if kill -0 "$PREP_PID" 2>/dev/null; then

@@ -193,7 +193,8 @@ class TokenCache:
         self._stored_labels = bool((self.docs.trained_from < 0).any())
 
     def gather(self, doc: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and labels of the pieces ``(doc, start, length)``, concatenated in order."""
+        """Token ids and labels of the pieces ``(doc, start, length)``, concatenated in order: two new int32
+        arrays, the caller's to change."""
         chunk = np.searchsorted(self._first_doc, doc, side="right") - 1
         skip = 4 * (self._value_offset[doc] + start)
         files, sizes = self._chunk_file[chunk].tolist(), (4 * length).tolist()

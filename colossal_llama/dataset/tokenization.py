@@ -164,8 +164,7 @@ def tokenize_sft_batch(batch: pa.Table, template: ChatTemplate, max_length: int,
             if strict:
                 raise located from None
             _log_refused(located)
-            ids, labs, total, keep = [], [], TEMPLATE_REFUSED, 0
-            full_ids = ids
+            ids, labs, full_ids, total, keep = [], [], [], TEMPLATE_REFUSED, 0
         docs.append(ids)
         labels.append(labs)
         full.append(len(full_ids))

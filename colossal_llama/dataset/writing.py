@@ -121,7 +121,6 @@ class PartWriter:
         # block mask hides it) or the row starts there (the shifted loss skips position 0). Its label, left on,
         # would train the previous document's last token to predict an unrelated one (tokenizers without BOS)
         # and count a token as trained that no loss sees.
-        labels = np.array(labels, dtype=np.int32, copy=True)
         labels[piece_begin[length > 0]] = IGNORE_INDEX
         position = (np.arange(len(ids), dtype=np.int64) - np.repeat(piece_begin, length)).astype(np.int32)
         trained = np.add.reduceat((labels != IGNORE_INDEX).astype(np.int64), piece_begin) if len(ids) else length

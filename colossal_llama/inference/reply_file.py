@@ -220,7 +220,6 @@ def prepare(target: Path, prompts: Prompts, overwrite: bool, ranks: Ranks, setti
         target.parent.mkdir(parents=True, exist_ok=True)
         for path in [*interrupted, settings_file(target)] if overwrite else ():
             path.unlink(missing_ok=True)
-    if ranks.is_main:
         if settings is not None and (overwrite or not interrupted):
             replace_file(settings_file(target), json.dumps(settings, indent=1, ensure_ascii=False))
         if partial.exists():

@@ -214,6 +214,11 @@ def sequence_parallel(cfg: TrainConfig) -> bool:
     return cfg.enable_sequence_parallelism or cfg.sp > 1
 
 
+def validation_interval(cfg: TrainConfig) -> int:
+    """Steps between validations: ``--eval_interval``, else ``--save_interval``."""
+    return cfg.eval_interval or cfg.save_interval
+
+
 def _validate_parallelism(cfg: TrainConfig) -> None:
     """Combinations colossalai would reject with an assertion deep inside the plugin, as one-line errors."""
     if cfg.plugin != "3d":

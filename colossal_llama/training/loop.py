@@ -20,7 +20,7 @@ from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTa
                                                 read_running_state, resolve_load_target, set_aside_newer_checkpoints,
                                                 verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
-from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup
+from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup, validation_interval
 from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler, ends_epoch
 from colossal_llama.training.inputs import RunInputs, epoch_order_changes, epoch_order_inputs, load_inputs
 from colossal_llama.training.disk_space import CheckpointRoom, checkpoint_estimate
@@ -177,7 +177,7 @@ def build_run(cfg: TrainConfig) -> Run:
         validator = Validator(inputs.eval.dataset, [inputs.eval.categories[c] for c in inputs.eval.row_category],
                               tokenizer, collator, stepper, cfg.batch_size, cfg.eval_batches)
         log.info("validation: %d batches of the held-out data (%s) every %d steps", len(validator.plan),
-                 ", ".join(validator.categories), cfg.eval_interval or cfg.save_interval)
+                 ", ".join(validator.categories), validation_interval(cfg))
     return Run(cfg, plan, inputs, parallel, stepper, checkpointer, collator, validator, target, lock, cuda, peers)
 
 
@@ -405,7 +405,7 @@ def _validate_first(run: Run, state: RunningState, metrics: RunMetrics) -> None:
 
 
 def _next_eval_step(run: Run, step: int) -> int:
-    interval = run.cfg.eval_interval or run.cfg.save_interval
+    interval = validation_interval(run.cfg)
     return min((step // interval + 1) * interval, run.plan.total_steps)
 
 
@@ -428,7 +428,7 @@ def _after_step(run: Run, state: RunningState, metrics: RunMetrics, epoch_done: 
     all-reduce carried a vote), or a signal that came during the validation or the save (either can take minutes)."""
     cfg, plan = run.cfg, run.plan
     validated = saved = False
-    eval_due = state.step % (cfg.eval_interval or cfg.save_interval) == 0 or state.step == plan.total_steps
+    eval_due = state.step % validation_interval(cfg) == 0 or state.step == plan.total_steps
     if run.validator is not None and eval_due:
         if stopping:  # the stop comes first (a scheduler's grace period is short); the resumed run validates
             state.validation_due = True

@@ -135,9 +135,8 @@ class Mixture:
     epoch (its size; see :meth:`build` for a bucket whose groups all weigh 0); :meth:`epoch_order` is the
     sampler's order. Invariant: ``sum(draws)`` is the data's size, the epoch the sampler plans."""
 
-    def __init__(self, buckets: List[List[Group]], draws: Optional[List[int]] = None):
-        self.buckets = buckets
-        self.draws = draws if draws is not None else [sum(len(g.rows) for g in groups) for groups in buckets]
+    def __init__(self, buckets: List[List[Group]], draws: List[int]):
+        self.buckets, self.draws = buckets, draws
 
     @classmethod
     def build(cls, bucket_groups: List[List[Tuple[GroupKey, np.ndarray]]], dataset_weights: Dict[int, float],

@@ -83,10 +83,9 @@ class Validator:
         # Characters of the rows this rank scores only: decoding is the costly part of setting up (every row's
         # labels, tokenizer.decode), and on dp ranks each scores 1/dp of the batches; a rank whose sums are not
         # counted (pipeline stages but the last, tp/sp peers) decodes nothing.
-        layout, counted = stepper.parallel.layout, stepper.parallel.reports_loss
-        mine = [rows for i, (_, rows) in enumerate(self.plan) if i % layout.dp_size == layout.dp_rank]
+        counted = stepper.parallel.reports_loss
         self.characters = {int(r): trained_characters(dataset[int(r)]["labels"], tokenizer) if counted else 0
-                           for rows in mine for r in rows}
+                           for category, rows in self.my_batches() if category is not None for r in rows}
 
     def my_batches(self) -> List[tuple[Optional[str], np.ndarray]]:
         """This dp rank's batches of the plan (batch i is rank ``i % dp``'s). Where forwards are collective

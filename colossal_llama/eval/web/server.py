@@ -56,8 +56,9 @@ class ChatBackend:
 
     def prompt_ids(self, messages) -> tuple:
         """Prompt ids for a conversation ending with a human turn, and how many exchanges were dropped (blank
-        replies or ones spelling a special token of the template, then the oldest to fit the context). A malformed conversation (not a list of turns, a bad
-        role or field) is a located :class:`UserInputError`, before anything else reads it (HTTP 400)."""
+        replies or ones spelling a special token of the template, then the oldest to fit the context). A malformed
+        conversation (not a list of turns, a bad role or field) is a located :class:`UserInputError`, before
+        anything else reads it (HTTP 400)."""
         messages, empty = drop_empty_exchanges(messages, self.template)
         ids, _, trimmed = fit_history(self.template, messages, self.max_context - self.sampling.max_new_tokens)
         return ids, empty + trimmed
