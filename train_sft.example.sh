@@ -9,5 +9,5 @@ export PRETRAINED=${PRETRAINED:-outputs/train/pretrain/modeling}
 export DATASET=${DATASET:-outputs/quickstart/data/sft/arrow}
 export SAVE_DIR=${SAVE_DIR:-outputs/train/sft}
 export LR=${LR:-2e-5}
-export EXTRA_ARGS="${EXTRA_ARGS:-} --use_neft --neft_alpha ${NEFT_ALPHA:-5}"
+export EXTRA_ARGS="${EXTRA_ARGS:-} --use_neft --neft_alpha ${NEFT_ALPHA:-0.1}"
 exec ./train.example.sh

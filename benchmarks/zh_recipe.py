@@ -201,7 +201,7 @@ def train(work: Path, cfg: RecipeConfig, cuda: bool) -> str:
         raise SystemExit(f"error: train.py exited with {proc.returncode} (its output is above)")
     from colossal_llama.training.metrics import read_loss_log
 
-    losses = [r["loss"] for r in read_loss_log(save / "losses.jsonl")]
+    losses = [r["loss"] for r in read_loss_log(save / "losses.jsonl") if r["loss"] is not None]  # null: skipped
     tokens = sum(r["tokens"] for r in read_loss_log(save / "losses.jsonl"))
     config = json.loads((save / "train_config.json").read_text())
     return (f"{len(losses)} step(s) on {tokens:,} tokens ({config['plugin']}, {config['mixed_precision']}, attention "

@@ -31,6 +31,7 @@ def test_readme_aliases_and_boolean_flags(tiny_llama):
                         "--use_grad_checkpoint", "False", "--plugin", "zero2"])
     assert (cfg.batch_size, cfg.grad_clip, cfg.weight_decay, cfg.warmup_steps, cfg.zero_stage) == (3, 0.5, 0.01, 7, 2)
     assert cfg.dataset == ["a", "b"] and cfg.use_neft is True and cfg.use_grad_checkpoint is False
+    assert cfg.neft_alpha == 0.1  # the original's activate_neftune(model) default: --use_neft alone means the same noise
 
 
 def test_the_parser_is_the_config_dataclass(tiny_llama):
@@ -923,6 +924,19 @@ def test_mfu_is_per_device_of_the_run(tmp_path, monkeypatch):
     assert 0.40 < mfu < 0.41
 
 
+def test_a_skipped_step_is_logged_as_skipped_not_as_a_loss(tmp_path, caplog):
+    """losses.jsonl holds null for a step without trained tokens; the log's mean loss leaves it out and says so."""
+    from colossal_llama.training import metrics as metrics_module
+
+    run = metrics_module.RunMetrics(True, tmp_path / "run", None, 3, 0, 3, 1000, False, [])
+    with caplog.at_level("INFO", logger=metrics_module.__name__):
+        for step, loss in ((1, 2.0), (2, None), (3, 4.0)):
+            run.record(metrics_module.StepStats(step, 0, loss, 1e-4, None if loss is None else 1.0, 100, 1.0))
+        run.close()
+    assert [r["loss"] for r in metrics_module.read_loss_log(tmp_path / "run" / "losses.jsonl")] == [2.0, None, 4.0]
+    assert "loss 3.0000 (mean of 2 steps); 1 step(s) skipped: no trained token" in caplog.text
+
+
 @pytest.mark.parametrize("collective", [False, True])
 def test_every_dp_rank_runs_as_many_validation_forwards_where_forwards_are_collective(collective):
     """Batch i of the plan is dp rank ``i % dp``'s: 4 batches on 3 ranks give rank 0 two and the others one. Under
@@ -963,3 +977,52 @@ def test_liger_is_off_where_colossalai_runs_the_forward_and_refused_when_asked(m
         model_module.apply_liger_kernels("on", cuda=True, forward_is_the_models=False)
     with pytest.raises(UserInputError, match="^--liger on: needs CUDA"):
         model_module.apply_liger_kernels("on", cuda=False, forward_is_the_models=True)
+
+
+def _steps_around_a_batch_without_trained_tokens(ranks, args):
+    """Steps 1 and 3 on the data, step 2 on a global batch whose labels are all masked; what each step did."""
+    from colossal_llama.training.loop import build_run, micro_batch_groups
+
+    run = build_run(parse_config(args))
+    try:
+        groups = micro_batch_groups(run, 0, 0)
+
+        def weights():
+            return {n: p.detach().clone() for n, p in run.stepper.model.unwrap().named_parameters()}
+
+        def changed(a, b):
+            return sorted(n for n in a if not torch.equal(a[n], b[n]))
+
+        first = run.stepper.step(next(groups), 1)
+        before = weights()
+        masked = next(groups)
+        for batch in masked:
+            batch["labels"].fill_(IGNORE_INDEX)
+        skipped = run.stepper.step(masked, 2)
+        after_skip = weights()
+        third = run.stepper.step(next(groups), 3)
+        return first, skipped, third, changed(before, after_skip), len(changed(after_skip, weights())), len(before)
+    finally:
+        if run.peers is not None:
+            run.peers.close()
+
+
+@pytest.mark.parametrize("plugin", ["ddp", "zero2"])
+def test_a_global_batch_without_trained_tokens_leaves_the_weights_and_the_optimizer_alone(
+        plugin, tiny_llama, prepared_pretrain, tmp_path):
+    """Chunks of a long source carry no trained token; a global batch of only such rows has no gradient, and an
+    optimizer step would still move every weight (Adam's momentum, weight decay). The step is skipped on every
+    rank (no loss, no norm), its tokens still count, the schedule moves on, and the next step trains."""
+    from tests.support.gloo_world import run_in_gloo_world
+
+    args = ["--pretrained", str(tiny_llama), "--dataset", str(prepared_pretrain / "arrow"), "--plugin", plugin,
+            "--save_dir", str(tmp_path / "run"), "--max_length", "128", "--batch_size", "1",
+            "--accumulation_steps", "2", "--lr", "1e-3", "--warmup_steps", "0", "--weight_decay", "0.1",
+            "--mixed_precision", "fp32", "--max_steps", "3"]
+    ranks = run_in_gloo_world(_steps_around_a_batch_without_trained_tokens, 2, args, join=False)
+    for first, skipped, third, changed_by_skip, changed_after, num_weights in ranks:
+        assert first.loss > 0 and first.grad_norm > 0
+        assert skipped.loss is None and skipped.grad_norm is None and skipped.tokens > 0
+        assert changed_by_skip == []  # with the optimizer stepped: every weight moves (momentum of step 1)
+        assert third.loss > 0 and changed_after == num_weights
+        assert first.lr > skipped.lr > third.lr  # cosine decay: the schedule took its step 2

@@ -109,7 +109,8 @@ class TrainConfig:
     zero_cpu_offload: bool = flag(False, help="3d plugin with --zero_stage > 0: optimizer states in host memory")
     use_neft: bool = flag(False, aliases=("--use_neftune",),
                           help="NEFTune: uniform noise on input embeddings while training")
-    neft_alpha: float = flag(5.0, help="NEFTune noise scale alpha")
+    neft_alpha: float = flag(0.1, help="NEFTune noise scale: U(-a, a) with a = alpha / sqrt(seq_len * hidden); "
+                                       "0.1 as the original (the NEFTune paper used 5 to 15)")
     seed: int = flag(42, help="seed of the data order, the model's RNG and NEFTune's noise")
     dist_timeout_minutes: Optional[float] = flag(
         None, help="how long a rank waits for the others in a collective before the job fails, in every process "

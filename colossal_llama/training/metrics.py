@@ -1,6 +1,7 @@
 """Run metrics on rank 0: TensorBoard scalars, a tqdm bar, log lines, and ``save_dir/losses.jsonl``.
 
-``losses.jsonl`` holds one record per optimizer step ``{"step", "epoch", "loss", "lr", "grad_norm", "tokens"}``.
+``losses.jsonl`` holds one record per optimizer step ``{"step", "epoch", "loss", "lr", "grad_norm", "tokens"}``
+(``loss`` null: the step's global batch had no trained token, and the optimizer did not step).
 Floats are written with ``repr`` precision, so two runs can be compared bit for bit. On resume from step S
 the records after S (written by the interrupted run after its last checkpoint) are dropped first.
 """
@@ -79,7 +80,7 @@ def read_loss_log(path: Path) -> list:
 class StepStats:
     step: int  # optimizer steps done, 1-based
     epoch: int
-    loss: float  # token-weighted mean over the global batch
+    loss: Optional[float]  # token-weighted mean over the global batch; None: no trained token, no optimizer step
     lr: float
     grad_norm: Optional[float]
     tokens: int  # input tokens (not padding) in the global batch
@@ -147,7 +148,8 @@ class RunMetrics:
             for name, total in self._category_totals.items():
                 self._writer.add_scalar(f"data/tokens/{name}", total, stats.step)
         self._bar.update(1)
-        self._bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+        self._bar.set_postfix(loss="skipped" if stats.loss is None else f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}",
+                              tok_s=f"{tokens_per_s:.0f}")
         self._window.append(stats)
         if stats.step % self.log_interval == 0:
             self._log_window()
@@ -177,12 +179,17 @@ class RunMetrics:
         seconds = sum(s.seconds for s in w)
         tokens = sum(s.tokens for s in w)
         norms = [s.grad_norm for s in w if s.grad_norm is not None]
+        trained = [s.loss for s in w if s.loss is not None]
         tokens_per_s = tokens / max(seconds, 1e-9)
         mfu = f" | MFU {self.flops_per_token * tokens_per_s / self.peak:.1%}" if self.peak else ""
-        log.info("step %d epoch %d | loss %.4f (mean of %d steps) | lr %.3e | grad_norm %s | %.0f tokens/s%s | "
-                 "%.2f s/step | peak memory %.2f GiB%s", w[-1].step, w[-1].epoch, sum(s.loss for s in w) / len(w),
-                 len(w), w[-1].lr, f"{sum(norms) / len(norms):.3f}" if norms else "n/a", tokens_per_s, mfu,
-                 seconds / len(w), peak_memory_gib(self.cuda), self._mix_so_far())
+        loss = f"{sum(trained) / len(trained):.4f} (mean of {len(trained)} steps)" if trained else "n/a"
+        skipped = len(w) - len(trained)
+        if skipped:  # every label of their global batches masked (chunks of long sources): no optimizer step
+            loss += f"; {skipped} step(s) skipped: no trained token"
+        log.info("step %d epoch %d | loss %s | lr %.3e | grad_norm %s | %.0f tokens/s%s | %.2f s/step | "
+                 "peak memory %.2f GiB%s", w[-1].step, w[-1].epoch, loss, w[-1].lr,
+                 f"{sum(norms) / len(norms):.3f}" if norms else "n/a", tokens_per_s, mfu, seconds / len(w),
+                 peak_memory_gib(self.cuda), self._mix_so_far())
 
     def _mix_so_far(self) -> str:
         """`` | tokens so far: news 71.2%, novel 28.8%`` (the realised mix), or nothing without categories."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -25,7 +26,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
 @dataclass
 class StepResult:
-    loss: float
+    loss: Optional[float]  # None: the global batch had no trained token, and the optimizer did not step
     grad_norm: Optional[float]
     lr: float
     tokens: int
@@ -137,8 +138,10 @@ class Stepper:
         per_category = self._category_tokens(micro_batches)
         global_loss_tokens, global_input_tokens, *category_tokens = self._all_reduce(
             [sum(local_tokens), input_tokens, *per_category], self.parallel.layout.dp_group)
+        if global_loss_tokens == 0:  # the same on every rank: the dp groups hold the same global batch
+            return self._skip(start, global_input_tokens, category_tokens, stop_vote)
         # DDP / ZeRO average gradients over dp ranks, so scale by dp_size to get sum / global_loss_tokens.
-        scale = self.parallel.layout.dp_size / max(global_loss_tokens, 1.0)
+        scale = self.parallel.layout.dp_size / global_loss_tokens
         if self.neftune is not None:
             self.neftune.start_step(step)
         if self.parallel.pipeline_microbatch_size:
@@ -151,7 +154,7 @@ class Stepper:
         # world: brings the last pipeline stage's loss to every rank, and every rank's stop vote to all; before the
         # optimizer step, so that a non-finite loss never reaches the weights
         total_loss, stop_votes = self._all_reduce([reported, stop_vote])
-        loss = total_loss / max(global_loss_tokens, 1.0)
+        loss = total_loss / global_loss_tokens
         self._check_finite(step, loss, grad_norm, applied=False)
         lr = self.scheduler.get_last_lr()[0]
         loss_scale = self._loss_scale()  # the one the gradients carry (step() may change it)
@@ -162,6 +165,20 @@ class Stepper:
             grad_norm = self._plugin_grad_norm(loss_scale)
             self._check_finite(step, loss, grad_norm, applied=True)
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=int(global_input_tokens),
+                          seconds=time.perf_counter() - start, category_tokens=[int(t) for t in category_tokens],
+                          stop_votes=int(stop_votes))
+
+    def _skip(self, start: float, input_tokens: float, category_tokens: List[float], stop_vote: float) -> StepResult:
+        """A global batch without a trained token (every label masked: chunks of long sources) has no gradient;
+        an optimizer step would still move the weights (Adam's momentum, weight decay). No forward, no optimizer
+        step: the weights, the optimizer state and the loss scale stay as they were; the schedule moves on (the
+        learning rate stays a function of the step number) and the stop votes are counted as in any step."""
+        (stop_votes,) = self._all_reduce([stop_vote])
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": skipped on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+        return StepResult(loss=None, grad_norm=None, lr=lr, tokens=int(input_tokens),
                           seconds=time.perf_counter() - start, category_tokens=[int(t) for t in category_tokens],
                           stop_votes=int(stop_votes))
 

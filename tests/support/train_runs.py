@@ -19,7 +19,7 @@ SAVE_INTERVAL = 3
 # 3d tp=2 = 1 dp rank x 1 x 4 micro-batches.
 DP2_BATCH = ["--batch_size", "1", "--accumulation_steps", "2"]
 DP1_BATCH = ["--batch_size", "1", "--accumulation_steps", "4"]
-NEFT = ["--use_neft"]
+NEFT = ["--use_neft", "--neft_alpha", "5"]  # the paper's alpha: a clear margin over no noise
 RECOMPUTE = ["--use_grad_checkpoint"]
 TP2 = ["--plugin", "3d", "--tp", "2", "--zero_stage", "0", *DP1_BATCH]
 PP2 = ["--plugin", "3d", "--pp", "2", "--zero_stage", "0", "--batch_size", "4", "--microbatch_size", "2"]
