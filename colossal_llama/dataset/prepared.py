@@ -89,8 +89,26 @@ def _output_parts(root: Path, split: str) -> list[Path]:
         if manifest.eval_dir is None:
             raise UserInputError(f"{root}: no held-out split (prepared without --holdout_fraction, or no category "
                                  "had enough documents to hold one out)")
-        return part_dirs(root / manifest.eval_dir)
-    return part_dirs(root / "arrow")
+        return _listed_parts(root / manifest.eval_dir, root / "manifest.json")
+    return _listed_parts(root / "arrow", root / "manifest.json")
+
+
+def _listed_parts(folder: Path, manifest_path: Path) -> list[Path]:
+    """The parts of ``folder`` (``OUT/arrow`` or the held-out folder), every one its manifest lists, sorted.
+
+    All must be there and complete: a part folder missing or without ``state.json`` (a copy of the output cut
+    short, the shards gathered by hand) would otherwise leave its rows out of training without a word."""
+    manifest = read_manifest(manifest_path)
+    entries = manifest.split_parts("eval" if folder.name == manifest.eval_dir else "train")
+    if not entries:
+        return part_dirs(folder)
+    parts = sorted(folder / entry.name for entry in entries)
+    for part in parts:
+        if not (part / "state.json").is_file():
+            state = "is missing" if not part.exists() else "is incomplete (no state.json)"
+            raise UserInputError(f"{part}: {state}, but {manifest_path} lists it in its parts (a copy cut short? "
+                                 "copy the output again)")
+    return parts
 
 
 def _output_of_training_parts(path: Path) -> Path | None:
@@ -127,6 +145,8 @@ def resolve_parts(path, split: str = "train") -> list[Path]:
         return [part for shard in shards for part in resolve_parts(shard, split)]
     if (path / "arrow").is_dir():  # an output whose manifest is missing: reading it says so
         return part_dirs(path / "arrow")
+    if (path.parent / "manifest.json").is_file():  # OUT/arrow or OUT/eval: the parts its manifest lists
+        return _listed_parts(path, path.parent / "manifest.json")
     return part_dirs(path)
 
 

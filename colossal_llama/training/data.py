@@ -28,6 +28,7 @@ from colossal_llama.utils.fingerprint import tokenizer_fingerprint
 log = logging.getLogger(__name__)
 COLUMNS = ("input_ids", "labels", "position_ids")
 DEFAULT_CATEGORY = "default"  # rows of a part without a category column
+MAX_CATEGORIES = int(np.iinfo(np.int16).max)  # category codes are int16 per row (2 bytes a sequence)
 
 
 @dataclass
@@ -166,13 +167,13 @@ def collect_parts(part_dirs: Sequence[Path], sources: Sequence[int] = ()) -> tup
 def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, Manifest]) -> PreparedData:
     """Load the arrow parts (memory-mapped) and concatenate them bucket by bucket: bucket k is part k of every
     output and shard, in ``--dataset`` order."""
-    from datasets import concatenate_datasets, load_from_disk
+    from datasets import concatenate_datasets
 
     ordered = sorted(parts, key=lambda p: p.bin)  # sorted() is stable: --dataset order kept within a bin
     datasets, bucket_sizes, current_bin = [], [], None
     categories, sources = [], []  # per part: its rows' category names, its source
     for part in ordered:
-        ds = load_from_disk(str(part.path))
+        ds = _load_part(part.path)
         if len(ds) != part.num_sequences:
             raise UserInputError(
                 f"{part.manifest_path}: parts: {part.path.name} has {len(ds)} rows, manifest says {part.num_sequences}"
@@ -199,10 +200,25 @@ def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, Manifest]) ->
                         names, row_category, row_source)
 
 
+def _load_part(path: Path):
+    """One arrow part, memory-mapped; a data file cut short (a copy interrupted) is a one-line error naming it."""
+    import pyarrow as pa
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(str(path))
+    except (OSError, pa.ArrowException) as err:
+        raise UserInputError(f"{path}: unreadable arrow part ({err}); a copy cut short? copy it again") from None
+
+
 def _category_codes(encoded: list, sizes: List[int]) -> tuple[List[str], np.ndarray]:
     """Per-part dictionary-encoded category columns -> (sorted names, int16 code per row of the concatenation)."""
     names = sorted({str(v) for col in encoded if col is not None for v in col.dictionary.to_pylist()}
                    | ({DEFAULT_CATEGORY} if any(col is None for col in encoded) else set()))
+    if len(names) > MAX_CATEGORIES:
+        raise UserInputError(f"--dataset: the data has {len(names):,} categories, at most {MAX_CATEGORIES:,} train "
+                             "(a category is a share of the data weighed, counted and validated on its own: a "
+                             "domain or a language, not each document's source)")
     index = {name: k for k, name in enumerate(names)}
     codes = []
     for col, n in zip(encoded, sizes):
