@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,61 @@ def test_empty_part_is_an_error_unless_lenient(tmp_path, news, mistral_dir, caps
 def test_bad_numbers_are_refused(flags, message, tmp_path, news, mistral_dir, capsys):
     _write(tmp_path / "in" / "a.jsonl", [_dumps(r) for r in news[:3]])
     assert _error_line(pretrain_main, capsys, tmp_path / "in", mistral_dir, tmp_path / "out", *flags) == message
+
+
+# ------------------------------------------------------------------------------------------ paths
+@pytest.mark.parametrize("inputs,output,target,given", [
+    ("X/jsonl", "X", "X/jsonl", "X/jsonl"),                 # the corpus where the mirror goes
+    ("X", "X/out", "X/out/arrow", "X"),                     # a rerun would read the output as input
+    ("X/arrow/a.jsonl", "X", "X/arrow", "X/arrow/a.jsonl"),  # one input file inside a replaced folder
+])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_folder_that_is_or_holds_an_input_is_refused_up_front(inputs, output, target, given, overwrite,
+                                                                       tmp_path, news, mistral_dir, capsys):
+    """The run replaces OUT/arrow, OUT/jsonl (and OUT/eval): with the corpus in X/jsonl and OUT = X, the first run
+    said ``X/jsonl: incomplete output of an earlier run (pass --overwrite ...)`` and following that advice deleted
+    the corpus. Now one line, before any work, with or without --overwrite; the corpus untouched."""
+    corpus = tmp_path / inputs if inputs.endswith(".jsonl") else tmp_path / inputs / "a.jsonl"
+    _write(corpus, [_dumps(r) for r in news[:3]])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    extra = ["--overwrite"] if overwrite else []
+    assert _error_line(pretrain_main, capsys, tmp_path / inputs, mistral_dir, tmp_path / output, *extra) == (
+        f"{tmp_path / target}: this run writes (and with --overwrite replaces) it, and it is, holds or lies inside "
+        f"the input {tmp_path / given}; choose an output folder apart from the inputs")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "X" / "cache").exists() and not (tmp_path / "X" / "out").exists()
+
+
+def test_an_input_file_name_that_is_not_utf8_is_refused_before_any_work(tmp_path, news, mistral_dir, capsys):
+    """``caf\\xe9.jsonl`` (Latin-1) crashed with UnicodeEncodeError once the whole corpus was tokenised (the mirror
+    and the manifest name every file); now one line naming it, and nothing is written."""
+    _write(tmp_path / "in" / "a.jsonl", [_dumps(r) for r in news[:3]])
+    path = _write(tmp_path / "in" / os.fsdecode(b"caf\xe9.jsonl"), [_dumps(r) for r in news[3:6]])
+    assert _error_line(pretrain_main, capsys, tmp_path / "in", mistral_dir, tmp_path / "out") == (
+        f"{str(path)!r}: the file name is not valid UTF-8 (rename the file)")
+    assert not (tmp_path / "out").exists()
+
+
+NEW_FORM = {"--data_output_dirs": "out"}
+OLDER_FORM = {"--data_cache_dir": "c", "--data_jsonl_output_dir": "jsonl", "--data_arrow_output_dir": "arrow"}
+
+
+@pytest.mark.parametrize("paths,file", [
+    (NEW_FORM, "out"), (NEW_FORM, "out/arrow"), (NEW_FORM, "out/jsonl"),
+    ({**NEW_FORM, "--data_cache_dir": "cache"}, "cache"),
+    ({**NEW_FORM, "--data_cache_dir": "f/cache"}, "f"),  # a folder above it
+    (OLDER_FORM, "arrow"), (OLDER_FORM, "jsonl"), (OLDER_FORM, "c"),
+])
+def test_an_output_path_that_is_a_file_is_one_line(paths, file, tmp_path, news, mistral_dir, capsys):
+    """An output, cache, arrow or jsonl path (or a folder above it) that is a file was a NotADirectoryError
+    traceback: now one line naming it, the file untouched."""
+    _write(tmp_path / "in" / "a.jsonl", [_dumps(r) for r in news[:3]])
+    _write(tmp_path / file, [b"mine"])
+    argv = ["--data_input_dirs", str(tmp_path / "in"), "--tokenizer_dir", str(mistral_dir),
+            *[arg for flag, path in paths.items() for arg in (flag, str(tmp_path / path))]]
+    with pytest.raises(SystemExit):
+        pretrain_main(argv)
+    stderr = capsys.readouterr().err
+    assert stderr.strip().splitlines()[-1] == (f"error: {tmp_path / file}: exists and is not a directory (a file "
+                                               f"or a broken link); choose another output folder")
+    assert "Traceback" not in stderr and (tmp_path / file).read_bytes() == b"mine\n"

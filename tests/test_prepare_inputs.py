@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import zlib
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def test_a_row_without_text_is_skipped_and_listed_by_default(tmp_path, data_dir,
     assert counts["skipped"] == {"empty_text": 1} and counts["documents_in"] == 291
     assert counts["skipped_examples"] == [f"{novel}:292: no text (source and target are empty)"]
     assert f"  skipped {novel}:292: no text (source and target are empty)" in caplog.messages
-    assert any(m.startswith("pretrain: 291 documents from 292 rows, skipped 1 {'empty_text': 1}")
+    assert any(m.startswith("pretrain: 291 documents written from 292 rows, skipped 1 {'empty_text': 1}")
                for m in caplog.messages)
 
 
@@ -226,3 +227,95 @@ def test_arrow_and_python_agree_on_what_is_blank():
     texts = [chr(c) for c in characters if chr(c).isspace() or c % 97 == 0]
     texts += ["", " a ", "\u3000\u001c", "\u200b", "\ufeff"]
     assert records._blank(pa.array(texts)).to_pylist() == [not t.strip() for t in texts]
+
+
+# ------------------------------------------------------------------------------------------ BOM and long lines
+BOM = b"\xef\xbb\xbf"
+
+
+def test_a_bom_is_accepted_at_the_start_of_a_file_only_whatever_the_batch(tmp_path, data_dir, monkeypatch):
+    """A UTF-8 BOM that starts a file (what editors write) is not part of line 1; one starting any other line is
+    invalid JSON, as Python's parser says. The fast path (Arrow skips BOMs) used to accept both, the exact path
+    neither, so a line's fate hung on whether some other line of its 1,000-line batch was dirty."""
+    news = (data_dir / "pretrain" / NEWS).read_bytes().splitlines(keepends=True)[:2500]
+    clean = [BOM + news[0], *news[1:1000], BOM + news[1000], *news[1001:]]  # Arrow skips a BOM opening a batch
+    dirty = list(clean)
+    for line in (500, 1500):  # one bad line in each of the first two batches sends them the exact way
+        dirty[line - 1] = BAD_LINES[3][0].encode() + b"\n"
+    results = {}
+    for name, lines in (("clean", clean), ("dirty", dirty)):
+        path = tmp_path / name / NEWS
+        path.parent.mkdir()
+        path.write_bytes(b"".join(lines))
+        results[name] = _read_all([path], strict=False)
+    (clean_rows, clean_log, clean_fast), (dirty_rows, dirty_log, dirty_fast) = results["clean"], results["dirty"]
+    assert (clean_fast, dirty_fast) == (1500, 500)  # the batches without a bad line or a BOM inside went fast
+    assert [r[1:] for r in clean_rows if r[1] not in (500, 1500)] == [r[1:] for r in dirty_rows]
+    first = json.loads(news[0])
+    assert clean_rows[0][1:] == (1, first["category"], first["source"], first["target"])
+    assert 1001 not in [r[1] for r in clean_rows]
+    assert clean_log.skipped == {"invalid_json": 1} and dirty_log.skipped == {"invalid_json": 1, "extra_field": 2}
+    path = tmp_path / "clean" / NEWS
+    with pytest.raises(DataError, match=rf"^{path}:1001: invalid JSON \(Unexpected UTF-8 BOM .*column 1\)$"):
+        _read_all([path])
+
+
+@pytest.mark.parametrize("kind", ["", "gz", "zst"])
+def test_a_line_over_the_cap_is_one_located_error_or_a_counted_skip(kind, tmp_path, data_dir, monkeypatch):
+    """No line is held whole past MAX_LINE_BYTES (64 MiB; here a few KiB): a longer one is ``file:line: line
+    longer than N bytes`` (a traceback, ``OverflowError: value too large to convert to int32_t``, when a batch
+    passed 2 GiB), or under --skip_invalid a counted skip, the lines after it read as usual."""
+    from colossal_llama.utils import jsonl
+
+    news = (data_dir / "pretrain" / NEWS).read_bytes().splitlines(keepends=True)[:1500]
+    cap = max(map(len, news))
+    row = json.loads(news[41])
+    news[41] = json.dumps({**row, "target": row["target"] * (cap // len(row["target"]) + 1)}).encode() + b"\n"
+    monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", cap)
+    path = tmp_path / (NEWS + (f".{kind}" if kind else ""))
+    path.write_bytes(_compress(kind, b"".join(news)) if kind else b"".join(news))
+    rows, log, _ = _read_all([path], strict=False)
+    assert log.skipped == {"line_too_long": 1} and [r[1] for r in rows] == [n for n in range(1, 1501) if n != 42]
+    assert log.skipped_examples == [f"{path}:42: line longer than {cap} bytes"]
+    with pytest.raises(DataError, match=rf"^{path}:42: line longer than {cap} bytes$"):
+        _read_all([path])
+
+
+@pytest.mark.parametrize("kind", ["", "gz", "zst"])
+def test_a_line_over_the_cap_is_never_held_whole(kind, tmp_path, monkeypatch):
+    """A 16 MiB line under a 1 MiB cap is read past in pieces: the reader's memory peak stays near the cap. (Text
+    of a text's compressibility: what one 128 KiB read of a .zst expands to is bounded by its ratio, not the cap.)"""
+    import tracemalloc
+
+    from colossal_llama.utils import jsonl
+
+    monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 1 << 20)
+    data = b'{"source": "", "target": "' + os.urandom(8 << 20).hex().encode() + b'", "category": "c"}\n{"a": 1}\n'
+    path = tmp_path / ("long.jsonl" + (f".{kind}" if kind else ""))
+    path.write_bytes(_compress(kind, data) if kind else data)
+    del data
+    tracemalloc.start()
+    try:
+        lines = [(n, raw if isinstance(raw, bytes) else len(raw)) for n, raw in iter_lines(path)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lines == [(1, (16 << 20) + 46), (2, b'{"a": 1}\n')]
+    assert peak < 4 << 20
+
+
+def test_fast_batches_are_cut_by_bytes_too(tmp_path, data_dir, monkeypatch):
+    """Arrow's JSON reader takes less than 2 GiB at once: a batch of BATCH_LINES lines is cut once it reaches
+    BATCH_BYTES (256 MiB; here 64 KiB), and the rows read are the same."""
+    import pyarrow.json as pa_json
+
+    files = [data_dir / "pretrain" / NEWS]
+    whole, _, _ = _read_all(files)
+    sizes, read_json = [], pa_json.read_json
+    monkeypatch.setattr(pa_json, "read_json", lambda data, **kw: sizes.append(len(data.getvalue())) or
+                        read_json(data, **kw))
+    monkeypatch.setattr(records, "BATCH_BYTES", 64 << 10)
+    rows, _, fast = _read_all(files)
+    longest = max(map(len, files[0].read_bytes().splitlines(keepends=True)))
+    assert rows == whole and fast == len(rows) and len(sizes) > 1
+    assert max(sizes) < (64 << 10) + longest

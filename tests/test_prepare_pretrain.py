@@ -276,6 +276,44 @@ def test_cli_with_older_output_flags(tmp_path, inputs, mistral_dir, capsys):
     assert [m["text"] for m in mirror] == [tok.decode(ids) for ids in rows]  # --mirror_text: the decoded rows
 
 
+def _cli_error(argv, capsys) -> str:
+    """The one error line of a CLI run that must fail."""
+    with pytest.raises(SystemExit) as exc:
+        pretrain_main(argv)
+    stderr = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in stderr
+    return stderr.strip().splitlines()[-1]
+
+
+def test_the_older_flags_claim_and_delete_only_what_they_wrote(tmp_path, inputs, mistral_dir, capsys, monkeypatch):
+    """``--data_arrow_output_dir arrow_output`` puts manifest.json in its parent, here the working directory: an
+    unrelated ./eval/ there was "incomplete output of an earlier run" and --overwrite deleted it, without any
+    --holdout_fraction. Now eval/ is ours only when a run holds data out or our manifest names it; a folder holding
+    what this tool does not write, or a manifest.json not ours, is refused even with --overwrite, untouched."""
+    from colossal_llama.training.data import collect_parts, expand_dataset_args
+
+    work = tmp_path / "work"
+    notes = work / "eval" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    monkeypatch.chdir(work)
+    argv = ["--data_input_dirs", f"{inputs[1]}", "--tokenizer_dir", str(mistral_dir), "--data_cache_dir", "cache",
+            "--data_jsonl_output_dir", "jsonl_output", "--data_arrow_output_dir", "arrow_output", "--max_length",
+            "512", "--num_spliced_dataset_bins", "2", "--skip_invalid"]
+    assert pretrain_main(argv) == 0 and pretrain_main(argv + ["--overwrite"]) == 0
+    assert notes.read_text() == "mine"
+    parts, manifests = collect_parts(expand_dataset_args([str(work / "arrow_output")]))  # training finds it
+    assert list(manifests) == [work / "manifest.json"] and len(parts) == 2
+    assert _cli_error(argv + ["--overwrite", "--holdout_fraction", "0.1"], capsys) == (
+        "error: eval: holds notes.txt, which this tool did not write, so it is not an output of this tool to "
+        "replace; remove it or choose another output folder")
+    (work / "manifest.json").write_text('{"name": "my project"}')
+    assert _cli_error(argv + ["--overwrite"], capsys) == (
+        "error: manifest.json: not a manifest written by this tool (format_version: None (this version reads "
+        "1, 2)); remove it or choose another output folder")
+    assert notes.read_text() == "mine" and (work / "manifest.json").read_text() == '{"name": "my project"}'
+
+
 def test_an_output_of_the_previous_format_still_reads(prepared, tmp_path):
     """format_version 1 manifests (before shards, the held-out split and SFT packing) read with their defaults;
     an unknown version is a one-line error."""

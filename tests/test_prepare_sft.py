@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from colossal_llama.dataset.accounting import PrepCounts, format_summary
 from colossal_llama.dataset.chat_templates import get_chat_template, labelled_spans
 from colossal_llama.dataset.cli import sft_main
 from colossal_llama.dataset.config import OutputLayout, SFTPrepConfig
@@ -201,6 +202,10 @@ def test_whole_exchange_truncation_and_counted_drops(name, max_length, tmp_path,
     assert counts.skipped == {"empty_content": 1, "first_exchange_exceeds_max_length": len(dropped)}
     assert len(dropped) > 0 and counts.truncated_conversations > 0
     assert kept == len(conversations) - 1 - len(dropped)
+    # rows = written + skipped: a dropped conversation is skipped, not also counted among the documents
+    assert counts.documents_out == kept and counts.lines_read == len(conversations)
+    assert format_summary(manifest)[0] == (f"sft: {kept} documents written from {len(conversations)} rows, "
+                                           f"skipped {1 + len(dropped)} {counts.skipped}")
     assert counts.tokens_in == counts.tokens_out + counts.tokens_truncated + counts.tokens_dropped
 
 
@@ -362,7 +367,9 @@ def test_a_conversation_the_template_refuses_is_located_or_skipped_and_counted(s
     summary = prepare_sft(config("skip", False))
     assert summary.counts.skipped == {"chat_template_refused": 1}
     assert summary.counts.skipped_examples == [f"{path}:3: messages: the chat template refused it"]
-    assert summary.counts.sequences == 4 and summary.counts.documents_in == 5
+    assert summary.counts.sequences == 4 and summary.counts.documents_in == 5 and summary.counts.documents_out == 4
+    older = {k: v for k, v in summary.counts.to_json().items() if k != "documents_out"}  # a manifest before it
+    assert PrepCounts.from_json(older).documents_out == 4
 
 
 def test_special_tokens_spelled_in_a_message_are_text_or_refused(mistral_dir, smollm2_dir):

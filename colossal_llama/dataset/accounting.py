@@ -17,12 +17,18 @@ if TYPE_CHECKING:  # the manifest (and so every reader) needs PrepCounts, not th
     from colossal_llama.dataset.writing import WrittenPart
 
 
+# Reasons for which a valid row is skipped after it was read (so it is in documents_in, not in documents_out).
+_SKIPPED_AFTER_READING = ("first_exchange_exceeds_max_length", "chat_template_refused")
+
+
 @dataclass
 class PrepCounts:
     """The numbers of a run (``manifest.json["counts"]``). Pre-training leaves the SFT fields at 0."""
 
     lines_read: int = 0                # non-blank lines of this shard
-    documents_in: int = 0              # valid rows (documents / conversations)
+    documents_in: int = 0              # valid rows (documents / conversations), before tokenisation
+    documents_out: int = 0             # documents written (training + held out): lines_read == documents_out +
+                                       # sum(skipped), as SFT's conversations dropped after tokenisation are skipped
     skipped: dict = field(default_factory=dict)          # reason -> rows
     skipped_examples: list = field(default_factory=list)  # "file:line: field: problem", <= 10 per reason
     tokens_in: int = 0                 # tokens of every valid document before any truncation
@@ -50,7 +56,11 @@ class PrepCounts:
     @classmethod
     def from_json(cls, data: dict) -> "PrepCounts":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        counts = cls(**{k: v for k, v in data.items() if k in known})
+        if "documents_out" not in data:  # a manifest from before the field: the valid rows less the late drops
+            late = sum(counts.skipped.get(reason, 0) for reason in _SKIPPED_AFTER_READING)
+            counts.documents_out = counts.documents_in - late
+        return counts
 
     @property
     def padding_saved(self) -> float:
@@ -62,12 +72,13 @@ def count_tokens(read: ReadLog, docs: DocTable, parts: list[WrittenPart], eval_p
                  eval_documents: int, *, kind: str, max_length: int, empty_bins: dict, empty_parts: list) -> PrepCounts:
     """Balance the books of a run from what was read, the document table and what was written.
 
-    Raises ``RuntimeError`` if a token is unaccounted for (never expected: it would be a bug).
+    Raises ``RuntimeError`` if a token or a row is unaccounted for (never expected: it would be a bug).
     """
     everything = parts + eval_parts
     kept = docs.length > 0
     c = PrepCounts(
-        lines_read=read.lines_read, documents_in=read.documents, skipped=dict(sorted(read.skipped.items())),
+        lines_read=read.lines_read, documents_in=read.documents, documents_out=int(np.count_nonzero(kept)),
+        skipped=dict(sorted(read.skipped.items())),
         skipped_examples=list(read.skipped_examples),
         tokens_in=int(docs.full_length.sum(dtype=np.int64)),
         tokens_out=sum(p.num_tokens for p in everything),
@@ -88,6 +99,7 @@ def count_tokens(read: ReadLog, docs: DocTable, parts: list[WrittenPart], eval_p
         c.split_documents = int(np.count_nonzero(docs.length > max_length))
         if c.tokens_out != c.tokens_in:
             raise RuntimeError(f"packing lost tokens: {c.tokens_in} in, {c.tokens_out} out")
+        _check_rows(c)
         return c
     refused = docs.exchanges == TEMPLATE_REFUSED
     dropped = ~kept & ~refused
@@ -106,7 +118,15 @@ def count_tokens(read: ReadLog, docs: DocTable, parts: list[WrittenPart], eval_p
     balance = c.tokens_out + c.tokens_truncated + c.tokens_dropped
     if balance != c.tokens_in:
         raise RuntimeError(f"token accounting broken: {c.tokens_in} in, {balance} accounted")
+    _check_rows(c)
     return c
+
+
+def _check_rows(c: PrepCounts) -> None:
+    """Every row read is written or skipped, never both (the summary says rows = written + skipped)."""
+    if c.documents_out + sum(c.skipped.values()) != c.lines_read:
+        raise RuntimeError(f"row accounting broken: {c.lines_read} rows, {c.documents_out} written, "
+                           f"{sum(c.skipped.values())} skipped")
 
 
 def format_summary(manifest, seconds: dict | None = None, manifest_path=None) -> list[str]:
@@ -115,7 +135,7 @@ def format_summary(manifest, seconds: dict | None = None, manifest_path=None) ->
     m, c = manifest, manifest.counts
     shard = f" (shard {m.shard_index} of {m.num_shards})" if m.num_shards > 1 else ""
     lines = [
-        f"{m.kind}{shard}: {c.documents_in} documents from {c.lines_read} rows, "
+        f"{m.kind}{shard}: {c.documents_out} documents written from {c.lines_read} rows, "
         f"skipped {sum(c.skipped.values())} {c.skipped or ''}".rstrip(),
         f"tokens in {c.tokens_in:,} -> out {c.tokens_out:,} (trained {c.tokens_trained:,}); "
         f"{c.sequences:,} sequences of <= {m.max_length}, fill ratio {c.fill_ratio:.4f}; "

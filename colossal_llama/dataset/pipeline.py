@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import shutil
 import time
@@ -45,7 +46,8 @@ from colossal_llama.dataset.writing import PartWriter, WrittenPart, part_name
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
-from colossal_llama.utils.output import remove_stale_siblings, remove_stale_tmp_dirs, replace_dir, tmp_sibling
+from colossal_llama.utils.output import (check_apart, check_folder_path, check_replaceable, remove_stale_siblings,
+                                         remove_stale_tmp_dirs, replace_dir, tmp_sibling)
 
 logger = logging.getLogger(__name__)
 
@@ -99,26 +101,59 @@ class _StageClock:
 # ------------------------------------------------------------------------------------------ output folder
 class OutputRun:
     """The output of one run: refuses to mix with an earlier one unless ``--overwrite``, stages the new parts
-    in temporary siblings, publishes them (manifest last) on success and removes every trace on failure."""
+    in temporary siblings, publishes them (manifest last) on success and removes every trace on failure.
+
+    It claims only what it writes: ``arrow`` and ``jsonl``, the held-out folder when this run holds data out or an
+    earlier manifest of ours names it, and ``manifest.json``. Such a folder holding anything but the names this tool
+    gives its parts, or a ``manifest.json`` that is not ours, is refused even with ``--overwrite`` (with the older
+    flags the output root is the arrow folder's parent, often a working directory full of other things)."""
 
     STAGE = "prep"
 
-    def __init__(self, config: PrepConfig):
+    def __init__(self, config: PrepConfig, files: list[Path]):
         self.layout, self.overwrite, self.shard = config.output, config.overwrite, config.shard
+        self.inputs = [*config.input_dirs, *files]
         layout = self.layout
-        self.targets = {"arrow": layout.arrow_dir, "jsonl": layout.jsonl_dir, EVAL_DIR: layout.eval_dir}
+        self.earlier = self._earlier_manifest()
+        self.targets = {"arrow": layout.arrow_dir, "jsonl": layout.jsonl_dir}
+        if config.holdout_fraction or (self.earlier is not None and self.earlier.eval_dir):
+            self.targets[EVAL_DIR] = layout.eval_dir
         self.staged = {name: tmp_sibling(path, self.STAGE) for name, path in self.targets.items()}
         # the host too: a --data_cache_dir shared by machines holds each one's work folder, never removed by another
         self.work_dir = layout.cache_dir / f"tokens-{socket.gethostname()}-{os.getpid()}"
         self._created: list[Path] = []
 
+    def _earlier_manifest(self) -> Manifest | None:
+        """The manifest of an earlier run in this output, if any; a ``manifest.json`` not ours is refused."""
+        path = self.layout.manifest
+        if not (path.exists() or path.is_symlink()):
+            return None
+        try:
+            if not path.is_file():
+                raise UserInputError(f"{path}: not a file")
+            return Manifest.read(path)
+        except (UserInputError, OSError, TypeError, AttributeError, ValueError) as err:  # whatever a stranger holds
+            raise UserInputError(f"{path}: not a manifest written by this tool ({_reason(err, path)}); "
+                                 f"remove it or choose another output folder") from None
+
+    def _check_paths(self) -> None:
+        """Every folder can be made or replaced, and none the run replaces touches an input (before any work)."""
+        layout = self.layout
+        for path in (layout.cache_dir, layout.arrow_dir.parent, layout.jsonl_dir.parent, *self.targets.values()):
+            check_folder_path(path)
+        for path in self.targets.values():
+            check_replaceable(path)
+        check_apart([*self.targets.values(), layout.manifest], self.inputs)
+        for name, path in self.targets.items():
+            _check_only_ours(path, _OURS[name])
+
     def _check_existing(self) -> None:
         layout = self.layout
         existing = [p for p in self.targets.values() if p.exists() and any(p.iterdir())]
-        if layout.manifest.exists():
+        if self.earlier is not None:
             existing.insert(0, layout.manifest)
         if existing and not self.overwrite:
-            state = "output already exists" if layout.manifest.exists() else "incomplete output of an earlier run"
+            state = "output already exists" if self.earlier is not None else "incomplete output of an earlier run"
             raise UserInputError(f"{existing[0]}: {state} (pass --overwrite to replace it)")
         self._check_shard_layout()
 
@@ -128,6 +163,7 @@ class OutputRun:
         check_one_run_per_folder(root, self.shard, "manifest.json", SHARD_DIR, "--data_output_dirs")
 
     def __enter__(self) -> "OutputRun":
+        self._check_paths()
         self._check_existing()
         for path in (self.layout.cache_dir, self.layout.arrow_dir.parent, self.layout.jsonl_dir.parent):
             for parent in [path, *path.parents]:
@@ -165,6 +201,26 @@ class OutputRun:
         for path in sorted(self._created, key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 path.rmdir()  # only what this run created, and only when empty
+
+
+# What this tool writes in each folder it replaces: anything else there is not ours to delete.
+_OURS = {"arrow": re.compile(r"part-\d{5}"), EVAL_DIR: re.compile(r"part-\d{5}"),
+         "jsonl": re.compile(rf"(?:{EVAL_DIR}-)?part-\d{{5}}\.jsonl")}
+
+
+def _check_only_ours(folder: Path, ours: re.Pattern) -> None:
+    """A one-line error (even with ``--overwrite``) when ``folder`` holds an entry this tool does not write."""
+    if not folder.is_dir():
+        return
+    foreign = next((entry for entry in sorted(folder.iterdir()) if not ours.fullmatch(entry.name)), None)
+    if foreign is not None:
+        raise UserInputError(f"{folder}: holds {foreign.name}, which this tool did not write, so it is not an output "
+                             f"of this tool to replace; remove it or choose another output folder")
+
+
+def _reason(err: Exception, path: Path) -> str:
+    """``err``'s message without the leading ``path: `` it may carry."""
+    return str(err).removeprefix(f"{path}: ")
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -227,7 +283,7 @@ def _prepare(config: PrepConfig, template: ChatTemplate | None) -> PrepSummary:
         function = tokenize_sft_batch
         fn_kwargs = {"template": template, "max_length": config.max_length, "files": [str(f) for f in files],
                      "strict": config.strict}
-    with OutputRun(config) as run:
+    with OutputRun(config, files) as run:
         read = ReadLog(files)
         builder = TokenCacheBuilder(run.work_dir, config.kind, function, fn_kwargs, config.num_proc)
         with clock("read+tokenize"):

@@ -1,7 +1,9 @@
 """Read and validate input jsonl rows, streaming, in the main process, so every error names its ``file:line``.
 
-Lines are read in batches of :data:`BATCH_LINES`. A batch of pre-training lines is first parsed in one go by
-Arrow's JSON reader (C++, no Python object per row) and checked with vectorised rules; a batch with anything
+Lines are read in batches of :data:`BATCH_LINES` (fewer when they reach :data:`BATCH_BYTES`), each line at most
+``MAX_LINE_BYTES`` (a longer one is a located error or a counted skip, ``line_too_long``). A batch of
+pre-training lines is first parsed in one go by Arrow's JSON reader (C++, no Python object per row) and checked
+with vectorised rules; a batch with anything
 that is not a clean row (a parse error, a missing, extra or mistyped field, an empty text or category) is parsed
 again line by line, by the exact path below, which names the ``file:line`` and field of every problem. So both
 paths accept exactly the same rows (tests check that they agree), and the fast one is only a shortcut.
@@ -10,11 +12,11 @@ On the exact path each line is decoded and parsed on its own (not through a text
 ``--skip_invalid`` a non-UTF-8 or broken line is skipped and counted while the rest of the file is still read. A
 row with no text at all (pre-training ``source`` and ``target`` both empty) is not malformed: it is skipped and
 counted in every mode. Only the lines of this run's :class:`~colossal_llama.dataset.config.Shard` are parsed.
+A UTF-8 BOM is accepted at the start of a file only (both paths read the first line without it).
 """
 from __future__ import annotations
 
 import io
-import itertools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,11 +31,14 @@ from tqdm import tqdm
 from colossal_llama.dataset.chat_templates import ASSISTANT, MessageError, validate_messages
 from colossal_llama.dataset.config import Shard
 from colossal_llama.utils.errors import DataError, UserInputError
-from colossal_llama.utils.jsonl import find_jsonl_files, iter_lines, not_utf8
+from colossal_llama.utils.jsonl import BOM, OverlongLine, find_jsonl_files, iter_lines, not_utf8
 
 DEFAULT_SFT_CATEGORY = "default"
 EXAMPLES_PER_REASON = 10
 BATCH_LINES = 1000  # lines read, parsed and validated together (and rows per raw Arrow record batch)
+# ... unless they hold more bytes: a batch is cut after the line that reaches BATCH_BYTES, so it holds less than
+# BATCH_BYTES + MAX_LINE_BYTES (utils/jsonl.py), far below the 2 GiB that Arrow's JSON reader can take at once.
+BATCH_BYTES = 256 << 20
 PRETRAIN_FIELDS = ("source", "target")
 
 
@@ -135,7 +140,9 @@ def validate_sft_row(row) -> tuple[str, tuple]:
 
 
 
-def _parse_line(raw: bytes):
+def _parse_line(raw: bytes | OverlongLine):
+    if isinstance(raw, OverlongLine):
+        raise FieldError(None, raw.problem, "line_too_long")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -150,10 +157,13 @@ def _parse_line(raw: bytes):
 
 
 def input_files(input_dirs: list) -> list[Path]:
-    """The jsonl files of ``--data_input_dirs`` in their fixed (sorted) order; a file named twice is an error."""
+    """The jsonl files of ``--data_input_dirs`` in their fixed (sorted) order; a file named twice is an error, and
+    so is a path that is not valid UTF-8 (the mirror and the manifest name every file: refused before any work)."""
     files = find_jsonl_files(input_dirs)
     seen: dict[Path, Path] = {}
     for path in files:  # overlapping inputs (a, a/sub) would silently duplicate documents
+        if not_utf8(str(path)) is not None:
+            raise UserInputError(f"{str(path)!r}: the file name is not valid UTF-8 (rename the file)")
         if path.resolve() in seen:
             raise UserInputError(f"{path}: given twice by --data_input_dirs (also as {seen[path.resolve()]})")
         seen[path.resolve()] = path
@@ -169,9 +179,8 @@ def read_batches(log: ReadLog, kind: str, strict: bool, shard: Shard) -> Iterato
     """
     with tqdm(desc="read", unit=" rows", unit_scale=True, mininterval=1.0) as bar:  # closed even on an error
         for file_index, path in enumerate(log.files):
-            lines = iter_lines(path)
-            while chunk := list(itertools.islice(lines, BATCH_LINES)):
-                kept = [(n, raw) for n, raw in chunk if shard.owns(file_index, n) and raw.strip()]
+            for chunk in _chunks(iter_lines(path)):
+                kept = [(n, raw) for n, raw in chunk if shard.owns(file_index, n) and _not_blank(raw)]
                 if not kept:
                     continue
                 log.lines_read += len(kept)
@@ -183,6 +192,23 @@ def read_batches(log: ReadLog, kind: str, strict: bool, shard: Shard) -> Iterato
                     log.documents += len(batch)
                 if len(batch):
                     yield batch
+
+
+def _chunks(lines: Iterator[tuple[int, bytes]]) -> Iterator[list[tuple[int, bytes]]]:
+    """``lines`` in lists of :data:`BATCH_LINES` lines, or fewer once they reach :data:`BATCH_BYTES` bytes."""
+    chunk, size = [], 0
+    for line in lines:
+        chunk.append(line)
+        size += len(line[1])
+        if len(chunk) == BATCH_LINES or size >= BATCH_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _not_blank(raw: bytes | OverlongLine) -> bool:
+    return isinstance(raw, OverlongLine) or bool(raw.strip())
 
 
 def _checked_lines(log: ReadLog, kind: str, strict: bool, path: Path, file_index: int,
@@ -225,8 +251,15 @@ def _blank(column: pa.Array) -> pa.Array:
 def _pretrain_columns(file_index: int, lines: list[tuple[int, bytes]]) -> RowBatch | None:
     """The fast path: ``lines`` parsed by Arrow in one go, when every one is a clean pre-training row (exactly
     one JSON object per line, valid UTF-8, the three fields as strings and nothing else, a non-empty target and
-    category); otherwise None, and the lines take the exact path."""
+    category); otherwise None, and the lines take the exact path.
+
+    Arrow skips a UTF-8 BOM that Python's parser refuses, so a batch holding those bytes anywhere takes the exact
+    path (the one BOM accepted, at the start of a file, is already gone: see :func:`iter_lines`)."""
+    if any(isinstance(raw, OverlongLine) for _, raw in lines):
+        return None
     data = b"".join(raw if raw.endswith(b"\n") else raw + b"\n" for _, raw in lines)
+    if BOM in data:
+        return None
     try:
         data.decode("utf-8")  # Arrow does not check the strings' encoding
         table = pa_json.read_json(io.BytesIO(data), parse_options=_PRETRAIN_PARSE,

@@ -17,6 +17,10 @@ from colossal_llama.utils.errors import DataError, UserInputError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
 _READ_SIZE = 1 << 17  # small reads: a corrupt block costs few good lines
+# The longest line read (with its newline): memory per line is bounded, and a batch of lines stays far below
+# Arrow's 2 GiB per buffer. A longer line is a located error (a counted skip under --skip_invalid), never read whole.
+MAX_LINE_BYTES = 64 << 20
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some editors write at the start of a file
 
 
 class CompressedInputError(UserInputError):
@@ -51,28 +55,69 @@ def _zst_chunks(path: Path) -> Iterator[bytes]:
             raise EOFError("compressed data ends inside a frame")
 
 
-def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Lines (with their ``\\n``) of a stream of byte chunks; the last line may lack the newline."""
-    rest = b""
-    for chunk in chunks:
-        lines = (rest + chunk).split(b"\n")
-        rest = lines.pop()
-        for line in lines:
-            yield line + b"\n"
-    if rest:
-        yield rest
+class _ChunkStream(io.RawIOBase):
+    """A readable stream of the byte chunks of a generator (so :func:`_bounded_lines` reads every format alike);
+    an exception the generator raises (a cut or corrupt file) reaches the reader."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        super().__init__()
+        self._chunks, self._chunk, self._pos = chunks, memoryview(b""), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._chunks.close()  # the generator's own file, now rather than when it is collected
+        super().close()
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._chunk):
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._chunk, self._pos = memoryview(chunk), 0
+        n = min(len(buffer), len(self._chunk) - self._pos)
+        buffer[:n] = self._chunk[self._pos:self._pos + n]
+        self._pos += n
+        return n
 
 
-def _raw_lines(path: Path) -> Iterator[bytes]:
+class OverlongLine:
+    """Stands for a line longer than ``limit`` bytes: its ``nbytes`` were read past, never held whole."""
+
+    def __init__(self, nbytes: int, limit: int):
+        self.nbytes, self.limit = nbytes, limit
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    @property
+    def problem(self) -> str:
+        return f"line longer than {self.limit} bytes"
+
+
+def _bounded_lines(fh: IO[bytes], max_bytes: int) -> Iterator[bytes | OverlongLine]:
+    """Lines (with their ``\\n``; the last may lack it) of the binary stream ``fh``, each holding at most
+    ``max_bytes`` in memory: a longer line is read past in small pieces and yielded as an :class:`OverlongLine`.
+    (A ``.zst`` stream also holds what one compressed read of :data:`_READ_SIZE` expands to.)"""
+    while line := fh.readline(max_bytes + 1):
+        if len(line) <= max_bytes:
+            yield line
+            continue
+        nbytes = len(line)
+        while not line.endswith(b"\n") and (line := fh.readline(_READ_SIZE)):
+            nbytes += len(line)
+        yield OverlongLine(nbytes, max_bytes)
+
+
+def _raw_lines(path: Path, max_bytes: int) -> Iterator[bytes | OverlongLine]:
     if path.name.endswith(".zst"):
-        return _split_lines(_zst_chunks(path))
+        with io.BufferedReader(_ChunkStream(_zst_chunks(path)), _READ_SIZE) as fh:
+            yield from _bounded_lines(fh, max_bytes)
+        return
     opener = gzip.open if path.name.endswith(".gz") else open
-    return _lines_of(opener, path)
-
-
-def _lines_of(opener, path: Path) -> Iterator[bytes]:
     with opener(path, "rb") as fh:
-        yield from fh
+        yield from _bounded_lines(fh, max_bytes)
 
 
 def _compression_problem(path: Path, err: Exception) -> str:
@@ -82,9 +127,11 @@ def _compression_problem(path: Path, err: Exception) -> str:
     return f"corrupt {kind} file: {str(err).strip() or type(err).__name__}"
 
 
-def iter_lines(path) -> Iterator[Tuple[int, bytes]]:
+def iter_lines(path) -> Iterator[Tuple[int, bytes | OverlongLine]]:
     """``(line_number, raw bytes)`` of every line of ``path`` (1-based; blank lines included), streaming.
 
+    A UTF-8 BOM that starts the file (what some editors write) is not part of line 1; a BOM anywhere else stays
+    (JSON parsers refuse it). A line longer than :data:`MAX_LINE_BYTES` comes as an :class:`OverlongLine`.
     Raises :class:`CompressedInputError` when a compressed file is truncated or corrupt.
     """
     import zstandard
@@ -94,7 +141,9 @@ def iter_lines(path) -> Iterator[Tuple[int, bytes]]:
         raise UserInputError(f"{path}: no such file")
     line_no = 0
     try:
-        for line_no, raw in enumerate(_raw_lines(path), start=1):
+        for line_no, raw in enumerate(_raw_lines(path, MAX_LINE_BYTES), start=1):
+            if line_no == 1 and isinstance(raw, bytes) and raw.startswith(BOM):
+                raw = raw[len(BOM):]
             yield line_no, raw
     except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as err:
         raise CompressedInputError(path, _compression_problem(path, err), line_no) from None
@@ -122,6 +171,8 @@ def iter_jsonl(path: Path) -> Iterator[Tuple[int, object]]:
     :class:`CompressedInputError` for a truncated or corrupt compressed file.
     """
     for line_no, raw in iter_lines(path):
+        if isinstance(raw, OverlongLine):
+            raise DataError(path, line_no, None, raw.problem)
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:

@@ -41,6 +41,36 @@ def check_output_dir(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -
     return path
 
 
+def check_apart(outputs: Sequence[Path], inputs: Sequence[Path]) -> None:
+    """None of ``outputs`` (what a run may replace or delete) is, holds or lies inside any of ``inputs`` (files or
+    folders; compared after resolving links): replacing it would delete inputs, or a rerun would read its own
+    output as input. Checked even with ``--overwrite``; a one-line error naming both."""
+    for output in outputs:
+        mine = Path(output).resolve()
+        for given in inputs:
+            theirs = Path(given).resolve()
+            if mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+                raise UserInputError(f"{output}: this run writes (and with --overwrite replaces) it, and it is, "
+                                     f"holds or lies inside the input {given}; choose an output folder apart from "
+                                     f"the inputs")
+
+
+def check_folder_path(path: Path) -> None:
+    """A one-line error unless the folder ``path`` can be used or made: it, or else its nearest existing parent, is
+    a directory (not a file, and not a link to nothing)."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise UserInputError(f"{folder}: exists and is not a directory (a file or a broken link); choose "
+                                     f"another output folder")
+            return
+
+
+def check_replaceable(path: Path) -> None:
+    """A one-line error when the folder ``path`` exists as something :func:`replace_dir` refuses to replace."""
+    _refuse_non_directory(Path(path))
+
+
 def check_output_file(path, flag: str, overwrite: bool) -> Path:
     """Before the work (which may take hours): the file ``path``, given as ``flag``, can be written when it ends. Not
     a folder, not an existing file unless ``overwrite``, and its nearest existing folder writable (missing folders
