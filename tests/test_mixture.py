@@ -1,6 +1,7 @@
 """Replay mixtures: weights per --dataset entry and per category, sampled as a pure function of (seed, epoch)."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -85,6 +86,27 @@ def test_largest_remainder_is_exact_to_one():
     assert counts.sum() == 10 and all(abs(c - s * 10) < 1 for c, s in zip(counts, [0.5, 0.3333, 0.1667]))
 
 
+def test_largest_remainder_gives_the_leftover_to_the_largest_remainders_ties_to_the_earlier_group():
+    """Stored answers (a mixture's counts, hence every released epoch order, rest on this rule): the leftover goes
+    one each to the largest fractional parts, whatever their position; on equal parts the earlier group wins."""
+    assert largest_remainder([0.4667, 0.2333, 0.3], 1000).tolist() == [467, 233, 300]  # .7 beats .3 and .0
+    assert largest_remainder([0.12, 0.47, 0.41], 10).tolist() == [1, 5, 4]  # the middle group's .7
+    assert largest_remainder([0.25, 0.25, 0.5], 6).tolist() == [2, 1, 3]  # 1.5 and 1.5 (exact): the earlier
+    assert largest_remainder([1 / 3] * 3, 10).tolist() == [4, 3, 3]  # a three-way tie: the first
+    assert largest_remainder([0.5, 0.5], 7).tolist() == [4, 3]
+
+
+def _apportioned(shares, total: int) -> list:
+    """The first release's counts, written out here (not the library's largest_remainder, whose rule it pins):
+    floor(share x total) each, then one more to each of the largest fractional parts (the earlier on a tie)."""
+    exact = [float(np.float64(s) * total) for s in shares]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def _order_as_first_released(mixture, seed: int, epoch: int, shuffle_buckets: bool) -> np.ndarray:
     """The order as the mixture first drew it (int64 permutations and copies): checkpoints made then resume at a
     sample index into this order, so it must never change."""
@@ -98,7 +120,7 @@ def _order_as_first_released(mixture, seed: int, epoch: int, shuffle_buckets: bo
 
     order = []
     for k, groups in enumerate(mixture.buckets):
-        counts = largest_remainder([g.share for g in groups], sum(len(g.rows) for g in groups))
+        counts = _apportioned([g.share for g in groups], sum(len(g.rows) for g in groups))
         rows = np.concatenate([stream(g.rows, [seed, k, g.key[0], zlib.crc32(g.key[1].encode())], epoch * n, n)
                                for g, n in zip(groups, counts)])
         order.append(rows[np.random.default_rng([seed, epoch, k]).permutation(len(rows))])
@@ -108,9 +130,11 @@ def _order_as_first_released(mixture, seed: int, epoch: int, shuffle_buckets: bo
     return everything
 
 
-@pytest.mark.parametrize("dataset_weights, category_weights", [({0: 0.7, 1: 0.3}, {}), ({}, {"zh": 1, "en": 0.2}),
-                                                               ({0: 3.0, 1: 0.01}, {"zh": 0, "en": 1})])
-def test_the_order_is_the_first_releases_in_4_byte_indices(dataset_weights, category_weights):
+@pytest.mark.parametrize("dataset_weights, category_weights, counts", [
+    ({0: 0.7, 1: 0.3}, {}, [[467, 233, 300], [5, 2], [1750, 750]]),
+    ({}, {"zh": 1, "en": 0.2}, [[417, 83, 500], [4, 3], [1250, 1250]]),  # 3.5 and 3.5: the earlier group
+    ({0: 3.0, 1: 0.01}, {"zh": 0, "en": 1}, [[0, 1000, 0], [0, 7], [2500, 0]])])
+def test_the_order_is_the_first_releases_in_4_byte_indices(dataset_weights, category_weights, counts):
     buckets = [_groups({(0, "zh"): 600, (0, "en"): 300, (1, "zh"): 100}),
                _groups({(0, "zh"): 4, (1, "en"): 3}, start=1000),
                _groups({(0, "en"): 1500, (1, "zh"): 1000}, start=1007)]
@@ -118,6 +142,7 @@ def test_the_order_is_the_first_releases_in_4_byte_indices(dataset_weights, cate
         for groups in buckets:  # every category of the data needs a weight
             assert {key[1] for key, _ in groups} <= set(category_weights)
     mixture = Mixture.build(buckets, dataset_weights, category_weights)
+    assert [_apportioned([g.share for g in groups], n) for groups, n in zip(mixture.buckets, mixture.draws)] == counts
     for epoch in (0, 1, 5):
         for shuffle in (False, True):
             order = mixture.epoch_order(seed=3, epoch=epoch, shuffle_buckets=shuffle)

@@ -35,6 +35,7 @@ import pytest
 from colossal_llama.training.checkpoint import FINAL_MODEL, complete_checkpoints
 from colossal_llama.training.metrics import read_loss_log
 from tests.support.launch import free_port, kill_processes, tail
+from tests.support.require_data import in_ci
 from tests.support.sshd import SshServer, sshd_missing, start_sshd
 from tests.support.train_runs import DP2_BATCH, LOSS_CHUNK, train_args, train_ok
 
@@ -43,10 +44,6 @@ NODES = ("127.0.0.2", "127.0.0.3")
 STEPS = 3
 RUN_MARK = "CL_TEST_MULTINODE_RUN"  # set for the launcher; colossalai run exports it to every node's command
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,14 @@ def test_3d_zero_with_cpu_offload_trains_in_bf16(reference_runs):
     assert len(offload) == 3
     for step, (a, b) in enumerate(zip(ddp[:2], offload[:2]), start=1):
         assert abs(a - b) <= 2e-2 * abs(a), f"step {step}: ddp {a!r} vs {b!r}"
+    # The losses alone would pass a run whose offloaded optimizer never stepped (step 1 comes before any update,
+    # step 2 moves the loss by less than the bound): every weight of the final model moved from --pretrained's.
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(reference_runs.model).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(reference_runs["3d_zero1_offload"] / "modeling").state_dict()
+    unchanged = [name for name, tensor in base.items() if torch.equal(tensor, final[name].to(tensor.dtype))]
+    assert unchanged == [], unchanged
 
 
 @pytest.mark.parametrize("cuda", [False, True])

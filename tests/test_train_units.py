@@ -627,6 +627,11 @@ def test_neftune_adds_bounded_noise_only_in_training(tiny_llama):
     noisy = model.get_input_embeddings()(ids)
     bound = 5.0 / (4 * 64) ** 0.5
     assert 0 < (noisy - clean).abs().max() <= bound
+    # and uniform over the whole of (-bound, bound): of 256 draws none above 0.9 bound has chance 0.9^256 < 1e-11;
+    # a magnitude of alpha / (L d), say (the sqrt forgotten), is 16 times smaller
+    noise = (noisy - clean).detach()
+    assert noise.numel() == 256 and (noise.abs().max() >= 0.9 * bound)
+    assert noise.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1)
     model.eval()
     assert torch.equal(model.get_input_embeddings()(ids), clean)
 
@@ -881,10 +886,9 @@ def test_newer_checkpoints_go_aside_on_a_resume_but_not_in_a_torchrun_restart(tm
     from colossal_llama.training.loop import newer_checkpoints_go_aside
 
     resume, weights = LoadTarget("resume", tmp_path / "epoch-0_step-3"), LoadTarget("weights", tmp_path / "m")
-    assert newer_checkpoints_go_aside(resume, {}) and newer_checkpoints_go_aside(resume, {
-        "TORCHELASTIC_RESTART_COUNT": "0"})
-    assert not newer_checkpoints_go_aside(resume, {"TORCHELASTIC_RESTART_COUNT": "1"})
-    assert not newer_checkpoints_go_aside(weights, {}) and not newer_checkpoints_go_aside(None, {})
+    assert newer_checkpoints_go_aside(resume, restarted=False)
+    assert not newer_checkpoints_go_aside(resume, restarted=True)  # a job that claimed the save dir before
+    assert not newer_checkpoints_go_aside(weights, False) and not newer_checkpoints_go_aside(None, False)
 
 
 def test_a_resume_with_another_global_batch_counts_the_rest_of_the_data_in_the_new_size():
@@ -1026,3 +1030,183 @@ def test_a_global_batch_without_trained_tokens_leaves_the_weights_and_the_optimi
         assert changed_by_skip == []  # with the optimizer stepped: every weight moves (momentum of step 1)
         assert third.loss > 0 and changed_after == num_weights
         assert first.lr > skipped.lr > third.lr  # cosine decay: the schedule took its step 2
+
+
+# ------------------------------------------------------------------------------------------------ the save dir's earlier run
+def _checkpoint(path, step: int) -> None:
+    (path / "modeling").mkdir(parents=True)
+    (path / "modeling" / "model.safetensors").write_bytes(b"weights")
+    (path / "running_states.json").write_text(json.dumps({"epoch": 0, "step": step, "sample_offset": 4 * step,
+                                                          "global_batch": 4, "world_size": 2}))
+
+
+def _earlier_run(save_dir, steps=(3, 6), final=True, abandoned=()):
+    """A save dir as a run leaves it: complete checkpoints, losses.jsonl, a finished run's modeling/, and the
+    checkpoints a resume from an older one set aside."""
+    save_dir.mkdir(parents=True)
+    for step in steps:
+        _checkpoint(save_dir / f"epoch-0_step-{step}", step)
+    for step in abandoned:
+        _checkpoint(save_dir / "abandoned" / f"epoch-0_step-{step}", step)
+    if final:
+        (save_dir / "modeling").mkdir()
+        (save_dir / "modeling" / "model.safetensors").write_bytes(b"weights")
+    (save_dir / "losses.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)))
+    return save_dir
+
+
+def _tree(path) -> list:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("flag, inside", [("--pretrained", "modeling"), ("--load_checkpoint", "epoch-0_step-6/modeling"),
+                                          ("--dataset", "abandoned/epoch-0_step-8"), ("--eval_dataset", "losses.jsonl")])
+def test_starting_afresh_never_deletes_what_the_run_reads(tmp_path, flag, inside):
+    """--pretrained SAVE/modeling --overwrite deleted the model it was about to load, then failed: an input inside
+    an entry of the earlier run is refused in one line, with --overwrite too, before anything is touched."""
+    from colossal_llama.training.run_dir import SaveDirRequest, check_not_clobbering
+    from colossal_llama.training.trash import Trash
+
+    save_dir = _earlier_run(tmp_path / "ckpt", abandoned=(8,))
+    before, given = _tree(save_dir), save_dir / inside
+    request = SaveDirRequest(None, None, inputs=[("--dataset", tmp_path / "data"), (flag, given)])
+    for overwrite in (False, True):
+        with pytest.raises(UserInputError) as err:
+            check_not_clobbering(save_dir, request, overwrite, Trash(".tmp-"))
+        assert str(err.value) == (f"{flag} {given}: lies in {save_dir / inside.split('/')[0]}, part of the earlier "
+                                  f"run in --save_dir {save_dir}, which starting afresh there (--overwrite) deletes; "
+                                  "copy it out of the save dir first, or choose another --save_dir")
+    assert _tree(save_dir) == before
+
+
+def test_the_inputs_kept_from_overwrite_are_every_path_the_run_reads(tiny_llama):
+    from pathlib import Path
+
+    from colossal_llama.training.run_dir import run_inputs
+
+    cfg = parse_config(["--pretrained", str(tiny_llama), "--dataset", "a:0.7", "b:0.3",
+                        "--eval_dataset", "e", "--load_checkpoint", "c"])
+    assert run_inputs(cfg) == [("--pretrained", tiny_llama), ("--load_checkpoint", Path("c")), ("--dataset", Path("a")),
+                               ("--dataset", Path("b")), ("--eval_dataset", Path("e"))]
+    cfg = parse_config(["--pretrained", str(tiny_llama), "--dataset", "a", "--load_checkpoint", "latest"])
+    assert [flag for flag, _ in run_inputs(cfg)] == ["--pretrained", "--dataset"]
+
+
+def test_overwrite_deletes_the_whole_earlier_run_its_abandoned_branch_included(tmp_path):
+    """abandoned/ (checkpoints a resume from an older one set aside: whole checkpoints) stayed after --overwrite;
+    what is not a run's (the user's own folder, here read as --dataset) stays."""
+    from colossal_llama.training.run_dir import SaveDirRequest, check_not_clobbering
+    from colossal_llama.training.trash import Trash
+
+    save_dir = _earlier_run(tmp_path / "ckpt", abandoned=(8,))
+    (save_dir / "notes").mkdir()
+    trash = Trash(".tmp-")
+    check_not_clobbering(save_dir, SaveDirRequest(None, None, inputs=[("--dataset", save_dir / "notes")]), True, trash)
+    trash.wait()
+    assert _tree(save_dir) == ["notes"]
+
+
+def test_a_resume_from_another_folders_checkpoint_into_an_earlier_run_is_refused_unless_overwrite(tmp_path):
+    """It counted as continuing the save dir's run: that run's losses.jsonl was trimmed and mixed with the new one,
+    its checkpoints replaced, and --keep_last_k deleted the new ones (rotation goes by step)."""
+    import dataclasses
+
+    from colossal_llama.training.checkpoint import LoadTarget
+    from colossal_llama.training.run_dir import SaveDirRequest, check_not_clobbering
+    from colossal_llama.training.trash import Trash
+
+    other = tmp_path / "other" / "epoch-0_step-6"
+    _checkpoint(other, 6)
+    request = SaveDirRequest(str(other), LoadTarget("resume", other))
+    trash = Trash(".tmp-")
+    crashed = _earlier_run(tmp_path / "crashed", steps=(), final=False)  # losses.jsonl alone
+    for save_dir in (_earlier_run(tmp_path / "ckpt", steps=(3,), final=False), crashed):
+        before = _tree(save_dir)
+        with pytest.raises(UserInputError) as err:
+            check_not_clobbering(save_dir, request, False, trash)
+        evidence = save_dir / ("epoch-0_step-3" if save_dir.name == "ckpt" else "losses.jsonl")
+        assert str(err.value) == (f"--save_dir {save_dir}: holds an earlier run ({evidence}), and --load_checkpoint "
+                                  f"{other} is not one of its checkpoints: resuming it there would mix the two runs' "
+                                  "checkpoints and losses; choose another --save_dir, or pass --overwrite to delete "
+                                  "the earlier run first")
+        assert _tree(save_dir) == before
+    save_dir = tmp_path / "ckpt"
+    check_not_clobbering(save_dir, SaveDirRequest("x", LoadTarget("resume", save_dir / "epoch-0_step-3")), False, trash)
+    check_not_clobbering(save_dir, dataclasses.replace(request, restarted=True), False, trash)  # the job's own files
+    check_not_clobbering(tmp_path / "fresh", request, False, trash)
+    assert (save_dir / "epoch-0_step-3").is_dir() and (save_dir / "losses.jsonl").is_file()
+    check_not_clobbering(save_dir, request, True, trash)
+    trash.wait()
+    assert _tree(save_dir) == []
+
+
+def test_latest_refuses_to_train_afresh_over_a_finished_run_whose_checkpoints_are_gone(tmp_path):
+    """It logged "starting from scratch", emptied losses.jsonl, replaced modeling/ and exited 0. A losses.jsonl
+    alone (a crash before the first checkpoint) is still started afresh: torchrun restarts rely on it."""
+    from colossal_llama.training.run_dir import SaveDirRequest, check_not_clobbering
+    from colossal_llama.training.trash import Trash
+
+    finished, trash = _earlier_run(tmp_path / "ckpt", steps=()), Trash(".tmp-")
+    request = SaveDirRequest("latest", resolve_load_target("latest", finished))
+    assert request.target is None
+    with pytest.raises(UserInputError) as err:
+        check_not_clobbering(finished, request, False, trash)
+    assert str(err.value) == (f"--save_dir {finished}: --load_checkpoint latest found no checkpoint to continue, but "
+                              f"the save dir holds a finished run ({finished / 'modeling'}): pass --overwrite to "
+                              "delete it and train afresh, or choose another --save_dir")
+    assert _tree(finished) == ["losses.jsonl", "modeling", "modeling/model.safetensors"]
+    crashed = _earlier_run(tmp_path / "crashed", steps=(), final=False)
+    check_not_clobbering(crashed, SaveDirRequest("latest", None), False, trash)
+    assert _tree(crashed) == ["losses.jsonl"]  # the run's metrics start it over
+    check_not_clobbering(finished, request, True, trash)
+    trash.wait()
+    assert _tree(finished) == []
+
+
+def test_a_torchrun_restart_resumes_from_the_jobs_newest_checkpoint_not_the_named_one(tmp_path):
+    """The restarted command names the checkpoint the job started from: the restart went back to it (losing the
+    steps since) and failed once --keep_last_k had deleted it. Now the save dir's newest checkpoint at or above
+    its step is taken; a first start loads what it names."""
+    from colossal_llama.training.checkpoint import LoadTarget
+
+    save_dir = tmp_path / "ckpt"
+    for step in (6, 9):
+        _checkpoint(save_dir / f"epoch-0_step-{step}", step)
+    named = save_dir / "epoch-0_step-3"  # deleted by --keep_last_k 2: its step is read from its name
+    newest = LoadTarget("resume", save_dir / "epoch-0_step-9")
+    assert resolve_load_target(str(named), save_dir, restarted=True) == newest
+    with pytest.raises(UserInputError, match="directory does not exist"):
+        resolve_load_target(str(named), save_dir)
+    copy, later = tmp_path / "backup" / "good", tmp_path / "backup" / "later"  # renamed: steps from running_states
+    _checkpoint(copy, 6)
+    _checkpoint(later, 12)
+    assert resolve_load_target(str(copy), save_dir, restarted=True) == newest
+    assert resolve_load_target(str(copy), save_dir) == LoadTarget("resume", copy)
+    assert resolve_load_target(str(later), save_dir, restarted=True) == LoadTarget("resume", later)  # none since
+    weights = save_dir / "epoch-0_step-6" / "modeling"  # a new stage: what it names, restarted or not
+    assert resolve_load_target(str(weights), save_dir, restarted=True) == LoadTarget("weights", weights)
+
+
+def test_a_restart_is_one_only_once_the_job_claimed_that_save_dir(tmp_path):
+    """torchrun restarts a run refused at its claim too: that restart must be checked as a first start, or it
+    would take the other run's checkpoints for the job's own. The launcher's store, kept across restarts, says
+    whether an earlier incarnation claimed the save dir."""
+    import torch.distributed as dist
+
+    from colossal_llama.training.run_dir import claimed_before, job_store, record_claim
+
+    store, save_dir = dist.HashStore(), tmp_path / "ckpt"
+    assert not claimed_before(store, save_dir)
+    record_claim(store, save_dir)
+    assert claimed_before(store, save_dir) and not claimed_before(store, tmp_path / "other")
+    assert job_store({}) is None and not claimed_before(None, save_dir)  # not under torchrun: never a restart
+
+
+def test_a_save_dir_given_as_load_checkpoint_is_named_as_one(tmp_path):
+    """It said "incomplete checkpoint (running_states.json missing)"."""
+    save_dir = _earlier_run(tmp_path / "ckpt")
+    with pytest.raises(UserInputError) as err:
+        resolve_load_target(str(save_dir), tmp_path / "next")
+    assert str(err.value) == (f"--load_checkpoint {save_dir}: a save dir, not a checkpoint; continue its run with "
+                              f"--load_checkpoint latest --save_dir {save_dir}, or name its newest checkpoint: "
+                              f"--load_checkpoint {save_dir / 'epoch-0_step-6'}")

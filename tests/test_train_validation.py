@@ -2,8 +2,9 @@
 
 Specification:
 - with a held-out split (``--holdout_fraction`` at preparation) training validates on it by default: loss and
-  bits/char per category and overall, before the first step, every ``--eval_interval`` steps and after the last,
-  to the log, ``eval.jsonl`` and TensorBoard; the training losses are bit-for-bit those of a run without it;
+  bits/char per category and overall, before the first step, every ``--eval_interval`` steps and after the last
+  (whether or not an interval ends there), to the log, ``eval.jsonl`` and TensorBoard; bits/char divides by the
+  characters of the scored text; the training losses are bit-for-bit those of a run without it;
 - the validation of the same weights gives the same scores under ddp, 3d tp 2 and pipeline 2 (zero2 runs the
   forward ddp runs);
 - ``--category_weights`` sets the realised mix of an epoch's sequences (within 2 %), the tokens seen per
@@ -39,17 +40,27 @@ def validated(tmp_path_factory, tiny_llama, prepared_with_heldout):
     return runs
 
 
-def _planned_loss_tokens(model, data, split: str) -> int:
-    """Loss tokens (shifted: a row's first label predicts nothing) of the batches validation plans (EVAL's 8 batches
-    of DP2_BATCH's 1 row) over ``split`` of ``data``."""
+def _planned(model, data, split: str) -> dict:
+    """Per category, ``(loss tokens, characters)`` of the batches validation plans (EVAL's 8 batches of DP2_BATCH's
+    1 row) over ``split`` of ``data``, counted here as a user would: loss tokens shifted (a row's first label
+    predicts nothing), characters those of the text its loss-bearing labels spell, special tokens dropped."""
     from colossal_llama.tokenizer.loading import load_tokenizer
     from colossal_llama.utils.labels import IGNORE_INDEX
     from colossal_llama.training.data import load_training_data
     from colossal_llama.training.validation import batch_plan
 
-    rows = load_training_data([str(data)], load_tokenizer(model), 10**6, 128, "-", split=split)
+    tokenizer = load_tokenizer(model)
+    special = set(tokenizer.all_special_ids)
+    rows = load_training_data([str(data)], tokenizer, 10**6, 128, "-", split=split)
     plan = batch_plan([rows.categories[c] for c in rows.row_category], 1, 8)
-    return sum(int((rows.dataset[int(r)]["labels"][1:] != IGNORE_INDEX).sum()) for _, batch in plan for r in batch)
+    counts = {}
+    for category, batch in plan:
+        for r in batch:
+            scored = [int(t) for t in rows.dataset[int(r)]["labels"][1:] if t != IGNORE_INDEX]
+            text = tokenizer.decode([t for t in scored if t not in special])
+            tokens, characters = counts.get(category, (0, 0))
+            counts[category] = (tokens + len(scored), characters + len(text))
+    return counts
 
 
 def test_validation_reports_each_category_and_leaves_training_untouched(validated):
@@ -66,8 +77,11 @@ def test_validation_reports_each_category_and_leaves_training_untouched(validate
         assert record["scores"]["all"]["tokens"] == sum(p["tokens"] for p in parts)
     first, last = records[0]["scores"]["all"], records[-1]["scores"]["all"]
     assert last["loss"] < first["loss"] - 0.05 and last["characters"] == first["characters"]  # same batches
-    held_out, trained = (_planned_loss_tokens(*validated["inputs"], split) for split in ("eval", "train"))
-    assert first["tokens"] == held_out != trained  # the held-out rows were scored, not the training rows
+    held_out, trained = (_planned(*validated["inputs"], split) for split in ("eval", "train"))
+    assert set(held_out) == {"novel", "review"} and held_out != trained  # the held-out rows, not the training rows
+    expected = {**held_out, "all": tuple(map(sum, zip(*held_out.values())))}
+    for record in records:  # bits/char's denominator: the characters of the scored text, each category's own
+        assert {c: (s["tokens"], s["characters"]) for c, s in record["scores"].items()} == expected
     assert "validation after step 8:" in log and "  novel " in log and "bits/char" in log
     from colossal_llama.utils.plot_losses import read_scalars
 
@@ -103,10 +117,14 @@ def test_a_validation_a_stop_skipped_is_the_resumed_runs_first_work(validated, t
 
 
 def _step0_scores(tmp_path, name, tiny_llama, data, layout):
+    """The step-0 scores of a 3-step run validating every 2 steps: it validates before the first step, at step 2
+    and after the last, step 3, which is no multiple of --eval_interval."""
     args = train_args(tiny_llama, data, tmp_path / name, *layout, *EVAL)
-    args[args.index("--max_steps") + 1] = "1"
+    args[args.index("--max_steps") + 1] = "3"
     train_ok(tmp_path, name, args)
-    return json.loads((tmp_path / name / "eval.jsonl").read_text().splitlines()[0])["scores"]
+    records = [json.loads(line) for line in (tmp_path / name / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 3]
+    return records[0]["scores"]
 
 
 @pytest.mark.parametrize("layout", [TP2, PP2], ids=["3d_tp2", "pp2"])

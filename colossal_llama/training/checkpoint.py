@@ -38,6 +38,7 @@ from colossal_llama.model.lora_checkpoint import ADAPTER_CONFIG, is_lora_checkpo
 from colossal_llama.training import lora
 from colossal_llama.training.checkpoint_files import verify_checkpoint_files
 from colossal_llama.training.disk_space import CheckpointRoom, out_of_space, tree_bytes
+from colossal_llama.training.master_weights import restore_master_weights, save_master_weights
 from colossal_llama.training.optim import follow_settings, settings_of
 from colossal_llama.training.plugin import Parallelism
 from colossal_llama.training.trash import Trash
@@ -195,7 +196,10 @@ class LoadTarget:
         return self.path / FINAL_MODEL if self.kind == "resume" else self.path
 
 
-def resolve_load_target(load_checkpoint: Optional[str], save_dir: Path) -> Optional[LoadTarget]:
+def resolve_load_target(load_checkpoint: Optional[str], save_dir: Path,
+                        restarted: bool = False) -> Optional[LoadTarget]:
+    """What ``--load_checkpoint`` names; ``restarted``: in a torchrun restart of a job that claimed ``save_dir``
+    before, a named checkpoint stands for the job's progress since (:func:`restart_checkpoint`)."""
     if load_checkpoint is None:
         return None
     if load_checkpoint == "latest":
@@ -205,14 +209,42 @@ def resolve_load_target(load_checkpoint: Optional[str], save_dir: Path) -> Optio
             return None
         return LoadTarget("resume", latest)
     path = Path(load_checkpoint)
+    progress = restart_checkpoint(path, save_dir) if restarted else None
+    if progress is not None:
+        return LoadTarget("resume", progress)
     if not path.is_dir():
         raise UserInputError(f"--load_checkpoint {path}: directory does not exist")
     if is_complete_checkpoint(path):
         return LoadTarget("resume", path)
+    held = complete_checkpoints(path)
+    if held:
+        raise UserInputError(f"--load_checkpoint {path}: a save dir, not a checkpoint; continue its run with "
+                             f"--load_checkpoint latest --save_dir {path}, or name its newest checkpoint: "
+                             f"--load_checkpoint {held[-1]}")
     if (path / "modeling").is_dir():
         raise UserInputError(f"--load_checkpoint {path}: incomplete checkpoint ({RUNNING_STATES} missing)")
     weights_path(path)  # raises when there are no weights
     return LoadTarget("weights", path)
+
+
+def restart_checkpoint(named: Path, save_dir: Path) -> Optional[Path]:
+    """In a torchrun restart of a job that resumed from checkpoint ``named``: the newest complete checkpoint of
+    ``save_dir`` at or above its step (the job's progress since; ``named`` itself when it lies there and nothing
+    newer does), or None. ``named`` may be gone: once newer ones exist ``--keep_last_k`` deletes it, and its step
+    is then read from its name."""
+    if is_complete_checkpoint(named):
+        step = read_running_state(named).step
+    elif CHECKPOINT_RE.match(named.name):
+        step = _step_of(named)
+    else:
+        return None  # not a checkpoint (a modeling/ folder: a new stage), or one renamed and then deleted
+    ours = [c for c in complete_checkpoints(save_dir) if _step_of(c) >= step]
+    return ours[-1] if ours else None
+
+
+def is_checkpoint_of(path: Path, save_dir: Path) -> bool:
+    """Whether ``path`` is one of ``save_dir``'s own checkpoints (directly in it; links resolved)."""
+    return path.resolve().parent == save_dir.resolve()
 
 
 ABANDONED_DIR = "abandoned"  # in --save_dir: newer checkpoints of a branch a resume from an older one left
@@ -223,7 +255,7 @@ def set_aside_newer_checkpoints(target: Path, save_dir: Path) -> list[Path]:
     loss spike, a damaged newest one): its newer complete checkpoints are moved into ``save_dir/abandoned/``, where
     neither ``--load_checkpoint latest`` (a restart of this run) nor ``--keep_last_k`` takes them for this run's.
     Nothing is deleted. Returns where they went."""
-    if target.resolve().parent != save_dir.resolve():
+    if not is_checkpoint_of(target, save_dir):
         return []
     newer = [c for c in complete_checkpoints(save_dir) if _step_of(c) > _step_of(target)]
     moved = []
@@ -404,6 +436,7 @@ class Checkpointer:
             tmp = self._fresh_tmp(name)
             self._save_weights(tmp / FINAL_MODEL)
             self._save_optimizer(tmp / "optimizer")
+            save_master_weights(self.model, self.optimizer, tmp / "optimizer", self._layout())
             self.booster.save_lr_scheduler(self.scheduler, str(tmp / "lr_scheduler"))
             (tmp / "rng").mkdir(exist_ok=True)
             torch.save(capture_rng(), tmp / "rng" / f"rank-{dist.get_rank():05d}.pt")
@@ -526,6 +559,10 @@ class Checkpointer:
         if dist.get_rank() == 0:
             self.files.write(directory)
 
+    def _layout(self) -> dict:
+        """What a rank's slice of the optimizer's master weights depends on: the world and its split."""
+        return {"world_size": dist.get_world_size(), **self.parallel.sizes}
+
     def _save_optimizer(self, directory: Path) -> None:
         """ddp: one ``optimizer/optimizer.bin`` from rank 0 (its sharded loader needs CUDA synchronize, even on
         CPU); ZeRO / gemini / 3d: colossalai's per-rank shards + ``pytorch_optim.bin.index.json``."""
@@ -552,6 +589,7 @@ class Checkpointer:
         single = path / "optimizer" / "optimizer.bin"
         wanted = settings_of(self.scheduler)  # this run's flags, before the checkpoint's values replace them
         self.booster.load_optimizer(self.optimizer, str(single if single.is_file() else path / "optimizer"))
+        restore_master_weights(self.model, self.optimizer, path / "optimizer", self._layout())
         self.booster.load_lr_scheduler(self.scheduler, str(path / "lr_scheduler"))
         changes, saved_lr, next_lr = follow_settings(self.scheduler, wanted)
         if changes:

@@ -42,12 +42,13 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def checkpoint_estimate(num_parameters: int, trainable_parameters: int, weight_bytes: int, lora: bool) -> int:
+def checkpoint_estimate(num_parameters: int, trainable_parameters: int, weight_bytes: int, lora: bool,
+                        master_weights: bool = False) -> int:
     """Bytes of one checkpoint: the weights as saved (``weight_bytes`` each; a LoRA run saves only its trainable
-    tensors) and the optimizer's two fp32 states per trainable parameter. Small files (configs, tokenizer, RNG,
-    schedule) are left out."""
+    tensors), the optimizer's two fp32 states per trainable parameter, and with ``master_weights`` its fp32 master
+    copy of each. Small files (configs, tokenizer, RNG, schedule) are left out."""
     saved = trainable_parameters if lora else num_parameters
-    return saved * weight_bytes + trainable_parameters * ADAM_STATE_BYTES
+    return saved * weight_bytes + trainable_parameters * (ADAM_STATE_BYTES + (4 if master_weights else 0))
 
 
 def size_words(num_bytes: float) -> str:

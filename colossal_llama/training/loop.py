@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -29,12 +28,13 @@ from colossal_llama.training.distributed import (host_memory_peaks_gib, init_dis
 from colossal_llama.training.metrics import RunMetrics, StepStats
 from colossal_llama.training.lora import apply_lora, vocabulary_was_expanded
 from colossal_llama.training.model import (LOSSES, NEFTune, apply_liger_kernels, choose_loss, count_parameters,
-                                           freeze_non_embeddings, load_causal_lm)
+                                           freeze_non_embeddings, holds_no_weights, load_causal_lm)
 from colossal_llama.training.optim import WarmupCosineLR, build_optimizer
 from colossal_llama.training.peer_watch import PeerWatch
 from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
-from colossal_llama.training.run_dir import RUN_CONFIG, SaveDirLock, claim_save_dir, release_lock
+from colossal_llama.training.run_dir import (RUN_CONFIG, SaveDirLock, SaveDirRequest, claim_save_dir, claimed_before,
+                                             job_store, record_claim, release_lock, run_inputs)
 from colossal_llama.training.step import NonFiniteStep, Stepper
 from colossal_llama.training.stop_signals import StoppedBySignal, StopRequest, leave_on_silence
 from colossal_llama.training.trash import Trash
@@ -72,46 +72,83 @@ class Run:
 def claim(cfg: TrainConfig, trash: Trash) -> tuple[Optional[LoadTarget], Optional[SaveDirLock]]:
     """Collective, before anything is built: rank 0 locks --save_dir and refuses to clobber an earlier run (what
     it removes goes to ``trash``); then --load_checkpoint is resolved and a checkpoint to resume is checked for
-    damaged files; what it holds must agree with this run's --lora_rank and be of --pretrained's shapes."""
+    damaged files; what it holds must agree with this run's --lora_rank and be of --pretrained's shapes. A failure
+    after the lock releases it (no record of a crashed run is left for the next run)."""
     save_dir = Path(cfg.save_dir)
+    job = {}  # rank 0's: the launcher's store, and whether this job claimed the save dir before a torchrun restart
 
     def lock_save_dir() -> SaveDirLock:
-        target = resolve_load_target(cfg.load_checkpoint, save_dir)
-        resuming = cfg.load_checkpoint == "latest" or (target is not None and target.kind == "resume")
-        return claim_save_dir(save_dir, resuming, cfg.overwrite, trash)
+        job["store"] = job_store()
+        job["restarted"] = claimed_before(job["store"], save_dir)
+        target = resolve_load_target(cfg.load_checkpoint, save_dir, job["restarted"])
+        request = SaveDirRequest(cfg.load_checkpoint, target, job["restarted"], run_inputs(cfg))
+        return claim_save_dir(save_dir, request, cfg.overwrite, trash)
 
     lock = on_rank0(lock_save_dir)
+    try:
+        target = _check_load_target(cfg, save_dir, job)
+    except BaseException:
+        if lock is not None:
+            release_lock(lock)
+        raise
+    return target, lock
+
+
+def _check_load_target(cfg: TrainConfig, save_dir: Path, job: dict) -> Optional[LoadTarget]:
+    """Collective, holding the save dir: resolve, check and set up what --load_checkpoint names (``job``: rank 0's
+    store and restart, from the claim); the claim is recorded in the store once it is all done."""
     # after the claim ("latest" must not see what --overwrite removed); rank 0's answer for all: the ranks of
     # another machine may list the save dir as it was before the newest checkpoint was published
-    target = on_rank0(lambda: resolve_load_target(cfg.load_checkpoint, save_dir), shared=True)
+    target, restarted = on_rank0(lambda: _resolve_after_claim(cfg, save_dir, job["restarted"]), shared=True)
     if target is not None and target.kind == "resume":
         on_rank0(lambda: verify_checkpoint(target.path))
     if target is not None:
         on_rank0(lambda: check_lora_matches(target, cfg.lora_rank))
         on_rank0(lambda: check_same_model(target.modeling_dir, cfg.pretrained))
-    if newer_checkpoints_go_aside(target):  # once the resumed checkpoint passed its checks
+    if newer_checkpoints_go_aside(target, restarted):  # once the resumed checkpoint passed its checks
         on_rank0(lambda: set_aside_newer_checkpoints(target.path, save_dir))
-    return target, lock
+    on_rank0(lambda: record_claim(job["store"], save_dir))
+    return target
 
 
-def newer_checkpoints_go_aside(target: Optional[LoadTarget], environ=os.environ) -> bool:
+def _resolve_after_claim(cfg: TrainConfig, save_dir: Path, restarted: bool) -> tuple[Optional[LoadTarget], bool]:
+    """Rank 0: the load target, and whether this is a restart of a job that claimed the save dir before."""
+    target = resolve_load_target(cfg.load_checkpoint, save_dir, restarted)
+    if restarted and target is not None and cfg.load_checkpoint != "latest" and \
+            target.path != Path(cfg.load_checkpoint):
+        log.info("torchrun restart: resuming from %s, this job's newest checkpoint since --load_checkpoint %s",
+                 target.path, cfg.load_checkpoint)
+    return target, restarted
+
+
+def newer_checkpoints_go_aside(target: Optional[LoadTarget], restarted: bool) -> bool:
     """Whether a resume sets the save dir's checkpoints newer than ``target`` aside: yes, except in a torchrun
-    restart, whose command names the same checkpoint every time and whose newer checkpoints are this job's own."""
-    return (target is not None and target.kind == "resume"
-            and environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
+    restart of a job that claimed the save dir before, whose newer checkpoints are its own (``restarted``)."""
+    return target is not None and target.kind == "resume" and not restarted
 
 
 def build_run(cfg: TrainConfig) -> Run:
+    cuda = init_distributed(cfg.seed, cfg.dist_timeout_minutes)
+    cfg = resolve_for_device(cfg, cuda)
+    trash = Trash(TMP_PREFIX)
+    target, lock = (None, None) if cfg.benchmark else claim(cfg, trash)
+    try:
+        return _build_claimed_run(cfg, cuda, trash, target, lock)
+    except BaseException:
+        if lock is not None:  # rank 0's: a start that failed leaves no record of a crashed run for the next one
+            release_lock(lock)
+        raise
+
+
+def _build_claimed_run(cfg: TrainConfig, cuda: bool, trash: Trash, target: Optional[LoadTarget],
+                       lock: Optional[SaveDirLock]) -> Run:
+    """The rest of :func:`build_run`, once the save dir is claimed: model, data, plugin, optimizer, checkpointer."""
     from colossalai.accelerator import get_accelerator
     from colossalai.booster import Booster
     from transformers import AutoConfig
 
     from colossal_llama.tokenizer.loading import load_tokenizer
 
-    cuda = init_distributed(cfg.seed, cfg.dist_timeout_minutes)
-    cfg = resolve_for_device(cfg, cuda)
-    trash = Trash(TMP_PREFIX)
-    target, lock = (None, None) if cfg.benchmark else claim(cfg, trash)
     tokenizer = load_tokenizer(cfg.pretrained)
     pad_id = pad_token_id(tokenizer, cfg.pad_token)
     model_config = AutoConfig.from_pretrained(cfg.pretrained)
@@ -130,6 +167,7 @@ def build_run(cfg: TrainConfig) -> Run:
     if peers is not None:  # a rank dying while the others load the model or a checkpoint: they leave too
         peers.listen((), functools.partial(leave_on_silence, peers))
     model = _build_model(cfg, attn, parallel, device, loss_chunk)
+    built_lazily = holds_no_weights(model)  # what was built, for the log (not what the plan asked for)
     model_files = ModelFiles(model_config, tokenizer, data.chat_template, frozenset(model.state_dict()))
     num_params = count_parameters(model)
     model, trainable = _choose_trainable(cfg, model)
@@ -157,7 +195,8 @@ def build_run(cfg: TrainConfig) -> Run:
     if peers is not None:  # a rank judges a silent peer only while its own training stands still
         stepper.on_progress = peers.progressed
     room = CheckpointRoom(Path(cfg.save_dir), checkpoint_estimate(num_params, trainable, parallel.param_dtype.itemsize,
-                                                                 lora=cfg.lora_rank > 0))
+                                                                 lora=cfg.lora_rank > 0,
+                                                                 master_weights=parallel.saves_master_weights))
     if dist.get_rank() == 0 and not cfg.benchmark:
         room.report_at_start()
     checkpointer = Checkpointer(booster, model, optimizer, scheduler, parallel, Path(cfg.save_dir), model_files, trash,
@@ -168,7 +207,7 @@ def build_run(cfg: TrainConfig) -> Run:
     largest, rank, smallest = host_memory_peaks_gib(device)
     log.info("model ready: host memory peak %.2f GiB (rank %d; smallest %.2f GiB), built in %s%s", largest, rank,
              smallest, str(parallel.param_dtype).removeprefix("torch."),
-             ", lazily: each rank materialised only its part" if parallel.lazy_init else
+             ", lazily: each rank materialised only its part" if built_lazily else
              (" on the GPU" if parallel.build_on_device else ""))
     collator = PackedCollator(pad_id, cfg.max_length, cfg.padding_mode, mask_4d=needs_dense_mask(attn),
                               pad_multiple=parallel.sequence_multiple, additive_mask_dtype=parallel.additive_mask_dtype)

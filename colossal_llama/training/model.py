@@ -112,6 +112,14 @@ def load_causal_lm(pretrained: str, attn_implementation: str, dtype: torch.dtype
     return model
 
 
+def holds_no_weights(model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` is a lazy tensor not yet materialised (built by ``lazy=True``)."""
+    from colossalai.lazy.lazy_init import LazyTensor
+
+    params = list(model.parameters())
+    return bool(params) and all(isinstance(p, LazyTensor) and p._materialized_data is None for p in params)
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

@@ -47,7 +47,8 @@ class Parallelism:
     build_on_device: bool  # the model is built on this rank's accelerator (lazily, or read there whole by ddp and
     # ZeRO on CUDA: host memory then holds one weight file at a time); else read whole into host memory
     optimizer_replicated: bool  # ddp: one optimizer.bin from rank 0; else colossalai's per-rank shards + index
-    cpu_offload: bool  # optimizer states in host memory (zero2_cpu, 3d --zero_cpu_offload)
+    saves_master_weights: bool  # bf16/fp16 under zero2 or 3d: the optimizer's fp32 masters go into checkpoints
+    # (:mod:`~colossal_llama.training.master_weights`); ddp trains the fp32 weights themselves
     pipeline_microbatch_size: int  # --pp > 1: batches go through booster.execute_pipeline (1F1B) in micro-batches
                                    # of this size; 0 without pipeline parallelism
     reports_loss: bool  # this rank's loss counts in the step loss (last pipeline stage, first tp/sp rank)
@@ -64,6 +65,13 @@ class Parallelism:
     @property
     def plugin_class(self) -> str:
         return type(self.plugin).__name__
+
+    @property
+    def cpu_offload(self) -> bool:
+        """Whether the built plugin keeps the optimizer states in host memory (zero2_cpu, 3d --zero_cpu_offload),
+        read from colossalai's object, not from the flags."""
+        config = getattr(self.plugin, "zero_optim_kwargs", None) or getattr(self.plugin, "zero_config", None) or {}
+        return bool(config.get("cpu_offload", False))
 
     @property
     def sizes(self) -> dict:
@@ -173,7 +181,7 @@ def build_parallel(cfg: TrainConfig, cuda: bool) -> Parallelism:
         param_dtype=param_dtype(cfg),
         build_on_device=lazy or (cuda and replicated),
         optimizer_replicated=ddp,
-        cpu_offload=cfg.plugin == "zero2_cpu" or cfg.zero_cpu_offload,
+        saves_master_weights=cfg.mixed_precision != "fp32" and cfg.plugin in ("zero2", "zero2_cpu", "3d"),
         pipeline_microbatch_size=cfg.microbatch_size if cfg.pp > 1 else 0,
         reports_loss=_reports_loss(plugin),
         forwards_are_collective=cfg.plugin in ("gemini", "gemini_auto"),

@@ -18,11 +18,16 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-from colossal_llama.training.checkpoint import CHECKPOINT_RE, FINAL_MODEL, TMP_PREFIX, complete_checkpoints
+import torch.distributed as dist
+
+from colossal_llama.training.checkpoint import (ABANDONED_DIR, CHECKPOINT_RE, FINAL_MODEL, TMP_PREFIX, LoadTarget,
+                                                complete_checkpoints, is_checkpoint_of)
 from colossal_llama.training.metrics import EVAL_LOG, LOSS_LOG
+from colossal_llama.training.mixture import split_dataset_weight
 from colossal_llama.training.trash import Trash
 from colossal_llama.utils.errors import UserInputError
 
@@ -94,16 +99,50 @@ def earlier_run_evidence(save_dir: Path) -> Optional[Path]:
     return None
 
 
-def check_not_clobbering(save_dir: Path, resuming: bool, overwrite: bool, trash: Trash) -> None:
-    """Refuse to start afresh over an earlier run unless ``overwrite``; with it, remove that run first (its folders
-    through ``trash``)."""
+@dataclass(frozen=True)
+class SaveDirRequest:
+    """How a run means to use its ``--save_dir``, as rank 0 resolved it before taking the lock."""
+
+    load_checkpoint: Optional[str]  # --load_checkpoint as given
+    target: Optional[LoadTarget]  # what it resolved to (None: nothing to load)
+    restarted: bool = False  # a torchrun restart of a job that claimed this save dir before (:func:`claimed_before`)
+    inputs: Sequence[tuple[str, Path]] = ()  # (flag, path) of what the run reads: never deleted by --overwrite
+
+
+def run_inputs(cfg) -> list[tuple[str, Path]]:
+    """The paths a run reads (``cfg``: a TrainConfig), with the flag that named each (dataset weights stripped)."""
+    named = [("--pretrained", cfg.pretrained)]
+    if cfg.load_checkpoint not in (None, "latest"):
+        named.append(("--load_checkpoint", cfg.load_checkpoint))
+    named += [(flag, split_dataset_weight(arg)[0]) for flag, args in (("--dataset", cfg.dataset),
+                                                                     ("--eval_dataset", cfg.eval_dataset))
+              for arg in args]
+    return [(flag, Path(path)) for flag, path in named]
+
+
+def continues_its_run(save_dir: Path, request: SaveDirRequest) -> bool:
+    """Whether the run goes on with the run already in ``save_dir``, which is then neither refused nor removed: a
+    resume from one of its own checkpoints (``latest`` found one, or one named), any resume in a restart of a job
+    that claimed it before (what it holds past the named checkpoint is the job's own), and ``latest`` finding no
+    checkpoint where no final ``modeling/`` shows a finished run (a crash before the first checkpoint: its
+    ``losses.jsonl`` is started over). A resume from another folder's checkpoint would mix two runs."""
+    target = request.target
+    if target is not None and target.kind == "resume":
+        return request.restarted or is_checkpoint_of(target.path, save_dir)
+    return request.load_checkpoint == "latest" and not (save_dir / FINAL_MODEL).exists()
+
+
+def check_not_clobbering(save_dir: Path, request: SaveDirRequest, overwrite: bool, trash: Trash) -> None:
+    """Refuse a run that does not continue the earlier run in ``save_dir`` (:func:`continues_its_run`) unless
+    ``overwrite``; with it, remove that run first (its folders through ``trash``). Never removed, even with
+    ``overwrite``: an entry that holds one of the run's inputs (refused before anything is touched)."""
     evidence = earlier_run_evidence(save_dir)
-    if evidence is None or resuming:
+    if evidence is None or continues_its_run(save_dir, request):
         return
-    if not overwrite:
-        raise UserInputError(f"--save_dir {save_dir}: holds an earlier run ({evidence}); continue it with "
-                             "--load_checkpoint latest, or pass --overwrite to delete it and start afresh")
     removed = [p for p in save_dir.iterdir() if p.name != LOCK_FILE and _belongs_to_a_run(p) and not trash.holds(p)]
+    _check_inputs_kept(save_dir, removed, request.inputs)
+    if not overwrite:
+        raise UserInputError(_refusal(save_dir, evidence, request))
     for path in removed:
         if path.is_dir():
             trash.discard(path)
@@ -113,9 +152,34 @@ def check_not_clobbering(save_dir: Path, resuming: bool, overwrite: bool, trash:
                 ", ".join(sorted(p.name for p in removed)))
 
 
+def _check_inputs_kept(save_dir: Path, removed: Sequence[Path], inputs: Sequence[tuple[str, Path]]) -> None:
+    """A one-line error when an input lies in an entry that starting afresh would delete (links resolved)."""
+    for flag, given in inputs:
+        for entry in removed:
+            if Path(given).resolve().is_relative_to(entry.resolve()):
+                raise UserInputError(f"{flag} {given}: lies in {entry}, part of the earlier run in --save_dir "
+                                     f"{save_dir}, which starting afresh there (--overwrite) deletes; copy it out "
+                                     "of the save dir first, or choose another --save_dir")
+
+
+def _refusal(save_dir: Path, evidence: Path, request: SaveDirRequest) -> str:
+    """Why a run that does not continue the earlier run in ``save_dir`` is refused, and the ways on."""
+    target = request.target
+    if target is not None and target.kind == "resume":
+        return (f"--save_dir {save_dir}: holds an earlier run ({evidence}), and --load_checkpoint {target.path} is "
+                "not one of its checkpoints: resuming it there would mix the two runs' checkpoints and losses; "
+                "choose another --save_dir, or pass --overwrite to delete the earlier run first")
+    if request.load_checkpoint == "latest":
+        return (f"--save_dir {save_dir}: --load_checkpoint latest found no checkpoint to continue, but the save dir "
+                f"holds a finished run ({evidence}): pass --overwrite to delete it and train afresh, or choose "
+                "another --save_dir")
+    return (f"--save_dir {save_dir}: holds an earlier run ({evidence}); continue it with --load_checkpoint latest, "
+            "or pass --overwrite to delete it and start afresh")
+
+
 def _belongs_to_a_run(path: Path) -> bool:
     return (bool(CHECKPOINT_RE.match(path.name)) or path.name.startswith(TMP_PREFIX)
-            or path.name in (FINAL_MODEL, LOSS_LOG, EVAL_LOG, RUN_CONFIG))
+            or path.name in (FINAL_MODEL, LOSS_LOG, EVAL_LOG, RUN_CONFIG, ABANDONED_DIR))
 
 
 def remove_leftovers(save_dir: Path, trash: Trash) -> list[str]:
@@ -130,13 +194,46 @@ def remove_leftovers(save_dir: Path, trash: Trash) -> list[str]:
     return removed
 
 
-def claim_save_dir(save_dir: Path, resuming: bool, overwrite: bool, trash: Trash) -> SaveDirLock:
+def claim_save_dir(save_dir: Path, request: SaveDirRequest, overwrite: bool, trash: Trash) -> SaveDirLock:
     """Rank 0, before anything is written: lock, refuse or clear an earlier run, remove leftovers."""
     lock = acquire_lock(save_dir)
     try:
-        check_not_clobbering(save_dir, resuming, overwrite, trash)
+        check_not_clobbering(save_dir, request, overwrite, trash)
         remove_leftovers(save_dir, trash)
     except BaseException:
         release_lock(lock)
         raise
     return lock
+
+
+# ---------------------------------------------------------------------------------------------- torchrun restarts
+JOB_CLAIM_KEY = "colossal_llama/claimed_save_dir"  # in the launcher's store: the save dir this job set up
+
+
+def job_store(environ=os.environ):
+    """Rank 0: a client of the store torchrun keeps for the whole job, across restarts of the workers
+    (``MASTER_ADDR:MASTER_PORT``); None outside torchrun, or when it cannot be reached (a restart is then taken for
+    a first start: the safe side, since a first start refuses what a restart would take for its own)."""
+    if "TORCHELASTIC_RUN_ID" not in environ:
+        return None
+    try:
+        return dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=60))
+    except Exception as err:  # noqa: BLE001 - a store refused or gone: the run itself may still go on
+        log.warning("the launcher's store (%s:%s) did not answer (%s): a torchrun restart of this run will resume "
+                    "from what --load_checkpoint names", environ.get("MASTER_ADDR"), environ.get("MASTER_PORT"), err)
+        return None
+
+
+def claimed_before(store, save_dir: Path) -> bool:
+    """Whether an earlier incarnation of this torchrun job claimed ``save_dir`` and set its resume up
+    (:func:`record_claim`): only then are the save dir's checkpoints past the named one this job's own. A restart
+    after a refused claim (torchrun restarts any failure) is checked as a first start again."""
+    return (store is not None and store.check([JOB_CLAIM_KEY])
+            and store.get(JOB_CLAIM_KEY).decode() == str(save_dir.resolve()))
+
+
+def record_claim(store, save_dir: Path) -> None:
+    """Rank 0, once the run has claimed ``save_dir`` and set its resume up (see :func:`claimed_before`)."""
+    if store is not None:
+        store.set(JOB_CLAIM_KEY, str(save_dir.resolve()))

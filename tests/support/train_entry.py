@@ -73,6 +73,7 @@ def _install_hold_at_step(step: int) -> None:
 def _install_die_at_step(step: int) -> None:
     def die(done: int) -> None:
         if done == step and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+            print(f"CL_TEST_DIE_AT_STEP: rank 1 SIGKILLs itself after step {step}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
     _after_each_step(die)

@@ -35,6 +35,8 @@ LAYOUTS: Dict[str, List[str]] = {
     "ddp_full_logits": ["--plugin", "ddp", *DP2_BATCH, "--loss_chunk_tokens", "0"],  # transformers' own loss
     "zero2": ["--plugin", "zero2", *DP2_BATCH],
     "zero2_cpu": ["--plugin", "zero2_cpu", *DP2_BATCH],
+    # bf16: the optimizer steps fp32 master copies (each rank its slice), which a checkpoint must hold
+    "zero2_bf16": ["--plugin", "zero2", "--mixed_precision", "bf16", *DP2_BATCH],
     "3d_tp2": TP2,
     "ddp_neft": ["--plugin", "ddp", *NEFT, *DP2_BATCH],
     "ddp_neft_recompute": ["--plugin", "ddp", *NEFT, *RECOMPUTE, *DP2_BATCH],
