@@ -99,7 +99,7 @@ def test_kill9_during_checkpoint_save_leaves_no_complete_checkpoint(reference_ru
 
 
 @pytest.mark.parametrize("layout", ["ddp_neft", "ddp_neft_recompute", "zero2_neft", "zero2_neft_recompute",
-                                    "lora_ddp", "zero2_bf16"])
+                                    "lora_ddp", "zero2_bf16", "3d_dp2_bf16"])
 def test_resume_from_a_copied_checkpoint_is_bitwise(reference_runs, tmp_path, layout):
     """NEFTune's deterministic repro: a fresh save dir holding only checkpoint 3 (and the first 3 loss records)
     of a finished run resumes to the finished run's steps 4..8 exactly. LoRA: the checkpoint holds only the
@@ -111,6 +111,10 @@ def test_resume_from_a_copied_checkpoint_is_bitwise(reference_runs, tmp_path, la
     log = train_ok(tmp_path, "resumed", reference_runs.args(layout, save_dir, *LATEST)).read_text()
     assert_resumed(log, save_dir / f"epoch-0_step-{SAVE_INTERVAL}")  # not a fresh run that happens to match
     assert_bitwise_equal(reference, save_dir)
+    checkpoint = save_dir / f"epoch-0_step-{SAVE_INTERVAL}"
+    masters = sorted(p.name for p in (checkpoint / "optimizer" / "master-weights").glob("*"))
+    assert masters == {"zero2_bf16": ["rank-00000.pt", "rank-00001.pt"], "3d_dp2_bf16": ["tp-000_pp-000.pt"]}.get(
+        layout, []), masters
 
 
 def _copy_checkpoint_3(reference: Path, save_dir: Path) -> None:
@@ -305,6 +309,32 @@ def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_to_resume(refer
     resumed = train_ok(tmp_path, "resumed", args + LATEST).read_text()
     assert f"resumed from {save_dir / f'epoch-0_step-{stop_step}'}" in resumed
     assert_bitwise_equal(reference_runs["ddp"], save_dir)
+
+
+def test_a_stopped_job_that_torchrun_restarts_does_not_start_again(reference_runs, tmp_path):
+    """The scheduler's SIGTERM reaches one rank (one node of many); every rank stops at the step with a checkpoint
+    and exits 143, which a torchrun that never got the signal takes for a failure: with --max_restarts it started
+    the ranks again, and they trained on to the end here (on another node, whose peers had left, they waited in
+    the rendezvous until the timeout, every restart). The stop is recorded in torchrun's store; a restarted rank
+    that finds it leaves at once with the stop's exit code."""
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("ddp", save_dir, *LATEST)
+    proc = start_training(args, tmp_path / "stopped.log", env={"CL_TEST_SLOW_STEP_S": "2"},
+                          launcher_args=["--max_restarts", "1"])
+    try:
+        assert wait_for_lines(save_dir / "losses.jsonl", 4, proc) == 4 and proc.poll() is None
+        os.kill(_rank_pid(proc, 1), signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    except BaseException:
+        kill_launcher_and_ranks(proc)
+        raise
+    log = (tmp_path / "stopped.log").read_text(errors="replace")
+    assert "[rank 1] received SIGTERM" in log, tail(tmp_path / "stopped.log")  # the fault: one rank signalled
+    assert re.search(r"\[rank 0\] .*stopped by SIGTERM after step 5 of 8", log), tail(tmp_path / "stopped.log")
+    for rank in (0, 1):  # torchrun restarted them once (--max_restarts 1), and they left
+        assert f"[rank {rank}] this job stopped on SIGTERM (its checkpoint is saved): torchrun restarted it" in log
+    assert code != 0 and _loss_lines(save_dir) == 5 and not (save_dir / "modeling").exists()
+    assert [c.name for c in complete_checkpoints(save_dir)] == [f"epoch-0_step-{SAVE_INTERVAL}", "epoch-0_step-5"]
 
 
 def test_checkpoints_published_late_hold_their_own_position_and_a_stop_publishes_its_own(reference_runs, tmp_path):

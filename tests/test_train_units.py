@@ -889,6 +889,8 @@ def test_newer_checkpoints_go_aside_on_a_resume_but_not_in_a_torchrun_restart(tm
     assert newer_checkpoints_go_aside(resume, restarted=False)
     assert not newer_checkpoints_go_aside(resume, restarted=True)  # a job that claimed the save dir before
     assert not newer_checkpoints_go_aside(weights, False) and not newer_checkpoints_go_aside(None, False)
+    # the store unreachable (restarted unknown, so False): the restart count still keeps the job's checkpoints
+    assert not newer_checkpoints_go_aside(resume, False, {"TORCHELASTIC_RESTART_COUNT": "1"})
 
 
 def test_a_resume_with_another_global_batch_counts_the_rest_of_the_data_in_the_new_size():
@@ -1063,19 +1065,21 @@ def _tree(path) -> list:
                                           ("--dataset", "abandoned/epoch-0_step-8"), ("--eval_dataset", "losses.jsonl")])
 def test_starting_afresh_never_deletes_what_the_run_reads(tmp_path, flag, inside):
     """--pretrained SAVE/modeling --overwrite deleted the model it was about to load, then failed: an input inside
-    an entry of the earlier run is refused in one line, with --overwrite too, before anything is touched."""
+    an entry of the earlier run is refused in one line before anything is touched. Without --overwrite the run is
+    refused as any start over an earlier run (no talk of a deletion nobody asked for)."""
     from colossal_llama.training.run_dir import SaveDirRequest, check_not_clobbering
     from colossal_llama.training.trash import Trash
 
     save_dir = _earlier_run(tmp_path / "ckpt", abandoned=(8,))
     before, given = _tree(save_dir), save_dir / inside
     request = SaveDirRequest(None, None, inputs=[("--dataset", tmp_path / "data"), (flag, given)])
-    for overwrite in (False, True):
-        with pytest.raises(UserInputError) as err:
-            check_not_clobbering(save_dir, request, overwrite, Trash(".tmp-"))
-        assert str(err.value) == (f"{flag} {given}: lies in {save_dir / inside.split('/')[0]}, part of the earlier "
-                                  f"run in --save_dir {save_dir}, which starting afresh there (--overwrite) deletes; "
-                                  "copy it out of the save dir first, or choose another --save_dir")
+    with pytest.raises(UserInputError, match=r"holds an earlier run .*; continue it with --load_checkpoint latest"):
+        check_not_clobbering(save_dir, request, False, Trash(".tmp-"))
+    with pytest.raises(UserInputError) as err:
+        check_not_clobbering(save_dir, request, True, Trash(".tmp-"))
+    assert str(err.value) == (f"{flag} {given}: lies in {save_dir / inside.split('/')[0]}, part of the earlier "
+                              f"run in --save_dir {save_dir}, which starting afresh there (--overwrite) deletes; "
+                              "copy it out of the save dir first, or choose another --save_dir")
     assert _tree(save_dir) == before
 
 
@@ -1104,6 +1108,55 @@ def test_overwrite_deletes_the_whole_earlier_run_its_abandoned_branch_included(t
     check_not_clobbering(save_dir, SaveDirRequest(None, None, inputs=[("--dataset", save_dir / "notes")]), True, trash)
     trash.wait()
     assert _tree(save_dir) == ["notes"]
+
+
+def test_a_set_aside_checkpoint_is_resumed_after_moving_it_back_and_the_refusal_says_so(tmp_path):
+    """abandoned/ is the save dir's own: resuming from there is named as such, with the way on, and never met with
+    talk of a deletion the user did not ask for (without --overwrite)."""
+    from colossal_llama.training.checkpoint import LoadTarget
+    from colossal_llama.training.run_dir import SaveDirRequest, check_not_clobbering
+    from colossal_llama.training.trash import Trash
+
+    save_dir = _earlier_run(tmp_path / "ckpt", steps=(3,), final=False, abandoned=(6,))
+    aside = save_dir / "abandoned" / "epoch-0_step-6"
+    request = SaveDirRequest(str(aside), LoadTarget("resume", aside))
+    with pytest.raises(UserInputError) as err:
+        check_not_clobbering(save_dir, request, False, Trash(".tmp-"))
+    assert str(err.value) == (f"--load_checkpoint {aside}: a checkpoint --save_dir {save_dir} set aside; move it "
+                              f"back first (mv {aside} {save_dir}/) and resume it there, which sets the newer ones "
+                              "aside in turn")
+    aside.rename(save_dir / aside.name)
+    back = save_dir / aside.name
+    check_not_clobbering(save_dir, SaveDirRequest(str(back), LoadTarget("resume", back)), False, Trash(".tmp-"))
+
+
+@pytest.mark.parametrize("named", [None, "weights"])
+def test_a_torchrun_restart_with_overwrite_keeps_the_jobs_checkpoints(tmp_path, named):
+    """A job started afresh (--overwrite, nothing or a new stage's weights named) dies after its first checkpoint;
+    torchrun starts the same command again: it took the job's own checkpoints for an earlier run, deleted them and
+    trained from step 0 (or, without --overwrite, was refused). The restart continues the job from them."""
+    from colossal_llama.training.run_dir import SaveDirRequest, check_not_clobbering
+    from colossal_llama.training.trash import Trash
+
+    save_dir = _earlier_run(tmp_path / "ckpt", final=False)
+    before = _tree(save_dir)
+    weights = tmp_path / "stage1" / "modeling"
+    _checkpoint(tmp_path / "stage1", 4)
+    load = None if named is None else str(weights)
+    target = resolve_load_target(load, save_dir, restarted=True)
+    assert target is not None and target.path == save_dir / "epoch-0_step-6" and target.kind == "resume"
+    trash = Trash(".tmp-")
+    check_not_clobbering(save_dir, SaveDirRequest(load, target, restarted=True), True, trash)
+    trash.wait()
+    assert _tree(save_dir) == before
+    with pytest.raises(UserInputError, match="holds an earlier run"):  # a first start of that command: refused
+        check_not_clobbering(save_dir, SaveDirRequest(load, resolve_load_target(load, save_dir)), False, trash)
+    # died before its first checkpoint: what it left (losses.jsonl) is its own too, started over, not refused
+    young = tmp_path / "young"
+    young.mkdir()
+    (young / "losses.jsonl").write_text('{"step": 1}\n')
+    target = resolve_load_target(load, young, restarted=True)
+    check_not_clobbering(young, SaveDirRequest(load, target, restarted=True), False, trash)
 
 
 def test_a_resume_from_another_folders_checkpoint_into_an_earlier_run_is_refused_unless_overwrite(tmp_path):
@@ -1183,8 +1236,14 @@ def test_a_torchrun_restart_resumes_from_the_jobs_newest_checkpoint_not_the_name
     assert resolve_load_target(str(copy), save_dir, restarted=True) == newest
     assert resolve_load_target(str(copy), save_dir) == LoadTarget("resume", copy)
     assert resolve_load_target(str(later), save_dir, restarted=True) == LoadTarget("resume", later)  # none since
-    weights = save_dir / "epoch-0_step-6" / "modeling"  # a new stage: what it names, restarted or not
-    assert resolve_load_target(str(weights), save_dir, restarted=True) == LoadTarget("weights", weights)
+    # a new stage (weights named) or nothing named: a first start loads what it names, a restart the job's newest
+    weights = tmp_path / "stage1" / "modeling"
+    _checkpoint(tmp_path / "stage1", 4)
+    assert resolve_load_target(str(weights), save_dir) == LoadTarget("weights", weights)
+    assert resolve_load_target(str(weights), save_dir, restarted=True) == newest
+    assert resolve_load_target(None, save_dir) is None
+    assert resolve_load_target(None, save_dir, restarted=True) == newest
+    assert resolve_load_target(None, tmp_path / "empty", restarted=True) is None  # died before its first one
 
 
 def test_a_restart_is_one_only_once_the_job_claimed_that_save_dir(tmp_path):

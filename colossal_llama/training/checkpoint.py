@@ -199,7 +199,12 @@ class LoadTarget:
 def resolve_load_target(load_checkpoint: Optional[str], save_dir: Path,
                         restarted: bool = False) -> Optional[LoadTarget]:
     """What ``--load_checkpoint`` names; ``restarted``: in a torchrun restart of a job that claimed ``save_dir``
-    before, a named checkpoint stands for the job's progress since (:func:`restart_checkpoint`)."""
+    before, the job's progress since comes first (:func:`restart_checkpoint`): the command names where the job
+    started (a checkpoint, a new stage's weights, or nothing), not how far it got."""
+    if restarted and load_checkpoint != "latest":
+        progress = restart_checkpoint(None if load_checkpoint is None else Path(load_checkpoint), save_dir)
+        if progress is not None:
+            return LoadTarget("resume", progress)
     if load_checkpoint is None:
         return None
     if load_checkpoint == "latest":
@@ -209,9 +214,6 @@ def resolve_load_target(load_checkpoint: Optional[str], save_dir: Path,
             return None
         return LoadTarget("resume", latest)
     path = Path(load_checkpoint)
-    progress = restart_checkpoint(path, save_dir) if restarted else None
-    if progress is not None:
-        return LoadTarget("resume", progress)
     if not path.is_dir():
         raise UserInputError(f"--load_checkpoint {path}: directory does not exist")
     if is_complete_checkpoint(path):
@@ -227,17 +229,17 @@ def resolve_load_target(load_checkpoint: Optional[str], save_dir: Path,
     return LoadTarget("weights", path)
 
 
-def restart_checkpoint(named: Path, save_dir: Path) -> Optional[Path]:
-    """In a torchrun restart of a job that resumed from checkpoint ``named``: the newest complete checkpoint of
-    ``save_dir`` at or above its step (the job's progress since; ``named`` itself when it lies there and nothing
-    newer does), or None. ``named`` may be gone: once newer ones exist ``--keep_last_k`` deletes it, and its step
-    is then read from its name."""
-    if is_complete_checkpoint(named):
+def restart_checkpoint(named: Optional[Path], save_dir: Path) -> Optional[Path]:
+    """In a torchrun restart of a job that claimed ``save_dir``: the newest complete checkpoint of ``save_dir`` (the
+    job's progress: its claim removed or refused any earlier run's), at or above the step of the checkpoint
+    ``named`` when the job resumed from one; None when there is none. ``named`` may be gone: once newer ones exist
+    ``--keep_last_k`` deletes it, and its step is then read from its name. A ``named`` that is no checkpoint (a
+    new stage's weights, or nothing named) puts no floor: the job's own checkpoints are all newer than it."""
+    step = 0
+    if named is not None and is_complete_checkpoint(named):
         step = read_running_state(named).step
-    elif CHECKPOINT_RE.match(named.name):
+    elif named is not None and CHECKPOINT_RE.match(named.name):
         step = _step_of(named)
-    else:
-        return None  # not a checkpoint (a modeling/ folder: a new stage), or one renamed and then deleted
     ours = [c for c in complete_checkpoints(save_dir) if _step_of(c) >= step]
     return ours[-1] if ours else None
 
@@ -436,7 +438,7 @@ class Checkpointer:
             tmp = self._fresh_tmp(name)
             self._save_weights(tmp / FINAL_MODEL)
             self._save_optimizer(tmp / "optimizer")
-            save_master_weights(self.model, self.optimizer, tmp / "optimizer", self._layout())
+            save_master_weights(self.model, self.optimizer, tmp / "optimizer", self.parallel)
             self.booster.save_lr_scheduler(self.scheduler, str(tmp / "lr_scheduler"))
             (tmp / "rng").mkdir(exist_ok=True)
             torch.save(capture_rng(), tmp / "rng" / f"rank-{dist.get_rank():05d}.pt")
@@ -559,10 +561,6 @@ class Checkpointer:
         if dist.get_rank() == 0:
             self.files.write(directory)
 
-    def _layout(self) -> dict:
-        """What a rank's slice of the optimizer's master weights depends on: the world and its split."""
-        return {"world_size": dist.get_world_size(), **self.parallel.sizes}
-
     def _save_optimizer(self, directory: Path) -> None:
         """ddp: one ``optimizer/optimizer.bin`` from rank 0 (its sharded loader needs CUDA synchronize, even on
         CPU); ZeRO / gemini / 3d: colossalai's per-rank shards + ``pytorch_optim.bin.index.json``."""
@@ -589,7 +587,7 @@ class Checkpointer:
         single = path / "optimizer" / "optimizer.bin"
         wanted = settings_of(self.scheduler)  # this run's flags, before the checkpoint's values replace them
         self.booster.load_optimizer(self.optimizer, str(single if single.is_file() else path / "optimizer"))
-        restore_master_weights(self.model, self.optimizer, path / "optimizer", self._layout())
+        restore_master_weights(self.model, self.optimizer, path / "optimizer", self.parallel)
         self.booster.load_lr_scheduler(self.scheduler, str(path / "lr_scheduler"))
         changes, saved_lr, next_lr = follow_settings(self.scheduler, wanted)
         if changes:

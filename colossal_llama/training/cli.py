@@ -29,11 +29,32 @@ def run_cli(argv: Optional[List[str]] = None) -> int:
     from colossal_llama.training.stop_signals import StoppedBySignal
 
     stop_with_launcher()
+    cfg = parse_config(argv)
+    signum = _stopped_job()
+    if signum is not None:
+        return 128 + signum
     try:
-        train(parse_config(argv))
+        train(cfg)
     except StoppedBySignal as stopped:  # checkpoint saved: the exit code of a process the signal killed
         return stopped.exit_code
     return 0
+
+
+def _stopped_job() -> Optional[int]:
+    """In a torchrun restart: the signal the job's ranks agreed to stop on before, if they did (then this
+    incarnation must not start: the stopped nodes will not join it). Checked before the rendezvous."""
+    import signal
+
+    from colossal_llama.training.run_dir import job_store, stopped_before
+
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        return None
+    signum = stopped_before(job_store())
+    if signum is not None:
+        print(f"[rank {os.environ.get('RANK', '?')}] this job stopped on {signal.Signals(signum).name} (its checkpoint "
+              "is saved): torchrun restarted it, but it does not start again; resume with --load_checkpoint latest",
+              file=sys.stderr, flush=True)
+    return signum
 
 
 def quiet_library_warnings() -> None:

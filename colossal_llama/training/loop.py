@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -34,7 +35,7 @@ from colossal_llama.training.peer_watch import PeerWatch
 from colossal_llama.training.plan import RunPlan, write_run_config
 from colossal_llama.training.plugin import Parallelism, build_parallel
 from colossal_llama.training.run_dir import (RUN_CONFIG, SaveDirLock, SaveDirRequest, claim_save_dir, claimed_before,
-                                             job_store, record_claim, release_lock, run_inputs)
+                                             job_store, record_claim, record_stop, release_lock, run_inputs)
 from colossal_llama.training.step import NonFiniteStep, Stepper
 from colossal_llama.training.stop_signals import StoppedBySignal, StopRequest, leave_on_silence
 from colossal_llama.training.trash import Trash
@@ -114,17 +115,20 @@ def _check_load_target(cfg: TrainConfig, save_dir: Path, job: dict) -> Optional[
 def _resolve_after_claim(cfg: TrainConfig, save_dir: Path, restarted: bool) -> tuple[Optional[LoadTarget], bool]:
     """Rank 0: the load target, and whether this is a restart of a job that claimed the save dir before."""
     target = resolve_load_target(cfg.load_checkpoint, save_dir, restarted)
-    if restarted and target is not None and cfg.load_checkpoint != "latest" and \
-            target.path != Path(cfg.load_checkpoint):
-        log.info("torchrun restart: resuming from %s, this job's newest checkpoint since --load_checkpoint %s",
-                 target.path, cfg.load_checkpoint)
+    named = None if cfg.load_checkpoint in (None, "latest") else Path(cfg.load_checkpoint)
+    if restarted and target is not None and cfg.load_checkpoint != "latest" and target.path != named:
+        log.info("torchrun restart: resuming from %s, this job's newest checkpoint since %s", target.path,
+                 f"--load_checkpoint {named}" if named is not None else "its start")
     return target, restarted
 
 
-def newer_checkpoints_go_aside(target: Optional[LoadTarget], restarted: bool) -> bool:
+def newer_checkpoints_go_aside(target: Optional[LoadTarget], restarted: bool, environ=os.environ) -> bool:
     """Whether a resume sets the save dir's checkpoints newer than ``target`` aside: yes, except in a torchrun
-    restart of a job that claimed the save dir before, whose newer checkpoints are its own (``restarted``)."""
-    return target is not None and target.kind == "resume" and not restarted
+    restart, whose newer checkpoints are the job's own: one of a job that claimed the save dir before
+    (``restarted``), or any incarnation after the first where torchrun's store could not say (a refused first
+    start never set anything up to lose)."""
+    return (target is not None and target.kind == "resume" and not restarted
+            and environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
 
 
 def build_run(cfg: TrainConfig) -> Run:
@@ -489,6 +493,8 @@ def _stop(run: Run, stop: StopRequest, state: RunningState, saved: bool) -> None
         log.info("saved checkpoint %s", run.checkpointer.save(state))
     run.checkpointer.complete_pending()  # --async_save: the stop's checkpoint is published before the run leaves
     stopped, seconds = stop.stopped(state.step, run.stepper.device)
+    if dist.get_rank() == 0:  # every rank is here: no collective waits on rank 0's store call
+        record_stop(job_store(), stopped.signum)
     log.warning("stopped by %s after step %d of %d, %.1f s after the signal, exit code %d: resume with "
                 "--load_checkpoint latest", stopped.signal_name, state.step, run.plan.total_steps, seconds,
                 stopped.exit_code)

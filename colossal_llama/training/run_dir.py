@@ -122,13 +122,15 @@ def run_inputs(cfg) -> list[tuple[str, Path]]:
 
 def continues_its_run(save_dir: Path, request: SaveDirRequest) -> bool:
     """Whether the run goes on with the run already in ``save_dir``, which is then neither refused nor removed: a
-    resume from one of its own checkpoints (``latest`` found one, or one named), any resume in a restart of a job
-    that claimed it before (what it holds past the named checkpoint is the job's own), and ``latest`` finding no
+    resume from one of its own checkpoints (``latest`` found one, or one named), any torchrun restart of a job that
+    claimed it before (whatever the command names, what the save dir holds is the job's own), and ``latest`` finding no
     checkpoint where no final ``modeling/`` shows a finished run (a crash before the first checkpoint: its
     ``losses.jsonl`` is started over). A resume from another folder's checkpoint would mix two runs."""
+    if request.restarted:  # whatever the command names: --overwrite would delete the job's own progress
+        return True
     target = request.target
     if target is not None and target.kind == "resume":
-        return request.restarted or is_checkpoint_of(target.path, save_dir)
+        return is_checkpoint_of(target.path, save_dir)
     return request.load_checkpoint == "latest" and not (save_dir / FINAL_MODEL).exists()
 
 
@@ -139,10 +141,10 @@ def check_not_clobbering(save_dir: Path, request: SaveDirRequest, overwrite: boo
     evidence = earlier_run_evidence(save_dir)
     if evidence is None or continues_its_run(save_dir, request):
         return
-    removed = [p for p in save_dir.iterdir() if p.name != LOCK_FILE and _belongs_to_a_run(p) and not trash.holds(p)]
-    _check_inputs_kept(save_dir, removed, request.inputs)
     if not overwrite:
         raise UserInputError(_refusal(save_dir, evidence, request))
+    removed = [p for p in save_dir.iterdir() if p.name != LOCK_FILE and _belongs_to_a_run(p) and not trash.holds(p)]
+    _check_inputs_kept(save_dir, removed, request.inputs)
     for path in removed:
         if path.is_dir():
             trash.discard(path)
@@ -165,6 +167,10 @@ def _check_inputs_kept(save_dir: Path, removed: Sequence[Path], inputs: Sequence
 def _refusal(save_dir: Path, evidence: Path, request: SaveDirRequest) -> str:
     """Why a run that does not continue the earlier run in ``save_dir`` is refused, and the ways on."""
     target = request.target
+    if target is not None and target.kind == "resume" and target.path.parent.resolve() == \
+            (save_dir / ABANDONED_DIR).resolve():
+        return (f"--load_checkpoint {target.path}: a checkpoint --save_dir {save_dir} set aside; move it back first "
+                f"(mv {target.path} {save_dir}/) and resume it there, which sets the newer ones aside in turn")
     if target is not None and target.kind == "resume":
         return (f"--save_dir {save_dir}: holds an earlier run ({evidence}), and --load_checkpoint {target.path} is "
                 "not one of its checkpoints: resuming it there would mix the two runs' checkpoints and losses; "
@@ -212,16 +218,17 @@ JOB_CLAIM_KEY = "colossal_llama/claimed_save_dir"  # in the launcher's store: th
 
 def job_store(environ=os.environ):
     """Rank 0: a client of the store torchrun keeps for the whole job, across restarts of the workers
-    (``MASTER_ADDR:MASTER_PORT``); None outside torchrun, or when it cannot be reached (a restart is then taken for
-    a first start: the safe side, since a first start refuses what a restart would take for its own)."""
+    (``MASTER_ADDR:MASTER_PORT``); None outside torchrun, or when it cannot be reached: a restart is then checked
+    as a first start (it may be refused, and resumes from what the command names), though it never sets the
+    job's newer checkpoints aside (:func:`~colossal_llama.training.loop.newer_checkpoints_go_aside`)."""
     if "TORCHELASTIC_RUN_ID" not in environ:
         return None
     try:
         return dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), is_master=False,
                              timeout=timedelta(seconds=60))
     except Exception as err:  # noqa: BLE001 - a store refused or gone: the run itself may still go on
-        log.warning("the launcher's store (%s:%s) did not answer (%s): a torchrun restart of this run will resume "
-                    "from what --load_checkpoint names", environ.get("MASTER_ADDR"), environ.get("MASTER_PORT"), err)
+        log.warning("the launcher's store (%s:%s) did not answer (%s): a torchrun restart cannot tell what an "
+                    "earlier incarnation of this job did", environ.get("MASTER_ADDR"), environ.get("MASTER_PORT"), err)
         return None
 
 
@@ -237,3 +244,21 @@ def record_claim(store, save_dir: Path) -> None:
     """Rank 0, once the run has claimed ``save_dir`` and set its resume up (see :func:`claimed_before`)."""
     if store is not None:
         store.set(JOB_CLAIM_KEY, str(save_dir.resolve()))
+
+
+JOB_STOP_KEY = "colossal_llama/stopped_by"  # in the launcher's store: the signal the job's ranks agreed to stop on
+
+
+def record_stop(store, signum: int) -> None:
+    """Rank 0, once every rank agreed to stop on ``signum``: a torchrun that never got the signal (another node's)
+    takes its ranks' exit code for a failure and, with ``--max_restarts``, starts them again; they must not wait
+    in the rendezvous for the stopped nodes (up to the collective timeout, for every restart left)."""
+    if store is not None:
+        store.set(JOB_STOP_KEY, str(signum))
+
+
+def stopped_before(store) -> Optional[int]:
+    """The signal an earlier incarnation of this job stopped on (:func:`record_stop`), or None."""
+    if store is None or not store.check([JOB_STOP_KEY]):
+        return None
+    return int(store.get(JOB_STOP_KEY).decode())

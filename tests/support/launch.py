@@ -52,10 +52,11 @@ def run_training(train_args: List[str], log_path: Path, nproc: int = 2, env: Opt
 
 
 def start_training(train_args: List[str], log_path: Path, nproc: int = 2,
-                   env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+                   env: Optional[Dict[str, str]] = None, launcher_args: Sequence[str] = ()) -> subprocess.Popen:
     """Start torchrun (in a session of its own) and return at once; see :func:`kill_launcher_and_ranks`."""
     log = open(log_path, "w")
-    return subprocess.Popen(torchrun_command(train_args, nproc), stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen(torchrun_command(train_args, nproc, launcher_args=launcher_args), stdout=log,
+                            stderr=subprocess.STDOUT,
                             env=worker_env(env), cwd=REPO, start_new_session=True)
 
 

@@ -37,6 +37,8 @@ LAYOUTS: Dict[str, List[str]] = {
     "zero2_cpu": ["--plugin", "zero2_cpu", *DP2_BATCH],
     # bf16: the optimizer steps fp32 master copies (each rank its slice), which a checkpoint must hold
     "zero2_bf16": ["--plugin", "zero2", "--mixed_precision", "bf16", *DP2_BATCH],
+    # ... 3d without ZeRO: both dp replicas hold the same full masters (written once, read by both)
+    "3d_dp2_bf16": ["--plugin", "3d", "--zero_stage", "0", "--mixed_precision", "bf16", *DP2_BATCH],
     "3d_tp2": TP2,
     "ddp_neft": ["--plugin", "ddp", *NEFT, *DP2_BATCH],
     "ddp_neft_recompute": ["--plugin", "ddp", *NEFT, *RECOMPUTE, *DP2_BATCH],
