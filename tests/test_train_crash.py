@@ -150,7 +150,7 @@ def test_a_checkpoint_resumes_on_other_ranks_at_the_same_sample(reference_runs, 
     assert [r["tokens"] for r in got] == [r["tokens"] for r in ref]  # the same sequences, step by step
     bf16 = "bf16" in saved
     if bf16:
-        assert "master weights saved with layout {'world_size': 2, " in log and "running {'world_size': 1, " in log
+        assert "its master weights are of layout {'world_size': 2, " in log and "this run's {'world_size': 1, " in log
     # measured: <= 5.3e-8 in fp32
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-3 if bf16 else 1e-6)
 

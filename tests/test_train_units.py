@@ -31,7 +31,7 @@ def test_readme_aliases_and_boolean_flags(tiny_llama):
                         "--use_grad_checkpoint", "False", "--plugin", "zero2"])
     assert (cfg.batch_size, cfg.grad_clip, cfg.weight_decay, cfg.warmup_steps, cfg.zero_stage) == (3, 0.5, 0.01, 7, 2)
     assert cfg.dataset == ["a", "b"] and cfg.use_neft is True and cfg.use_grad_checkpoint is False
-    assert cfg.neft_alpha == 0.1  # the original's activate_neftune(model) default: --use_neft alone means the same noise
+    assert cfg.neft_alpha == 0.1  # the original's activate_neftune(model) default: --use_neft alone, the same noise
 
 
 def test_the_parser_is_the_config_dataclass(tiny_llama):
@@ -1034,7 +1034,7 @@ def test_a_global_batch_without_trained_tokens_leaves_the_weights_and_the_optimi
         assert first.lr > skipped.lr > third.lr  # cosine decay: the schedule took its step 2
 
 
-# ------------------------------------------------------------------------------------------------ the save dir's earlier run
+# ---------------------------------------------------------------------------------------- the save dir's earlier run
 def _checkpoint(path, step: int) -> None:
     (path / "modeling").mkdir(parents=True)
     (path / "modeling" / "model.safetensors").write_bytes(b"weights")
@@ -1061,7 +1061,8 @@ def _tree(path) -> list:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
-@pytest.mark.parametrize("flag, inside", [("--pretrained", "modeling"), ("--load_checkpoint", "epoch-0_step-6/modeling"),
+@pytest.mark.parametrize("flag, inside", [("--pretrained", "modeling"),
+                                          ("--load_checkpoint", "epoch-0_step-6/modeling"),
                                           ("--dataset", "abandoned/epoch-0_step-8"), ("--eval_dataset", "losses.jsonl")])
 def test_starting_afresh_never_deletes_what_the_run_reads(tmp_path, flag, inside):
     """--pretrained SAVE/modeling --overwrite deleted the model it was about to load, then failed: an input inside
