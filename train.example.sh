@@ -64,6 +64,13 @@ if [[ -n "${HOSTFILE:-}" ]]; then
   hosts=$(mktemp); trap 'rm -f "$hosts"' EXIT
   sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$HOSTFILE" >"$hosts"
   [[ -s "$hosts" ]] || { echo "train.example.sh: HOSTFILE=$HOSTFILE lists no host" >&2; exit 2; }
+  # The first host is the rendezvous master every node connects to: "localhost" would be each node itself.
+  first=$(head -n1 "$hosts")
+  if [[ -z "${MASTER_ADDR:-}" && $(wc -l <"$hosts") -gt 1 && "$first" =~ ^(localhost|127\.0\.0\.1|::1)$ ]]; then
+    echo "train.example.sh: HOSTFILE=$HOSTFILE: its first host, $first, is the rendezvous master, which the other" \
+      "hosts would take for themselves: list a name or address they reach first, or set MASTER_ADDR" >&2
+    exit 2
+  fi
   launcher+=(--hostfile "$hosts" --master_addr "${MASTER_ADDR:-$(head -n1 "$hosts")}")
   [[ -n "${SSH_PORT:-}" ]] && launcher+=(--ssh-port "$SSH_PORT")
 fi

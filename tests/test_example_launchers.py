@@ -71,3 +71,15 @@ def test_pretrain_then_sft_launchers_train_two_stages(tmp_path, tiny_llama, prep
     errors = [line for line in lines if line.startswith("error")]
     assert rc != 0 and len(errors) == 1 and errors[0].startswith(f"error: --save_dir {stage1}: holds an earlier run")
     assert lines[-1].startswith("train.example.sh: training failed") and "first line starting with 'error'" in lines[-1]
+
+
+def test_a_hostfile_that_names_localhost_first_among_several_is_refused(tmp_path):
+    """The first host is the rendezvous master: with others after it, they would look for it at their own
+    localhost and wait there (hostfile.example starts with localhost, the way a user extends it)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# this machine, then a second one\nlocalhost\nnode-2\n")
+    log = tmp_path / "refused.log"
+    assert launch("train.example.sh", {"HOSTFILE": str(hostfile)}, log, expect_success=False) == 2
+    assert log.read_text().strip() == (
+        f"train.example.sh: HOSTFILE={hostfile}: its first host, localhost, is the rendezvous master, which the "
+        "other hosts would take for themselves: list a name or address they reach first, or set MASTER_ADDR")
