@@ -89,16 +89,16 @@ def _output_parts(root: Path, split: str) -> list[Path]:
         if manifest.eval_dir is None:
             raise UserInputError(f"{root}: no held-out split (prepared without --holdout_fraction, or no category "
                                  "had enough documents to hold one out)")
-        return _listed_parts(root / manifest.eval_dir, root / "manifest.json")
-    return _listed_parts(root / "arrow", root / "manifest.json")
+        return _listed_parts(root / manifest.eval_dir, root / "manifest.json", manifest)
+    return _listed_parts(root / "arrow", root / "manifest.json", manifest)
 
 
-def _listed_parts(folder: Path, manifest_path: Path) -> list[Path]:
-    """The parts of ``folder`` (``OUT/arrow`` or the held-out folder), every one its manifest lists, sorted.
+def _listed_parts(folder: Path, manifest_path: Path, manifest: Manifest) -> list[Path]:
+    """The parts of ``folder`` (``OUT/arrow`` or the held-out folder), every one ``manifest`` (read from
+    ``manifest_path``) lists, sorted.
 
     All must be there and complete: a part folder missing or without ``state.json`` (a copy of the output cut
     short, the shards gathered by hand) would otherwise leave its rows out of training without a word."""
-    manifest = read_manifest(manifest_path)
     entries = manifest.split_parts("eval" if folder.name == manifest.eval_dir else "train")
     if not entries:
         return part_dirs(folder)
@@ -146,7 +146,7 @@ def resolve_parts(path, split: str = "train") -> list[Path]:
     if (path / "arrow").is_dir():  # an output whose manifest is missing: reading it says so
         return part_dirs(path / "arrow")
     if (path.parent / "manifest.json").is_file():  # OUT/arrow or OUT/eval: the parts its manifest lists
-        return _listed_parts(path, path.parent / "manifest.json")
+        return _listed_parts(path, path.parent / "manifest.json", read_manifest(path.parent / "manifest.json"))
     return part_dirs(path)
 
 
@@ -171,9 +171,14 @@ def load_manifest(part_dir) -> Manifest:
 
 
 def load_part(part_dir):
+    """One arrow part, memory-mapped; a data file cut short (a copy interrupted) is a one-line error naming it."""
+    import pyarrow as pa
     from datasets import load_from_disk
 
-    return load_from_disk(str(part_dir))
+    try:
+        return load_from_disk(str(part_dir))
+    except (OSError, pa.ArrowException) as err:
+        raise UserInputError(f"{part_dir}: unreadable arrow part ({err}); a copy cut short? copy it again") from None
 
 
 def document_spans(position_ids) -> list[tuple[int, int]]:

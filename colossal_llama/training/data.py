@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from colossal_llama.dataset.manifest import Manifest
-from colossal_llama.dataset.prepared import manifest_path_of, read_manifest, resolve_parts, split_of
+from colossal_llama.dataset.prepared import load_part, manifest_path_of, read_manifest, resolve_parts, split_of
 from colossal_llama.training.mixture import Mixture, row_index_dtype, split_dataset_weight
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
@@ -173,7 +173,7 @@ def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, Manifest]) ->
     datasets, bucket_sizes, current_bin = [], [], None
     categories, sources = [], []  # per part: its rows' category names, its source
     for part in ordered:
-        ds = _load_part(part.path)
+        ds = load_part(part.path)
         if len(ds) != part.num_sequences:
             raise UserInputError(
                 f"{part.manifest_path}: parts: {part.path.name} has {len(ds)} rows, manifest says {part.num_sequences}"
@@ -198,17 +198,6 @@ def load_prepared(parts: List[PreparedPart], manifests: Dict[Path, Manifest]) ->
     row_source = np.concatenate([np.full(n, s, dtype=np.int16) for s, n in sources])
     return PreparedData(concatenate_datasets(datasets).with_format("numpy"), bucket_sizes, first, first.chat_template,
                         names, row_category, row_source)
-
-
-def _load_part(path: Path):
-    """One arrow part, memory-mapped; a data file cut short (a copy interrupted) is a one-line error naming it."""
-    import pyarrow as pa
-    from datasets import load_from_disk
-
-    try:
-        return load_from_disk(str(path))
-    except (OSError, pa.ArrowException) as err:
-        raise UserInputError(f"{path}: unreadable arrow part ({err}); a copy cut short? copy it again") from None
 
 
 def _category_codes(encoded: list, sizes: List[int]) -> tuple[List[str], np.ndarray]:
