@@ -769,6 +769,27 @@ def test_a_change_of_epoch_order_is_described_in_words():
         ["mixture groups or shares (--category_weights, --dataset weights)"]
 
 
+@pytest.mark.parametrize("numel", [1, 7, 12, 13])
+def test_zero_master_slices_are_recut_for_another_rank_count(numel):
+    """ZeRO pads a flat parameter to a multiple of its rank count and gives rank r the r-th equal piece. A job
+    resumed on another count cuts each new slice out of the old ones: for every old and new count (1-4) the new
+    slices are those ZeRO would cut from the whole parameter, their padding zeros; the old padding is never read
+    (nan here)."""
+    from colossal_llama.training.master_weights import recut
+
+    whole = torch.randn(numel, dtype=torch.float32)
+
+    def zero_cut(count, padding=0.0):
+        padded = torch.cat([whole, torch.full((-numel % count,), padding)])
+        return list(padded.split(padded.numel() // count))
+
+    for old in range(1, 5):
+        for new in range(1, 5):
+            got = [recut(zero_cut(old, padding=float("nan")), numel, index, new) for index in range(new)]
+            assert all(torch.equal(g, w) for g, w in zip(got, zero_cut(new))), (old, new)
+            assert len(got) == new and torch.equal(torch.cat(got)[:numel], whole)
+
+
 # ------------------------------------------------------------------------------------------------ metrics on resume
 def _log_steps(save_dir, tb_dir, start_step: int, steps, loss: float) -> None:
     from colossal_llama.training.metrics import RunMetrics, StepStats
