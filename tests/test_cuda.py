@@ -12,10 +12,11 @@ Specification (tiny LLaMA with the real SmolLM2 tokenizer, real prepared data, 4
 - attention: ``auto`` trains with FlexAttention and its document mask when flash-attn is absent, and gives the
   same per-step losses as the dense-mask sdpa path within 1e-2; Liger kernels on vs off likewise (off: the loss on
   scored positions in chunks, on the GPU);
-- ``--load_checkpoint`` of step 2 resumes zero2 and gemini (ColossalAI issue 5597: the original's gemini resume
-  hangs): steps 3-4 see the same data (token counts) and schedule (lr) exactly, step 3's loss (same bf16 weights,
-  same batch) within 1e-4 and step 4's within 2e-3. Not bit for bit: ZeRO/Gemini keep fp32 master weights that
-  the checkpoint's bf16 ``modeling/`` does not hold, and colossalai reloads them from the bf16 weights;
+- ``--load_checkpoint`` of step 2 resumes zero2, gemini (ColossalAI issue 5597: the original's gemini resume
+  hangs) and zero2 in fp16: steps 3-4 see the same data (token counts) and schedule (lr) exactly, step 3's loss
+  (same half-precision weights, same batch) within 1e-4 and step 4's within 2e-3 (zero2 puts its saved fp32
+  master weights back; gemini rebuilds its own from the bf16 weights; GPU kernels need not sum in one order);
+  fp16 takes the saved loss scale, and overflows (skipped steps) at the same steps;
 - ``inference_example.py --device cuda`` and the web chat (``--device cuda``) generate on the GPU what the library
   generates greedily on the GPU in this process;
 - ``evaluate.py bpc --device cuda`` under ``torchrun --nproc_per_node 2`` (both processes on the one GPU) reports
@@ -68,7 +69,7 @@ FIRST_PHASE: Dict[str, List[str]] = {
     "ddp_sdpa": ["--plugin", "ddp", "--attention", "sdpa"],
     "ddp_no_liger": ["--plugin", "ddp", "--liger", "off"],
 }
-RESUMED = ("zero2", "gemini")
+RESUMED = ("zero2", "gemini", "zero2_fp16")
 
 
 def free_ports(n: int) -> List[int]:
@@ -114,7 +115,7 @@ class Runs:
             for name in sorted(waiting):
                 checkpoint = self.root / name / "epoch-0_step-2"
                 if (checkpoint / "running_states.json").is_file():
-                    self._start(f"{name}_resumed", ["--plugin", name, "--load_checkpoint", str(checkpoint)])
+                    self._start(f"{name}_resumed", [*FIRST_PHASE[name], "--load_checkpoint", str(checkpoint)])
                     waiting.discard(name)
                 elif self.procs[name][0].poll() is not None:  # ended without that checkpoint: nothing to resume
                     waiting.discard(name)
@@ -375,6 +376,12 @@ def test_load_checkpoint_resumes_zero2_and_gemini(runs, plugin):
     whole = finished(runs, plugin)
     resumed = finished(runs, f"{plugin}_resumed")
     assert [r["step"] for r in resumed] == [3, 4]
+    if plugin == "zero2_fp16":
+        saved = json.loads((runs[plugin]["save_dir"] / "epoch-0_step-2" / "optimizer" / "loss-scale.json")
+                           .read_text())
+        assert f"fp16 loss scale {saved['scale']:g} restored" in runs[f"{plugin}_resumed"]["log"].read_text()
+        overflowed = [[r["grad_norm"] is None for r in records] for records in (whole[2:], resumed)]
+        assert overflowed[0] == overflowed[1], (whole, resumed)
     for ref, got in zip(whole[2:], resumed):
         assert (got["tokens"], got["lr"]) == (ref["tokens"], ref["lr"]), (ref, got)
     step3, step4 = (abs(g["loss"] - r["loss"]) / r["loss"] for r, g in zip(whole[2:], resumed))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -788,6 +789,76 @@ def test_zero_master_slices_are_recut_for_another_rank_count(numel):
             got = [recut(zero_cut(old, padding=float("nan")), numel, index, new) for index in range(new)]
             assert all(torch.equal(g, w) for g, w in zip(got, zero_cut(new))), (old, new)
             assert len(got) == new and torch.equal(torch.cat(got)[:numel], whole)
+
+
+def _fp16_zero_scaler_round_trip(ranks, directory):
+    """On each rank: a ZeRO fp16 optimizer (colossalai's, on CPU) whose loss scaler three overflowing steps and a
+    clean one moved; its state saved; then a fresh optimizer's scaler before and after the restore."""
+    from colossal_llama.training import cpu_compat
+    from colossal_llama.training.loss_scale import restore_loss_scale, save_loss_scale, scaler_state
+
+    cpu_compat.apply()
+    from colossalai.zero.low_level import LowLevelZeroOptimizer
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4).half()
+        return model, LowLevelZeroOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), partition_grad=True)
+
+    model, optimizer = fresh()
+    for blow_up in (1e6, 1e6, 1e6, 1.0):  # x 65,536 overflows fp16's gradients; 1.0 does not
+        optimizer.backward(model(torch.ones(2, 8, dtype=torch.half)).float().sum() * blow_up)
+        optimizer.step()
+        optimizer.zero_grad()
+    saved = save_loss_scale(optimizer, directory)
+    _, again = fresh()
+    before = scaler_state(again)
+    return saved, before, restore_loss_scale(again, directory), scaler_state(again)
+
+
+def test_the_fp16_loss_scale_goes_on_after_a_resume(tmp_path):
+    """colossalai's checkpoints leave the loss scaler out: a resumed fp16 run started again at 2**16 and skipped
+    steps until the scale came down. The checkpoint holds the scale and the counters of clean and overflowing
+    steps, and every rank of the resumed run takes them (2 ranks, colossalai's ZeRO fp16 optimizer)."""
+    from colossal_llama.training.loss_scale import LOSS_SCALE_FILE
+    from tests.support.gloo_world import run_in_gloo_world
+
+    results = run_in_gloo_world(_fp16_zero_scaler_round_trip, 2, tmp_path)
+    moved = {"scale": 16384.0, "growth_step": 1, "hysteresis_step": 3}  # 2 overflows halve it (hysteresis 2)
+    assert json.loads((tmp_path / LOSS_SCALE_FILE).read_text()) == moved
+    for saved, before, restored, after in results:
+        assert saved == moved and before == {"scale": 65536.0, "growth_step": 0, "hysteresis_step": 0}
+        assert restored is True and after == moved
+
+
+def test_a_checkpoint_without_a_loss_scale_is_said_and_starts_at_the_initial_one(tmp_path):
+    """A checkpoint saved without fp16 (or before the scale was saved) resumed in fp16: the scale starts at its
+    initial value, and the log says so. Without fp16 there is nothing to restore."""
+    from colossal_llama.training.loss_scale import restore_loss_scale
+    from tests.support.gloo_world import run_in_gloo_world
+
+    checkpoint = tmp_path / "epoch-0_step-3"
+    [(restored, scale, said)] = run_in_gloo_world(_fp16_restore_from_nothing, 1, checkpoint / "optimizer")
+    assert (restored, scale) == (False, 65536.0)
+    assert said == [f"{checkpoint}: holds no loss scale (saved without fp16, or by an older version): the fp16 loss "
+                    "scale starts again at its initial value"]
+    assert restore_loss_scale(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0), tmp_path) is None
+
+
+def _fp16_restore_from_nothing(ranks, directory):
+    from colossal_llama.training import cpu_compat
+    from colossal_llama.training.loss_scale import restore_loss_scale, scaler_state
+
+    cpu_compat.apply()
+    from colossalai.zero.low_level import LowLevelZeroOptimizer
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("colossal_llama.training.loss_scale").addHandler(handler)
+    model = torch.nn.Linear(8, 4).half()
+    optimizer = LowLevelZeroOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), partition_grad=True)
+    return restore_loss_scale(optimizer, directory), scaler_state(optimizer)["scale"], said
 
 
 # ------------------------------------------------------------------------------------------------ metrics on resume

@@ -38,6 +38,7 @@ from colossal_llama.model.lora_checkpoint import ADAPTER_CONFIG, is_lora_checkpo
 from colossal_llama.training import lora
 from colossal_llama.training.checkpoint_files import verify_checkpoint_files
 from colossal_llama.training.disk_space import CheckpointRoom, out_of_space, tree_bytes
+from colossal_llama.training.loss_scale import restore_loss_scale, save_loss_scale
 from colossal_llama.training.master_weights import restore_master_weights, save_master_weights
 from colossal_llama.training.optim import follow_settings, settings_of
 from colossal_llama.training.plugin import Parallelism
@@ -439,6 +440,7 @@ class Checkpointer:
             self._save_weights(tmp / FINAL_MODEL)
             self._save_optimizer(tmp / "optimizer")
             save_master_weights(self.model, self.optimizer, tmp / "optimizer", self.parallel)
+            save_loss_scale(self.optimizer, tmp / "optimizer")
             self.booster.save_lr_scheduler(self.scheduler, str(tmp / "lr_scheduler"))
             (tmp / "rng").mkdir(exist_ok=True)
             torch.save(capture_rng(), tmp / "rng" / f"rank-{dist.get_rank():05d}.pt")
@@ -588,6 +590,7 @@ class Checkpointer:
         wanted = settings_of(self.scheduler)  # this run's flags, before the checkpoint's values replace them
         self.booster.load_optimizer(self.optimizer, str(single if single.is_file() else path / "optimizer"))
         restore_master_weights(self.model, self.optimizer, path / "optimizer", self.parallel)
+        restore_loss_scale(self.optimizer, path / "optimizer")
         self.booster.load_lr_scheduler(self.scheduler, str(path / "lr_scheduler"))
         changes, saved_lr, next_lr = follow_settings(self.scheduler, wanted)
         if changes:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_llama.training.collate import count_loss_tokens
+from colossal_llama.training.loss_scale import fp16_helper
 from colossal_llama.training.model import NEFTune
 from colossal_llama.training.plugin import Parallelism
 
@@ -202,15 +203,11 @@ class Stepper:
         return float(self.optimizer.clip_grad_by_norm(max_norm))
 
     def _fp16_helper(self):
-        """fp16 under ZeRO, gemini or 3d: the optimizer's mixed-precision helper (named differently in each), which
-        holds the loss scale and whether this step overflowed; None otherwise."""
+        """fp16 under ZeRO, gemini or 3d: the optimizer's mixed-precision helper (:func:`fp16_helper`); None
+        otherwise."""
         if not self.parallel.loss_scaling or self.parallel.clip_in_step_loop:
             return None
-        for name in ("mixed_precision_mixin", "mix_precision_mixin", "mixed_precision"):
-            helper = getattr(self.optimizer, name, None)
-            if getattr(helper, "loss_scale", None) is not None:
-                return helper
-        return None
+        return fp16_helper(self.optimizer)
 
     def _loss_scale(self) -> float:
         """The loss scale of this step's gradients (1 without fp16), read without the helper's
