@@ -32,7 +32,7 @@ from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import UserInputError, cli_entry
 from colossal_llama.utils.json_files import read_json, write_json
-from colossal_llama.utils.output import check_output_file, staged_dir
+from colossal_llama.utils.output import check_output_file, lies_in, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +238,8 @@ def _check_paths(cfg: InitModelConfig) -> None:
         raise UserInputError(f"{cfg.target_tokenizer_dir}: target tokenizer directory does not exist")
     if cfg.pad_vocab_to_multiple_of < 1:
         raise UserInputError(f"--pad_vocab_to_multiple_of {cfg.pad_vocab_to_multiple_of}: must be >= 1")
-    target = cfg.target_dir.resolve()
     for what, given in (("source model", cfg.source_dir), ("target tokenizer", cfg.target_tokenizer_dir)):
-        if given.resolve().is_relative_to(target):  # --overwrite would delete it with the old target
+        if lies_in(given, cfg.target_dir):  # --overwrite would delete it with the old target
             raise UserInputError(f"{cfg.target_dir}: target model path is or contains the {what} ({given}); "
                                  f"choose a new folder")
     if cfg.target_dir.exists() and not cfg.target_dir.is_dir():

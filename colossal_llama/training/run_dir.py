@@ -30,6 +30,7 @@ from colossal_llama.training.metrics import EVAL_LOG, LOSS_LOG
 from colossal_llama.training.mixture import split_dataset_weight
 from colossal_llama.training.trash import Trash
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.output import lies_in
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def _check_inputs_kept(save_dir: Path, removed: Sequence[Path], inputs: Sequence
     """A one-line error when an input lies in an entry that starting afresh would delete (links resolved)."""
     for flag, given in inputs:
         for entry in removed:
-            if Path(given).resolve().is_relative_to(entry.resolve()):
+            if lies_in(given, entry):
                 raise UserInputError(f"{flag} {given}: lies in {entry}, part of the earlier run in --save_dir "
                                      f"{save_dir}, which starting afresh there (--overwrite) deletes; copy it out "
                                      "of the save dir first, or choose another --save_dir")

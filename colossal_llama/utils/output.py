@@ -27,13 +27,19 @@ def clear_output_dir(path: Path, overwrite: bool) -> Path:
     return path
 
 
+def lies_in(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, compared after resolving links (``a/../b``, a link to
+    ``folder``): what deleting or replacing ``folder`` would take with it."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
 def check_output_dir(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Path:
     """Check, touching nothing, that the folder ``path`` may be written (then build it in a :func:`tmp_sibling`
     and :func:`replace_dir` it): it is not, and does not contain, any of ``inputs`` (even with ``overwrite``,
     replacing it would delete them); it is not a file; it exists only with ``overwrite``. One-line errors."""
     path = Path(path)
     for given in inputs:
-        if Path(given).resolve().is_relative_to(path.resolve()):
+        if lies_in(given, path):
             raise UserInputError(f"{path}: output folder is or contains an input ({given}); choose a new folder")
     _refuse_non_directory(path)
     if path.exists() and not overwrite:
@@ -46,10 +52,8 @@ def check_apart(outputs: Sequence[Path], inputs: Sequence[Path]) -> None:
     folders; compared after resolving links): replacing it would delete inputs, or a rerun would read its own
     output as input. Checked even with ``--overwrite``; a one-line error naming both."""
     for output in outputs:
-        mine = Path(output).resolve()
         for given in inputs:
-            theirs = Path(given).resolve()
-            if mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+            if lies_in(output, given) or lies_in(given, output):
                 raise UserInputError(f"{output}: this run writes (and with --overwrite replaces) it, and it is, "
                                      f"holds or lies inside the input {given}; choose an output folder apart from "
                                      f"the inputs")
