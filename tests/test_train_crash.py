@@ -136,7 +136,8 @@ def test_a_checkpoint_resumes_on_other_ranks_at_the_same_sample(reference_runs, 
     layout may change too: a tensor-parallel checkpoint (model and optimizer states split by columns and rows)
     resumes under ZeRO over 2 data-parallel ranks. bf16: the optimizer's fp32 master weights go on too: under
     ZeRO the one rank cuts its slice (the whole) out of the 2 ranks' slices; without ZeRO (3d zero 0) it reads the
-    replicas' one file. Rebuilt from the bf16 weights instead, the losses differ 9x more (measured below)."""
+    replicas' one file. Rebuilt from the bf16 weights instead, the losses differ 9x more (measured below). And
+    back: the node returns, the 1-rank run's checkpoint 6 resumed on 2 ranks cuts 2 slices out of the whole."""
     reference = reference_runs[saved]
     save_dir = tmp_path / "ckpt"
     _copy_checkpoint_3(reference, save_dir)
@@ -152,11 +153,20 @@ def test_a_checkpoint_resumes_on_other_ranks_at_the_same_sample(reference_runs, 
     assert [r["tokens"] for r in got] == [r["tokens"] for r in ref]  # the same sequences, step by step
     bf16 = "bf16" in saved
     if bf16:
-        how = "re-cut from the slices of 2 ranks" if saved == "zero2_bf16" else "saved with 2 ranks"
+        how = "re-cut from the 2-rank run's slices" if saved == "zero2_bf16" else "saved with 2 ranks"
         assert f"the fp32 master weights are {how} (this run has 1)" in log
         assert "rebuilt from the saved weights" not in log
     # measured: <= 5.3e-8 in fp32; bf16 zero2 7.2e-6 (6.6e-5 with the masters rebuilt from the bf16 weights)
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=2e-5 if bf16 else 1e-6)
+    if saved == "zero2_bf16":  # and back: the node returns, the 1-rank checkpoint 6 resumed on 2 ranks
+        again = tmp_path / "again"
+        again.mkdir()
+        shutil.copytree(save_dir / "epoch-0_step-6", again / "epoch-0_step-6")
+        (again / "losses.jsonl").write_text("".join((save_dir / "losses.jsonl").read_text().splitlines(True)[:6]))
+        log = train_ok(tmp_path, "back", reference_runs.args(saved, again, *LATEST)).read_text()
+        assert "the fp32 master weights are re-cut from the 1-rank run's slices (this run has 2)" in log
+        back = read_loss_log(again / "losses.jsonl")
+        assert [r["loss"] for r in back] == pytest.approx([r["loss"] for r in got], rel=2e-5)
 
 
 def test_master_weights_of_another_split_are_rebuilt_and_said(reference_runs, tmp_path):

@@ -188,7 +188,7 @@ def _recut_all(files: List[Path], masters: dict, optimizer, parallel) -> Tuple[O
             return None, f"its master weights lack slices of {name} (found {sorted(held)})"
         pieces = [held[(i, count)] for i in range(count)]
         tensors[name] = recut(pieces, param.numel(), *_slice_of(optimizer, param))
-    return tensors, f"re-cut from the slices of {records[0]['layout']['world_size']} ranks"
+    return tensors, f"re-cut from the {records[0]['layout']['world_size']}-rank run's slices"
 
 
 def restore_master_weights(model, optimizer, directory: Path, parallel) -> Optional[bool]:
