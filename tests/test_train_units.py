@@ -811,6 +811,7 @@ def _fp16_zero_scaler_round_trip(ranks, directory):
         optimizer.step()
         optimizer.zero_grad()
     saved = save_loss_scale(optimizer, directory)
+    torch.distributed.barrier()  # rank 0 wrote it: the checkpoint is complete before any rank resumes from it
     _, again = fresh()
     before = scaler_state(again)
     return saved, before, restore_loss_scale(again, directory), scaler_state(again)
@@ -829,6 +830,36 @@ def test_the_fp16_loss_scale_goes_on_after_a_resume(tmp_path):
     for saved, before, restored, after in results:
         assert saved == moved and before == {"scale": 65536.0, "growth_step": 0, "hysteresis_step": 0}
         assert restored is True and after == moved
+
+
+def _torch_scaler_round_trip(ranks, directory):
+    import types
+
+    from colossal_llama.training.loss_scale import restore_loss_scale, save_loss_scale, scaler_state
+
+    param = torch.nn.Parameter(torch.ones(3))
+    sgd = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for blow_up in (float("inf"), 1.0):  # an overflowing step (skipped, the scale halved), then a clean one
+        scaler.scale((param * blow_up).sum()).backward()
+        scaler.step(sgd)
+        scaler.update()
+        sgd.zero_grad()
+    saved = save_loss_scale(types.SimpleNamespace(scaler=scaler), directory)
+    again = types.SimpleNamespace(scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    before = scaler_state(again)
+    return saved, before, restore_loss_scale(again, directory), scaler_state(again)
+
+
+def test_torchs_grad_scaler_under_ddp_goes_on_after_a_resume(tmp_path):
+    """ddp in fp16 scales with torch's GradScaler (colossalai's wrapper holds it as ``optimizer.scaler``; its CUDA
+    scaler is off on CPU, so torch's CPU scaler stands in): its scale and clean-step count are saved and restored."""
+    from tests.support.gloo_world import run_in_gloo_world
+
+    [(saved, before, restored, after)] = run_in_gloo_world(_torch_scaler_round_trip, 1, tmp_path)
+    moved = {"scale": 512.0, "growth_step": 1, "hysteresis_step": 0}
+    assert saved == moved and before == {"scale": 1024.0, "growth_step": 0, "hysteresis_step": 0}
+    assert restored is True and after == moved
 
 
 def test_a_checkpoint_without_a_loss_scale_is_said_and_starts_at_the_initial_one(tmp_path):
