@@ -284,7 +284,7 @@ def test_a_line_over_the_cap_is_one_located_error_or_a_counted_skip(kind, tmp_pa
 @pytest.mark.parametrize("kind", ["", "gz", "zst"])
 def test_a_line_over_the_cap_is_never_held_whole(kind, tmp_path, monkeypatch):
     """A 16 MiB line under a 1 MiB cap is read past in pieces: the reader's memory peak stays near the cap. (Text
-    of a text's compressibility: what one 128 KiB read of a .zst expands to is bounded by its ratio, not the cap.)"""
+    of a text's compressibility; a line that compresses 32,000 to 1: the test below.)"""
     import tracemalloc
 
     from colossal_llama.utils import jsonl
@@ -302,6 +302,39 @@ def test_a_line_over_the_cap_is_never_held_whole(kind, tmp_path, monkeypatch):
         tracemalloc.stop()
     assert lines == [(1, (16 << 20) + 46), (2, b'{"a": 1}\n')]
     assert peak < 4 << 20
+
+
+def _write_compressed(path: Path, pieces) -> None:
+    """``pieces`` (bytes) streamed into ``path`` (``.gz`` or ``.zst``), never all in memory."""
+    with (gzip.open(path, "wb") if path.suffix == ".gz" else
+          zstandard.ZstdCompressor().stream_writer(open(path, "wb"), closefd=True)) as out:
+        for piece in pieces:
+            out.write(piece)
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_a_compressible_line_over_the_cap_is_never_held_whole(kind, tmp_path, monkeypatch):
+    """A run of one byte (padding, a blank-filled field) compresses about 32,000 to 1 in .zst, so one 128 KiB read
+    of it expanded to 4 GiB: a 96 MiB line under a 1 MiB cap was held whole, and a longer one exhausted memory
+    before the cap could refuse it. Decompressed in small steps, the peak stays near the cap (measured by hand with
+    the real 64 MiB cap, a 512 MiB line: 655 MiB peak RSS before, as for plain and .gz files now)."""
+    import tracemalloc
+
+    from colossal_llama.utils import jsonl
+
+    monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / f"padded.jsonl.{kind}"
+    run = b" " * (1 << 20)
+    _write_compressed(path, [b'{"source": "", "target": "x', *[run] * 96, b'", "category": "c"}\n{"a": 1}\n'])
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        lines = [(n, raw if isinstance(raw, bytes) else len(raw)) for n, raw in iter_lines(path)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lines == [(1, (96 << 20) + 47), (2, b'{"a": 1}\n')]
+    assert peak < 16 << 20, f"{peak:,} bytes"
 
 
 def test_fast_batches_are_cut_by_bytes_too(tmp_path, data_dir, monkeypatch):

@@ -10,6 +10,7 @@ import gzip
 import itertools
 import json
 import os
+import re
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -25,7 +26,7 @@ from colossal_llama.dataset.pipeline import PrepSummary, prepare_pretrain
 from colossal_llama.dataset.prepared import load_manifest, load_part, part_dirs
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
 from colossal_llama.tokenizer.loading import load_tokenizer
-from tests.support.prepared_data import reassemble
+from tests.support.prepared_data import reassemble, write_input_slice
 
 MAX_LENGTH = 256
 NUM_BINS = 4
@@ -374,3 +375,99 @@ def test_special_tokens_spelled_in_a_document_are_text(tmp_path, mistral_dir, mi
     (ids, labels), = docs.values()
     assert ids == [sp.bos_id()] + sp.encode(target) + [sp.eos_id()]
     assert ids.count(sp.eos_id()) == 1 and ids.count(sp.bos_id()) == 1
+
+
+def _prepared_state(out: Path):
+    """What a trainer gets from ``out``: its training and held-out rows (input_ids, sorted), or the error line."""
+    from colossal_llama.training.data import collect_parts, expand_dataset_args, load_prepared
+    from colossal_llama.utils.errors import UserInputError
+
+    def rows(split):
+        data = load_prepared(*collect_parts(expand_dataset_args([str(out)], split)))
+        return tuple(sorted(map(tuple, data.dataset["input_ids"])))
+
+    try:
+        train = rows("train")
+        return train, rows("eval") if Manifest.read(out / "manifest.json").eval_dir else None
+    except UserInputError as err:
+        return str(err)
+
+
+def _shape(out: Path) -> frozenset:
+    """The entries of ``out`` two levels down (not inside hidden folders; process ids left out)."""
+    names = set()
+    for entry in out.iterdir():
+        names.add(re.sub(r"\d+$", "", entry.name))
+        if entry.is_dir() and not entry.name.startswith("."):
+            names.update(f"{entry.name}/{child.name}" for child in entry.iterdir())
+    return frozenset(names)
+
+
+def _killed_while_publishing(kill_at: int, prepare) -> int:
+    """``prepare()`` in a forked child killed (``os._exit``: no cleanup, as SIGKILL) just before its ``kill_at``-th
+    rename, replace, unlink or rmdir once publishing began; its exit code (0: it finished first)."""
+    from colossal_llama.dataset.pipeline import OutputRun
+
+    pid = os.fork()
+    if pid:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    code = 1
+    try:
+        ops = itertools.count(1)
+
+        def dying(op):
+            return lambda *args, **kw: os._exit(137) if next(ops) == kill_at else op(*args, **kw)
+
+        publish = OutputRun.publish
+
+        def armed(self, manifest):
+            for name in ("rename", "replace", "unlink", "rmdir"):
+                setattr(os, name, dying(getattr(os, name)))
+            publish(self, manifest)
+
+        OutputRun.publish = armed
+        prepare()
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def test_a_kill_while_publishing_leaves_the_old_output_the_new_or_a_refusal(tmp_path, data_dir, mistral_dir):
+    """The parts, the jsonl mirror, the held-out split and manifest.json cannot be swapped in at once. After a kill
+    at any step of publishing, a trainer gets the old output whole, the new one whole, or a one-line error; the
+    same command again refuses in one line without --overwrite and with it writes the new output, nothing of the
+    old one left (an old held-out split stayed beside a new output that has none)."""
+    from colossal_llama.utils.errors import UserInputError
+
+    inputs = [write_input_slice(data_dir, tmp_path / "in", {"en_novel_botchan.jsonl": 40, "zh_reviews.jsonl": 60})]
+    old_kw, new_kw = dict(seed=1, holdout_fraction=0.2), dict(seed=2, max_length=128)
+    template, clean = tmp_path / "template", tmp_path / "clean"
+    _run(inputs, mistral_dir, template, **old_kw)
+    _run(inputs, mistral_dir, clean, **new_kw)
+    old, new = _prepared_state(template), _prepared_state(clean)
+    assert isinstance(old, tuple) and isinstance(new, tuple) and old != new
+    refused, reran = 0, set()
+    for kill_at in itertools.count(1):
+        out = tmp_path / f"kill-{kill_at}"
+        shutil.copytree(template, out)
+        code = _killed_while_publishing(kill_at, lambda: _run(inputs, mistral_dir, out, overwrite=True, **new_kw))
+        if code == 0:
+            break
+        assert code == 137
+        state = _prepared_state(out)
+        if state in (old, new):
+            continue
+        missing = (rf"(--dataset )?{re.escape(str(out))}/manifest.json: manifest missing \(data preparation did not "
+                   r"finish: prepare it again, with --overwrite; or the path is not OUT/arrow/part-\*\)")
+        assert re.fullmatch(missing, state), (kill_at, state)
+        refused += 1
+        if _shape(out) in reran:
+            continue  # the rerun of a folder like this one was checked (a kill amid a hidden folder's removal)
+        reran.add(_shape(out))
+        with pytest.raises(UserInputError, match="pass --overwrite") as err:
+            _run(inputs, mistral_dir, out, **new_kw)
+        assert "\n" not in str(err.value)
+        _run(inputs, mistral_dir, out, overwrite=True, **new_kw)
+        assert _prepared_state(out) == new, kill_at
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir()), kill_at
+    assert kill_at > 30 and refused > 20 and len(reran) > 3, (kill_at, refused, reran)  # every step a kill point

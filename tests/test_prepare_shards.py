@@ -3,6 +3,7 @@ and training reads bucket k as the union of part k of every shard, once every ma
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -204,3 +205,45 @@ def test_torchrun_spreads_the_shards_over_its_processes(runs, mistral_dir, tmp_p
             a, b = load_part(mine / "arrow" / f"part-0000{k}"), load_part(shard.arrow_dir / f"part-0000{k}")
             assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
     assert sorted(os.listdir(tmp_path / "out")) == ["shard-00000-of-00002", "shard-00001-of-00002"]
+
+
+def _same_size_slices(path: Path, first: int) -> tuple[bytes, bytes]:
+    """The first ``first`` lines of the real ``path`` and a later stretch of other lines of exactly as many bytes."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    target, ends, total = sum(map(len, lines[:first])), {0: first}, 0
+    for j in range(first, len(lines)):
+        total += len(lines[j])
+        if total - target in ends:
+            return b"".join(lines[:first]), b"".join(lines[ends[total - target]:j + 1])
+        ends[total] = j + 1
+    raise AssertionError(f"{path}: no stretch of {target} bytes")
+
+
+def test_shards_of_swapped_input_folders_are_refused(data_dir, mistral_dir, tmp_path):
+    """Two --data_input_dirs entries holding files of the same names and sizes (a/reviews.jsonl, b/reviews.jsonl),
+    given as a,b to shard 0 and b,a to shard 1: the names-and-sizes fingerprint was the same, so training read
+    the shards together, every document of one half twice and the other half not at all."""
+    first, second = _same_size_slices(data_dir / "pretrain" / "zh_reviews.jsonl", 200)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, data in ((a, first), (b, second)):
+        folder.mkdir()
+        (folder / "reviews.jsonl").write_bytes(data)
+    out = tmp_path / "out"
+
+    def prepare(index, order):
+        shard = Shard(index, 2)
+        prepare_pretrain(PretrainPrepConfig(input_dirs=order, tokenizer_dir=mistral_dir, max_length=256, num_bins=2,
+                                            output=OutputLayout.under(out, shard), seed=3, shard=shard, overwrite=True))
+
+    prepare(0, [a, b])
+    prepare(1, [b, a])
+    expected = (r"shard-00001-of-00002/manifest.json: inputs: 2 files, ([\d,]+) bytes, but shard-00000-of-00002 "
+                r"read 2 files, \1 bytes \(the same names and sizes, other contents: --data_input_dirs folders "
+                r"swapped")
+    with pytest.raises(UserInputError, match=expected):
+        resolve_parts(out)
+    copy = tmp_path / "copy"  # the same files elsewhere (another machine's copy): still one set of inputs
+    shutil.copytree(tmp_path / "a", copy / "a")
+    shutil.copytree(tmp_path / "b", copy / "b")
+    prepare(1, [copy / "a", copy / "b"])
+    assert len(resolve_parts(out)) == 4

@@ -44,21 +44,55 @@ class InputFiles:
     files: int
     bytes: int
     fingerprint: str  # sha256 of each file's name (within its --data_input_dirs entry) and size, in order
+    # sha256 of each file's first and last SAMPLE_BYTES, in order (None: an output older than this record). Names
+    # and sizes alone are the same for entries swapped (a/x.jsonl, b/x.jsonl of one size given as a,b then b,a);
+    # a same-size edit inside a larger file's middle still goes unseen (hashing every byte would read it twice).
+    contents: str | None = None
 
     def to_json(self) -> dict:
-        return {"files": self.files, "bytes": self.bytes, "fingerprint": self.fingerprint}
+        return {"files": self.files, "bytes": self.bytes, "fingerprint": self.fingerprint, "contents": self.contents}
 
     @classmethod
     def of(cls, files: list[Path], input_dirs: list[Path]) -> "InputFiles":
-        digest, total = hashlib.sha256(), 0
+        digest, contents, total = hashlib.sha256(), hashlib.sha256(), 0
         for path in files:
             size = path.stat().st_size
             digest.update(f"{_name_within(path, input_dirs)}\t{size}\n".encode())
+            contents.update(_sample_digest(path, size))
             total += size
-        return cls(len(files), total, digest.hexdigest())
+        return cls(len(files), total, digest.hexdigest(), contents.hexdigest())
+
+    def mismatch(self, other: "InputFiles") -> str | None:
+        """How ``other`` differs from these inputs (``None``: the same files, as far as both records tell)."""
+        if (self.files, self.bytes, self.fingerprint) != (other.files, other.bytes, other.fingerprint):
+            return "names or sizes differ"
+        if None not in (self.contents, other.contents) and self.contents != other.contents:
+            return "the same names and sizes, other contents: --data_input_dirs folders swapped, or files edited"
+        return None
 
     def describe(self) -> str:
         return f"{self.files} files, {self.bytes:,} bytes"
+
+
+SAMPLE_BYTES = 64 << 10
+
+
+def _sample_digest(path: Path, size: int) -> bytes:
+    """sha256 of the first and last :data:`SAMPLE_BYTES` of ``path`` (all of it when smaller): two reads per file,
+    whatever its size."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(SAMPLE_BYTES))
+        if size > SAMPLE_BYTES:
+            fh.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+            digest.update(fh.read(SAMPLE_BYTES))
+    return digest.digest()
+
+
+def missing_manifest(path: Path) -> UserInputError:
+    """The one-line error for an output without its manifest (``path``), which is written last."""
+    return UserInputError(f"{path}: manifest missing (data preparation did not finish: prepare it again, with "
+                          "--overwrite; or the path is not OUT/arrow/part-*)")
 
 
 def _name_within(path: Path, input_dirs: list[Path]) -> str:
@@ -147,8 +181,7 @@ class Manifest:
         """The manifest at ``path``. One-line errors (missing: the preparation did not finish)."""
         path = Path(path)
         if not path.is_file():
-            raise UserInputError(
-                f"{path}: manifest missing (data preparation did not finish, or the path is not OUT/arrow/part-*)")
+            raise missing_manifest(path)
         return cls.from_json(read_json(path), path)
 
     def disagreement(self, other: "Manifest") -> str | None:

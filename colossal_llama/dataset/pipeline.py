@@ -46,8 +46,8 @@ from colossal_llama.dataset.writing import PartWriter, WrittenPart, part_name
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
-from colossal_llama.utils.output import (check_apart, check_folder_path, check_replaceable, remove_stale_siblings,
-                                         remove_stale_tmp_dirs, replace_dir, tmp_sibling)
+from colossal_llama.utils.output import (check_apart, check_folder_path, check_replaceable, pid_alive,
+                                         remove_stale_siblings, remove_stale_tmp_dirs, replace_dir, tmp_sibling)
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ class OutputRun:
         layout = self.layout
         self.earlier = self._earlier_manifest()
         self.targets = {"arrow": layout.arrow_dir, "jsonl": layout.jsonl_dir}
-        if config.holdout_fraction or (self.earlier is not None and self.earlier.eval_dir):
+        if config.holdout_fraction or (self.earlier is not None and self.earlier.eval_dir) or \
+                _held_out_parts_left(layout.eval_dir):
             self.targets[EVAL_DIR] = layout.eval_dir
         self.staged = {name: tmp_sibling(path, self.STAGE) for name, path in self.targets.items()}
         # the host too: a --data_cache_dir shared by machines holds each one's work folder, never removed by another
@@ -171,9 +172,10 @@ class OutputRun:
                     break
                 if parent not in self._created:
                     self._created.append(parent)
-        for target in self.targets.values():
+        for target in {*self.targets.values(), self.layout.eval_dir}:  # eval/'s even when this run has none
             remove_stale_siblings(target, self.STAGE)
         remove_stale_tmp_dirs(self.layout.cache_dir, "tokens-{host}-{pid}")
+        _remove_stale_tmp_files(self.layout.manifest)
         self.work_dir.mkdir(parents=True)
         return self
 
@@ -183,13 +185,19 @@ class OutputRun:
         return path
 
     def publish(self, manifest: Manifest) -> None:
-        """Swap the staged folders in (the manifest goes first, so a crash meanwhile never looks complete)."""
+        """Swap the staged folders in (the manifest goes first, so a crash meanwhile never looks complete).
+
+        A kill at any step leaves the old output whole (before the manifest is removed), the new one whole (once
+        it is written), or a folder without manifest that readers refuse and the next run replaces (with
+        ``--overwrite``), leaving nothing of this one: each folder is swapped whole, hidden siblings are removed
+        by the next run."""
         self.layout.manifest.unlink(missing_ok=True)
         for name, target in self.targets.items():
             if self.staged[name].exists():
                 replace_dir(self.staged[name], target)
             elif target.exists():  # an earlier run's held-out split that this run does not have
-                shutil.rmtree(target)
+                target.rename(self.staged[name])  # gone at once: a kill amid rmtree left an empty eval/ behind
+                shutil.rmtree(self.staged[name])
         manifest.write(self.layout.manifest)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -216,6 +224,28 @@ def _check_only_ours(folder: Path, ours: re.Pattern) -> None:
     if foreign is not None:
         raise UserInputError(f"{folder}: holds {foreign.name}, which this tool did not write, so it is not an output "
                              f"of this tool to replace; remove it or choose another output folder")
+
+
+def _remove_stale_tmp_files(path: Path) -> None:
+    """``NAME.tmpPID`` files beside ``path`` (what :func:`~colossal_llama.utils.durable.replace_file` writes before
+    its rename) of runs killed meanwhile, once their process is gone: nothing else removes them."""
+    stale = re.compile(rf"{re.escape(path.name)}\.tmp(\d+)")
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.iterdir():
+        match = stale.fullmatch(entry.name)
+        pid = int(match.group(1)) if match else os.getpid()
+        if pid != os.getpid() and not pid_alive(pid) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+
+
+def _held_out_parts_left(folder: Path) -> bool:
+    """``folder`` holds held-out parts and nothing else: an earlier run's split whose manifest is gone (a run killed
+    while publishing removes the manifest first). Left alone, it stayed beside the next output, which has none."""
+    if not folder.is_dir():
+        return False
+    names = [entry.name for entry in folder.iterdir()]
+    return bool(names) and all(_OURS[EVAL_DIR].fullmatch(name) for name in names)
 
 
 def _reason(err: Exception, path: Path) -> str:

@@ -11,12 +11,13 @@ and its parts are training rows, never a held-out split of their own.
 """
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import numpy as np
 
 from colossal_llama.dataset.config import SHARD_DIR, SHARD_DIR_FORMAT
-from colossal_llama.dataset.manifest import Manifest
+from colossal_llama.dataset.manifest import Manifest, missing_manifest
 from colossal_llama.utils.errors import UserInputError
 
 SPLITS = ("train", "eval")
@@ -62,8 +63,9 @@ def _shards(root: Path) -> list[Path]:
 
 def _check_shards_belong_together(shards: list[Path], count: int) -> None:
     """Each shard's manifest is of its folder's shard, and all read the same input files: shards prepared from
-    other files (a machine's copy incomplete, one shard prepared again after the inputs changed) would hold some
-    documents twice and others not at all. Shards not yet complete are left to the reader of their parts."""
+    other files (a machine's copy incomplete, one shard prepared again after the inputs changed, the folders given
+    in another order) would hold some documents twice and others not at all. Shards not yet complete are left to
+    the reader of their parts."""
     manifests = {shard: read_manifest(shard / "manifest.json") for shard in shards
                  if (shard / "manifest.json").is_file()}
     for index, shard in enumerate(shards):
@@ -74,12 +76,12 @@ def _check_shards_belong_together(shards: list[Path], count: int) -> None:
     recorded = [(shard, m.inputs) for shard, m in manifests.items() if m.inputs is not None]
     for shard, inputs in recorded[1:]:
         first, first_inputs = recorded[0]
-        if inputs != first_inputs:
+        if (mismatch := inputs.mismatch(first_inputs)) is not None:
             raise UserInputError(
                 f"{shard / 'manifest.json'}: inputs: {inputs.describe()}, but {first.name} read "
-                f"{first_inputs.describe()} (names or sizes differ): every shard of one output must read the same "
-                "--data_input_dirs (each takes its lines of every file); prepare the shards again from one set of "
-                "files")
+                f"{first_inputs.describe()} ({mismatch}): every shard of one output must read the same "
+                "--data_input_dirs in the same order (each takes its lines of every file); prepare the shards again "
+                "from one set of files")
 
 
 def _output_parts(root: Path, split: str) -> list[Path]:
@@ -128,6 +130,9 @@ def resolve_parts(path, split: str = "train") -> list[Path]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(path)
+    for folder in (path, path / "arrow"):
+        if _swap_interrupted(folder):
+            raise missing_manifest(folder.parent / "manifest.json")
     if not path.is_dir():
         raise UserInputError(f"{path}: directory does not exist")
     owner = _output_of_training_parts(path) if split == "eval" else None
@@ -148,6 +153,14 @@ def resolve_parts(path, split: str = "train") -> list[Path]:
     if (path.parent / "manifest.json").is_file():  # OUT/arrow or OUT/eval: the parts its manifest lists
         return _listed_parts(path, path.parent / "manifest.json", read_manifest(path.parent / "manifest.json"))
     return part_dirs(path)
+
+
+def _swap_interrupted(folder: Path) -> bool:
+    """``folder`` (``OUT/arrow``) is missing while a hidden ``.arrow.old-PID`` sibling holds the earlier parts: a
+    preparation was killed between the two renames that swap the new parts in (utils.output.replace_dir), after
+    it removed the manifest. Said as the missing manifest it is, not as a path that is no output."""
+    old = f".{glob.escape(folder.name)}.old-*"  # utils.output.tmp_sibling(folder, "old")
+    return not folder.exists() and folder.parent.is_dir() and any(folder.parent.glob(old))
 
 
 def manifest_path_of(part_dir) -> Path:

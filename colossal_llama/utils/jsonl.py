@@ -17,6 +17,10 @@ from colossal_llama.utils.errors import DataError, UserInputError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
 _READ_SIZE = 1 << 17  # small reads: a corrupt block costs few good lines
+# Compressed bytes per zstd decompress call, whose output comes whole: a zstd block expands to at most 128 KiB from
+# as little as 4 bytes (a run of one byte), so a call yields at most 65 blocks, about 8 MiB. A whole read of
+# _READ_SIZE could expand to 4 GiB, far past MAX_LINE_BYTES, before the line could be measured.
+_ZST_FEED = 1 << 8
 # The longest line read (with its newline): memory per line is bounded, and a batch of lines stays far below
 # Arrow's 2 GiB per buffer. A longer line is a located error (a counted skip under --skip_invalid), never read whole.
 MAX_LINE_BYTES = 64 << 20
@@ -33,26 +37,50 @@ class CompressedInputError(UserInputError):
 
 
 def _zst_chunks(path: Path) -> Iterator[bytes]:
-    """Decompressed bytes of a ``.zst`` file (one or more frames). Unlike zstandard's ``stream_reader``, which
-    silently stops at a cut, a file that ends inside a frame raises :class:`EOFError`."""
+    """Decompressed bytes of a ``.zst`` file (one or more frames), in chunks of about :data:`_READ_SIZE` (one
+    :data:`_ZST_FEED` may expand to more: at most about 8 MiB). Unlike zstandard's ``stream_reader``, which silently
+    stops at a cut, a file that ends inside a frame raises :class:`EOFError`."""
+    with open(path, "rb") as fh:
+        yield from _coalesced(_zst_outputs(fh), _READ_SIZE)
+
+
+def _zst_outputs(fh: IO[bytes]) -> Iterator[bytes]:
+    """What each :data:`_ZST_FEED` compressed bytes of ``fh`` decompress to (frames one after the other)."""
     import zstandard
 
-    with open(path, "rb") as fh:
-        decoder, started = zstandard.ZstdDecompressor().decompressobj(), False
-        while True:
-            data = fh.read(_READ_SIZE)
-            if not data:
-                break
-            while data:
-                started = True
-                out = decoder.decompress(data)
-                if out:
-                    yield out
-                data = b""
-                if decoder.eof:  # a frame ended: the rest (if any) starts the next frame
-                    data, decoder, started = decoder.unused_data, zstandard.ZstdDecompressor().decompressobj(), False
-        if started:
-            raise EOFError("compressed data ends inside a frame")
+    decoder, started = zstandard.ZstdDecompressor().decompressobj(), False
+    while data := fh.read(_READ_SIZE):
+        view, pos = memoryview(data), 0
+        while pos < len(view):
+            piece = view[pos:pos + _ZST_FEED]
+            started, pos = True, pos + len(piece)
+            out = decoder.decompress(piece)
+            if decoder.eof:  # a frame ended inside this piece: the rest (if any) starts the next frame
+                pos -= len(decoder.unused_data)
+                decoder, started = zstandard.ZstdDecompressor().decompressobj(), False
+            if out:
+                yield out
+            del out  # not held while the next piece is decompressed
+    if started:
+        raise EOFError("compressed data ends inside a frame")
+
+
+def _coalesced(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """``chunks`` joined into chunks of about ``size`` bytes (fewer calls per line read); a chunk larger than
+    ``size`` is passed on as it is, never copied."""
+    held, total = [], 0
+    for chunk in chunks:
+        if held and total + len(chunk) > size:
+            yield b"".join(held)
+            held, total = [], 0
+        held.append(chunk)
+        total += len(chunk)
+        del chunk  # held only in ``held`` while the next one is made
+        if total >= size:
+            yield held[0] if len(held) == 1 else b"".join(held)
+            held, total = [], 0
+    if held:
+        yield b"".join(held)
 
 
 class _ChunkStream(io.RawIOBase):
@@ -72,6 +100,7 @@ class _ChunkStream(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         while self._pos == len(self._chunk):
+            self._chunk = memoryview(b"")  # the spent chunk is let go before the next is made
             chunk = next(self._chunks, None)
             if chunk is None:
                 return 0
@@ -99,7 +128,7 @@ class OverlongLine:
 def _bounded_lines(fh: IO[bytes], max_bytes: int) -> Iterator[bytes | OverlongLine]:
     """Lines (with their ``\\n``; the last may lack it) of the binary stream ``fh``, each holding at most
     ``max_bytes`` in memory: a longer line is read past in small pieces and yielded as an :class:`OverlongLine`.
-    (A ``.zst`` stream also holds what one compressed read of :data:`_READ_SIZE` expands to.)"""
+    (A ``.zst`` stream also holds one decompressed chunk: at most about 8 MiB, see :data:`_ZST_FEED`.)"""
     while line := fh.readline(max_bytes + 1):
         if len(line) <= max_bytes:
             yield line
