@@ -281,12 +281,23 @@ def test_a_line_over_the_cap_is_one_located_error_or_a_counted_skip(kind, tmp_pa
         _read_all([path])
 
 
+def _lines_and_peak(path: Path):
+    """``iter_lines(path)`` as (line number, the line or an overlong line's length), and the peak of memory
+    allocated meanwhile (bytes)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        lines = [(n, raw if isinstance(raw, bytes) else len(raw)) for n, raw in iter_lines(path)]
+        return lines, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("kind", ["", "gz", "zst"])
 def test_a_line_over_the_cap_is_never_held_whole(kind, tmp_path, monkeypatch):
     """A 16 MiB line under a 1 MiB cap is read past in pieces: the reader's memory peak stays near the cap. (Text
     of a text's compressibility; a line that compresses 32,000 to 1: the test below.)"""
-    import tracemalloc
-
     from colossal_llama.utils import jsonl
 
     monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 1 << 20)
@@ -294,12 +305,7 @@ def test_a_line_over_the_cap_is_never_held_whole(kind, tmp_path, monkeypatch):
     path = tmp_path / ("long.jsonl" + (f".{kind}" if kind else ""))
     path.write_bytes(_compress(kind, data) if kind else data)
     del data
-    tracemalloc.start()
-    try:
-        lines = [(n, raw if isinstance(raw, bytes) else len(raw)) for n, raw in iter_lines(path)]
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    lines, peak = _lines_and_peak(path)
     assert lines == [(1, (16 << 20) + 46), (2, b'{"a": 1}\n')]
     assert peak < 4 << 20
 
@@ -318,8 +324,6 @@ def test_a_compressible_line_over_the_cap_is_never_held_whole(kind, tmp_path, mo
     of it expanded to 4 GiB: a 96 MiB line under a 1 MiB cap was held whole, and a longer one exhausted memory
     before the cap could refuse it. Decompressed in small steps, the peak stays near the cap (measured by hand with
     the real 64 MiB cap, a 512 MiB line: 655 MiB peak RSS before, as for plain and .gz files now)."""
-    import tracemalloc
-
     from colossal_llama.utils import jsonl
 
     monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 1 << 20)
@@ -327,12 +331,7 @@ def test_a_compressible_line_over_the_cap_is_never_held_whole(kind, tmp_path, mo
     run = b" " * (1 << 20)
     _write_compressed(path, [b'{"source": "", "target": "x', *[run] * 96, b'", "category": "c"}\n{"a": 1}\n'])
     assert path.stat().st_size < 1 << 20
-    tracemalloc.start()
-    try:
-        lines = [(n, raw if isinstance(raw, bytes) else len(raw)) for n, raw in iter_lines(path)]
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    lines, peak = _lines_and_peak(path)
     assert lines == [(1, (96 << 20) + 47), (2, b'{"a": 1}\n')]
     assert peak < 16 << 20, f"{peak:,} bytes"
 
