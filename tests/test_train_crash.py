@@ -339,6 +339,23 @@ def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_to_resume(refer
     assert_bitwise_equal(reference_runs["ddp"], save_dir)
 
 
+def test_a_signal_in_the_middle_of_a_step_stops_every_rank_after_that_step(reference_runs, tmp_path):
+    """A signal that lands while a step computes (rank 1, step 4 of 8, no checkpoint due) is in that step's own
+    all-reduce: every rank stops after step 4 with its checkpoint, exit 143, and the resume goes on bit for bit.
+    The vote used to be read when the step began, so one more whole step trained first: a grace period of a step
+    plus a save (what the README asks for) was not enough."""
+    save_dir = tmp_path / "ckpt"
+    args = reference_runs.args("ddp", save_dir)
+    stopped = run_training(args, tmp_path / "stopped.log", env={"CL_TEST_SIGNAL_IN_STEP": "4"})
+    log = (tmp_path / "stopped.log").read_text(errors="replace")
+    assert stopped.returncode != 0 and "[rank 1] " in log and "received SIGTERM" in log, tail(tmp_path / "stopped.log")
+    assert f"stopped by SIGTERM after step 4 of {MAX_STEPS}" in log, tail(tmp_path / "stopped.log")
+    assert _loss_lines(save_dir) == 4
+    assert [c.name for c in complete_checkpoints(save_dir)] == [f"epoch-0_step-{SAVE_INTERVAL}", "epoch-0_step-4"]
+    train_ok(tmp_path, "resumed", args + LATEST)
+    assert_bitwise_equal(reference_runs["ddp"], save_dir)
+
+
 def test_a_stopped_job_that_torchrun_restarts_does_not_start_again(reference_runs, tmp_path):
     """The scheduler's SIGTERM reaches one rank (one node of many); every rank stops at the step with a checkpoint
     and exits 143, which a torchrun that never got the signal takes for a failure: with --max_restarts it started

@@ -417,7 +417,7 @@ def _walk_steps(run: Run, state: RunningState, stop: StopRequest, saving: bool) 
             epoch = state.epoch
             for group in micro_batch_groups(run, epoch, state.sample_offset):
                 try:
-                    result = run.stepper.step(group, state.step + 1, stop.vote)
+                    result = run.stepper.step(group, state.step + 1, lambda: stop.vote)
                 except NonFiniteStep as broken:  # on every rank (the step's loss and norm are global)
                     run.checkpointer.complete_pending()  # --async_save: the last good checkpoint, published
                     raise _diverged_error(broken, run.cfg, saving) from None

@@ -130,9 +130,10 @@ class Stepper:
         self.on_progress()
         return loss_sum, n_tokens
 
-    def step(self, micro_batches: List[dict], step: int, stop_vote: float = 0.0) -> StepResult:
-        """Optimizer step number ``step`` (1-based) over this rank's ``micro_batches``; ``stop_vote`` (1: this rank
-        was asked to stop) is summed over the ranks in the step's last all-reduce, so every rank learns it at once."""
+    def step(self, micro_batches: List[dict], step: int, stop_vote: Callable[[], float] = lambda: 0.0) -> StepResult:
+        """Optimizer step number ``step`` (1-based) over this rank's ``micro_batches``; ``stop_vote()`` (1: this
+        rank was asked to stop) is read at the step's last all-reduce, which sums it over the ranks, so every rank
+        learns at once of a signal that came before then, while the step computed too."""
         start = time.perf_counter()
         local_tokens = [count_loss_tokens(b["labels"]) for b in micro_batches]
         input_tokens = sum(int(b["lengths"].sum()) for b in micro_batches)
@@ -154,7 +155,7 @@ class Stepper:
         reported = loss_sum.item() if self.parallel.reports_loss else 0.0
         # world: brings the last pipeline stage's loss to every rank, and every rank's stop vote to all; before the
         # optimizer step, so that a non-finite loss never reaches the weights
-        total_loss, stop_votes = self._all_reduce([reported, stop_vote])
+        total_loss, stop_votes = self._all_reduce([reported, stop_vote()])
         loss = total_loss / global_loss_tokens
         self._check_finite(step, loss, grad_norm, applied=False)
         lr = self.scheduler.get_last_lr()[0]
@@ -169,12 +170,13 @@ class Stepper:
                           seconds=time.perf_counter() - start, category_tokens=[int(t) for t in category_tokens],
                           stop_votes=int(stop_votes))
 
-    def _skip(self, start: float, input_tokens: float, category_tokens: List[float], stop_vote: float) -> StepResult:
+    def _skip(self, start: float, input_tokens: float, category_tokens: List[float],
+              stop_vote: Callable[[], float]) -> StepResult:
         """A global batch without a trained token (every label masked: chunks of long sources) has no gradient;
         an optimizer step would still move the weights (Adam's momentum, weight decay). No forward, no optimizer
         step: the weights, the optimizer state and the loss scale stay as they were; the schedule moves on (the
         learning rate stays a function of the step number) and the stop votes are counted as in any step."""
-        (stop_votes,) = self._all_reduce([stop_vote])
+        (stop_votes,) = self._all_reduce([stop_vote()])
         with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": skipped on purpose
             warnings.simplefilter("ignore", UserWarning)
             lr = self.scheduler.get_last_lr()[0]

@@ -18,6 +18,8 @@ Fault injection (tests of crash safety), read from the environment:
   checkpoint is the newest (a shared filesystem's cached listing on another machine).
 - ``CL_TEST_SIGNAL_AFTER_STEP=S``: rank 1 sends itself SIGTERM right after logging step S, in torchrun's first
   incarnation only: the ranks agree to stop in step S + 1's all-reduce (a scheduler's signal, at a known step).
+- ``CL_TEST_SIGNAL_IN_STEP=S``: rank 1 sends itself SIGTERM once step S has begun (its forward and backward
+  passes ahead), in torchrun's first incarnation only: a signal that lands in the middle of a step.
 - ``CL_TEST_SLOW_STEP_S=T``: every rank waits T seconds after logging each step (time for a test to send a signal
   between a step and what follows it: validation, a checkpoint save, the next step).
 - ``CL_TEST_SLOW_DELETE_S=T``: every folder deletion of the save dir's trash takes T seconds more (the deletion of
@@ -95,6 +97,19 @@ def _install_signal_after_step(step: int) -> None:
     _after_each_step(terminate)
 
 
+def _install_signal_in_step(step: int) -> None:
+    from colossal_llama.training.step import Stepper
+
+    run_step = Stepper.step
+
+    def signalled_step(self, micro_batches, number, *args, **kwargs):
+        if number == step and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+            os.kill(os.getpid(), signal.SIGTERM)  # the step has begun: its arguments are evaluated
+        return run_step(self, micro_batches, number, *args, **kwargs)
+
+    Stepper.step = signalled_step
+
+
 def _install_publish_late() -> None:
     from colossal_llama.training import checkpoint
 
@@ -156,6 +171,8 @@ def main() -> None:
         _install_freeze_at_step(int(os.environ["CL_TEST_FREEZE_AT_STEP"]))
     if os.environ.get("CL_TEST_SIGNAL_AFTER_STEP"):
         _install_signal_after_step(int(os.environ["CL_TEST_SIGNAL_AFTER_STEP"]))
+    if os.environ.get("CL_TEST_SIGNAL_IN_STEP"):
+        _install_signal_in_step(int(os.environ["CL_TEST_SIGNAL_IN_STEP"]))
     if os.environ.get("CL_TEST_PUBLISH_LATE"):
         _install_publish_late()
     if os.environ.get("CL_TEST_STALE_LISTING"):
