@@ -171,8 +171,9 @@ class RunMetrics:
             self._eval_fh.flush()
         if self._writer is not None:
             for name, s in scores.items():
-                self._writer.add_scalar(f"eval/loss/{name}", s.loss, step)
-                self._writer.add_scalar(f"eval/bpc/{name}", s.bits_per_char, step)
+                if s.tokens and s.characters:  # a score of nothing is no point of the curve
+                    self._writer.add_scalar(f"eval/loss/{name}", s.loss, step)
+                    self._writer.add_scalar(f"eval/bpc/{name}", s.bits_per_char, step)
 
     def _log_window(self) -> None:
         w, self._window = self._window, []

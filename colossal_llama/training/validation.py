@@ -2,8 +2,10 @@
 
 The held-out rows (``--eval_dataset``, by default the ``eval/`` split of each ``--dataset``) are grouped by
 category (a prepared row holds one category: packing and bins are per category) into batches of
-``--batch_size`` rows; categories take turns, so ``--eval_batches`` covers all of them. Batch i is evaluated by
-data-parallel rank ``i % dp``; sums are all-reduced, so every plugin (pipeline included) gives one table.
+``--batch_size`` rows; categories take turns, so ``--eval_batches`` of at least the number of categories covers
+all of them (fewer leave the last ones in name order out of the table, and the log says which and how many batches
+would cover them). Batch i is evaluated by data-parallel rank ``i % dp``; sums are all-reduced, so every plugin
+(pipeline included) gives one table.
 
 bits/char = (sum of the token losses in nats / ln 2) / characters of the trained text (the decoded loss-bearing
 tokens, special tokens excluded): comparable across tokenizers, so a vocabulary expansion does not flatter it.
@@ -14,6 +16,7 @@ a run are the same, bit for bit, with and without it.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -41,7 +44,9 @@ class CategoryScore:
         return self.loss_sum / math.log(2) / self.characters if self.characters else float("nan")
 
     def to_json(self) -> dict:
-        return {"loss": self.loss, "bpc": self.bits_per_char, "tokens": self.tokens, "characters": self.characters}
+        """JSON values: a score of nothing (no trained token, no character) is null, never NaN (not JSON)."""
+        return {"loss": self.loss if self.tokens else None, "bpc": self.bits_per_char if self.characters else None,
+                "tokens": self.tokens, "characters": self.characters}
 
 
 def trained_characters(labels: np.ndarray, tokenizer) -> int:
@@ -76,16 +81,37 @@ class Validator:
     def __init__(self, dataset, categories: Sequence[str], tokenizer, collator, stepper, batch_size: int,
                  max_batches: int):
         self.dataset, self.collator, self.stepper = dataset, collator, stepper
-        self.categories = sorted(set(categories))
         # colossalai's pipeline schedule wants every batch of a run to have the training batch's size
         full_only = batch_size if stepper.parallel.pipeline_microbatch_size else 1
-        self.plan = batch_plan(categories, batch_size, max_batches, multiple=full_only)
+        every = batch_plan(categories, batch_size, sys.maxsize, multiple=full_only)
+        self.plan = every[:max_batches]
+        # scored: the categories with a batch in the plan (a table row of nothing was loss nan, and NaN in JSON)
+        self.categories = sorted({category for category, _ in self.plan})
+        self.left_out = sorted(set(categories) - set(self.categories))
+        # each category with a batch has one in the plan's first turn: that many batches score every one
+        self.batched = sorted({category for category, _ in every})
         # Characters of the rows this rank scores only: decoding is the costly part of setting up (every row's
         # labels, tokenizer.decode), and on dp ranks each scores 1/dp of the batches; a rank whose sums are not
         # counted (pipeline stages but the last, tp/sp peers) decodes nothing.
         counted = stepper.parallel.reports_loss
         self.characters = {int(r): trained_characters(dataset[int(r)]["labels"], tokenizer) if counted else 0
                            for category, rows in self.my_batches() if category is not None for r in rows}
+
+    def left_out_note(self) -> Optional[str]:
+        """Why held-out categories are not scored (None: every one is): too few ``--eval_batches`` for one batch
+        each, or (a pipeline scores full batches only) fewer held-out rows than ``--batch_size``."""
+        if not self.left_out:
+            return None
+        few = [name for name in self.left_out if name in self.batched]
+        reasons = []
+        if few:
+            reasons.append(f"{', '.join(few)}: --eval_batches {len(self.plan)} gives categories a batch each in name "
+                           f"order; {len(self.batched)} would score them")
+        short = [name for name in self.left_out if name not in few]
+        if short:
+            reasons.append(f"{', '.join(short)}: fewer held-out rows than a full batch of --batch_size, which a "
+                           "pipeline needs")
+        return f"validation leaves {len(self.left_out)} held-out categories out of its table ({'; '.join(reasons)})"
 
     def my_batches(self) -> List[tuple[Optional[str], np.ndarray]]:
         """This dp rank's batches of the plan (batch i is rank ``i % dp``'s). Where forwards are collective
