@@ -1089,6 +1089,34 @@ def test_every_dp_rank_runs_as_many_validation_forwards_where_forwards_are_colle
     assert batches(2) == [("a", [1])] + filler
 
 
+def test_validation_with_fewer_batches_than_categories_scores_those_it_covers_and_says_which_not():
+    """Categories take turns in name order: --eval_batches 2 over 3 held-out categories scores 2. The third was a
+    table row of ``loss nan (0 tokens)``, ``NaN`` in eval.jsonl (not JSON) and TensorBoard; it is left out, and the
+    run says so and how many batches would score it. Under a pipeline (full batches only) a category with fewer
+    rows than a batch is left out too, and said."""
+    from types import SimpleNamespace
+
+    from colossal_llama.training.validation import CategoryScore, Validator
+
+    def validator(batches: int, pipeline: int = 0) -> Validator:
+        layout = SimpleNamespace(dp_size=1, dp_rank=0)
+        parallel = SimpleNamespace(layout=layout, pipeline_microbatch_size=pipeline, reports_loss=False,
+                                   forwards_are_collective=False)
+        return Validator([], ["news", "news", "novel", "review", "review"], None, None,
+                         SimpleNamespace(parallel=parallel), 2, batches)
+
+    few = validator(2)
+    assert few.categories == ["news", "novel"] and few.left_out == ["review"]
+    assert few.left_out_note() == ("validation leaves 1 held-out categories out of its table (review: --eval_batches 2 "
+                                   "gives categories a batch each in name order; 3 would score them)")
+    assert validator(3).categories == ["news", "novel", "review"] and validator(3).left_out_note() is None
+    piped = validator(8, pipeline=1)  # batches of 2 rows: novel has 1
+    assert piped.categories == ["news", "review"] and piped.left_out == ["novel"]
+    assert piped.left_out_note().endswith("(novel: fewer held-out rows than a full batch of --batch_size, which a "
+                                          "pipeline needs)")
+    assert CategoryScore(0.0, 0, 0).to_json() == {"loss": None, "bpc": None, "tokens": 0, "characters": 0}
+
+
 def test_liger_is_off_where_colossalai_runs_the_forward_and_refused_when_asked(monkeypatch):
     """Tensor, pipeline and sequence parallelism replace the model's forward and loss with colossalai's: Liger's
     fused loss never ran there, though the run's plan said it trained. ``auto`` is off there, ``on`` refused."""
