@@ -35,6 +35,26 @@ def test_readme_aliases_and_boolean_flags(tiny_llama):
     assert cfg.neft_alpha == 0.1  # the original's activate_neftune(model) default: --use_neft alone, the same noise
 
 
+def test_max_steps_beyond_the_epochs_is_said(tiny_llama, caplog):
+    """--num_epochs caps the run: --max_steps 5 over data of 2 steps an epoch trained 2 and exited 0 without a
+    word about the 3 asked for. The plan says it (and --max_steps within the epochs says nothing)."""
+    from types import SimpleNamespace
+
+    from colossal_llama.training.loop import _plan_steps
+
+    data = SimpleNamespace(bucket_sizes=[9])  # 2 global batches of 4 (1 sequence dropped)
+    parallel = SimpleNamespace(layout=SimpleNamespace(dp_rank=0, dp_size=1))
+    for max_steps, said in (("5", True), ("2", False)):
+        cfg = parse_config(["--pretrained", str(tiny_llama), "--dataset", "d", "--batch_size", "4",
+                            "--max_steps", max_steps])
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            _, plan = _plan_steps(cfg, data, parallel, None)
+        assert plan["total_steps"] == 2
+        assert (caplog.messages == ["--max_steps 5: --num_epochs 1 of this data holds 2 steps (2 an epoch): the run "
+                                    "ends there; raise --num_epochs to train longer"]) == said, caplog.messages
+
+
 def test_the_parser_is_the_config_dataclass(tiny_llama):
     """Every TrainConfig field is a flag whose default is the field's own (no second list of defaults)."""
     import dataclasses

@@ -246,6 +246,10 @@ def _plan_steps(cfg: TrainConfig, data: PreparedData, parallel: Parallelism,
         raise UserInputError(f"--dataset holds {sum(data.bucket_sizes)} sequences, fewer than one global batch "
                              f"({probe.global_batch} = batch_size x accumulation_steps x {layout.dp_size} dp ranks)")
     total_steps = steps_in_all(cfg.num_epochs, probe.epoch_samples, probe.global_batch, resumed)
+    if cfg.max_steps is not None and cfg.max_steps > total_steps:
+        log.warning("--max_steps %d: --num_epochs %d of this data holds %d steps (%d an epoch): the run ends there; "
+                    "raise --num_epochs to train longer", cfg.max_steps, cfg.num_epochs, total_steps,
+                    probe.steps_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     return resolve_warmup(cfg, total_steps), dict(
