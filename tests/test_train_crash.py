@@ -43,8 +43,8 @@ from colossal_llama.training.optim import warmup_cosine_factor
 from colossal_llama.utils.errors import UserInputError
 from tests.support.launch import (alive, free_port, kill_launcher_and_ranks, kill_processes, rank_processes,
                                   run_training, start_training, tail, wait_for_lines)
-from tests.support.train_runs import (DP1_BATCH, LAYOUTS, LORA_RANK, MAX_STEPS, SAVE_INTERVAL, assert_bitwise_equal,
-                                     assert_resumed, train_args, train_ok)
+from tests.support.train_runs import (DP1_BATCH, DP2_BATCH, LAYOUTS, LORA_RANK, MAX_STEPS, SAVE_INTERVAL,
+                                     assert_bitwise_equal, assert_resumed, train_args, train_ok)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -181,6 +181,37 @@ def test_master_weights_of_another_split_are_rebuilt_and_said(reference_runs, tm
     assert "the fp32 master weights are rebuilt from the saved weights" in log
     ref, got = read_loss_log(reference_runs["zero2_bf16"] / "losses.jsonl"), read_loss_log(save_dir / "losses.jsonl")
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-3)
+
+
+def test_epochs_end_in_checkpoints_named_after_them_and_a_resume_crosses_their_boundary(reference_runs, tmp_path,
+                                                                                        data_dir, smollm2_dir):
+    """Three epochs of 2 steps (11 sequences, global batch 4: 3 left over each epoch, said), a checkpoint every 2
+    steps, each at an epoch's end. Each is named after the epoch its last step ended: epoch-0_step-2,
+    epoch-1_step-4, epoch-2_step-6 (named after the next epoch, a 3-epoch run ended with epoch-3); losses.jsonl
+    records epochs 0, 0, 1, 1, 2, 2. Resumed from the end of epoch 0, the run starts
+    epoch 1 at its first sample and trains the uninterrupted run's steps bit for bit."""
+    from colossal_llama.dataset.config import OutputLayout, PretrainPrepConfig
+    from colossal_llama.dataset.pipeline import prepare_pretrain
+    from tests.support.prepared_data import write_input_slice
+
+    inputs = write_input_slice(data_dir, tmp_path / "in", {"en_novel_botchan.jsonl": 6})
+    data = tmp_path / "data"
+    prepare_pretrain(PretrainPrepConfig(input_dirs=[inputs], tokenizer_dir=smollm2_dir, output=OutputLayout.under(data),
+                                        max_length=128, num_bins=1, seed=7))
+    flags = ["--plugin", "ddp", *DP2_BATCH, "--num_epochs", "3", "--save_interval", "2", "--max_steps", "6"]
+    whole = tmp_path / "whole"
+    log = train_ok(tmp_path, "whole", train_args(reference_runs.model, data, whole, *flags)).read_text()
+    assert "11 sequences in 1 buckets, global batch 4 -> 2 steps/epoch, 6 steps total; 3 sequences/epoch skipped" in log
+    assert [c.name for c in complete_checkpoints(whole)] == ["epoch-0_step-2", "epoch-1_step-4", "epoch-2_step-6"]
+    records = read_loss_log(whole / "losses.jsonl")
+    assert [(r["step"], r["epoch"]) for r in records] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (6, 2)]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "epoch-0_step-2", resumed / "epoch-0_step-2")
+    (resumed / "losses.jsonl").write_text("".join((whole / "losses.jsonl").read_text().splitlines(True)[:2]))
+    log = train_ok(tmp_path, "resumed", train_args(reference_runs.model, data, resumed, *flags, *LATEST)).read_text()
+    assert f"resumed from {resumed / 'epoch-0_step-2'}: epoch 1, step 2, sample offset 0" in log
+    assert read_loss_log(resumed / "losses.jsonl") == records
 
 
 def test_a_resume_in_another_epoch_order_says_so(reference_runs, tmp_path):

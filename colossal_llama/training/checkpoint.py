@@ -72,9 +72,13 @@ class RunningState:
     data_order: Optional[dict] = None  # what the epoch order is drawn from (training.inputs.epoch_order_inputs)
     validation_due: bool = False  # this step's validation was skipped by a stop: the resumed run does it first
 
-
-def checkpoint_name(epoch: int, step: int) -> str:
-    return f"epoch-{epoch}_step-{step}"
+    @property
+    def name(self) -> str:
+        """The checkpoint's folder name, ``epoch-E_step-S``: E is the epoch of the last step taken (the original's
+        name). At an epoch's end the state points at the next epoch's first sample already; named after that
+        epoch, a 3-epoch run ended with ``epoch-3``, and the last step of epoch 0 was saved as ``epoch-1``."""
+        ended_epoch = self.sample_offset == 0 and self.step > 0 and self.epoch > 0
+        return f"epoch-{self.epoch - 1 if ended_epoch else self.epoch}_step-{self.step}"
 
 
 # ---------------------------------------------------------------------------------------------- RNG, per rank
@@ -432,7 +436,7 @@ class Checkpointer:
         written last, the folder renamed into place) once every file is on disk: at once, or with
         ``--async_save`` when the background writes are done (at the next save or the end of training)."""
         self.complete_pending()
-        name = checkpoint_name(state.epoch, state.step)
+        name = state.name
         final = self.save_dir / name
         with self._one_line_when_full(name):
             started = time.monotonic()
