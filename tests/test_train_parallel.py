@@ -98,6 +98,46 @@ def test_ring_attention_refuses_in_one_line(tiny_llama, cuda):
         build_parallel(cfg, cuda=cuda)
 
 
+HEADS = "the model's 9 attention heads (3 key/value heads)"  # the real SmolLM2-135M
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tp", "2"], f"--tp 2: {HEADS} do not divide by it; use a --tp that divides both (1 or 3)"),
+    (["--sp", "2", "--sp_mode", "all_to_all"],
+     f"--sp 2 (--sp_mode all_to_all): {HEADS} do not divide by it; use an --sp that divides both (1 or 3)"),
+    (["--tp", "3", "--sp", "3", "--sp_mode", "all_to_all"],
+     f"--tp 3 with --sp 3 (--sp_mode all_to_all): each splits the attention heads, and {HEADS} do not divide by "
+     "3 x 3 = 9; use a --tp x --sp that divides both (1 or 3)"),
+])
+def test_a_split_the_attention_heads_do_not_divide_by_is_refused_in_one_line(smollm2_dir, flags, message):
+    """colossalai asserts the head counts at boost, after the model is built, with a traceback on every rank
+    (--tp), or fails at the first forward (all_to_all --sp): refused from the model's config before anything
+    (no process group needed)."""
+    from colossal_llama.training.config import parse_config
+    from colossal_llama.training.plugin import build_parallel
+
+    cfg = parse_config(["--pretrained", str(smollm2_dir), "--dataset", "d", "--plugin", "3d", "--mixed_precision",
+                        "fp32", "--zero_stage", "0", *flags])
+    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+        build_parallel(cfg, cuda=False)
+
+
+@pytest.mark.parametrize("flags", [["--tp", "3"], ["--sp", "3", "--sp_mode", "all_to_all"],
+                                   ["--tp", "2", "--enable_sequence_parallelism", "--sp_mode", "split_gather"],
+                                   ["--pp", "2"]])
+def test_splits_the_attention_heads_divide_by_pass_the_check(smollm2_dir, tiny_llama, flags):
+    """What divides passes: 9/3 heads by 3, and the tiny LLaMA's 4/2 heads by 2 (split_gather splits the sequence,
+    not the heads; pipeline stages split the layers)."""
+    from transformers import AutoConfig
+
+    from colossal_llama.training.config import parse_config
+    from colossal_llama.training.plugin import check_heads_split
+
+    model = smollm2_dir if "3" in flags else tiny_llama
+    cfg = parse_config(["--pretrained", str(model), "--dataset", "d", "--plugin", "3d", *flags])
+    check_heads_split(cfg, AutoConfig.from_pretrained(model))
+
+
 def test_a_pipeline_trains_batches_of_every_width(tmp_path, tiny_llama, data_dir):
     """``--padding_mode longest`` (the default) pads each batch to its longest row: SFT rows, unpacked, give every
     batch another width. colossalai's 1F1B schedule cached the first batch's activation shape and a later stage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -115,6 +116,8 @@ def _plugin(cfg: TrainConfig, cuda: bool):
     if cfg.zero_stage > 0 and precision == "fp32":
         raise UserInputError(f"--plugin 3d --zero_stage {cfg.zero_stage} needs --mixed_precision bf16/fp16 "
                              "(colossalai's ZeRO keeps fp32 master weights itself); use --zero_stage 0 for fp32")
+    if math.prod(_heads_splits(cfg)) > 1:  # the model's config read only where the heads are split
+        check_heads_split(cfg, _model_config(cfg))
     world = dist.get_world_size()
     sp = cfg.sp if sequence_parallel(cfg) and cfg.sp_mode in ("all_to_all", "ring_attn") else 1
     if world % (cfg.tp * cfg.pp * sp):
@@ -129,6 +132,56 @@ def _plugin(cfg: TrainConfig, cuda: bool):
                                 initial_scale=2**16, max_norm=max_norm, overlap_communication=overlap,
                                 cpu_offload=cfg.zero_cpu_offload, enable_flash_attention=False,
                                 enable_fused_normalization=False, **pipeline, **sequence)
+
+
+def _model_config(cfg: TrainConfig):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.pretrained)
+
+
+def _heads_splits(cfg: TrainConfig) -> tuple[int, int]:
+    """``(tp, sp)`` that split the attention heads: tensor parallelism always; sequence parallelism only in
+    all_to_all mode (which trades the sequence split for a head split inside attention; split_gather and ring
+    split the sequence alone)."""
+    sp = cfg.sp if sequence_parallel(cfg) and cfg.sp_mode == "all_to_all" else 1
+    return cfg.tp, sp
+
+
+def check_heads_split(cfg: TrainConfig, model_config) -> None:
+    """Refuse a ``--tp`` / ``--sp`` (all_to_all) the model's attention heads and key/value heads do not divide by.
+
+    colossalai 0.5.0 asserts ``heads % tp == 0`` and ``kv_heads % tp == 0`` (kv_heads >= tp) in its LLaMA policy
+    at boost, after the model is built, with a traceback on every rank; all_to_all divides both by ``sp`` first
+    without a check and fails at the first forward (a view of a fraction of a head). Both splits divide the heads
+    in turn, so their product must divide both counts. ``--pp`` needs nothing here: colossalai gives a stage with
+    no decoder layer (more stages than layers) nothing to do, and trains (measured: 3 stages, 2 layers)."""
+    tp, sp = _heads_splits(cfg)
+    heads = getattr(model_config, "num_attention_heads", None)
+    if tp * sp == 1 or heads is None:
+        return
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    if heads % (tp * sp) or kv_heads % (tp * sp):
+        raise _heads_error(tp, sp, heads, kv_heads)
+
+
+def _heads_error(tp: int, sp: int, heads: int, kv_heads: int) -> UserInputError:
+    counts = f"the model's {heads} attention heads" + (f" ({kv_heads} key/value heads)" if kv_heads != heads else "")
+    both = "both" if kv_heads != heads else "them"
+    common = math.gcd(heads, kv_heads)
+    fits = _or_list([d for d in range(1, common + 1) if common % d == 0])
+    sp_flag = f"--sp {sp} (--sp_mode all_to_all)"
+    if sp == 1:
+        return UserInputError(f"--tp {tp}: {counts} do not divide by it; use a --tp that divides {both} ({fits})")
+    if tp == 1:
+        return UserInputError(f"{sp_flag}: {counts} do not divide by it; use an --sp that divides {both} ({fits})")
+    return UserInputError(f"--tp {tp} with {sp_flag}: each splits the attention heads, and {counts} do not divide "
+                          f"by {tp} x {sp} = {tp * sp}; use a --tp x --sp that divides {both} ({fits})")
+
+
+def _or_list(values: list) -> str:
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def _layout(plugin) -> ParallelLayout:
