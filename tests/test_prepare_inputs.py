@@ -1,8 +1,10 @@
 """Inputs as users bring them, on the real corpora: compressed files read streaming (and cut or corrupt ones
-refused in one line naming the file and the last good line), rows without text skipped by default, and every
-token of the whole real pre-training corpora accounted for."""
+refused in one line naming the file and the last good line), rows without text skipped by default, every
+token of the whole real pre-training corpora accounted for, and every file of an input folder either read (JSON
+lines by name, in any case) or named in a warning and counted."""
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 import logging
@@ -351,3 +353,71 @@ def test_fast_batches_are_cut_by_bytes_too(tmp_path, data_dir, monkeypatch):
     longest = max(map(len, files[0].read_bytes().splitlines(keepends=True)))
     assert rows == whole and fast == len(rows) and len(sizes) > 1
     assert max(sizes) < (64 << 10) + longest
+
+
+# ------------------------------------------------------------------------------------------ which files are read
+SUFFIXES = ".jsonl, .jsonl.gz, .jsonl.zst, .json, .json.gz, .json.zst"
+
+
+def _real_lines(data_dir, name: str, n: int) -> bytes:
+    return b"".join((data_dir / "pretrain" / name).read_bytes().splitlines(keepends=True)[:n])
+
+
+@pytest.mark.parametrize("kind", ["GZ", "Zst"])
+def test_suffixes_in_any_case_pick_their_decompressor(kind, tmp_path, data_dir):
+    plain = _real_lines(data_dir, NOVEL, 40)
+    path = tmp_path / f"novel.JSONL.{kind}"
+    path.write_bytes(_compress(kind.lower(), plain))
+    assert b"".join(raw for _, raw in iter_lines(path)) == plain
+
+
+def test_every_file_of_an_input_folder_is_read_or_named_as_ignored(tmp_path, data_dir, mistral_dir, caplog):
+    """A folder as users fill it: jsonl names in any case are read (b.JSONL, e.JSONL.GZ); other names are not,
+    and a warning names them and the summary and manifest count them; a hidden file (.DS_Store) goes unmentioned."""
+    folder = tmp_path / "corpus" / "mixed"
+    folder.mkdir(parents=True)
+    (folder / "a.jsonl").write_bytes(_real_lines(data_dir, NEWS, 50))
+    (folder / "b.JSONL").write_bytes(_real_lines(data_dir, "zh_reviews.jsonl", 40))
+    (folder / "e.JSONL.GZ").write_bytes(_compress("gz", _real_lines(data_dir, NOVEL, 30)))
+    (folder / "c.jsonl.bz2").write_bytes(bz2.compress(_real_lines(data_dir, NOVEL, 30)))
+    (folder / "d.jsonl.txt").write_bytes(_real_lines(data_dir, NEWS, 20))
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    with caplog.at_level(logging.INFO):
+        assert pretrain_main(["--data_input_dirs", str(folder), "--tokenizer_dir", str(mistral_dir),
+                              "--data_output_dirs", str(tmp_path / "out"), "--num_spliced_dataset_bins", "1"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["inputs"]["files"] == 3
+    assert (manifest["counts"]["lines_read"], manifest["counts"]["files_ignored"]) == (50 + 40 + 30, 2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{folder}: 2 files ignored, not JSON lines by name ({SUFFIXES}): c.jsonl.bz2, d.jsonl.txt"]
+    assert "input files ignored, not JSON lines by name: 2 (named in the warning above)" in caplog.messages
+
+
+def test_a_folder_without_a_jsonl_file_is_one_line_naming_what_it_holds(tmp_path, mistral_dir, capsys):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("notes.txt", "rows.jsonl.bz2", "sub/a.csv", "sub/b.csv", "sub/c.csv", "sub/d.csv", ".hidden.txt"):
+        (folder / name).write_text("x\n")
+    with pytest.raises(SystemExit) as exc:
+        pretrain_main(["--data_input_dirs", str(folder), "--tokenizer_dir", str(mistral_dir),
+                       "--data_output_dirs", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {folder}: no jsonl files (looked for {SUFFIXES}; 6 other files ignored: notes.txt, rows.jsonl.bz2, "
+        "sub/a.csv, sub/b.csv, sub/c.csv and 1 more)"]
+
+
+def test_mining_pieces_reads_and_reports_corpus_files_alike(tmp_path, data_dir, caplog):
+    """tokenizer/mine_pieces.py finds its --corpus files the same way: any case read, the rest named and counted."""
+    from colossal_llama.tokenizer.mine_pieces import MineConfig, mine_pieces
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "novel.JSONL.GZ").write_bytes(_compress("gz", _real_lines(data_dir, NOVEL, 200)))
+    (corpus / "novel.jsonl.bak").write_bytes(_real_lines(data_dir, NOVEL, 200))
+    with caplog.at_level(logging.WARNING):
+        _, report = mine_pieces(MineConfig(output=tmp_path / "pieces.jsonl", corpus=[corpus], vocab_size=300,
+                                           max_sentences=200))
+    assert (report.files, report.sentences, report.files_ignored) == (1, 200, 1)
+    assert caplog.messages == [f"{corpus}: 1 file ignored, not JSON lines by name ({SUFFIXES}): novel.jsonl.bak"]
+    assert "corpus files ignored, not JSON lines by name: 1 (named in the warning above)" in report.format()

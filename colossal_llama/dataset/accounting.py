@@ -25,6 +25,8 @@ _SKIPPED_AFTER_READING = ("first_exchange_exceeds_max_length", "chat_template_re
 class PrepCounts:
     """The numbers of a run (``manifest.json["counts"]``). Pre-training leaves the SFT fields at 0."""
 
+    files_ignored: int = 0             # files of the --data_input_dirs folders not read (not JSON lines by name;
+                                       # hidden files aside), named in a warning when the run started
     lines_read: int = 0                # non-blank lines of this shard
     documents_in: int = 0              # valid rows (documents / conversations), before tokenisation
     documents_out: int = 0             # documents written (training + held out): lines_read == documents_out +
@@ -77,7 +79,8 @@ def count_tokens(read: ReadLog, docs: DocTable, parts: list[WrittenPart], eval_p
     everything = parts + eval_parts
     kept = docs.length > 0
     c = PrepCounts(
-        lines_read=read.lines_read, documents_in=read.documents, documents_out=int(np.count_nonzero(kept)),
+        files_ignored=read.files_ignored, lines_read=read.lines_read, documents_in=read.documents,
+        documents_out=int(np.count_nonzero(kept)),
         skipped=dict(sorted(read.skipped.items())),
         skipped_examples=list(read.skipped_examples),
         tokens_in=int(docs.full_length.sum(dtype=np.int64)),
@@ -141,6 +144,8 @@ def format_summary(manifest, seconds: dict | None = None, manifest_path=None) ->
         f"{c.sequences:,} sequences of <= {m.max_length}, fill ratio {c.fill_ratio:.4f}; "
         f"fully masked samples {c.fully_masked_samples}",
     ]
+    if c.files_ignored:
+        lines.append(f"input files ignored, not JSON lines by name: {c.files_ignored} (named in the warning above)")
     if m.kind == "pretrain":
         lines.append(f"documents split across sequences: {c.split_documents}")
     else:

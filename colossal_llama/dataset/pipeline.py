@@ -306,7 +306,8 @@ def _entries(parts: list[WrittenPart]) -> list[PartEntry]:
 def _prepare(config: PrepConfig, template: ChatTemplate | None) -> PrepSummary:
     clock = _StageClock()
     tokenizer = template.tokenizer if template is not None else _load_fast_tokenizer(config.tokenizer_dir)
-    files = input_files(config.input_dirs)  # before touching the output
+    found = input_files(config.input_dirs)  # before touching the output
+    files = found.files
     if template is None:
         function, fn_kwargs = tokenize_pretrain_batch, {"tokenizer": tokenizer}
     else:
@@ -314,7 +315,7 @@ def _prepare(config: PrepConfig, template: ChatTemplate | None) -> PrepSummary:
         fn_kwargs = {"template": template, "max_length": config.max_length, "files": [str(f) for f in files],
                      "strict": config.strict}
     with OutputRun(config, files) as run:
-        read = ReadLog(files)
+        read = ReadLog(files, files_ignored=len(found.ignored))
         builder = TokenCacheBuilder(run.work_dir, config.kind, function, fn_kwargs, config.num_proc)
         with clock("read+tokenize"):
             cache = builder.build(read_batches(read, config.kind, config.strict, config.shard), files)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from colossal_llama.dataset.chat_templates import ASSISTANT, MessageError, validate_messages
 from colossal_llama.dataset.config import Shard
 from colossal_llama.utils.errors import DataError, UserInputError
-from colossal_llama.utils.jsonl import BOM, OverlongLine, find_jsonl_files, iter_lines, not_utf8
+from colossal_llama.utils.jsonl import BOM, FoundFiles, OverlongLine, iter_lines, not_utf8, scan_jsonl_files
 
 DEFAULT_SFT_CATEGORY = "default"
 EXAMPLES_PER_REASON = 10
@@ -59,6 +59,7 @@ class ReadLog:
     """What reading saw: lines of this shard, valid documents, and what was skipped, by reason."""
 
     files: list[Path]
+    files_ignored: int = 0  # files of the --data_input_dirs folders not read: not JSON lines by name
     lines_read: int = 0
     documents: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -156,18 +157,19 @@ def _parse_line(raw: bytes | OverlongLine):
         raise FieldError(None, "invalid JSON (nested too deeply)", "invalid_json") from None
 
 
-def input_files(input_dirs: list) -> list[Path]:
-    """The jsonl files of ``--data_input_dirs`` in their fixed (sorted) order; a file named twice is an error, and
+def input_files(input_dirs: list) -> FoundFiles:
+    """The jsonl files of ``--data_input_dirs`` in their fixed (sorted) order, and the folders' files not read
+    (warned about: see :func:`~colossal_llama.utils.jsonl.scan_jsonl_files`); a file named twice is an error, and
     so is a path that is not valid UTF-8 (the mirror and the manifest name every file: refused before any work)."""
-    files = find_jsonl_files(input_dirs)
+    found = scan_jsonl_files(input_dirs)
     seen: dict[Path, Path] = {}
-    for path in files:  # overlapping inputs (a, a/sub) would silently duplicate documents
+    for path in found.files:  # overlapping inputs (a, a/sub) would silently duplicate documents
         if not_utf8(str(path)) is not None:
             raise UserInputError(f"{str(path)!r}: the file name is not valid UTF-8 (rename the file)")
         if path.resolve() in seen:
             raise UserInputError(f"{path}: given twice by --data_input_dirs (also as {seen[path.resolve()]})")
         seen[path.resolve()] = path
-    return files
+    return found
 
 
 def read_batches(log: ReadLog, kind: str, strict: bool, shard: Shard) -> Iterator[RowBatch]:

@@ -37,7 +37,7 @@ from colossal_llama.tokenizer.pieces import write_pieces_file
 from colossal_llama.utils.apportion import largest_remainder
 from colossal_llama.utils.cli import OneLineErrorParser, add_flags, config_from, flag
 from colossal_llama.utils.errors import DataError, UserInputError, cli_entry
-from colossal_llama.utils.jsonl import find_jsonl_files, iter_jsonl
+from colossal_llama.utils.jsonl import FoundFiles, iter_jsonl, scan_jsonl_files
 
 MAX_SENTENCE_BYTES = 8192  # longer lines are cut into chunks (counted), never silently dropped by the trainer
 TEXT_FIELDS = ("text", "source", "target", "content")
@@ -54,6 +54,7 @@ class MiningReport:
     sentences: int = 0  # corpus mode: lines given to the trainer
     files: int = 0  # corpus mode: files of the corpus
     files_whole: int = 0  # corpus mode: files read to their end (the others gave their first lines)
+    files_ignored: int = 0  # corpus mode: files of the --corpus folders not read (not JSON lines by name)
     chunked_lines: int = 0  # corpus mode, records read: lines longer than MAX_SENTENCE_BYTES, cut into chunks
     records_without_text: int = 0  # corpus mode, records read
 
@@ -65,6 +66,9 @@ class MiningReport:
                 f"the others' first lines in proportion to their size; {self.chunked_lines} long lines cut into "
                 f"chunks, {self.records_without_text} records without text)"
             )
+        if self.files_ignored:
+            lines.append(f"corpus files ignored, not JSON lines by name: {self.files_ignored} (named in the warning "
+                         "above)")
         for reason, n in sorted(self.dropped.items()):
             lines.append(f"dropped {n}: {reason}")
         return "\n".join(lines)
@@ -293,13 +297,14 @@ def mine_pieces(cfg: MineConfig) -> tuple[list[str], MiningReport]:
     for name in ("vocab_size", "max_sentences", "min_piece_chars"):
         if getattr(cfg, name) < 1:
             raise UserInputError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    corpus_files = find_jsonl_files(cfg.corpus) if cfg.corpus else []
+    found = scan_jsonl_files(cfg.corpus) if cfg.corpus else FoundFiles()
+    corpus_files = found.files
     _check_output(cfg, corpus_files)
     base_kind, base_texts = None, None
     if cfg.base_tokenizer_dir is not None:
         base_kind, base_texts = base_vocab_texts(cfg.base_tokenizer_dir)
     if cfg.corpus:
-        report = MiningReport(mode="corpus")
+        report = MiningReport(mode="corpus", files_ignored=len(found.ignored))
         lines = corpus_lines(corpus_files, cfg.max_sentences, report)
         candidates = [piece_text(p) for p in train_sp_pieces(lines, cfg.vocab_size, cfg.model_type, cfg.character_coverage)]
     else:

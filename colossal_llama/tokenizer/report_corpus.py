@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from colossal_llama.utils.errors import DataError, UserInputError
-from colossal_llama.utils.jsonl import JSONL_SUFFIXES, iter_jsonl, open_text
+from colossal_llama.utils.jsonl import is_jsonl_name, iter_jsonl, open_text
 from colossal_llama.utils.paths import data_root
 
 LANGUAGES = ("zh", "en")
@@ -54,7 +54,7 @@ def language_of(text: str) -> str:
 
 def _texts_of(path: Path) -> Iterator[str]:
     """Texts of a jsonl file (``source + target`` or ``text``) or of a plain text file (one per line)."""
-    if path.name.endswith(JSONL_SUFFIXES):
+    if is_jsonl_name(path.name):
         for line_no, record in iter_jsonl(path):
             if isinstance(record, dict) and isinstance(record.get("text"), str):
                 yield record["text"]

@@ -1,4 +1,5 @@
-"""Reading jsonl files (plain, ``.gz``, ``.zst``) line by line, streaming, with exact ``file:line`` errors.
+"""Reading jsonl files (plain, ``.gz``, ``.zst``; their suffixes in any case) line by line, streaming, with exact
+``file:line`` errors.
 
 A damaged compressed file (cut short by an interrupted copy, or corrupt) is a one-line
 :class:`~colossal_llama.utils.errors.UserInputError` naming the file, what is wrong and the last line that
@@ -9,13 +10,19 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator, Tuple
+from typing import IO, Iterator, Optional, Tuple
 
 from colossal_llama.utils.errors import DataError, UserInputError
 
+log = logging.getLogger(__name__)
+
+# Matched without regard to case (b.JSONL, c.Jsonl.GZ): names are lower-cased before they are compared.
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
+IGNORED_NAMES_SHOWN = 5  # names of ignored files a warning or an error lists (then how many more)
 _READ_SIZE = 1 << 17  # small reads: a corrupt block costs few good lines
 # Compressed bytes per zstd decompress call, whose output comes whole: a zstd block expands to at most 128 KiB from
 # as little as 4 bytes (a run of one byte), so a call yields at most 65 blocks, about 8 MiB. A whole read of
@@ -139,18 +146,29 @@ def _bounded_lines(fh: IO[bytes], max_bytes: int) -> Iterator[bytes | OverlongLi
         yield OverlongLine(nbytes, max_bytes)
 
 
+def is_jsonl_name(name: str) -> bool:
+    """Whether a file called ``name`` is read as JSON lines: it ends in one of :data:`JSONL_SUFFIXES`, in any case."""
+    return name.lower().endswith(JSONL_SUFFIXES)
+
+
+def compression(path) -> Optional[str]:
+    """``"gz"``, ``"zst"`` or None (plain), from the name's last suffix in any case (``a.JSONL.GZ`` is gzip)."""
+    name = Path(path).name.lower()
+    return "gz" if name.endswith(".gz") else "zst" if name.endswith(".zst") else None
+
+
 def _raw_lines(path: Path, max_bytes: int) -> Iterator[bytes | OverlongLine]:
-    if path.name.endswith(".zst"):
+    if compression(path) == "zst":
         with io.BufferedReader(_ChunkStream(_zst_chunks(path)), _READ_SIZE) as fh:
             yield from _bounded_lines(fh, max_bytes)
         return
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if compression(path) == "gz" else open
     with opener(path, "rb") as fh:
         yield from _bounded_lines(fh, max_bytes)
 
 
 def _compression_problem(path: Path, err: Exception) -> str:
-    kind = ".zst" if path.name.endswith(".zst") else ".gz"
+    kind = f".{compression(path) or 'gz'}"
     if isinstance(err, EOFError):
         return f"truncated {kind} file: the compressed data ends early"
     return f"corrupt {kind} file: {str(err).strip() or type(err).__name__}"
@@ -182,9 +200,9 @@ def open_text(path: Path) -> IO[str]:
     """Open a possibly compressed text file for strict UTF-8 reading (whole-file readers; no cut detection
     for ``.zst``: use :func:`iter_lines` for inputs)."""
     path = Path(path)
-    if path.name.endswith(".gz"):
+    if compression(path) == "gz":
         raw = gzip.open(path, "rb")
-    elif path.name.endswith(".zst"):
+    elif compression(path) == "zst":
         import zstandard
 
         raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
@@ -214,21 +232,59 @@ def iter_jsonl(path: Path) -> Iterator[Tuple[int, object]]:
             raise DataError(path, line_no, None, f"invalid JSON ({err.msg}, column {err.colno})") from None
 
 
-def find_jsonl_files(input_dirs: list) -> list:
-    """All jsonl files under each of ``input_dirs`` (recursively, sorted). A dir with none is an error."""
-    files = []
+@dataclass
+class FoundFiles:
+    """What :func:`scan_jsonl_files` found: the files to read, in order, and every other file of the folders."""
+
+    files: list = field(default_factory=list)  # JSON lines by name (:func:`is_jsonl_name`), each folder's sorted
+    ignored: list = field(default_factory=list)  # the folders' other files, hidden ones aside (.DS_Store, .git/)
+
+
+def scan_jsonl_files(input_dirs: list) -> FoundFiles:
+    """The jsonl files under each of ``input_dirs`` (recursively, sorted; a file given itself is read whatever its
+    name) and the folders' other files. Each folder's ignored files are a warning naming them: a file not read is
+    never dropped in silence, except a hidden one (a name or a folder below the input starting with '.'). A folder
+    without any jsonl file is an error (naming what it holds instead)."""
+    found = FoundFiles()
     for d in input_dirs:
         d = Path(d)
         if d.is_file():
-            files.append(d)
+            found.files.append(d)
             continue
         if not d.is_dir():
             raise UserInputError(f"{d}: input directory does not exist")
-        found = sorted(p for p in d.rglob("*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
-        if not found:
-            raise UserInputError(f"{d}: no jsonl files (looked for {', '.join(JSONL_SUFFIXES)})")
-        files.extend(found)
-    return files
+        files, ignored = _folder_files(d)
+        if not files:
+            other = f"; {_ignored_names(d, ignored)}" if ignored else ""
+            raise UserInputError(f"{d}: no jsonl files (looked for {', '.join(JSONL_SUFFIXES)}{other})")
+        if ignored:
+            log.warning("%s: %d file%s ignored, not JSON lines by name (%s): %s", d, len(ignored),
+                        "" if len(ignored) == 1 else "s", ", ".join(JSONL_SUFFIXES), _names(d, ignored))
+        found.files.extend(files)
+        found.ignored.extend(ignored)
+    return found
+
+
+def _folder_files(folder: Path) -> tuple[list, list]:
+    """``(jsonl files, other files not hidden)`` under ``folder``, recursively, each sorted. A hidden jsonl file is
+    read, as it always was: only the report of what is not read leaves hidden files out."""
+    files, ignored = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if is_jsonl_name(path.name):
+            files.append(path)
+        elif not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            ignored.append(path)
+    return files, ignored
+
+
+def _names(folder: Path, paths: list) -> str:
+    shown = [str(p.relative_to(folder)) for p in paths[:IGNORED_NAMES_SHOWN]]
+    more = len(paths) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more else "")
+
+
+def _ignored_names(folder: Path, ignored: list) -> str:
+    return f"{len(ignored)} other file{'' if len(ignored) == 1 else 's'} ignored: {_names(folder, ignored)}"
 
 
 def not_utf8(text: str) -> str | None:
