@@ -11,15 +11,20 @@
 #   (b) knowledge injection:  DATASET=data/zh                          (validated on its held-out split)
 #   (c) replay:               DATASET="data/zh:0.7 data/en:0.3"        (a mixture; validated per category)
 #   (d) SFT:                  ./train_sft.example.sh                   (packed conversations, NEFTune)
+#
+# Relative paths (PRETRAINED, DATASET, SAVE_DIR, LOAD_CHECKPOINT, HOSTFILE, paths in EXTRA_ARGS) are taken from the
+# directory you run it in, as for any command; the defaults are the repository's outputs/ (scripts/quickstart.sh).
 set -euo pipefail
-cd "$(dirname "$0")"
+# The repository: train.py and its environment. The working directory stays the caller's (a relative SAVE_DIR
+# must not write checkpoints into the repository).
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # colossalai run starts a bare `torchrun`: the environment's bin must be on PATH.
-if [[ -x .venv/bin/torchrun ]]; then export PATH="$PWD/.venv/bin:$PATH"; fi
+if [[ -x "$REPO/.venv/bin/torchrun" ]]; then export PATH="$REPO/.venv/bin:$PATH"; fi
 
-PRETRAINED=${PRETRAINED:-outputs/quickstart/model_init}          # HF folder from init_model.py
-DATASET=${DATASET:-outputs/quickstart/data/zh}                   # prepared output(s), space-separated, each DIR[:WEIGHT]
-SAVE_DIR=${SAVE_DIR:-outputs/train/pretrain}
+PRETRAINED=${PRETRAINED:-$REPO/outputs/quickstart/model_init}    # HF folder from init_model.py
+DATASET=${DATASET:-$REPO/outputs/quickstart/data/zh}             # prepared output(s), space-separated, each DIR[:WEIGHT]
+SAVE_DIR=${SAVE_DIR:-$REPO/outputs/train/pretrain}
 NPROC=${NPROC:-2}
 PLUGIN=${PLUGIN:-ddp}
 BATCH_SIZE=${BATCH_SIZE:-1}
@@ -58,8 +63,9 @@ args+=($EXTRA_ARGS)
 launcher=(colossalai run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}")
 if [[ -n "${HOSTFILE:-}" ]]; then
   # Multi-node: colossalai run reaches every host but localhost/127.0.0.1 over ssh (key login, port SSH_PORT) and
-  # runs `cd $PWD; export <this environment>; torchrun ...` there. Its hostfile parser takes no comments and a
-  # missing hostfile makes it exit 0 without training, so the hosts are checked and copied without comments here.
+  # runs `cd $PWD; export <this environment>; torchrun ...` there (this working directory, too, must exist on each
+  # host). Its hostfile parser takes no comments and a missing hostfile makes it exit 0 without training, so the
+  # hosts are checked and copied without comments here.
   [[ -f "$HOSTFILE" ]] || { echo "train.example.sh: HOSTFILE=$HOSTFILE: no such file" >&2; exit 2; }
   hosts=$(mktemp); trap 'rm -f "$hosts"' EXIT
   sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$HOSTFILE" >"$hosts"
@@ -75,7 +81,7 @@ if [[ -n "${HOSTFILE:-}" ]]; then
   [[ -n "${SSH_PORT:-}" ]] && launcher+=(--ssh-port "$SSH_PORT")
 fi
 rc=0
-"${launcher[@]}" train.py "${args[@]}" || rc=$?
+"${launcher[@]}" "$REPO/train.py" "${args[@]}" || rc=$?
 if [[ $rc != 0 ]]; then
   # Every rank of a failed run exits; the launcher then prints its own report (ChildFailedError, per-rank exit
   # codes). The reason is further up: train.py prints a user error once, as a line starting with "error".

@@ -15,12 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
-def launch(script: str, env: dict, log: Path, expect_success: bool = True) -> int:
+def launch(script: str, env: dict, log: Path, expect_success: bool = True, cwd: Path = None) -> int:
+    """``bash REPO/script`` with ``env``, run in ``cwd`` (default: this process's working directory)."""
     full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                 "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **env}
     with open(log, "w") as out:
         proc = subprocess.run(["bash", str(REPO / script)], env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=600)
+                              timeout=600, cwd=cwd)
     if expect_success:
         assert proc.returncode == 0, f"{script} failed:\n{log.read_text()[-3000:]}"
     return proc.returncode
@@ -83,3 +84,34 @@ def test_a_hostfile_that_names_localhost_first_among_several_is_refused(tmp_path
     assert log.read_text().strip() == (
         f"train.example.sh: HOSTFILE={hostfile}: its first host, localhost, is the rendezvous master, which the "
         "other hosts would take for themselves: list a name or address they reach first, or set MASTER_ADDR")
+
+
+def test_relative_paths_are_the_callers_for_both_launchers(tmp_path, tiny_llama, prepared_pretrain, data_dir):
+    """The README's stage commands (``PRETRAINED=model_init DATASET=data/zh SAVE_DIR=ckpt/a ./train.example.sh``)
+    run from the user's own folder: every relative path is taken from there, and no checkpoint lands in the
+    repository."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "model_init").symlink_to(tiny_llama)
+    (work / "data" / "zh").symlink_to(prepared_pretrain)
+    prepare_sft_slice(data_dir, tiny_llama, work / "data" / "sft")
+    repo_had_ckpt = (REPO / "ckpt").exists()
+    common = {"NPROC": "1", "MAX_STEPS": "1", "MAX_LENGTH": "128"}
+    launch("train.example.sh", {**common, "PRETRAINED": "model_init", "DATASET": "data/zh", "SAVE_DIR": "ckpt/a"},
+           tmp_path / "stage_a.log", cwd=work)
+    launch("train_sft.example.sh", {**common, "PRETRAINED": "ckpt/a/modeling", "DATASET": "data/sft",
+                                    "SAVE_DIR": "ckpt/d"}, tmp_path / "stage_d.log", cwd=work)
+    for stage, pretrained in (("a", "model_init"), ("d", "ckpt/a/modeling")):
+        assert (work / "ckpt" / stage / "modeling" / "config.json").is_file()
+        assert len((work / "ckpt" / stage / "losses.jsonl").read_text().splitlines()) == 1
+        assert json.loads((work / "ckpt" / stage / "config.json").read_text())["pretrained"] == pretrained
+    assert (REPO / "ckpt").exists() == repo_had_ckpt  # nothing written into the repository
+
+
+def test_a_relative_hostfile_is_read_from_the_callers_folder(tmp_path):
+    """Checked (and refused here: localhost first among several) before anything starts: the launcher found it."""
+    (tmp_path / "hosts").write_text("localhost\nnode-2\n")
+    log = tmp_path / "refused.log"
+    assert launch("train.example.sh", {"HOSTFILE": "hosts"}, log, expect_success=False, cwd=tmp_path) == 2
+    assert log.read_text().strip().startswith("train.example.sh: HOSTFILE=hosts: its first host, localhost, is the "
+                                              "rendezvous master")
