@@ -351,6 +351,23 @@ def test_evaluate_bpc_reports_each_file_and_category_and_their_total(smollm2, sm
     assert f"{zh_news.name}:news" in printed and f"{report['bits_per_char']:.4f} bits/char over 6 texts" in printed
 
 
+def test_evaluate_bpc_group_by_reports_a_single_group_too(smollm2_dir, data_dir, tmp_path, capsys):
+    """``--group_by`` always gives the table and ``groups`` in the JSON, even when the data holds one value: a
+    script reading ``groups["news"]`` must not break on a file that happens to hold one category."""
+    zh_news = data_dir / "pretrain" / "zh_news_peoples_daily_199801.jsonl"  # every row: category "news"
+    out = tmp_path / "bpc.json"
+    assert evaluate_main(["bpc", "--model_path", str(smollm2_dir), "--data", str(zh_news), "--group_by", "category",
+                          "--max_samples", "2", "--window", "128", "--stride", "64", "--device", "cpu",
+                          "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["groups"]) == ["news"]
+    for key in ("bits", "characters", "tokens", "texts", "bits_per_char"):
+        assert report["groups"]["news"][key] == report[key]
+    printed = capsys.readouterr().out.splitlines()
+    header = next(k for k, line in enumerate(printed) if line.startswith("group"))
+    assert printed[header + 1].startswith("news ") and f"{report['bits_per_char']:.4f}" in printed[header + 1]
+
+
 def test_bpc_names_each_file_and_value_once(tmp_path, capsys):
     from colossal_llama.eval.cli import _group_names
 

@@ -119,7 +119,8 @@ def _group_names(scans) -> List[tuple]:
 
 
 def run_bpc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
-    """Each file (and each ``--group_by`` value) scored on its own, in the order read; the total adds them up."""
+    """Each file (and each ``--group_by`` value) scored on its own, in the order read; the total adds them up.
+    With ``--group_by``, or several files, the groups are printed as a table and returned under ``groups``."""
     from colossal_llama.eval.bits_per_char import BpcResult, bits_per_char, iter_texts
 
     config, scans = inputs
@@ -131,11 +132,14 @@ def run_bpc(args, inputs, model, tokenizer, ranks: Ranks) -> dict:
                                      desc=f"bpc {name}")
     result = BpcResult.total([*groups.values(), *(BpcResult(skipped=scan.skipped) for _, scan in scans)])
     report = result.to_dict()
-    if len(groups) > 1:
+    # --group_by always reports its groups, one included: a script reading groups[value] must not depend on how
+    # many values a file happens to hold; several files are groups of their own even without it
+    tabled = config.group_by is not None or len(groups) > 1
+    if tabled:
         report["groups"] = {name: r.to_dict() for name, r in groups.items()}
     if not ranks.is_main:
         return report
-    if len(groups) > 1:
+    if tabled:
         width = max(len(n) for n in groups)
         print(f"{'group':<{width}}  {'texts':>6}  {'characters':>10}  {'tokens':>9}  chars/token  bits/char")
         for name, r in groups.items():
