@@ -589,3 +589,42 @@ def test_cloze_prompts_leave_room_for_the_answers_they_score(mmlu, mistral_sp_mo
     result = evaluate_multiple_choice(None, tokenizer, mmlu, config)
     assert result.shots_reduced > 0  # the budget really cut examples
     assert len(scored) == 4 * 20 and max(len(ctx) + len(cont) for ctx, cont in scored) <= budget
+
+
+def test_the_window_is_capped_at_the_models_positions(smollm2, data_dir, monkeypatch):
+    """``--window`` is capped at the model's ``max_position_embeddings``: asking for more scores exactly what a
+    window of the model's positions scores (a model never sees positions it was not trained for)."""
+    model, tok = smollm2
+    texts, _ = load_texts(data_dir / "pretrain" / "en_novel_botchan.jsonl", "target", max_samples=1)
+    texts = [texts[0][:600]]  # about 130 tokens
+    monkeypatch.setattr(model.config, "max_position_embeddings", 48)
+    capped = bits_per_char(model, tok, texts, BpcConfig(window=4096, stride=16))
+    assert capped.bits == pytest.approx(bits_per_char(model, tok, texts, BpcConfig(window=48, stride=16)).bits, rel=1e-9)
+    monkeypatch.undo()
+    assert capped.bits != pytest.approx(bits_per_char(model, tok, texts, BpcConfig(window=4096, stride=16)).bits,
+                                        rel=1e-4)  # the texts are longer than 48 tokens: the cap shows
+
+
+def test_the_total_of_several_files_adds_up_their_counts_and_skipped_rows(tmp_path):
+    """The total line of several files (or groups) is their sum: bits, characters, tokens, texts and every
+    skipped reason's count (a reason met in several files counts each file's rows)."""
+    from colossal_llama.eval.bits_per_char import BpcResult
+
+    parts = [BpcResult(bits=10.0, characters=40, tokens=12, texts=2, skipped={"blank": 1}, batches_per_process=[1]),
+             BpcResult(bits=5.5, characters=20, tokens=7, texts=1, skipped={"blank": 2, "no_text_field": 1},
+                       batches_per_process=[2, 1])]
+    total = BpcResult.total(parts)
+    assert (total.bits, total.characters, total.tokens, total.texts) == (15.5, 60, 19, 3)
+    assert total.skipped == {"blank": 3, "no_text_field": 1} and total.batches_per_process == [3, 1]
+    assert total.bpc == 15.5 / 60
+
+
+def test_a_prompt_is_short_of_examples_exactly_when_its_subject_has_k_or_fewer_questions(smollm2, mmlu):
+    """With 4 questions of a subject, each has 3 others to draw examples from: 3-shot prompts are full, 4-shot
+    prompts are each one example short, and ``shots_short`` counts every such prompt."""
+    model, tok = smollm2
+    pool = [it for it in mmlu if it.subject == "marketing"][:4]
+    full = evaluate_multiple_choice(model, tok, pool, MCConfig(k_shot=3, batch_size=4))
+    short = evaluate_multiple_choice(model, tok, pool, MCConfig(k_shot=4, batch_size=4))
+    assert (full.total, full.shots_short, full.shots_reduced) == (4, 0, 0)
+    assert (short.total, short.shots_short, short.shots_reduced) == (4, 4, 0)

@@ -388,3 +388,55 @@ def test_mean_of_all_rows_is_summed_in_chunks_of_rows(monkeypatch):
     chunked = init_model_module.mean_of_all_rows(matrix)
     assert chunked.dtype == torch.bfloat16 and torch.equal(chunked, whole)
     assert torch.allclose(chunked.float(), matrix.double().mean(dim=0).float(), atol=1e-2)
+
+
+def test_padding_rows_the_new_tokens_leave_are_kept_and_added_padding_is_the_mean_of_real_rows(
+        padded_llama, mistral_sp_model, data_dir, tmp_path):
+    """New tokens that land on a source's padding rows get the mean of their pieces; the source's other padding rows
+    are kept as they were; rows added by ``--pad_vocab_to_multiple_of`` get the mean of the real token rows (not of
+    the padding rows) and are the only rows the report counts as padding. A second expansion of the result keeps the
+    first expansion's base tokenizer size in config.json (LoRA's ``--lora_train_embeddings auto`` reads it)."""
+    tokenizer = tmp_path / "tokenizer"
+    expand_tokenizer(mistral_sp_model.parent, tokenizer, jieba_words(data_dir, 8), report_max_chars=2000)
+    target_tok = AutoTokenizer.from_pretrained(tokenizer)
+    tokens = len(target_tok)
+    report = init_model_from_expanded_tokenizer(padded_llama, tokenizer, tmp_path / "model",
+                                                pad_vocab_to_multiple_of=128)
+    assert (report.new_vocab_size, report.new_rows, report.padding_rows) == (32128, tokens - 32000, 64)
+    old = load_all(padded_llama)["model.embed_tokens.weight"]
+    new = load_all(tmp_path / "model")["model.embed_tokens.weight"]
+    assert new.shape == (32128, 16) and old.dtype == torch.float32
+    assert torch.equal(new[:32000], old[:32000]) and torch.equal(new[tokens:32064], old[tokens:32064])
+    for token_id in range(32000, tokens):
+        piece = target_tok.convert_ids_to_tokens(token_id)
+        ids = sentencepiece_mid_text_ids(mistral_sp_model, piece.replace("\u2581", " "))
+        assert ids and torch.equal(new[token_id], expected_mean(old, ids)), piece
+    real_mean, all_rows_mean = old[:32000].double().mean(dim=0), old.double().mean(dim=0)
+    assert (real_mean - all_rows_mean).abs().max() > 1e-7  # the padding rows would show
+    for row in new[32064:]:
+        torch.testing.assert_close(row.double(), real_mean, rtol=0, atol=1e-9)
+
+    again = tmp_path / "tokenizer2"
+    expand_tokenizer(tokenizer, again, jieba_words(data_dir, 12), report_max_chars=2000)
+    assert len(AutoTokenizer.from_pretrained(again)) > tokens
+    init_model_from_expanded_tokenizer(tmp_path / "model", again, tmp_path / "model2")
+    config = json.loads((tmp_path / "model2" / "config.json").read_text())
+    assert config["colossal_llama_base_tokenizer_size"] == 32000
+
+
+def test_added_tokens_of_a_sentencepiece_source_are_split_as_in_mid_sentence(sharded_llama, mistral_sp_model,
+                                                                            data_dir, tmp_path):
+    """A token added with ``tokenizer.add_tokens`` holds raw text: its rows are the mean of the pieces sentencepiece
+    gives that text in mid-sentence (no dummy-prefix piece '▁' in front; a space inside is '▁')."""
+    tok = AutoTokenizer.from_pretrained(sharded_llama)
+    vocab = tok.get_vocab()
+    words = [w for w in jieba_words(data_dir, 40) if w not in vocab][:3] + ["深度 学习"]  # none a Mistral piece
+    assert tok.add_tokens(words) == 4
+    tok.save_pretrained(str(tmp_path / "tokenizer"))
+    report = init_model_from_expanded_tokenizer(sharded_llama, tmp_path / "tokenizer", tmp_path / "model")
+    assert report.new_rows == len(words)
+    old, new = load_all(sharded_llama), load_all(tmp_path / "model")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        for i, word in enumerate(words):
+            ids = sentencepiece_mid_text_ids(mistral_sp_model, word)
+            assert torch.equal(new[name][32000 + i], expected_mean(old[name], ids)), (name, word, ids)

@@ -23,6 +23,16 @@ def test_dataset_weight_is_an_optional_numeric_suffix():
         parse_category_weights("news=1,novel")
 
 
+def test_weights_of_0_leave_a_category_out_but_not_a_dataset_nor_everything():
+    """A category weight may be 0 (``web=0`` leaves web out, as its error message and the docs say), but not every
+    one; a ``--dataset`` weight must be positive (a dataset to leave out is not listed)."""
+    assert parse_category_weights("news=1,web=0") == {"news": 1.0, "web": 0.0}
+    with pytest.raises(UserInputError, match=r"^--category_weights news=0,web=0: every weight is 0$"):
+        parse_category_weights("news=0,web=0")
+    for arg in ("out/stage1:0", "out/stage1:-0.5", "out/stage1:nan"):
+        with pytest.raises(UserInputError, match="must be a positive number"):
+            split_dataset_weight(arg)
+
 def _groups(sizes, start=0):
     """One bucket; (dataset, category) -> consecutive global row ids from ``start``."""
     out = []

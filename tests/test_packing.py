@@ -10,7 +10,8 @@ import itertools
 import numpy as np
 import pytest
 
-from colossal_llama.dataset.packing import FirstFit, category_rng, interleave, pack_documents, split_into_bins
+from colossal_llama.dataset.packing import (FirstFit, category_rng, interleave, pack_documents, plan_parts,
+                                            split_into_bins)
 from colossal_llama.utils.jsonl import iter_jsonl
 
 
@@ -114,3 +115,34 @@ def test_interleave_keeps_each_category_in_order():
         assert rank[stream == c].tolist() == list(range(n))  # each category's own order is kept
     assert stream.tolist() != interleave(counts, np.random.default_rng(6))[0].tolist()
     assert stream[:50].tolist() != [0] * 50  # really mixed, not concatenated
+
+
+def test_unpacked_rows_are_every_document_once_in_a_seeded_shuffle(real_lengths):
+    """Without packing (SFT's default) each document is one row; rows are a seeded shuffle of the category's
+    documents (not the input order), each document exactly once, whole."""
+    docs = [np.arange(0, 3000), np.arange(3000, 6000)]
+
+    def rows(seed):
+        plan = plan_parts(docs, real_lengths, ["news", "reviews"], max_length=512, num_bins=3, seed=seed, pack=False)
+        seqs = plan.sequences
+        assert (seqs.offsets == np.arange(len(seqs) + 1)).all() and (seqs.start == 0).all()
+        assert (seqs.length == real_lengths[seqs.doc]).all()
+        return [int(d) for _, part in plan.parts for d in seqs.doc[part]]
+
+    first = rows(5)
+    assert sorted(first) == list(range(6000))
+    for c in docs:
+        in_category = [d for d in first if d in set(c.tolist())]
+        assert in_category != sorted(in_category)  # shuffled, not the input order
+    assert rows(5) == first and rows(6) != first
+
+
+def test_bins_a_category_leaves_empty_are_reported(real_lengths):
+    """A category with fewer rows than bins leaves bins empty; they are reported per category (a category of a
+    single document too; one without documents is not a category of this split), and no part is empty here."""
+    docs = [np.arange(0, 20), np.array([20]), np.zeros(0, dtype=np.int64)]
+    plan = plan_parts(docs, real_lengths, ["news", "novel", "none"], max_length=4096, num_bins=3, seed=1, pack=False)
+    assert plan.empty_parts == [] and [k for k, _ in plan.parts] == [0, 1, 2]
+    with_novel = [k for k, part in plan.parts if (plan.seq_category[part] == 1).any()]
+    assert len(with_novel) == 1
+    assert plan.empty_bins == {"novel": [k for k in range(3) if k not in with_novel]}

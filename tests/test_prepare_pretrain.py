@@ -249,6 +249,29 @@ def test_smollm2_tokenizer_and_fully_masked_pieces(tmp_path, smollm2_dir, data_d
     assert manifest.vocab_size == 49152
 
 
+def test_fully_masked_pieces_of_the_held_out_split_are_counted(tmp_path, smollm2_dir, data_dir):
+    """``fully_masked_samples`` counts every written piece without a trained token: those of the training parts and
+    those of the held-out split (``--holdout_fraction``) alike, as ``tokens_out`` counts the tokens of both."""
+    lines = (data_dir / "pretrain" / "en_novel_botchan.jsonl").read_text().splitlines()[:60]
+    passages = [json.loads(line)["target"] for line in lines]
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "qa.jsonl", "w") as fh:
+        for src, tgt in zip(passages[0::2], passages[1::2]):
+            fh.write(json.dumps({"source": src, "target": tgt, "category": "novel"}) + "\n")
+    counts = _run([tmp_path / "in"], smollm2_dir, tmp_path / "out", seed=3, max_length=64,
+                  holdout_fraction=0.5).counts
+
+    def masked_pieces(split):
+        """Pieces (chunks of 64 tokens, each its own piece) of the split's documents whose labels are all -100."""
+        docs, _ = reassemble(tmp_path / "out", split)
+        return sum(all(label == -100 for label in labels[i: i + 64])
+                   for _, labels in docs.values() for i in range(0, len(labels), 64))
+
+    train, held = masked_pieces("train"), masked_pieces("eval")
+    assert train > 0 and held > 0
+    assert counts.fully_masked_samples == train + held
+
+
 def test_cli_with_older_output_flags(tmp_path, inputs, mistral_dir, capsys):
     c, j, a = tmp_path / "c", tmp_path / "prep" / "jsonl", tmp_path / "prep" / "arrow"
     argv = ["--data_input_dirs", f"{inputs[1]}", "--tokenizer_dir", str(mistral_dir), "--data_cache_dir", str(c),

@@ -188,10 +188,15 @@ def test_whole_exchange_truncation_and_counted_drops(name, max_length, tmp_path,
     template = get_chat_template(name, load_tokenizer(tokenizer_dir))
     counts = manifest.counts
     kept = 0
+    cut_exchanges = cut_tokens = written = 0
     for row, meta in _rows(tmp_path / "out"):
         messages = conversations[meta["pieces"][0]["doc"]]
         assert len(row["input_ids"]) <= max_length
         exchanges = len(labelled_spans(row["labels"]))
+        written += len(row["input_ids"])
+        if 2 * exchanges < len(messages):
+            cut_exchanges += template.num_exchanges(messages) - exchanges
+            cut_tokens += len(template.encode_conversation(messages)[0]) - len(row["input_ids"])
         # the row is exactly the encoding of its first `exchanges` exchanges, and one more would not fit
         assert (row["input_ids"], row["labels"]) == template.encode_conversation(messages[: 2 * exchanges])
         if 2 * exchanges < len(messages):
@@ -207,6 +212,12 @@ def test_whole_exchange_truncation_and_counted_drops(name, max_length, tmp_path,
     assert format_summary(manifest)[0] == (f"sft: {kept} documents written from {len(conversations)} rows, "
                                            f"skipped {1 + len(dropped)} {counts.skipped}")
     assert counts.tokens_in == counts.tokens_out + counts.tokens_truncated + counts.tokens_dropped
+    # the reported figures are those of the rows written: exchanges and tokens cut off the truncated conversations,
+    # and the fill ratio of the written tokens (not of the tokens before truncation)
+    assert (counts.truncated_exchanges, counts.tokens_truncated) == (cut_exchanges, cut_tokens)
+    assert cut_exchanges > counts.truncated_conversations  # some conversations lost more than one exchange
+    assert counts.tokens_out == written and counts.sequences == kept
+    assert counts.fill_ratio == round(written / (kept * max_length), 6)
 
 
 @pytest.mark.slow

@@ -119,3 +119,20 @@ def test_a_micro_batch_with_nothing_to_score_still_reaches_every_parameter(prepa
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_the_loss_tokens_are_the_positions_transformers_loss_averages_over(prepared_pretrain):
+    """The training step turns transformers' mean loss into a sum with ``count_loss_tokens``: it must count exactly
+    the labels the shifted causal-LM loss scores (a label at position 0 predicts nothing and is not counted), so that
+    mean x count is the sum of the token losses, on a real batch whose rows here start with a trained label."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    batch = _real_batch(prepared_pretrain)
+    labels = batch["labels"].clone()
+    labels[:, 0] = batch["input_ids"][:, 0]  # as a dataset prepared elsewhere may give
+    vocab = int(batch["input_ids"].max()) + 1
+    logits = torch.randn(*labels.shape, vocab, generator=torch.Generator().manual_seed(0))
+    n = count_loss_tokens(labels)
+    assert 0 < n < labels.numel() - 20
+    mean, total = ForCausalLMLoss(logits, labels, vocab), ForCausalLMLoss(logits, labels, vocab, num_items_in_batch=1)
+    assert math.isclose(mean.item() * n, total.item(), rel_tol=1e-5)

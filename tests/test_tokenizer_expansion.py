@@ -342,3 +342,22 @@ def test_an_existing_report_json_is_refused_before_any_work(tmp_path, mistral_sr
     assert exc.value.code == 2
     assert f"--report_json {report}: already exists (pass --overwrite" in capsys.readouterr().err
     assert report.read_text() == "the user's notes" and not (tmp_path / "tok").exists()
+
+
+def test_bpe_pieces_whose_text_a_vocabulary_entry_already_spells_are_not_added(smollm2_dir, jieba_words, tmp_path):
+    """A byte-level BPE vocabulary spells CJK in bytes (``ä½łå¥½``): a piece whose text an entry already decodes
+    to is present, not added again as a second token for the same text; only the others are added."""
+    from colossal_llama.tokenizer.base_vocab import bpe_vocab_texts
+
+    source = load_tokenizer(smollm2_dir)
+    texts = bpe_vocab_texts(source)
+    present = sorted(t for t in texts if len(t) == 2 and all("\u4e00" <= c <= "\u9fff" for c in t))[:3]
+    assert len(present) == 3 and not set(present) & set(source.get_vocab())  # spelled in bytes, not as text
+    new = [w for w in jieba_words[:10] if w not in texts]
+    assert new
+    expand_tokenizer(smollm2_dir, tmp_path / "tokenizer", present + new, report_max_chars=2000)
+    expanded = load_tokenizer(tmp_path / "tokenizer")
+    assert len(expanded) == len(source) + len(new)
+    for word in present:
+        ids = expanded(word, add_special_tokens=False)["input_ids"]
+        assert ids == source(word, add_special_tokens=False)["input_ids"] and len(ids) == 1, word

@@ -554,6 +554,27 @@ def test_block_mask_is_causal_and_block_diagonal():
     assert torch.equal(m, expected)
 
 
+
+def test_padding_mode_and_sequence_multiple_set_the_width_and_rows_keep_their_figures():
+    """``--padding_mode max_length`` pads every batch to max_length; sequence parallelism rounds the width up to a
+    multiple of its size (never cutting a row). The additive mask (colossalai's sequence-parallel attention adds it to
+    the scores) is 0 exactly where the bool mask allows and the dtype's minimum elsewhere. Each row keeps its own
+    length and category code, in row order (the per-category token counts add them up)."""
+    rows = [{"input_ids": np.arange(1, n + 1), "labels": np.arange(1, n + 1), "position_ids": np.arange(n),
+             "category_code": c} for n, c in ((5, 2), (3, 0), (7, 1))]
+    longest = PackedCollator(pad_token_id=0, max_length=16)(rows)
+    assert longest["input_ids"].shape == (3, 7)
+    assert longest["lengths"].tolist() == [5, 3, 7] and longest["category_codes"].tolist() == [2, 0, 1]
+    assert PackedCollator(0, 16, "max_length")(rows)["input_ids"].shape == (3, 16)
+    for multiple, width in ((2, 8), (4, 8), (7, 7), (3, 9)):
+        batch = PackedCollator(0, 16, pad_multiple=multiple)(rows)
+        assert batch["input_ids"].shape == (3, width), multiple
+        assert batch["input_ids"][2].tolist() == list(range(1, 8)) + [0] * (width - 7)
+    allowed = PackedCollator(0, 16, pad_multiple=4)(rows)["attention_mask"]
+    additive = PackedCollator(0, 16, pad_multiple=4, additive_mask_dtype=torch.bfloat16)(rows)["attention_mask"]
+    assert additive.dtype == torch.bfloat16 and additive.shape == allowed.shape == (3, 1, 8, 8)
+    assert torch.equal(additive == 0, allowed) and (additive[~allowed] == torch.finfo(torch.bfloat16).min).all()
+
 def test_packed_row_logits_equal_its_documents_run_separately(prepared_pretrain, tiny_llama):
     """A real packed row (several real documents) through the tiny LLaMA with sdpa."""
     from transformers import AutoModelForCausalLM
@@ -1135,6 +1156,24 @@ def test_validation_with_fewer_batches_than_categories_scores_those_it_covers_an
     assert piped.left_out_note().endswith("(novel: fewer held-out rows than a full batch of --batch_size, which a "
                                           "pipeline needs)")
     assert CategoryScore(0.0, 0, 0).to_json() == {"loss": None, "bpc": None, "tokens": 0, "characters": 0}
+
+
+def test_validation_batches_take_turns_and_are_full_under_a_pipeline():
+    """Each category's held-out rows in order, cut into batches, categories taking turns, at most ``--eval_batches``;
+    colossalai's pipeline schedule wants every batch of the training batch's size, so there a category's last,
+    smaller batch is cut to full batches (its rows beyond them are not scored) instead of being sent short."""
+    from colossal_llama.training.validation import batch_plan
+
+    categories = ["news"] * 7 + ["novel"] * 5 + ["news"] * 2
+    news, novel = [0, 1, 2, 3, 4, 5, 6, 12, 13], [7, 8, 9, 10, 11]
+
+    def plan(**kw):
+        return [(category, rows.tolist()) for category, rows in batch_plan(categories, 4, **kw)]
+
+    assert plan(max_batches=100) == [("news", news[:4]), ("novel", novel[:4]), ("news", news[4:8]),
+                                     ("novel", novel[4:]), ("news", news[8:])]
+    assert plan(max_batches=3) == plan(max_batches=100)[:3]
+    assert plan(max_batches=100, multiple=4) == [("news", news[:4]), ("novel", novel[:4]), ("news", news[4:8])]
 
 
 def test_liger_is_off_where_colossalai_runs_the_forward_and_refused_when_asked(monkeypatch):
