@@ -224,15 +224,22 @@ def test_other_seed_reorders_but_keeps_every_token(prepared, inputs, mistral_dir
     assert docs_a == docs_b
 
 
+def _novel_qa_input(data_dir, folder):
+    """``folder/qa.jsonl``: 30 rows of real novel passages, each a passage as source and the next as target (long
+    sources: chunks of them carry no trained token). Returns the 60 passages."""
+    lines = (data_dir / "pretrain" / "en_novel_botchan.jsonl").read_text().splitlines()[:60]
+    passages = [json.loads(line)["target"] for line in lines]
+    folder.mkdir()
+    with open(folder / "qa.jsonl", "w") as fh:
+        for src, tgt in zip(passages[0::2], passages[1::2]):
+            fh.write(json.dumps({"source": src, "target": tgt, "category": "novel"}) + "\n")
+    return passages
+
+
 def test_smollm2_tokenizer_and_fully_masked_pieces(tmp_path, smollm2_dir, data_dir):
     """Byte-level BPE tokenizer (BOS <|im_start|>, EOS <|im_end|>); long sources split into chunks whose
     labels are all masked are counted and still packed."""
-    lines = (data_dir / "pretrain" / "en_novel_botchan.jsonl").read_text().splitlines()[:60]
-    passages = [json.loads(line)["target"] for line in lines]
-    (tmp_path / "in").mkdir()
-    with open(tmp_path / "in" / "qa.jsonl", "w") as fh:
-        for src, tgt in zip(passages[0::2], passages[1::2]):
-            fh.write(json.dumps({"source": src, "target": tgt, "category": "novel"}) + "\n")
+    passages = _novel_qa_input(data_dir, tmp_path / "in")
     manifest = _prepare([tmp_path / "in"], smollm2_dir, tmp_path / "out", seed=3, max_length=64, num_proc=2)
     tok = load_tokenizer(smollm2_dir)
     docs, _ = reassemble(tmp_path / "out")
@@ -252,12 +259,7 @@ def test_smollm2_tokenizer_and_fully_masked_pieces(tmp_path, smollm2_dir, data_d
 def test_fully_masked_pieces_of_the_held_out_split_are_counted(tmp_path, smollm2_dir, data_dir):
     """``fully_masked_samples`` counts every written piece without a trained token: those of the training parts and
     those of the held-out split (``--holdout_fraction``) alike, as ``tokens_out`` counts the tokens of both."""
-    lines = (data_dir / "pretrain" / "en_novel_botchan.jsonl").read_text().splitlines()[:60]
-    passages = [json.loads(line)["target"] for line in lines]
-    (tmp_path / "in").mkdir()
-    with open(tmp_path / "in" / "qa.jsonl", "w") as fh:
-        for src, tgt in zip(passages[0::2], passages[1::2]):
-            fh.write(json.dumps({"source": src, "target": tgt, "category": "novel"}) + "\n")
+    _novel_qa_input(data_dir, tmp_path / "in")
     counts = _run([tmp_path / "in"], smollm2_dir, tmp_path / "out", seed=3, max_length=64,
                   holdout_fraction=0.5).counts
 
