@@ -407,8 +407,11 @@ def test_a_stopped_job_that_torchrun_restarts_does_not_start_again(reference_run
     log = (tmp_path / "stopped.log").read_text(errors="replace")
     assert "[rank 1] received SIGTERM" in log, tail(tmp_path / "stopped.log")  # the fault: one rank signalled
     assert re.search(r"\[rank 0\] .*stopped by SIGTERM after step 5 of 8", log), tail(tmp_path / "stopped.log")
-    for rank in (0, 1):  # torchrun restarted them once (--max_restarts 1), and they left
-        assert f"[rank {rank}] this job stopped on SIGTERM (its checkpoint is saved): torchrun restarted it" in log
+    # torchrun restarted them once (--max_restarts 1) and they left: the first to leave ends the attempt (torchrun
+    # then stops the other, which may not have said so yet: seen in CI), and nothing trained again (below)
+    left = [rank for rank in (0, 1)
+            if f"[rank {rank}] this job stopped on SIGTERM (its checkpoint is saved): torchrun restarted it" in log]
+    assert left, tail(tmp_path / "stopped.log")
     assert code != 0 and _loss_lines(save_dir) == 5 and not (save_dir / "modeling").exists()
     assert [c.name for c in complete_checkpoints(save_dir)] == [f"epoch-0_step-{SAVE_INTERVAL}", "epoch-0_step-5"]
 
