@@ -221,8 +221,9 @@ def _build_claimed_run(cfg: TrainConfig, cuda: bool, trash: Trash, target: Optio
                               tokenizer, collator, stepper, cfg.batch_size, cfg.eval_batches)
         log.info("validation: %d batches of the held-out data (%s) every %d steps", len(validator.plan),
                  ", ".join(validator.categories), validation_interval(cfg))
-        if validator.left_out_note():
-            log.warning("%s", validator.left_out_note())
+        left_out = validator.left_out_note()
+        if left_out:
+            log.warning("%s", left_out)
     return Run(cfg, plan, inputs, parallel, stepper, checkpointer, collator, validator, target, lock, cuda, peers)
 
 
