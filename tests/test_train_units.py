@@ -816,8 +816,8 @@ def test_zero_master_slices_are_recut_for_another_rank_count(numel):
     """ZeRO pads a flat parameter to a multiple of its rank count and gives rank r the r-th equal piece. A job
     resumed on another count cuts each new slice out of the old ones: for every old and new count (1-4) the new
     slices are those ZeRO would cut from the whole parameter, their padding zeros; the old padding is never read
-    (nan here)."""
-    from colossal_llama.training.master_weights import recut
+    (nan here), nor any old piece but those ``pieces_covered`` names (only they are given)."""
+    from colossal_llama.training.master_weights import pieces_covered, recut
 
     whole = torch.randn(numel, dtype=torch.float32)
 
@@ -826,10 +826,66 @@ def test_zero_master_slices_are_recut_for_another_rank_count(numel):
         return list(padded.split(padded.numel() // count))
 
     for old in range(1, 5):
+        pieces = zero_cut(old, padding=float("nan"))
         for new in range(1, 5):
-            got = [recut(zero_cut(old, padding=float("nan")), numel, index, new) for index in range(new)]
+            covered = [pieces_covered(numel, index, new, old) for index in range(new)]
+            got = [recut({i: pieces[i] for i in covered[index]}, numel, index, new, old) for index in range(new)]
             assert all(torch.equal(g, w) for g, w in zip(got, zero_cut(new))), (old, new)
             assert len(got) == new and torch.equal(torch.cat(got)[:numel], whole)
+            # each new slice overlaps at most old/new + 1 old pieces, in order, and together they are all
+            assert all(len(c) <= -(-old // new) + 1 for c in covered), (old, new, covered)
+            assert sorted({i for c in covered for i in c}) == [i for i in range(old) if i * -(-numel // old) < numel]
+
+
+def _zero_masters_saved_then_restored(ranks, directory, whole, saving):
+    """On each rank: a bf16 model under colossalai's ZeRO optimizer (CPU) whose fp32 masters are set to ZeRO's
+    cut of ``whole`` (``{name: flat fp32}``) over the ranks, saved (``saving``); else a fresh one's masters
+    restored from ``directory``, with the names of the files this rank opened and the masters it holds."""
+    import types
+
+    from colossal_llama.training import cpu_compat, master_weights
+
+    cpu_compat.apply()
+    from colossalai.zero.low_level import LowLevelZeroOptimizer
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3)).bfloat16()
+    optimizer = LowLevelZeroOptimizer(torch.optim.AdamW(module.parameters(), lr=1e-3), partition_grad=True)
+    model = types.SimpleNamespace(unwrap=lambda: module)
+    parallel = types.SimpleNamespace(saves_master_weights=True, plugin=None, sizes={"tp_size": 1, "pp_size": 1})
+    masters = master_weights._masters_by_name(model, optimizer)
+    if saving:
+        with torch.no_grad():
+            for name, (_, master) in masters.items():
+                padded = torch.cat([whole[name], torch.zeros(-whole[name].numel() % ranks.size)])
+                master.copy_(padded.chunk(ranks.size)[ranks.rank])
+        return master_weights.save_master_weights(model, optimizer, directory, parallel)
+    opened, load = [], master_weights._load
+    master_weights._load = lambda path: opened.append(path.name) or load(path)
+    restored = master_weights.restore_master_weights(model, optimizer, directory, parallel)
+    return restored, opened, {name: master.clone() for name, (_, master) in masters.items()}
+
+
+def test_zero_masters_of_4_ranks_resumed_on_2_open_only_the_files_they_overlap(tmp_path):
+    """A job on 512 ranks resumed on 256 used to open all 512 files on every rank (262,144 opens). The save now
+    writes an index of which file holds which slice, and each rank opens only the old files its new slices
+    overlap: of 4 ranks' files, new rank 0 of 2 opens the old ranks 0 and 1, new rank 1 the old 2 and 3, and each
+    holds exactly ZeRO's 2-rank cut of the masters the 4 ranks held (padding zeros)."""
+    from colossal_llama.training.master_weights import INDEX_FILE, MASTER_DIR
+    from tests.support.gloo_world import run_in_gloo_world
+
+    shapes = {"0.weight": 32, "0.bias": 4, "1.weight": 12, "1.bias": 3}  # 1.bias: one element of padding on 4
+    whole = {name: torch.arange(numel, dtype=torch.float32) + 0.1 for name, numel in shapes.items()}
+    assert run_in_gloo_world(_zero_masters_saved_then_restored, 4, tmp_path, whole, True) == [4] * 4
+    index = json.loads((tmp_path / MASTER_DIR / INDEX_FILE).read_text())
+    assert [(e["file"], e["slice"]) for e in index["files"]] == [(f"rank-{r:05d}.pt", [r, 4]) for r in range(4)]
+    results = run_in_gloo_world(_zero_masters_saved_then_restored, 2, tmp_path, whole, False)
+    for rank, (restored, opened, masters) in enumerate(results):
+        assert restored is True
+        assert opened == [f"rank-{old:05d}.pt" for old in (2 * rank, 2 * rank + 1)]
+        for name, numel in shapes.items():
+            padded = torch.cat([whole[name], torch.zeros(-numel % 2)])
+            assert torch.equal(masters[name], padded.chunk(2)[rank]), (rank, name)
 
 
 def _fp16_zero_scaler_round_trip(ranks, directory):
