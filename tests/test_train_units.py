@@ -879,13 +879,17 @@ def test_zero_masters_of_4_ranks_resumed_on_2_open_only_the_files_they_overlap(t
     assert run_in_gloo_world(_zero_masters_saved_then_restored, 4, tmp_path, whole, True) == [4] * 4
     index = json.loads((tmp_path / MASTER_DIR / INDEX_FILE).read_text())
     assert [(e["file"], e["slice"]) for e in index["files"]] == [(f"rank-{r:05d}.pt", [r, 4]) for r in range(4)]
-    results = run_in_gloo_world(_zero_masters_saved_then_restored, 2, tmp_path, whole, False)
-    for rank, (restored, opened, masters) in enumerate(results):
-        assert restored is True
-        assert opened == [f"rank-{old:05d}.pt" for old in (2 * rank, 2 * rank + 1)]
-        for name, numel in shapes.items():
-            padded = torch.cat([whole[name], torch.zeros(-numel % 2)])
-            assert torch.equal(masters[name], padded.chunk(2)[rank]), (rank, name)
+    for indexed in (True, False):  # without the index (a checkpoint of an older version): every file is read
+        if not indexed:
+            (tmp_path / MASTER_DIR / INDEX_FILE).unlink()
+        results = run_in_gloo_world(_zero_masters_saved_then_restored, 2, tmp_path, whole, False)
+        for rank, (restored, opened, masters) in enumerate(results):
+            assert restored is True
+            olds = (2 * rank, 2 * rank + 1) if indexed else range(4)
+            assert opened == [f"rank-{old:05d}.pt" for old in olds], indexed
+            for name, numel in shapes.items():
+                padded = torch.cat([whole[name], torch.zeros(-numel % 2)])
+                assert torch.equal(masters[name], padded.chunk(2)[rank]), (rank, name, indexed)
 
 
 def _fp16_zero_scaler_round_trip(ranks, directory):
