@@ -17,9 +17,9 @@ ones (:func:`recut`: ZeRO pads each flat parameter to a multiple of the rank cou
 ``r``-th equal piece). The checkpoint's ``index.json`` (written by rank 0 at the save) says which file holds which
 slice of which part, so a rank opens only the old files its new slices overlap (about old/new count + 1 of them,
 never all of them: 512 ranks each opening 512 files was 262,144 opens on a shared filesystem), memory-mapped, and
-reads only the bytes it needs; without ZeRO every replica reads its part's file as before. On any other change (tp/pp/sp split, optimizer, or a checkpoint older than
-the slice records) the masters are rebuilt from the saved weights, and the log says so. gemini keeps its masters in
-chunks of its own: not covered.
+reads only the bytes it needs; without ZeRO every replica reads its part's file as before. On any other change
+(tp/pp/sp split, optimizer, or a checkpoint older than the slice records) the masters are rebuilt from the saved
+weights, and the log says so. gemini keeps its masters in chunks of its own: not covered.
 """
 from __future__ import annotations
 
