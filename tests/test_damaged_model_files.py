@@ -330,3 +330,27 @@ def test_a_json_file_is_on_disk_before_its_name(tmp_path):
     write_json(tmp_path / "manifest.json", {"blob": "x" * (64 << 20)})
     assert _dirty_mib() < before + 32, before
     assert len(json.loads((tmp_path / "manifest.json").read_text())["blob"]) == 64 << 20
+
+
+def _load_damaged_weights(ranks, folder):
+    """On each rank: ``Checkpointer.load_weights`` of ``folder`` (whose weights file is cut short), counting the
+    files this rank checked; the error it raised."""
+    from colossal_llama.training import checkpoint_files
+    from colossal_llama.training.checkpoint import Checkpointer
+
+    checked, check = [], checkpoint_files.check_file
+    checkpoint_files.check_file = lambda path: checked.append(path.name) or check(path)
+    with pytest.raises(UserInputError) as err:
+        Checkpointer.__new__(Checkpointer).load_weights(folder, flag="--pretrained")
+    return checked, str(err.value)
+
+
+def test_weights_are_checked_for_damage_by_rank_0_alone_and_every_rank_stops_with_its_line(cut_smollm2):
+    """Every rank of a job loads the same --pretrained / stage weights; each checking every file read a 70 B
+    model's 30-280 files 512 times over on one shared filesystem. Rank 0 checks them; a damaged one stops every
+    rank with the same line naming it (none waits in a collective for the others)."""
+    from tests.support.gloo_world import run_in_gloo_world
+
+    (checked0, error0), (checked1, error1) = run_in_gloo_world(_load_damaged_weights, 2, cut_smollm2)
+    assert "model.safetensors" in checked0 and checked1 == []
+    assert error0 == error1 and error0.startswith(f"{cut_smollm2 / 'model.safetensors'}: {DAMAGED} (")
