@@ -112,3 +112,12 @@ def test_plan_memory_benchmark_prints_bytes_per_document_for_each_size():
     for documents, tokens, _table, _peak, pieces in rows:
         assert int(pieces.replace(",", "")) >= int(documents.replace(",", ""))  # a piece per document at least
 
+
+
+def test_category_setup_benchmark_times_every_stage_for_each_category_count():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "category_setup.py"), "--rows", "20000",
+                          "--categories", "3", "300"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^\| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$",
+                      out.stdout, re.M)
+    assert [r[0] for r in rows] == ["3", "300"] and rows[0][-1] == "1.0", out.stdout

@@ -189,3 +189,17 @@ def test_weights_on_some_datasets_only_are_refused():
     cfg = SimpleNamespace(dataset=["new:0.7", "old"], category_weights=None)
     with pytest.raises(UserInputError, match="^--dataset: old has no weight while others have one"):
         _mixture(cfg, None)
+
+
+def test_rows_are_grouped_by_key_in_one_sort_each_group_in_stored_order():
+    """The mixture's groups and the validation plan's categories: each distinct key (sorted) with the indices of
+    its items ascending, offset by where the bucket starts, in the row index type; nothing for no items."""
+    from colossal_llama.utils.groups import grouped_rows
+
+    distinct, members = grouped_rows(np.array([3, 1, 3, 2, 1, 3]), start=10, dtype=np.uint32)
+    assert distinct.tolist() == [1, 2, 3]
+    assert [m.tolist() for m in members] == [[11, 14], [13], [10, 12, 15]]
+    assert all(m.dtype == np.uint32 for m in members)
+    names, rows = grouped_rows(np.array(["novel", "news", "novel"]))
+    assert names.tolist() == ["news", "novel"] and [r.tolist() for r in rows] == [[1], [0, 2]]
+    assert grouped_rows(np.zeros(0, np.int64))[1] == []

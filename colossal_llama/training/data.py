@@ -23,6 +23,7 @@ from colossal_llama.dataset.manifest import Manifest
 from colossal_llama.dataset.prepared import load_part, manifest_path_of, read_manifest, resolve_parts, split_of
 from colossal_llama.training.mixture import Mixture, row_index_dtype, split_dataset_weight
 from colossal_llama.utils.errors import UserInputError
+from colossal_llama.utils.groups import grouped_rows
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,12 @@ class PreparedData:
         """Per bucket, ``((source, category), row indices)`` of every group present (for :mod:`mixture`)."""
         groups, start, dtype = [], 0, row_index_dtype(sum(self.bucket_sizes))
         for size in self.bucket_sizes:
-            rows = np.arange(start, start + size, dtype=dtype)
             keys = self.row_source[start:start + size].astype(np.int64) * 65536 + self.row_category[start:start + size]
             bucket = []
-            for key in np.unique(keys):
+            # one stable sort, not a pass over the bucket per group (4,000 categories took 4 s on 2 M rows)
+            for key, rows in zip(*grouped_rows(keys, start, dtype)):
                 source, category = divmod(int(key), 65536)
-                bucket.append(((source, self.categories[category]), rows[keys == key]))
+                bucket.append(((source, self.categories[category]), rows))
             groups.append(bucket)
             start += size
         return groups

@@ -82,13 +82,14 @@ def _shares(groups: Sequence[Tuple[GroupKey, int]], dataset_weights: Dict[int, f
     """Shares of ``(key, size)`` groups of one bucket (see the module docstring); they sum to 1."""
     datasets = sorted({d for (d, _), _ in groups})
     total_w = sum(dataset_weights.get(d, 1.0) for d in datasets)
+    # each dataset's sums once, in group order (a sum per group was O(groups^2): 37 s for 4,000 categories)
+    sizes, weights = dict.fromkeys(datasets, 0), dict.fromkeys(datasets, 0.0)
+    for (d, c), size in groups:
+        sizes[d] += size
+        weights[d] += category_weights[c] if category_weights else 0.0
     shares = []
     for (d, c), size in groups:
-        mine = [(cat, n) for (dd, cat), n in groups if dd == d]
-        if category_weights:
-            within = category_weights[c] / (sum(category_weights[cat] for cat, _ in mine) or 1.0)
-        else:
-            within = size / sum(n for _, n in mine)
+        within = category_weights[c] / (weights[d] or 1.0) if category_weights else size / sizes[d]
         shares.append(dataset_weights.get(d, 1.0) / total_w * within)
     return shares
 

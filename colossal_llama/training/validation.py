@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from colossal_llama.utils.groups import grouped_rows
 from colossal_llama.utils.labels import IGNORE_INDEX
 
 ALL = "all"
@@ -61,8 +62,8 @@ def batch_plan(categories: Sequence[str], batch_size: int, max_batches: int,
     """``(category, row indices)`` batches: each category's rows in order, cut into ``batch_size``; categories
     take turns (batch 0 of each, then batch 1 of each, ...); at most ``max_batches``. A last batch is
     cut to a multiple of ``multiple`` rows (with ``multiple = batch_size``: full batches only)."""
-    names = sorted(set(categories))
-    rows = {name: np.flatnonzero(np.asarray(categories) == name) for name in names}
+    distinct, members = grouped_rows(np.asarray(categories))  # one sort, not a pass per category
+    names, rows = distinct.tolist(), dict(zip(distinct.tolist(), members))
     per_category = {}
     for name in names:
         batches = [rows[name][i:i + batch_size] for i in range(0, len(rows[name]), batch_size)]
