@@ -867,6 +867,48 @@ def test_a_checkpoint_and_a_run_that_disagree_on_lora_stop_with_one_line(referen
     assert text.splitlines()[0] == errors[0]  # checked before anything is built: the very first line
 
 
+def test_a_checkpoint_of_another_stage_stops_with_one_line_and_a_finished_one_says_nothing_is_left(
+        reference_runs, tmp_path, data_dir):
+    """A pre-training checkpoint given to the SFT stage as --load_checkpoint resumed the pre-training run: a
+    finished one trained nothing, exit 0, and saved its weights as an SFT model; an unfinished one went on with
+    pre-training's steps and schedule. Named before the model is built, with the way on (its weights). And the
+    other way round. A checkpoint of the same stage at its run's last step is resumed and says nothing is left."""
+    from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE
+    from colossal_llama.dataset.config import OutputLayout, SFTPrepConfig
+    from colossal_llama.dataset.pipeline import prepare_sft
+    from colossal_llama.training.checkpoint import check_same_stage
+
+    pretraining = reference_runs["ddp"] / f"epoch-0_step-{MAX_STEPS}"
+    sft = tmp_path / "sft"
+    prepare_sft(SFTPrepConfig(input_dirs=[data_dir / "sft"], tokenizer_dir=reference_runs.model,
+                              chat_template="tokenizer", output=OutputLayout.under(sft), max_length=128, num_bins=1,
+                              strict=False))
+    save_dir = tmp_path / "ckpt"
+    proc = run_training(train_args(reference_runs.model, sft, save_dir, *LAYOUTS["ddp"], "--load_checkpoint",
+                                   str(pretraining)), tmp_path / "sft.log")
+    text = (tmp_path / "sft.log").read_text()
+    assert proc.returncode != 0
+    errors = [line for line in text.splitlines() if line.startswith("error")]
+    assert errors == [f"error: --load_checkpoint {pretraining}: a checkpoint of a pre-training run, and --dataset "
+                      "holds SFT data: resuming would go on with that run's steps, schedule and optimizer; start the "
+                      f"SFT stage from its weights with --load_checkpoint {pretraining / 'modeling'}"], text[-3000:]
+    assert not (save_dir / "losses.jsonl").exists()
+    check_same_stage(LoadTarget("resume", pretraining), "pretrain")
+    check_same_stage(LoadTarget("weights", pretraining / "modeling"), "sft")  # a new stage: its weights only
+    chat = tmp_path / "sft-checkpoint"
+    shutil.copytree(pretraining, chat)
+    (chat / "modeling" / CHAT_CONFIG_FILE).write_text('{"name": "tokenizer"}')
+    with pytest.raises(UserInputError, match=re.escape("a checkpoint of an SFT run, and --dataset holds "
+                                                       "pre-training data")):
+        check_same_stage(LoadTarget("resume", chat), "pretrain")
+
+    finished = tmp_path / "finished"
+    shutil.copytree(reference_runs["ddp"], finished)
+    log = train_ok(tmp_path, "finished", reference_runs.args("ddp", finished, *LATEST)).read_text()
+    assert (f"the checkpoint is at step {MAX_STEPS} and this run has {MAX_STEPS} steps in all: nothing is left to "
+            "train (the final model is its weights); raise --num_epochs or --max_steps to train on") in log
+
+
 def test_weights_of_another_model_than_pretrained_stop_with_one_line(reference_runs, tmp_path):
     """Another size of the same family (LLaMA-2 7B and 13B share their tokenizer, so the data and tokenizer checks
     pass): named by the two config.json files before anything is built, for a checkpoint and for a modeling/

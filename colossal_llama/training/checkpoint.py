@@ -334,6 +334,27 @@ def check_same_model(modeling_dir: Path, pretrained: str) -> None:
                              f"{pretrained} ({', '.join(differ)}): pass the --pretrained they were trained from")
 
 
+DATA_KINDS = {"pretrain": "pre-training", "sft": "SFT"}
+
+
+def check_same_stage(target: LoadTarget, kind: Optional[str]) -> None:
+    """A one-line error when a full checkpoint was saved by a run on another kind of data (``"pretrain"`` /
+    ``"sft"``) than ``--dataset``'s: a resume goes on with the saved run's step count, schedule, optimizer states
+    and data position, so a finished pre-training run "resumed" on SFT data trained nothing and saved its weights
+    as an SFT model (exit 0), and an unfinished one went on with pre-training's schedule. The next stage starts
+    from the weights. The kind is what the checkpoint's weights folder says: a run on SFT data writes its chat
+    template there (:data:`CHAT_CONFIG_FILE`), one on pre-training data does not (checkpoints of every version)."""
+    if target.kind != "resume" or kind not in DATA_KINDS:
+        return
+    saved = "sft" if (target.modeling_dir / CHAT_CONFIG_FILE).is_file() else "pretrain"
+    if saved != kind:
+        article = "an" if saved == "sft" else "a"
+        raise UserInputError(f"--load_checkpoint {target.path}: a checkpoint of {article} {DATA_KINDS[saved]} run, "
+                             f"and --dataset holds {DATA_KINDS[kind]} data: resuming would go on with that run's steps, "
+                             f"schedule and optimizer; start the {DATA_KINDS[kind]} stage from its weights with "
+                             f"--load_checkpoint {target.modeling_dir}")
+
+
 def check_lora_matches(target: LoadTarget, lora_rank: int) -> None:
     """A one-line error when what ``target`` holds and this run disagree on LoRA: a LoRA run's checkpoint holds
     only the adapters (and trained embeddings) of one rank, a full run's the whole model; a weights-only folder

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from colossal_llama.model.scored_loss import install_scored_loss
 from colossal_llama.training.attention import choose_attention, needs_dense_mask
 from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTarget, Machines, ModelFiles,
-                                                RunningState, check_lora_matches, check_same_model, latest_checkpoint,
+                                                RunningState, check_lora_matches, check_same_model, check_same_stage,
+                                                latest_checkpoint,
                                                 read_running_state, resolve_load_target, set_aside_newer_checkpoints,
                                                 verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
@@ -161,6 +162,8 @@ def _build_claimed_run(cfg: TrainConfig, cuda: bool, trash: Trash, target: Optio
 
     parallel = build_parallel(cfg, cuda)
     resumed = read_running_state(target.path) if target is not None and target.kind == "resume" else None
+    if resumed is not None:
+        check_same_stage(target, getattr(data.manifest, "kind", None))
     cfg, steps = _plan_steps(cfg, data, parallel, resumed)
     attn = choose_attention(cfg.attention, cuda, cfg.use_flash_attn, parallel.dense_mask_only)
     liger = apply_liger_kernels(cfg.liger, cuda, parallel.forward_is_the_models)
@@ -253,6 +256,10 @@ def _plan_steps(cfg: TrainConfig, data: PreparedData, parallel: Parallelism,
                     probe.steps_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
+    if resumed is not None and resumed.step >= total_steps:
+        log.warning("the checkpoint is at step %d and this run has %d steps in all: nothing is left to train (the "
+                    "final model is its weights); raise --num_epochs or --max_steps to train on", resumed.step,
+                    total_steps)
     return resolve_warmup(cfg, total_steps), dict(
         total_steps=total_steps, steps_per_epoch=probe.steps_per_epoch, global_batch=probe.global_batch,
         dropped_per_epoch=probe.dropped_per_epoch)
