@@ -49,7 +49,10 @@ def test_two_shards_hold_exactly_the_documents_and_tokens_of_one_run(runs):
     docs_two = [reassemble(s.arrow_dir.parent)[0] for s in two]
     assert not set(docs_two[0]) & set(docs_two[1])                  # no document in both shards
     assert docs_two[0] | docs_two[1] == docs_one                     # every document, token for token
-    assert 0.4 < len(docs_two[0]) / len(docs_one) < 0.6              # an even split
+    # the 3 files split evenly into whole files (largest first to the lighter shard): each shard reads its own
+    files = [{doc.rsplit(":", 1)[0] for doc in docs} for docs in docs_two]
+    assert [sorted(Path(f).name for f in names) for names in files] == [
+        ["zh_reviews.jsonl"], ["en_novel_botchan.jsonl", "zh_news_peoples_daily_199801.jsonl"]]
     counts = [s.counts for s in two]
     for name in ("lines_read", "documents_in", "tokens_in", "tokens_out", "tokens_trained"):
         assert sum(getattr(c, name) for c in counts) == getattr(one.counts, name), name
@@ -58,6 +61,36 @@ def test_two_shards_hold_exactly_the_documents_and_tokens_of_one_run(runs):
     for s in two:
         assert (s.manifest.shard_index, s.manifest.num_shards) == (two.index(s), 2)
         assert s.counts.tokens_in == s.counts.tokens_out
+
+
+def test_shards_read_whole_files_where_the_inputs_split_evenly_into_them_else_their_lines_of_every_file(
+        data_dir, mistral_dir, tmp_path, monkeypatch):
+    """Each shard scanned every line of every input file to keep 1/N of them: 64 machines each read a 400 GB corpus
+    to tokenise a 64th of it. Where the files split evenly (largest first, each to the shard with the fewest bytes
+    so far; the largest shard within 25 % of the mean), a shard opens its own files only; else (fewer files than
+    shards, or one file most of the bytes) it keeps line L of file F when (F + L) % N is its index, an even split
+    of the documents. Either way the shards hold the 1-shard run's documents, each once."""
+    from colossal_llama.dataset import records
+
+    assert Shard(0, 2).whole_files([10, 10, 10, 10]) == {0, 2} and Shard(1, 2).whole_files([10, 10, 10, 10]) == {1, 3}
+    # 30 to shard 0, 20 to shard 1, 10 to the lighter shard 1, 5 to shard 0 (30 each: a tie goes to the lower)
+    assert Shard(1, 2).whole_files([30, 10, 20, 5]) == {1, 2} and Shard(0, 2).whole_files([30, 10, 20, 5]) == {0, 3}
+    assert Shard(0, 2).whole_files([100, 1, 1]) is None  # one file most of the bytes: 100 > 1.25 x 51
+    assert Shard(0, 3).whole_files([5, 5]) is None  # fewer files than shards
+    original, opened = records.iter_lines, []
+    monkeypatch.setattr(records, "iter_lines", lambda path: opened.append(path.name) or original(path))
+    inputs = write_input_slice(data_dir, tmp_path / "in", {"zh_reviews.jsonl": 150, "en_novel_botchan.jsonl": 100})
+    one = reassemble(_prepare(inputs, mistral_dir, tmp_path / "one").arrow_dir.parent)[0]
+    for count, whole in ((2, True), (3, False)):  # 2 files on 3 shards: by line
+        opened.clear()
+        shards = [_prepare(inputs, mistral_dir, tmp_path / f"of-{count}", Shard(i, count)) for i in range(count)]
+        docs = [reassemble(s.arrow_dir.parent)[0] for s in shards]
+        assert sum(len(d) for d in docs) == len(one) and dict(kv for d in docs for kv in d.items()) == one
+        if whole:
+            assert sorted(opened) == ["en_novel_botchan.jsonl", "zh_reviews.jsonl"], opened  # each file by one shard
+        else:
+            assert sorted(opened) == sorted(["en_novel_botchan.jsonl", "zh_reviews.jsonl"] * count)
+            assert all(0.25 < len(d) / len(one) < 0.42 for d in docs), [len(d) for d in docs]
 
 
 def test_shards_that_read_other_input_files_are_refused(runs, mistral_dir, tmp_path):

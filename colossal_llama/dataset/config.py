@@ -1,11 +1,12 @@
 """Typed configuration of a data-preparation run: options, output layout, and which shard of the input."""
 from __future__ import annotations
 
+import heapq
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence
 
 from colossal_llama.utils.cli import flag
 from colossal_llama.utils.errors import UserInputError
@@ -14,11 +15,16 @@ SHARD_DIR_FORMAT = "shard-{index:05d}-of-{count:05d}"
 SHARD_DIR = re.compile(r"shard-(\d{5})-of-(\d{5})")  # group 1: index, group 2: count
 
 
+WHOLE_FILES_BALANCE = 1.25  # whole files per shard when the largest shard's bytes are within 25 % of the mean
+
+
 @dataclass(frozen=True)
 class Shard:
-    """Shard ``index`` of ``count``: it owns line ``line`` of input file number ``file`` (in the sorted file list)
-    when ``(file + line) % count == index``. The rule depends only on the inputs, never on the machines, so the
-    union of all shards is exactly the input, and consecutive lines spread evenly over the shards."""
+    """Shard ``index`` of ``count``. When the inputs split evenly into whole files (:meth:`whole_files`), it reads
+    its own files only; else it owns line ``line`` of input file number ``file`` (in the sorted file list) when
+    ``(file + line) % count == index``, which spreads consecutive lines evenly but makes every shard read every
+    file (64 machines each scanning 400 GB of JSON lines to tokenise a 64th of it). Both rules depend only on the
+    inputs (their order and sizes), never on the machines, so the union of all shards is exactly the input."""
 
     index: int = 0
     count: int = 1
@@ -31,6 +37,24 @@ class Shard:
 
     def owns(self, file: int, line: int) -> bool:
         return (file + line) % self.count == self.index
+
+    def whole_files(self, sizes: Sequence[int]) -> Optional[frozenset]:
+        """Indices of the input files (of ``sizes`` bytes, in input order) this shard reads whole, or None where
+        they do not split evenly: fewer files than shards, or the largest shard over :data:`WHOLE_FILES_BALANCE`
+        times the mean (then :meth:`owns` splits by line). Files go largest first to the shard with the fewest
+        bytes so far (ties: the earlier file, the lower shard), so every shard computes the same assignment."""
+        if len(sizes) < self.count:
+            return None
+        loads = [(0, shard) for shard in range(self.count)]
+        mine = []
+        for file in sorted(range(len(sizes)), key=lambda f: (-sizes[f], f)):
+            load, shard = heapq.heappop(loads)
+            heapq.heappush(loads, (load + sizes[file], shard))
+            if shard == self.index:
+                mine.append(file)
+        if max(load for load, _ in loads) > WHOLE_FILES_BALANCE * sum(sizes) / self.count:
+            return None
+        return frozenset(mine)
 
     @property
     def dir_name(self) -> str:

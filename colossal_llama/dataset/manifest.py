@@ -39,7 +39,8 @@ class PartEntry:
 @dataclass(frozen=True)
 class InputFiles:
     """The input files a preparation read, in their order: the shards of one output must all have read the same,
-    since each takes the lines ``(file index + line) % num_shards == shard index``."""
+    since each takes whole files or the lines ``(file index + line) % num_shards == shard index`` of them by
+    their order and sizes (:class:`~colossal_llama.dataset.config.Shard`)."""
 
     files: int
     bytes: int

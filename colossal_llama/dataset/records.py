@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from colossal_llama.dataset.chat_templates import ASSISTANT, MessageError, valid
 from colossal_llama.dataset.config import Shard
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import BOM, FoundFiles, OverlongLine, iter_lines, not_utf8, scan_jsonl_files
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SFT_CATEGORY = "default"
 EXAMPLES_PER_REASON = 10
@@ -179,10 +182,13 @@ def read_batches(log: ReadLog, kind: str, strict: bool, shard: Shard) -> Iterato
     ``strict``: the first malformed line raises :class:`DataError` (``file:line: field: problem``); otherwise it
     is skipped and counted under its reason in ``log``. Rows without text are always skipped and counted.
     """
+    owns = _line_rule(log.files, shard)
     with tqdm(desc="read", unit=" rows", unit_scale=True, mininterval=1.0) as bar:  # closed even on an error
         for file_index, path in enumerate(log.files):
+            if not owns(file_index, None):
+                continue
             for chunk in _chunks(iter_lines(path)):
-                kept = [(n, raw) for n, raw in chunk if shard.owns(file_index, n) and _not_blank(raw)]
+                kept = [(n, raw) for n, raw in chunk if owns(file_index, n) and _not_blank(raw)]
                 if not kept:
                     continue
                 log.lines_read += len(kept)
@@ -194,6 +200,22 @@ def read_batches(log: ReadLog, kind: str, strict: bool, shard: Shard) -> Iterato
                     log.documents += len(batch)
                 if len(batch):
                     yield batch
+
+
+def _line_rule(files: list[Path], shard: Shard):
+    """``owns(file index, line)``: whether this shard takes that line (``line`` None: any line of that file), by
+    whole files where the inputs split evenly into them, else by line (see :class:`Shard`); logged."""
+    if shard.count == 1:
+        return lambda file, line: True
+    sizes = [path.stat().st_size for path in files]
+    whole = shard.whole_files(sizes)
+    if whole is None:
+        log.info("shard %d of %d: its lines of all %d input files (they do not split evenly into whole files)",
+                 shard.index, shard.count, len(files))
+        return lambda file, line: line is None or shard.owns(file, line)
+    log.info("shard %d of %d: %d of the %d input files whole (%s of %s bytes)", shard.index, shard.count, len(whole),
+             len(files), f"{sum(sizes[f] for f in whole):,}", f"{sum(sizes):,}")
+    return lambda file, line: file in whole
 
 
 def _chunks(lines: Iterator[tuple[int, bytes]]) -> Iterator[list[tuple[int, bytes]]]:
