@@ -262,3 +262,49 @@ def test_a_reply_spelling_a_special_token_is_not_kept_in_the_history(smollm2_dir
     kept, dropped = drop_empty_exchanges(messages, template)
     assert dropped == 1 and kept == messages[2:]
     template.encode_prompt(kept)  # the next prompt encodes
+
+
+# --- SFT review fixes -----------------------------------------------------------------------------------------
+
+class ReplayingModel(ScriptedModel):
+    """Generates the given replies in turn, recording each prompt it was given."""
+
+    def __init__(self, replies):
+        super().__init__([])
+        self.replies, self.prompts = list(replies), []
+
+    def generate(self, input_ids, **kwargs):
+        self.prompts.append(input_ids[0].tolist())
+        self.reply_ids = self.replies.pop(0)
+        return super().generate(input_ids, **kwargs)
+
+
+def test_llama2_chat_on_a_byte_level_tokenizer_keeps_to_the_training_format(smollm2_dir, data_dir):
+    """llama2 on a byte-level tokenizer (SmolLM2) trains each reply as " {reply}</s>": the model generates that
+    space, which was shown, kept in the history, and rendered again after the template's own space -- every later
+    prompt drifted from the format the model was trained on. A model replaying the trained replies of a real
+    conversation: the user sees the replies as written, the history holds them, and the prompt of each turn is
+    exactly the training ids before that reply."""
+    from colossal_llama.dataset.chat_templates import labelled_spans
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    template = get_chat_template("llama2", tokenizer)
+    assert template.reply_prefix == " "
+    rows = (json.loads(line)["messages"] for line in (data_dir / "sft" / "chatterbot_en.jsonl").open(encoding="utf-8"))
+    messages = next(m for m in rows if len(m) >= 6 and all(t["content"].strip() == t["content"] for t in m))[:6]
+    ids, labels = template.encode_conversation(messages)
+    spans = labelled_spans(labels)
+    model = ReplayingModel(ids[start:end] for start, end in spans)
+    session = ChatSession(model, tokenizer, template, GREEDY)
+    shown = [session.reply(turn["content"]) for turn in messages[::2]]
+    assert shown == [turn["content"] for turn in messages[1::2]]
+    assert session.history == messages
+    assert model.prompts == [ids[:start] for start, _ in spans]
+    # the web page: it keeps the history and sends it back with each question; the backend streams the same
+    model = ReplayingModel(ids[start:end] for start, end in spans)
+    backend = ChatBackend(model, tokenizer, template, GREEDY)
+    history = []
+    for turn in messages[::2]:
+        history.append(turn)
+        history.append({"from": "assistant", "content": "".join(backend.stream(backend.prompt_ids(history)[0]))})
+    assert history == messages and model.prompts == [ids[:start] for start, _ in spans]

@@ -353,3 +353,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["--model_path", str(tmp_path), "--device", "cpu"])
     assert "nothing to do" in capsys.readouterr().err
+
+
+# --- SFT review fixes ---------------------------------------------------------------------------------
+
+def test_a_chat_template_flag_the_saved_template_overrides_is_said_naming_both(smollm2, smollm2_dir, tmp_path, caplog):
+    """--chat_template llama2 on a model trained with llama3 was silently ignored: the user believed they chose the
+    template. The model's own wins, as before, and the flag is said to be ignored; a flag that agrees says nothing."""
+    _, tok = smollm2
+    model_dir = model_copy(smollm2_dir, tmp_path / "model")
+    (model_dir / CHAT_CONFIG_FILE).write_text(json.dumps({"name": "llama3", "system_message": None}))
+
+    def warnings(flag):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="colossal_llama.inference.prompting"):
+            assert resolve_chat_template(model_dir, tok, chat_template=flag).name == "llama3"
+        return [r.getMessage() for r in caplog.records if r.name == "colossal_llama.inference.prompting"]
+
+    assert warnings("llama2") == [f"--chat_template llama2 is ignored: {model_dir / CHAT_CONFIG_FILE} says the model "
+                                  "was trained with the chat template llama3"]
+    assert warnings("llama3") == [] and warnings(None) == []

@@ -55,7 +55,7 @@ def _bad_sft_lines(chats) -> dict[str, tuple[bytes, str]]:
         "wrong_alternation": (_dumps({"messages": [human, human, reply]}),
                               "messages[1].from: expected 'assistant' (turns alternate human, assistant, ...)"),
         "ends_with_human": (_dumps({"messages": [human, reply, human]}),
-                            "messages[2].from: conversation must end with a 'assistant' turn"),
+                            "messages[2].from: conversation must end with an 'assistant' turn"),
         "missing_field": (_dumps({"messages": [human, {"from": "assistant"}]}), "messages[1].content: missing field"),
         "extra_field": (_dumps({"messages": msgs, "category": "ai", "lang": "zh"}), "lang: unexpected field"),
         "wrong_type": (_dumps({"messages": [human, {**reply, "content": 42}]}),

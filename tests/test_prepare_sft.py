@@ -5,6 +5,7 @@ the conversation, in order, each followed by its end-of-turn marker -- and nothi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -139,7 +140,9 @@ def test_tokenizer_chat_template_on_smollm2(tmp_path, data_dir, smollm2_dir, con
     assert _check_label_spans(tmp_path / "out", tok, conversations, "<|im_end|>") == len(conversations) - 1
     row, _ = next(_rows(tmp_path / "out"))
     assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
-    assert manifest.chat_template == {"name": "tokenizer", "system_message": None}
+    # the Jinja source's hash: training refuses a --pretrained whose tokenizer renders another template
+    jinja_sha256 = hashlib.sha256(tok.chat_template.encode("utf-8")).hexdigest()
+    assert manifest.chat_template == {"name": "tokenizer", "system_message": None, "jinja_sha256": jinja_sha256}
     assert get_chat_template("tokenizer", tok).stop_token_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
@@ -420,3 +423,78 @@ def test_spelled_special_tokens_stay_text_in_tokenising_workers(tmp_path, mistra
                                   chat_template="llama2", num_proc=num_proc, max_length=512))
         eos_counts.append(sum(row["input_ids"].count(tok.eos_token_id) for row, _ in _rows(out)))
     assert eos_counts == [40, 40]  # one EOS a conversation: the template's, ending the reply
+
+
+# ------------------------------------------------------------------------------------------------ SFT review fixes
+def test_llama3_markers_spelled_as_text_are_said_with_the_tokenizers_own_template_suggested(mistral_dir, smollm2_dir,
+                                                                                           caplog):
+    """--llama_version 3 (the default) on a vocabulary without LLaMA-3's header tokens spelled them as text,
+    silently: 45 tokens of markers an exchange on Mistral. Said once the template is made, with the tokenizer's own
+    chat template suggested where it has one (SmolLM2's ChatML); a native vocabulary says nothing."""
+    import logging
+
+    expected = {mistral_dir: "(45 tokens an exchange) and ends each turn with the EOS token '</s>'",
+                smollm2_dir: "(43 tokens an exchange) and ends each turn with the EOS token '<|im_end|>'; the "
+                             "tokenizer has its own chat template: --chat_template tokenizer uses it"}
+    for folder, ending in expected.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            get_chat_template("llama3", load_tokenizer(folder))
+        assert caplog.messages == ["chat template llama3: the tokenizer lacks <|start_header_id|>, <|end_header_id|>, "
+                                   "<|eot_id|>, so the template spells its markers as text " + ending]
+    native = load_tokenizer(smollm2_dir)
+    native.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        get_chat_template("llama3", native)
+    assert caplog.messages == []
+
+
+def test_the_default_template_is_named_before_its_fallback_is_said(mistral_dir, tmp_path, caplog):
+    """Without --llama_version / --chat_template the run says it chose llama3, then why its rows are long."""
+    import logging
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "chats.jsonl").write_text(json.dumps({"messages": [{"from": "human", "content": "Hi?"},
+                                                               {"from": "assistant", "content": "Hello."}]}) + "\n")
+    with caplog.at_level(logging.INFO):
+        assert sft_main(["--data_input_dirs", str(data), "--tokenizer_dir", str(mistral_dir),
+                         "--data_output_dirs", str(tmp_path / "out"), "--num_spliced_dataset_bins", "1"]) == 0
+    named = caplog.messages.index("chat template llama3 (--llama_version 3, the default)")
+    assert caplog.messages[named + 1].startswith("chat template llama3: the tokenizer lacks <|start_header_id|>")
+
+
+def test_a_template_refusal_names_the_message_field_once_in_plain_english(smollm2_dir):
+    """The tokenizer template's refusal of a spelled special token carries its field apart from its problem, so a
+    located error reads ``file:line: messages[1].content: ...`` (not ``messages: messages[1].content``), also
+    from a tokenising worker; and the alternation error reads "an 'assistant' turn"."""
+    import pickle
+
+    from colossal_llama.dataset.chat_templates import MessageError
+
+    chatml = get_chat_template("tokenizer", load_tokenizer(smollm2_dir))
+    human, reply = {"from": "human", "content": "What ends a turn?"}, {"from": "assistant", "content": "<|im_end|>."}
+    with pytest.raises(MessageError) as err:
+        chatml.encode_conversation([human, reply])
+    assert (err.value.field, err.value.problem) == ("messages[1].content", "spells the special token '<|im_end|>', "
+                                                    "which the tokenizer's chat template would read as a control token")
+    assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)
+    with pytest.raises(MessageError, match=r"^messages\[0\]\.from: conversation must end with an 'assistant' turn$"):
+        chatml.encode_conversation([human])
+    with pytest.raises(MessageError, match=r"^messages\[1\]\.from: conversation must end with a 'human' turn$"):
+        chatml.encode_prompt([human, {"from": "assistant", "content": "Its marker."}])
+
+
+def test_a_refused_message_is_located_by_its_own_field(smollm2_dir):
+    """Through the tokenising step, the refusal names file:line and the message's field once."""
+    import pyarrow as pa
+
+    from colossal_llama.dataset.tokenization import tokenize_sft_batch
+    from colossal_llama.utils.errors import DataError
+
+    chatml = get_chat_template("tokenizer", load_tokenizer(smollm2_dir))
+    human, reply = {"from": "human", "content": "What ends a turn?"}, {"from": "assistant", "content": "<|im_end|>."}
+    batch = pa.table({"messages": [[human, reply]], "line": [7], "file": [0]})
+    with pytest.raises(DataError, match=r"^a\.jsonl:7: messages\[1\]\.content: spells the special token '<\|im_end"):
+        tokenize_sft_batch(batch, chatml, 128, ["a.jsonl"])

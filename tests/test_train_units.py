@@ -1540,3 +1540,71 @@ def test_a_save_dir_given_as_load_checkpoint_is_named_as_one(tmp_path):
     assert str(err.value) == (f"--load_checkpoint {save_dir}: a save dir, not a checkpoint; continue its run with "
                               f"--load_checkpoint latest --save_dir {save_dir}, or name its newest checkpoint: "
                               f"--load_checkpoint {save_dir / 'epoch-0_step-6'}")
+
+
+# ------------------------------------------------------------------------------------------------ SFT review fixes
+def test_a_lora_checkpoint_names_its_base_by_absolute_path_from_any_working_directory(tiny_llama, tmp_path,
+                                                                                       monkeypatch):
+    """--pretrained tiny_smol (relative) was recorded as typed, so inference run from another folder said the base
+    'tiny_smol' "is not a model folder on this machine". A local folder is recorded resolved; a hub id as is."""
+    from transformers import AutoModelForCausalLM
+
+    from colossal_llama.model.lora_checkpoint import lora_base
+    from colossal_llama.training.lora import _portable_base, apply_lora, save_trainable
+
+    monkeypatch.chdir(tiny_llama.parent)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.name)  # as train.py --pretrained model
+    save_trainable(apply_lora(model, 4, 8, 0.0, ["q_proj"], train_embeddings=False), tmp_path / "modeling")
+    config = json.loads((tmp_path / "modeling" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_llama.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert lora_base(tmp_path / "modeling") == tiny_llama.resolve()
+    assert _portable_base("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_sft_data_rendered_with_another_tokenizers_chat_template_is_refused(prepared_pretrain, tiny_llama):
+    """Data prepared with --chat_template tokenizer renders tokenizer A's Jinja template; trained on --pretrained B
+    (the same vocabulary: the fingerprints agree) it went silently, and inference then prompted with B's template.
+    The manifest records the template's sha256 and training refuses another one, naming both tokenizers. A manifest
+    from before the hash was recorded is not checked."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from colossal_llama.dataset.chat_templates import chat_template_sha256, get_chat_template
+
+    manifest_path = prepared_pretrain / "manifest.json"
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    block = get_chat_template("tokenizer", tok).to_manifest()
+    assert block == {"name": "tokenizer", "system_message": None, "jinja_sha256": chat_template_sha256(tok)}
+    manifest = dataclasses.replace(read_manifest(manifest_path), kind="sft", chat_template=block)
+    check_manifest_against_model(manifest, manifest_path, tok, len(tok), 128, str(tiny_llama))  # its own template
+    other = AutoTokenizer.from_pretrained(tiny_llama)
+    other.chat_template = tok.chat_template.replace("<|im_start|>assistant", "<|im_start|>bot")
+    with pytest.raises(UserInputError) as err:
+        check_manifest_against_model(manifest, manifest_path, other, len(tok), 128, "B")
+    assert str(err.value) == (f"{manifest_path}: chat_template: data was rendered with the chat template of tokenizer "
+                              f"{manifest.tokenizer_dir!r} (sha256 {block['jinja_sha256'][:12]}), and the tokenizer in "
+                              f"--pretrained B has another one (sha256 {chat_template_sha256(other)[:12]}); prepare "
+                              "the data with --tokenizer_dir B")
+    older = dataclasses.replace(manifest, chat_template={"name": "tokenizer", "system_message": None})
+    check_manifest_against_model(older, manifest_path, other, len(tok), 128, "B")
+
+
+def test_sft_outputs_of_one_template_agree_whether_or_not_their_manifests_record_its_hash(tmp_path):
+    """Data prepared before the template's hash was recorded, trained together with newer data of the same
+    template, is one template; another name, system message or hash is another."""
+    from colossal_llama.dataset.manifest import Manifest
+    from colossal_llama.training.data import _check_agreement
+
+    def manifest(template: dict) -> Manifest:
+        return Manifest(kind="sft", tokenizer_dir="tok", tokenizer_fingerprint="f", vocab_size=10, max_length=8,
+                        num_bins=1, seed=0, parts=[], chat_template=template)
+
+    old, new = {"name": "tokenizer", "system_message": None}, {"name": "tokenizer", "system_message": None,
+                                                               "jinja_sha256": "a" * 64}
+    _check_agreement({tmp_path / "old": manifest(old), tmp_path / "new": manifest(new)})
+    _check_agreement({tmp_path / "new": manifest(new), tmp_path / "old": manifest(old)})
+    for other in ({**new, "jinja_sha256": "b" * 64}, {**old, "system_message": "Be brief."}):
+        with pytest.raises(UserInputError, match="were prepared with different chat templates"):
+            _check_agreement({tmp_path / "new": manifest(new), tmp_path / "other": manifest(other)})

@@ -11,7 +11,8 @@ Three templates share one API (:class:`ChatTemplate`):
 * ``llama3``: ``<|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``.
   When the tokenizer lacks the header/eot tokens (a base LLaMA-2 / Mistral / SmolLM2 vocabulary) the
   template falls back to spelling the header markers as ordinary text -- the rendered *text* is identical
-  to LLaMA-3's -- and uses the tokenizer's EOS id as end-of-turn, so generation still stops on one id.
+  to LLaMA-3's -- and uses the tokenizer's EOS id as end-of-turn, so generation still stops on one id; a warning
+  says so, and suggests the tokenizer's own chat template where it has one.
   (The original demanded ``eos == <|eot_id|>`` and failed on base tokenizers.)
 * ``tokenizer``: the tokenizer's own ``chat_template`` via ``apply_chat_template``. Assistant spans are found
   by rendering the conversation prefix by prefix (``messages[:j]`` with a generation prompt, then
@@ -22,6 +23,9 @@ Labels are unshifted (HF convention) and -100 everywhere except assistant conten
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -34,10 +38,14 @@ from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.labels import IGNORE_INDEX
 from colossal_llama.utils.jsonl import not_utf8
 
+logger = logging.getLogger(__name__)
+
 SYSTEM, HUMAN, ASSISTANT = "system", "human", "assistant"
 TEMPLATE_NAMES = ("llama2", "llama3", "tokenizer")
 # Written next to a trained model (training copies the manifest's ``chat_template`` block), read by inference.
 CHAT_CONFIG_FILE = "colossal_llama_chat.json"
+# The manifest block's key for the ``tokenizer`` template's Jinja source hash (absent in manifests before it).
+JINJA_SHA256 = "jinja_sha256"
 
 
 class MessageError(UserInputError):
@@ -46,6 +54,9 @@ class MessageError(UserInputError):
     def __init__(self, field: str, problem: str, reason: str):
         self.field, self.problem, self.reason = field, problem, reason
         super().__init__(f"{field}: {problem}")
+
+    def __reduce__(self):  # raised in a tokenising worker, it is pickled back to the parent
+        return type(self), (self.field, self.problem, self.reason)
 
 
 def split_system(messages) -> tuple[str | None, list]:
@@ -100,7 +111,8 @@ def validate_messages(messages, *, ends_with: str) -> None:
             raise MessageError(f"{where}.content", problem, "not_utf8")
     if messages[-1]["from"] != ends_with:
         raise MessageError(f"messages[{len(messages) - 1}].from",
-                           f"conversation must end with a {ends_with!r} turn", "wrong_alternation")
+                           f"conversation must end with {'an' if ends_with == ASSISTANT else 'a'} {ends_with!r} turn",
+                           "wrong_alternation")
 
 
 @dataclass
@@ -115,6 +127,9 @@ class ChatTemplate(ABC):
     """Encode conversations for SFT (``encode_conversation``) and prompts for generation (``encode_prompt``)."""
 
     name: str
+    # Text the template writes before each reply and trains as part of it (llama2's " " on byte-level tokenizers):
+    # generated replies start with it; chat strips it so the history re-renders as trained.
+    reply_prefix: str = ""
 
     def __init__(self, tokenizer, system_message: str | None = None):
         self.tokenizer = tokenizer
@@ -254,6 +269,20 @@ class Llama3Template(SegmentTemplate):
         else:
             raise UserInputError("llama3 chat template: the tokenizer has neither <|eot_id|> nor an EOS token")
         self.stop_token_ids = sorted({self.eot} | ({tokenizer.eos_token_id} - {None}))
+        if not self.native:
+            logger.warning(self._spelled_markers_note())
+
+    def _spelled_markers_note(self) -> str:
+        """Why a llama3 conversation costs more tokens here, and what else there is: the fallback was silent (45
+        tokens of markers an exchange on Mistral, 11 with LLaMA-3's own tokens on SmolLM2)."""
+        missing = [t for t in self.SPECIALS if self._single_id(t) is None]
+        markers = len(self._header("user") + [self.eot] + self._header("assistant") + [self.eot])
+        note = (f"chat template llama3: the tokenizer lacks {', '.join(missing)}, so the template spells its markers "
+                f"as text ({markers} tokens an exchange) and ends each turn with the EOS token "
+                f"{self.tokenizer.convert_ids_to_tokens(self.eot)!r}")
+        if getattr(self.tokenizer, "chat_template", None):
+            note += "; the tokenizer has its own chat template: --chat_template tokenizer uses it"
+        return note
 
     def _single_id(self, token: str) -> int | None:
         """The id of ``token`` if the vocabulary holds it as one piece, else None."""
@@ -299,6 +328,10 @@ class TokenizerTemplate(ChatTemplate):
         ids = {tokenizer.convert_tokens_to_ids(t) for t in self.stop_strings}
         self.stop_token_ids = sorted(ids | ({tokenizer.eos_token_id} - {None}))
 
+    def to_manifest(self):
+        # the Jinja source is the tokenizer's, not the name's: training checks that --pretrained renders the same
+        return {**super().to_manifest(), JINJA_SHA256: chat_template_sha256(self.tokenizer)}
+
     def _render(self, messages, generation_prompt: bool) -> str:
         return self._render_many([messages], generation_prompt)[0]
 
@@ -343,8 +376,8 @@ class TokenizerTemplate(ChatTemplate):
         for index, message in enumerate(messages):
             token = self.spelled_special_token(message["content"])
             if token is not None:
-                raise UserInputError(f"messages[{index}].content: spells the special token {token!r}, which the "
-                                     "tokenizer's chat template would read as a control token")
+                raise MessageError(f"messages[{index}].content", f"spells the special token {token!r}, which the "
+                                   "tokenizer's chat template would read as a control token", "spelled_special_token")
 
     @staticmethod
     def _replies(messages) -> range:
@@ -414,6 +447,17 @@ class TokenizerTemplate(ChatTemplate):
         uptos = self._render_many([messages[:j + 1] for j in turns], False)
         starts = [s for s, _ in self._ids_and_offsets(uptos[-1])[1]]
         return [sum(1 for s in starts if s < len(upto)) for upto in uptos]
+
+
+def chat_template_sha256(tokenizer) -> str | None:
+    """sha256 of the tokenizer's Jinja ``chat_template`` source (None: it has none); a dict of named templates is
+    hashed as its sorted JSON."""
+    source = getattr(tokenizer, "chat_template", None)
+    if not source:
+        return None
+    if not isinstance(source, str):
+        source = json.dumps(source, sort_keys=True)
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()
 
 
 _TEMPLATES = {"llama2": Llama2Template, "llama3": Llama3Template, "tokenizer": TokenizerTemplate}

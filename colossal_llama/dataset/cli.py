@@ -97,4 +97,10 @@ def sft_main(argv=None) -> int:
         raise UserInputError(f"--llama_version {args.llama_version} contradicts --chat_template {args.chat_template}")
     template = args.chat_template or by_version or "llama3"
     config = _config(args, SFTPrepConfig, chat_template=template)
-    return _run_cli(prepare_sft, config)
+    return _run_cli(prepare_sft if args.chat_template or by_version else _prepare_sft_by_default, config)
+
+
+def _prepare_sft_by_default(config: SFTPrepConfig):
+    """``prepare_sft`` with the template chosen for the user named first: its warnings then make sense to them."""
+    logging.getLogger(__name__).info("chat template llama3 (--llama_version 3, the default)")
+    return prepare_sft(config)

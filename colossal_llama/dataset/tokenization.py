@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 from datasets import Features, List, Value
 
-from colossal_llama.dataset.chat_templates import ChatTemplate
+from colossal_llama.dataset.chat_templates import ChatTemplate, MessageError
 from colossal_llama.tokenizer.loading import text_backend
 from colossal_llama.utils.errors import DataError, UserInputError
 
@@ -159,8 +159,9 @@ def tokenize_sft_batch(batch: pa.Table, template: ChatTemplate, max_length: int,
                 ids, labs, keep = full_ids, full_labels, total
             else:
                 ids, labs, keep = truncate_to_exchanges(template, messages, max_length)
-        except UserInputError as err:
-            located = DataError(files[file], line, "messages", str(err))
+        except UserInputError as err:  # a message's own field where the refusal names one, else the whole
+            field, problem = (err.field, err.problem) if isinstance(err, MessageError) else ("messages", str(err))
+            located = DataError(files[file], line, field, problem)
             if strict:
                 raise located from None
             _log_refused(located)

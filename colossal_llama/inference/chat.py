@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Iterator, List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 from colossal_llama.dataset.chat_templates import ASSISTANT, HUMAN, SYSTEM, validate_messages
 from colossal_llama.inference.generation import SamplingConfig, generate_stream
@@ -47,6 +47,21 @@ def drop_empty_exchanges(messages: List[Message], template=None) -> tuple:
         if not unusable:
             kept.extend(exchange)
     return system + kept, (len(turns) - len(kept)) // 2
+
+
+def without_reply_prefix(pieces: Iterable[str], prefix: str) -> Iterator[str]:
+    """The streamed ``pieces`` of a reply less the template's ``reply_prefix`` they start with: the model generates
+    it (it was trained as the reply's start) but it belongs to the template, which writes it again when the history
+    is rendered: kept, every later prompt would differ from the training format by one more space per reply."""
+    held, deciding = "", True
+    for piece in pieces:
+        if deciding:
+            held += piece
+            if prefix.startswith(held) and held != prefix:
+                continue  # not enough text yet to tell
+            piece, deciding = held[len(prefix):] if held.startswith(prefix) else held, False
+        if piece:
+            yield piece
 
 
 def split_off_system(messages: List[Message]) -> tuple:
@@ -118,7 +133,8 @@ class ChatSession:
     def stream_reply(self) -> Iterator[str]:
         """Yield the assistant's reply piece by piece; when it ends, the reply is appended to ``history``."""
         pieces = []
-        for piece in generate_stream(self.model, self.tokenizer, self.prompt_ids(), self.sampling):
+        stream = generate_stream(self.model, self.tokenizer, self.prompt_ids(), self.sampling)
+        for piece in without_reply_prefix(stream, self.template.reply_prefix):
             pieces.append(piece)
             yield piece
         reply = "".join(pieces)

@@ -1,19 +1,23 @@
 """Turn user text into prompt token ids: raw (``pretrained``) or wrapped in the model's chat template (``sft``).
 
 The chat template is the one the SFT data was prepared with. Its choice, in order:
-1. ``colossal_llama_chat.json`` in the model folder (training copies it from the data manifest),
+1. ``colossal_llama_chat.json`` in the model folder (training copies it from the data manifest); a
+   ``--chat_template`` naming another is ignored, with a warning,
 2. ``--chat_template`` (``llama2`` | ``llama3`` | ``tokenizer``),
 3. the tokenizer's own ``chat_template`` (name ``tokenizer``).
 ``--system_message`` overrides the system message stored in the model folder.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import List, Optional
 
 from colossal_llama.dataset.chat_templates import CHAT_CONFIG_FILE, TEMPLATE_NAMES, get_chat_template
 from colossal_llama.utils.errors import UserInputError
 from colossal_llama.utils.json_files import read_json
+
+logger = logging.getLogger(__name__)
 
 PROMPT_STYLES = ("sft", "pretrained")
 
@@ -35,6 +39,9 @@ def resolve_chat_template(model_path, tokenizer, chat_template: Optional[str] = 
     saved = read_chat_config(model_path) if model_path is not None else None
     if saved is not None:
         name, default_system = saved["name"], saved.get("system_message")
+        if chat_template is not None and chat_template != name:  # the model knows only the template it learned
+            logger.warning(f"--chat_template {chat_template} is ignored: {Path(model_path) / CHAT_CONFIG_FILE} says "
+                           f"the model was trained with the chat template {name}")
     elif chat_template is not None:
         name, default_system = chat_template, None
     elif getattr(tokenizer, "chat_template", None):

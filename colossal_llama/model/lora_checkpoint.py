@@ -3,9 +3,9 @@ and, when they trained, the embeddings) and how a model is made of it again.
 
 Files: ``lora_trainable.safetensors`` (tensors named as the peft model's parameters, float32) and peft's
 ``adapter_config.json`` (rank, alpha, target modules, and ``base_model_name_or_path``: the ``--pretrained``
-folder the frozen weights come from). Training writes and resumes them (:mod:`colossal_llama.training.lora`);
-inference and evaluation load one as its base with the adapters merged in (:func:`merge_into`), so any
-checkpoint of a LoRA run can be evaluated, not only the merged final model.
+folder the frozen weights come from, as an absolute path). Training writes and resumes them
+(:mod:`colossal_llama.training.lora`); inference and evaluation load one as its base with the adapters merged in
+(:func:`merge_into`), so any checkpoint of a LoRA run can be evaluated, not only the merged final model.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from colossal_llama.dataset.chat_templates import JINJA_SHA256, chat_template_sha256
 from colossal_llama.dataset.manifest import Manifest
 from colossal_llama.dataset.prepared import load_part, manifest_path_of, read_manifest, resolve_parts, split_of
 from colossal_llama.training.mixture import Mixture, row_index_dtype, split_dataset_weight
@@ -115,6 +116,7 @@ def check_manifest_against_model(manifest: Manifest, manifest_path: Path, tokeni
             f"{manifest_path}: tokenizer_fingerprint: data was prepared with tokenizer {manifest.tokenizer_dir!r} "
             f"which differs from the tokenizer in --pretrained {pretrained}"
         )
+    _check_chat_template(manifest, manifest_path, tokenizer, pretrained)
     if manifest.vocab_size > model_vocab_rows:
         raise UserInputError(
             f"{manifest_path}: vocab_size: {manifest.vocab_size} exceeds the model's {model_vocab_rows} embedding rows "
@@ -124,6 +126,23 @@ def check_manifest_against_model(manifest: Manifest, manifest_path: Path, tokeni
         raise UserInputError(
             f"{manifest_path}: max_length: data sequences go up to {manifest.max_length} tokens "
             f"but --max_length is {max_length}"
+        )
+
+
+def _check_chat_template(manifest: Manifest, manifest_path: Path, tokenizer, pretrained: str) -> None:
+    """Data rendered with one tokenizer's own chat template trains a model that inference prompts with its own
+    tokenizer's: another template (same vocabulary, so the fingerprint agrees) is refused. Manifests written before
+    the template's hash was recorded are not checked."""
+    recorded = (manifest.chat_template or {}).get(JINJA_SHA256)
+    if recorded is None:
+        return
+    own = chat_template_sha256(tokenizer)
+    if own != recorded:
+        theirs = "no chat template" if own is None else f"another one (sha256 {own[:12]})"
+        raise UserInputError(
+            f"{manifest_path}: chat_template: data was rendered with the chat template of tokenizer "
+            f"{manifest.tokenizer_dir!r} (sha256 {recorded[:12]}), and the tokenizer in --pretrained {pretrained} has "
+            f"{theirs}; prepare the data with --tokenizer_dir {pretrained}"
         )
 
 

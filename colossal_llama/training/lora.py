@@ -9,6 +9,7 @@ base with the adapters merged in: a plain Hugging Face model.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Iterable
 
@@ -72,7 +73,17 @@ def save_trainable(model: nn.Module, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.contiguous().to("cpu", torch.float32) for name, t in trainable_state(model).items()}
     save_file(tensors, str(directory / TRAINABLE_FILE))
-    model.peft_config["default"].save_pretrained(str(directory))
+    config = copy.copy(model.peft_config["default"])
+    config.base_model_name_or_path = _portable_base(config.base_model_name_or_path)
+    config.save_pretrained(str(directory))
+
+
+def _portable_base(base: str | None) -> str | None:
+    """A local ``--pretrained`` folder as its absolute path: inference reads the checkpoint from any working
+    directory, where the relative path typed at training names nothing. A hub id is no folder and stays as is."""
+    if base and Path(base).is_dir():
+        return str(Path(base).resolve())
+    return base
 
 
 def load_trainable(model: nn.Module, directory: Path) -> None:

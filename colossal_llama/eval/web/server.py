@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from colossal_llama.inference.chat import drop_empty_exchanges, fit_history
+from colossal_llama.inference.chat import drop_empty_exchanges, fit_history, without_reply_prefix
 from colossal_llama.inference.generation import SamplingConfig, generate_stream
 from colossal_llama.inference.loading import context_length
 from colossal_llama.utils.cli import OneLineErrorParser
@@ -65,8 +65,9 @@ class ChatBackend:
 
     def stream(self, prompt_ids: List[int]) -> Iterator[str]:
         """The reply's pieces, one generation at a time (the lock); ``close()`` it to stop early."""
-        with self.lock:
-            yield from generate_stream(self.model, self.tokenizer, prompt_ids, self.sampling)
+        with self.lock:  # less the template's reply prefix, as the terminal chat (the page keeps the history)
+            yield from without_reply_prefix(generate_stream(self.model, self.tokenizer, prompt_ids, self.sampling),
+                                            self.template.reply_prefix)
 
 
 def _sse(payload: dict) -> bytes:
