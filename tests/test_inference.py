@@ -158,6 +158,11 @@ def test_saved_chat_config_wins_over_the_flag_and_system_message_flag_overrides_
     assert (template.name, template.system_message) == ("llama3", "Be brief.")
     assert "Be brief." in tok.decode(sft_prompt_ids(template, "Hi"))
     assert resolve_chat_template(model_dir, tok, system_message="Be verbose.").system_message == "Be verbose."
+    assert resolve_chat_template(model_dir, tok, system_message="").system_message is None  # "": none at all
+    (model_dir / CHAT_CONFIG_FILE).write_text(json.dumps({"name": "chatml", "system_message": None}))
+    with pytest.raises(UserInputError, match=f"^{model_dir / CHAT_CONFIG_FILE}: name: expected one of llama2, "
+                                             "llama3, tokenizer, got"):  # the file is wrong, not the flag
+        resolve_chat_template(model_dir, tok, chat_template="llama2")
     (model_dir / CHAT_CONFIG_FILE).write_text("{not json")
     with pytest.raises(UserInputError, match=CHAT_CONFIG_FILE):
         resolve_chat_template(model_dir, tok)

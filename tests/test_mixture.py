@@ -104,6 +104,8 @@ def test_largest_remainder_gives_the_leftover_to_the_largest_remainders_ties_to_
     assert largest_remainder([0.25, 0.25, 0.5], 6).tolist() == [2, 1, 3]  # 1.5 and 1.5 (exact): the earlier
     assert largest_remainder([1 / 3] * 3, 10).tolist() == [4, 3, 3]  # a three-way tie: the first
     assert largest_remainder([0.5, 0.5], 7).tolist() == [4, 3]
+    # more groups than numpy sorts by insertion (16): 12 tied parts of .625 for 10 leftovers, the first 10 win
+    assert largest_remainder([3 / 48, 1 / 48] * 12, 10).tolist() == [1, 0] * 10 + [0] * 4
 
 
 def _apportioned(shares, total: int) -> list:

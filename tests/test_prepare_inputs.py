@@ -162,6 +162,8 @@ def test_the_fast_reader_reads_the_real_corpora_as_the_exact_one_does(data_dir, 
     exact_rows, exact_log, none = _read_all(files, shard=shard, exact=True, monkeypatch=monkeypatch)
     assert none == 0 and fast >= 0.95 * len(fast_rows)
     assert fast_rows == exact_rows and len(fast_rows) > 10_000 // shard.count
+    owns = records._line_rule(files, shard)  # by line here: the corpora do not split evenly into whole files
+    assert all(owns(file, line) for file, line, *_ in fast_rows)  # this shard's lines only
     assert (fast_log.lines_read, fast_log.documents, fast_log.skipped) == \
            (exact_log.lines_read, exact_log.documents, exact_log.skipped)
 
@@ -200,6 +202,45 @@ def test_a_bad_line_costs_only_itself_and_is_named_as_before(tmp_path, data_dir,
     assert fast == 500  # lines 3001-3500, the one batch without a bad line, went the fast way
     with pytest.raises(DataError, match=rf"^{path}:3: extra: unexpected field"):
         _read_all([path])
+
+
+def test_a_batch_whose_only_fault_is_a_blank_category_is_read_as_the_exact_path_reads_it(tmp_path):
+    """The fast path checks the category as the exact path does: a batch otherwise clean with one blank category is
+    refused under --strict, and that row alone skipped and counted with --skip_invalid."""
+    lines = [json.dumps({"source": "", "target": f"text {n}", "category": "news"}) for n in range(1, 6)]
+    lines[2] = json.dumps({"source": "", "target": "text 3", "category": "\u2029"})
+    path = tmp_path / NEWS
+    path.write_text("\n".join(lines) + "\n")
+    rows, log, fast = _read_all([path], strict=False)
+    assert [r[1] for r in rows] == [1, 2, 4, 5] and log.skipped == {"empty_category": 1} and fast == 0
+    with pytest.raises(DataError, match=rf"^{path}:3: category: empty category"):
+        _read_all([path])
+
+
+def test_an_sft_row_is_messages_and_an_optional_non_empty_category_and_nothing_else():
+    from colossal_llama.dataset.records import FieldError, validate_sft_row
+
+    messages = [{"from": "human", "content": "hi"}, {"from": "assistant", "content": "hello"}]
+    assert validate_sft_row({"messages": messages}) == ("default", (messages,))
+    assert validate_sft_row({"messages": messages, "category": "chat"}) == ("chat", (messages,))
+    for row, field, reason in (({"messages": messages, "lang": "zh"}, "lang", "extra_field"),
+                               ({"messages": messages, "category": "ai", "lang": "zh"}, "lang", "extra_field"),
+                               ({"messages": messages, "category": " "}, "category", "empty_category"),
+                               ({"messages": [{"from": "system", "content": "Be kind."}]}, "messages",
+                                "empty_messages")):
+        with pytest.raises(FieldError) as err:
+            validate_sft_row(row)
+        assert (err.value.field, err.value.reason) == (field, reason), row
+
+
+def test_skipped_rows_are_all_counted_and_the_first_10_of_each_reason_named():
+    log = ReadLog([])
+    for line in range(1, 13):
+        log.skip(DataError(Path("news.jsonl"), line, "target", "empty target"), "empty_target")
+    log.skip(DataError(Path("news.jsonl"), 20, None, "invalid JSON"), "invalid_json")
+    assert log.skipped == {"empty_target": 12, "invalid_json": 1}
+    assert log.skipped_examples == [f"news.jsonl:{line}: target: empty target" for line in range(1, 11)] + [
+        "news.jsonl:20: invalid JSON"]
 
 
 def test_the_mirror_is_json_of_the_rows_also_for_awkward_file_names(tmp_path, data_dir, mistral_dir):

@@ -19,6 +19,7 @@ from colossal_llama.dataset.config import OutputLayout, SFTPrepConfig
 from colossal_llama.dataset.manifest import Manifest
 from colossal_llama.dataset.pipeline import PrepSummary, prepare_sft
 from colossal_llama.dataset.prepared import document_spans, load_part, part_dirs
+from colossal_llama.dataset.tokenization import truncate_to_exchanges
 from colossal_llama.tokenizer.loading import load_tokenizer
 from colossal_llama.utils.errors import DataError, UserInputError
 
@@ -160,7 +161,7 @@ def test_llama3_with_native_header_tokens(smollm2_dir, conversations):
     tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     template = get_chat_template("llama3", tok, system_message="Be kind.")
-    assert template.native and eot in template.stop_token_ids
+    assert template.native and template.stop_token_ids == sorted({eot, tok.eos_token_id})  # EOS stops too
     messages = next(m for m in conversations.values() if len(m) >= 6)
     ids, labels = template.encode_conversation(messages)
     text = tok.decode(ids)
@@ -181,6 +182,24 @@ def test_encode_prompt_is_the_conversation_up_to_the_assistant_reply(name, smoll
         ids, labels = template.encode_conversation(messages[: k + 1])
         assert ids[: len(prompt)] == prompt
         assert labels[len(prompt) - 1] == -100 and labels[len(prompt)] != -100  # reply starts right after
+
+
+@pytest.mark.parametrize("name", ["llama2", "llama3", "tokenizer"])
+def test_a_system_message_is_stated_once_and_kept_when_a_conversation_is_cut(name, smollm2_dir, mistral_dir,
+                                                                             conversations):
+    """A real conversation of several exchanges with its own system message: the message is stated once, at the
+    start (not in every [INST]), and a cut after whole exchanges keeps it (the cut once counted it as a turn and
+    ended on a human one)."""
+    tok = load_tokenizer(smollm2_dir if name == "tokenizer" else mistral_dir)
+    template = get_chat_template(name, tok)
+    messages = [{"from": "system", "content": "Answer briefly."}] + next(
+        m for m in conversations.values() if len(m) >= 6)
+    ids, _ = template.encode_conversation(messages)
+    assert tok.decode(ids).count("Answer briefly.") == 1
+    ends = template.exchange_ends(messages)
+    assert len(ends) == template.num_exchanges(messages) >= 3 and ends[-1] == len(ids)
+    assert template.first_exchanges(messages, 2) == messages[:5]
+    assert truncate_to_exchanges(template, messages, ends[1]) == (*template.encode_conversation(messages[:5]), 2)
 
 
 @pytest.mark.parametrize("name,max_length", [("llama2", 40), ("tokenizer", 64)])

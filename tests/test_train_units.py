@@ -118,6 +118,72 @@ def test_a_stop_signal_is_recorded_once_and_the_handlers_are_put_back():
     assert (stopped.exit_code, stopped.signal_name) == (143, "SIGTERM")
 
 
+def _stop_agreement(ranks) -> tuple:
+    """Rank 1 receives SIGTERM, rank 0 SIGUSR1 half a second later: what agreed() and stopped() tell each rank."""
+    import os
+    import signal
+    import time
+
+    from colossal_llama.training.stop_signals import StopRequest
+
+    stop, cpu = StopRequest(["SIGTERM", "SIGUSR1"]), torch.device("cpu")
+    stop.install()
+    try:
+        before = stop.agreed(cpu)
+        if ranks.rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        after = stop.agreed(cpu)
+        time.sleep(0.5)
+        if ranks.rank == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        stopped, seconds = stop.stopped(7, cpu)
+    finally:
+        stop.uninstall()
+    return before, after, stopped.exit_code, stopped.step, seconds
+
+
+def test_every_rank_stops_once_any_one_received_a_signal_and_all_leave_with_the_same_code():
+    """No signal anywhere: training goes on. A signal on one rank alone (one node of many preempted) stops every
+    rank; they all exit with the code of the largest signal number any rank received (SIGTERM's 143 over SIGUSR1's
+    138, not a sum of them) and report the seconds since the first rank received one."""
+    from tests.support.gloo_world import run_in_gloo_world
+
+    for before, after, code, step, seconds in run_in_gloo_world(_stop_agreement, 2):
+        assert (before, after, code, step) == (False, True, 143, 7)
+        assert 0.5 <= seconds < 60
+
+
+@pytest.mark.parametrize("signum, silent, code, line", [
+    (15, 2, 143, "error: stopped by SIGTERM: rank 2 gave no sign of life for 30 s (dead, or its machine hangs), so "
+                 "the step in flight can never finish: leaving without a checkpoint of it, exit code 143"),
+    (0, None, 75, "error: the launcher's store has not answered for 30 s (the launcher that holds it died, or its "
+                  "machine is lost), so the next collective can never finish: every rank leaves now"),
+])
+def test_a_rank_that_finds_a_peer_silent_says_why_once_and_leaves_at_once(monkeypatch, capfd, signum, silent, code,
+                                                                           line):
+    """With the stop signal's code when one came (the job was being stopped anyway), else 75 (EX_TEMPFAIL: a failure
+    torchrun --max_restarts restarts). The rank that found the silence says so; one that read its verdict is quiet."""
+    from types import SimpleNamespace
+
+    from colossal_llama.training import stop_signals
+    from colossal_llama.training.peer_watch import Silence
+
+    class Left(BaseException):
+        pass
+
+    def leave(status):
+        raise Left(status)
+
+    monkeypatch.setattr(stop_signals.os, "_exit", leave)
+    peers = SimpleNamespace(rank=1, silence_s=30.0)
+    for seen_here in (True, False):
+        with pytest.raises(Left) as left:
+            stop_signals.leave_on_silence(peers, Silence(signum, silent, seen_here))
+        assert left.value.args == (code,)
+        said = capfd.readouterr().err
+        assert said.startswith(f"\n[rank 1] {line}") if seen_here else said == ""
+
+
 def _watches(port: int, world: int, silence_s: float):
     """A store like torchrun's (a server) and each rank's watch with its own client connection."""
     from datetime import timedelta
@@ -715,8 +781,8 @@ def test_freeze_non_embeds_keeps_only_embeddings_trainable(tiny_llama):
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def test_latest_ignores_half_written_checkpoints(tmp_path):
-    for name, complete in (("epoch-0_step-10", True), ("epoch-0_step-20", True), (".tmp-epoch-0_step-30", True),
-                           ("epoch-1_step-40", False)):
+    for name, complete in (("epoch-0_step-9", True), ("epoch-0_step-10", True), ("epoch-0_step-20", True),
+                           (".tmp-epoch-0_step-30", True), ("epoch-1_step-40", False)):
         (tmp_path / name / "modeling").mkdir(parents=True)
         if complete:
             (tmp_path / name / "running_states.json").write_text(json.dumps({}))
@@ -975,6 +1041,14 @@ def test_a_checkpoint_without_a_loss_scale_is_said_and_starts_at_the_initial_one
     assert said == [f"{checkpoint}: holds no loss scale (saved without fp16, or by an older version): the fp16 loss "
                     "scale starts again at its initial value"]
     assert restore_loss_scale(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0), tmp_path) is None
+    # ddp's wrapper holds a GradScaler that is off (bf16 or fp32, or CUDA's scaler on CPU): nothing saved nor restored
+    import types
+
+    from colossal_llama.training.loss_scale import save_loss_scale, scaler_state
+
+    off = types.SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))
+    assert scaler_state(off) is None and save_loss_scale(off, tmp_path / "bf16") is None
+    assert restore_loss_scale(off, tmp_path) is None and not (tmp_path / "bf16").exists()
 
 
 def _fp16_restore_from_nothing(ranks, directory):
@@ -1338,13 +1412,16 @@ def test_starting_afresh_never_deletes_what_the_run_reads(tmp_path, flag, inside
     """--pretrained SAVE/modeling --overwrite deleted the model it was about to load, then failed: an input inside
     an entry of the earlier run is refused in one line before anything is touched. Without --overwrite the run is
     refused as any start over an earlier run (no talk of a deletion nobody asked for)."""
+    import re
+
     from colossal_llama.training.run_dir import SaveDirRequest, check_not_clobbering
     from colossal_llama.training.trash import Trash
 
     save_dir = _earlier_run(tmp_path / "ckpt", abandoned=(8,))
     before, given = _tree(save_dir), save_dir / inside
     request = SaveDirRequest(None, None, inputs=[("--dataset", tmp_path / "data"), (flag, given)])
-    with pytest.raises(UserInputError, match=r"holds an earlier run .*; continue it with --load_checkpoint latest"):
+    with pytest.raises(UserInputError, match=re.escape(f"holds an earlier run ({save_dir / 'epoch-0_step-6'}); "
+                                                       "continue it with --load_checkpoint latest")):
         check_not_clobbering(save_dir, request, False, Trash(".tmp-"))
     with pytest.raises(UserInputError) as err:
         check_not_clobbering(save_dir, request, True, Trash(".tmp-"))
@@ -1374,6 +1451,9 @@ def test_overwrite_deletes_the_whole_earlier_run_its_abandoned_branch_included(t
     from colossal_llama.training.trash import Trash
 
     save_dir = _earlier_run(tmp_path / "ckpt", abandoned=(8,))
+    for name in ("train_config.json", "eval.jsonl"):
+        (save_dir / name).write_text("{}\n")
+    (save_dir / ".tmp-epoch-0_step-9" / "modeling").mkdir(parents=True)  # a crashed save
     (save_dir / "notes").mkdir()
     trash = Trash(".tmp-")
     check_not_clobbering(save_dir, SaveDirRequest(None, None, inputs=[("--dataset", save_dir / "notes")]), True, trash)
@@ -1608,3 +1688,176 @@ def test_sft_outputs_of_one_template_agree_whether_or_not_their_manifests_record
     for other in ({**new, "jinja_sha256": "b" * 64}, {**old, "system_message": "Be brief."}):
         with pytest.raises(UserInputError, match="were prepared with different chat templates"):
             _check_agreement({tmp_path / "new": manifest(new), tmp_path / "other": manifest(other)})
+
+
+def test_the_save_dir_lock_names_its_holder_and_a_dead_runs_record_is_replaced_with_a_warning(tmp_path, caplog):
+    """One run per --save_dir, here in one process (flock locks an open file, not a process): the holder's record
+    names it in a second run's refusal, a clean release clears it (the next run warns of nothing), and the record
+    a killed run left is named in a warning and replaced whole."""
+    import os
+    import re
+
+    from colossal_llama.training.run_dir import acquire_lock, release_lock
+
+    save_dir = tmp_path / "ckpt"
+    lock = acquire_lock(save_dir)
+    holder = json.loads((save_dir / ".lock").read_text())
+    assert holder["pid"] == os.getpid()
+    with pytest.raises(UserInputError, match=re.escape(f"--save_dir {save_dir}: another training run is using it: "
+                                                       f"pid {os.getpid()} on host {holder['host']} (since ")):
+        acquire_lock(save_dir)
+    release_lock(lock)
+    assert (save_dir / ".lock").read_text() == ""
+    with caplog.at_level("WARNING"):
+        release_lock(acquire_lock(save_dir))
+    assert "took over" not in caplog.text
+    dead = {"host": "a-login-node-with-a-long-name." + "x" * 60, "pid": 1, "started": 0}
+    (save_dir / ".lock").write_text(json.dumps(dead))  # killed: the kernel dropped its flock, its record stayed
+    with caplog.at_level("WARNING"):
+        lock = acquire_lock(save_dir)
+    assert f"took over the lock left by pid 1 on host {dead['host']}" in caplog.text
+    assert json.loads((save_dir / ".lock").read_text())["pid"] == os.getpid()  # no tail of the longer record
+    release_lock(lock)
+
+
+def test_the_run_plan_is_written_under_plan_beside_the_flags_and_an_epoch_counts_its_dropped_tail(tmp_path):
+    """train_config.json holds every flag at the top level and the plan under "plan" (where reports and the
+    multi-process tests read it); an epoch is its full global batches plus the tail too small for one."""
+    import dataclasses
+
+    from colossal_llama.training.config import TrainConfig, build_parser
+    from colossal_llama.training.plan import RunPlan, write_run_config
+
+    cfg = TrainConfig(**vars(build_parser().parse_args(["--pretrained", "m", "--dataset", "d"])))
+    plan = RunPlan(total_steps=10, steps_per_epoch=5, global_batch=8, dropped_per_epoch=3, world_size=2, dp_size=2,
+                   plugin_class="TorchDDPPlugin", cpu_offload=False, tp_size=1, pp_size=1, sequence_parallelism=None,
+                   sp_size=1, attn_implementation="sdpa", liger=False, loss="scored_chunks", loss_chunk_tokens=32,
+                   num_parameters=1000, trainable_parameters=1000)
+    assert plan.epoch_samples == 5 * 8 + 3
+    path = tmp_path / "run" / "train_config.json"
+    write_run_config(cfg, plan, path)
+    written = json.loads(path.read_text())
+    assert written.pop("plan") == dataclasses.asdict(plan)
+    assert written == json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def test_the_leftovers_removed_at_the_start_are_a_crashed_runs_not_what_this_runs_trash_is_deleting(
+        tmp_path, monkeypatch):
+    """``.tmp-*`` folders are half-written saves of a crashed run; the folders this run's --overwrite set aside
+    (renamed to ``.tmp-deleting-*``, still being deleted) are not reported as such."""
+    import threading
+
+    from colossal_llama.training import trash as trash_module
+    from colossal_llama.training.run_dir import remove_leftovers
+
+    release = threading.Event()
+    remove_tree = trash_module._remove_tree
+    monkeypatch.setattr(trash_module, "_remove_tree", lambda path: (release.wait(30), remove_tree(path)))
+    save_dir = tmp_path / "ckpt"
+    (save_dir / ".tmp-epoch-0_step-9" / "modeling").mkdir(parents=True)
+    (save_dir / "epoch-0_step-3").mkdir()
+    trash = trash_module.Trash(".tmp-")
+    trash.discard(save_dir / "epoch-0_step-3")  # --overwrite's deletion, going on in the background
+    assert remove_leftovers(save_dir, trash) == [".tmp-epoch-0_step-9"]
+    release.set()
+    trash.wait()
+    assert list(save_dir.iterdir()) == []
+
+
+def test_a_torchrun_restart_of_a_job_that_stopped_on_a_signal_knows_the_signal():
+    """The ranks that agreed to stop record the signal in the launcher's store (kept across restarts): a restart
+    torchrun makes of the stopped job reads it and does not start again."""
+    import torch.distributed as dist
+
+    from colossal_llama.training.run_dir import record_stop, stopped_before
+
+    store = dist.HashStore()
+    assert stopped_before(store) is None and stopped_before(None) is None
+    record_stop(store, 15)
+    record_stop(None, 15)  # not under torchrun: nothing to record
+    assert stopped_before(store) == 15
+
+
+def test_a_checkpoint_is_named_after_the_epoch_of_its_last_step():
+    """At an epoch's end the state already points at the next epoch's first sample; the checkpoint keeps the name
+    of the epoch its last step was in (a 3-epoch run ends with epoch-2, not epoch-3)."""
+    from colossal_llama.training.checkpoint import RunningState
+
+    def name(epoch, step, sample_offset):
+        return RunningState(epoch=epoch, step=step, sample_offset=sample_offset, global_batch=8, world_size=2).name
+
+    assert name(0, 5, 40) == "epoch-0_step-5"
+    assert name(1, 12, 0) == "epoch-0_step-12"  # the last step of epoch 0
+    assert name(1, 14, 16) == "epoch-1_step-14"
+    assert name(3, 36, 0) == "epoch-2_step-36"
+    assert name(0, 0, 0) == "epoch-0_step-0"
+
+
+def test_a_damaged_checkpoint_is_named_with_the_newest_older_complete_one(tmp_path):
+    """The way on is the newest complete checkpoint older than the damaged one (not an older one still, nor a newer
+    one), or, for the first, starting afresh."""
+    from colossal_llama.training.checkpoint import verify_checkpoint
+
+    for step in (2, 4, 6, 10):
+        _checkpoint(tmp_path / f"epoch-0_step-{step}", step)  # their model.safetensors hold no safetensors
+    _checkpoint(tmp_path / ".tmp-epoch-0_step-5", 5)  # a half-written save is no way on
+    damaged, older = tmp_path / "epoch-0_step-6", tmp_path / "epoch-0_step-4"
+    with pytest.raises(UserInputError) as err:
+        verify_checkpoint(damaged)
+    assert str(err.value).startswith(str(damaged / "modeling" / "model.safetensors"))
+    assert str(err.value).endswith(f"checkpoint {damaged} is damaged; the newest older complete checkpoint is {older} "
+                                   f"(pass --load_checkpoint {older})")
+    with pytest.raises(UserInputError, match="no older complete checkpoint exists"):
+        verify_checkpoint(tmp_path / "epoch-0_step-2")
+
+
+def test_a_checkpoint_without_the_rng_state_of_every_rank_that_saved_it_is_named(tmp_path):
+    """A copy that left out one rank's RNG state: the resume went on with a warning that the rank count changed."""
+    from colossal_llama.training.checkpoint import verify_checkpoint
+
+    checkpoint = tmp_path / "epoch-0_step-3"
+    (checkpoint / "rng").mkdir(parents=True)
+    (checkpoint / "running_states.json").write_text(json.dumps({"epoch": 0, "step": 3, "sample_offset": 12,
+                                                                "global_batch": 4, "world_size": 3}))
+    for rank in (0, 1):
+        torch.save({"torch": torch.get_rng_state()}, checkpoint / "rng" / f"rank-{rank:05d}.pt")
+    with pytest.raises(UserInputError) as err:
+        verify_checkpoint(checkpoint)
+    assert str(err.value).startswith(f"{checkpoint / 'rng' / 'rank-00002.pt'}: missing (the checkpoint was saved by "
+                                     "3 ranks")
+    torch.save({}, checkpoint / "rng" / "rank-00002.pt")
+    verify_checkpoint(checkpoint)
+
+
+def test_weights_of_a_model_with_another_vocabulary_are_refused_before_loading(tmp_path):
+    """The base model given after a vocabulary expansion: same layers, another embedding size."""
+    from colossal_llama.training.checkpoint import check_same_model
+
+    shape = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 64, "num_hidden_layers": 2}
+    for name, vocab in (("base", 49152), ("expanded", 49280), ("same", 49152)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**shape, "vocab_size": vocab}))
+    with pytest.raises(UserInputError, match=r"its weights are of another model than --pretrained .*base "
+                                             r"\(vocab_size 49280 vs 49152\)"):
+        check_same_model(tmp_path / "expanded", str(tmp_path / "base"))
+    check_same_model(tmp_path / "same", str(tmp_path / "base"))
+    check_same_model(tmp_path / "expanded", "a/hub-id")  # no config.json to compare: the names are checked later
+
+
+def test_keep_last_k_deletes_the_oldest_complete_checkpoints_and_counts_the_bytes_it_frees(tmp_path):
+    from colossal_llama.training.checkpoint import Checkpointer, complete_checkpoints
+    from colossal_llama.training.disk_space import tree_bytes
+    from colossal_llama.training.trash import Trash
+
+    for step in (3, 6, 9, 12):
+        _checkpoint(tmp_path / f"epoch-0_step-{step}", step)
+    freed = sum(tree_bytes(tmp_path / f"epoch-0_step-{step}") for step in (3, 6))
+    trash = Trash(".tmp-")
+
+    def rotate(keep_last_k):
+        return Checkpointer(None, None, None, None, None, tmp_path, None, trash, None, keep_last_k=keep_last_k)._rotate()
+
+    assert rotate(None) == 0 and len(complete_checkpoints(tmp_path)) == 4  # without --keep_last_k all are kept
+    assert rotate(2) == freed
+    trash.wait()
+    assert [c.name for c in complete_checkpoints(tmp_path)] == ["epoch-0_step-9", "epoch-0_step-12"]
