@@ -34,7 +34,7 @@ from colossal_llama.dataset.config import Shard
 from colossal_llama.utils.errors import DataError, UserInputError
 from colossal_llama.utils.jsonl import BOM, FoundFiles, OverlongLine, iter_lines, not_utf8, scan_jsonl_files
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)  # (``log`` is the ReadLog the readers take)
 
 DEFAULT_SFT_CATEGORY = "default"
 EXAMPLES_PER_REASON = 10
@@ -210,11 +210,11 @@ def _line_rule(files: list[Path], shard: Shard):
     sizes = [path.stat().st_size for path in files]
     whole = shard.whole_files(sizes)
     if whole is None:
-        log.info("shard %d of %d: its lines of all %d input files (they do not split evenly into whole files)",
-                 shard.index, shard.count, len(files))
+        logger.info("shard %d of %d: its lines of all %d input files (they do not split evenly into whole files)",
+                    shard.index, shard.count, len(files))
         return lambda file, line: line is None or shard.owns(file, line)
-    log.info("shard %d of %d: %d of the %d input files whole (%s of %s bytes)", shard.index, shard.count, len(whole),
-             len(files), f"{sum(sizes[f] for f in whole):,}", f"{sum(sizes):,}")
+    logger.info("shard %d of %d: %d of the %d input files whole (%s of %s bytes)", shard.index, shard.count,
+                len(whole), len(files), f"{sum(sizes[f] for f in whole):,}", f"{sum(sizes):,}")
     return lambda file, line: file in whole
 
 
