@@ -24,8 +24,8 @@ from colossal_llama.dataset.manifest import Manifest
 from colossal_llama.dataset.prepared import load_part, manifest_path_of, read_manifest, resolve_parts, split_of
 from colossal_llama.training.mixture import Mixture, row_index_dtype, split_dataset_weight
 from colossal_llama.utils.errors import UserInputError
-from colossal_llama.utils.groups import grouped_rows
 from colossal_llama.utils.fingerprint import tokenizer_fingerprint
+from colossal_llama.utils.groups import grouped_rows
 
 log = logging.getLogger(__name__)
 COLUMNS = ("input_ids", "labels", "position_ids")

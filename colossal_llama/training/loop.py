@@ -17,9 +17,8 @@ from colossal_llama.model.scored_loss import install_scored_loss
 from colossal_llama.training.attention import choose_attention, needs_dense_mask
 from colossal_llama.training.checkpoint import (TMP_PREFIX, Checkpointer, LoadTarget, Machines, ModelFiles,
                                                 RunningState, check_lora_matches, check_same_model, check_same_stage,
-                                                latest_checkpoint,
-                                                read_running_state, resolve_load_target, set_aside_newer_checkpoints,
-                                                verify_checkpoint)
+                                                latest_checkpoint, read_running_state, resolve_load_target,
+                                                set_aside_newer_checkpoints, verify_checkpoint)
 from colossal_llama.training.collate import PackedCollator
 from colossal_llama.training.config import TrainConfig, resolve_for_device, resolve_warmup, validation_interval
 from colossal_llama.training.data import PreparedData, RowsWithCategory, StepBatchSampler, ends_epoch

@@ -63,7 +63,8 @@ def batch_plan(categories: Sequence[str], batch_size: int, max_batches: int,
     take turns (batch 0 of each, then batch 1 of each, ...); at most ``max_batches``. A last batch is
     cut to a multiple of ``multiple`` rows (with ``multiple = batch_size``: full batches only)."""
     distinct, members = grouped_rows(np.asarray(categories))  # one sort, not a pass per category
-    names, rows = distinct.tolist(), dict(zip(distinct.tolist(), members))
+    rows = dict(zip(distinct.tolist(), members))
+    names = list(rows)
     per_category = {}
     for name in names:
         batches = [rows[name][i:i + batch_size] for i in range(0, len(rows[name]), batch_size)]
